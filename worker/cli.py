@@ -1,0 +1,122 @@
+"""``recast``: drives the engine from a shell. Bad input prints one clear line and exits non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from worker.engine.errors import RecastError, VerificationError
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return str(n)
+
+
+def _print_inspect(info: dict[str, Any]) -> None:
+    q = info["quantization"]
+    conv = info["conversion"]
+    print(f"source        {info['source']}")
+    print(f"format        {info['format']}  adapter {info['adapter']}  layout {info['layout']}")
+    print(f"quantization  {', '.join(q['schemes']) or 'none'}  activation {q['activation_scheme'] or '-'}"
+          f"  ({q['quantized_tensors']} FP8 tensors)")
+    print(f"shards        {info['shards']}  tensors {info['tensors']}  bytes {_human(info['bytes'])}")
+    print(f"would write   --to {conv['to']} ({conv['dtype']}): {_human(conv['output_bytes'])} on disk "
+          f"(needs {_human(conv['disk_bytes_needed'])} free), peak memory about {_human(conv['peak_host_memory_bytes'])}")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    s = report["summary"]
+    print(f"{report['direction']} with {report['adapter']}: "
+          f"{'PASSED' if s['passed'] else 'FAILED' if s['verified'] else 'NOT VERIFIED'}")
+    print(f"  tensors checked {s['tensors_checked']}, bitwise equal {s['bitwise_equal']}, "
+          f"bounded {s['bounded_within']}/{s['bounded']}"
+          + (f" (worst {s['worst_bound_ratio']:.2f} of the bound, min SNR {s['min_snr_db']:.1f} dB)" if s["bounded"]
+             else ""))
+    print("  keys " + ", ".join(f"{k} {v}" for k, v in s["accounting"].items()))
+    for key in s["failed"]:
+        detail = next((t["detail"] for t in report["tensors"] if t["key"] == key), "")
+        print(f"  FAILED {key}: {detail}")
+    for p in s["problems"]:
+        print(f"  PROBLEM {p}")
+    if report.get("seconds"):
+        tp = report["throughput_gb_s"]
+        print(f"  {_human(report['bytes_in'])} in, {_human(report['bytes_out'])} out in {report['seconds']:.1f} s "
+              f"({tp['in']} GB/s in, {tp['out']} GB/s out)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recast", description="Convert LLM checkpoints between hf FP8 and native.")
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("inspect", help="describe a checkpoint and what converting it needs")
+    i.add_argument("src")
+    i.add_argument("--adapter")
+    i.add_argument("--json", action="store_true")
+    c = sub.add_parser("convert", help="convert SRC into a new checkpoint at DST, verified")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--to", choices=("native", "hf"), required=True)
+    c.add_argument("--adapter")
+    c.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16")
+    c.add_argument("--quantize", choices=("keep", "none", "per-tensor", "block"), default="keep")
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    c.add_argument("--no-verify", dest="verify", action="store_false")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--json", action="store_true")
+    v = sub.add_parser("verify", help="re-check an existing conversion of SRC at DST")
+    v.add_argument("src")
+    v.add_argument("dst")
+    v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    v.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except VerificationError as exc:
+        if exc.report is not None:
+            if args.json:
+                print(json.dumps(exc.report.to_json(), indent=2))
+            else:
+                _print_report(exc.report.to_json())
+        print(f"recast: {exc}", file=sys.stderr)
+        return 3
+    except RecastError as exc:
+        print(f"recast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recast: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from worker.engine import api
+
+    if args.command == "inspect":
+        info = api.inspect(args.src, adapter=args.adapter)
+        print(json.dumps(info, indent=2)) if args.json else _print_inspect(info)
+        return 0
+    if args.command == "convert":
+        opts = api.Options(
+            to=args.to, adapter=args.adapter, dtype=args.dtype, quantize=args.quantize,
+            device=args.device, verify=args.verify, overwrite=args.overwrite,
+        )
+        report = api.convert(args.src, args.dst, opts).to_json()
+    else:
+        report = api.verify(args.src, args.dst, device=args.device).to_json()
+    print(json.dumps(report, indent=2)) if args.json else _print_report(report)
+    return 0 if report["summary"]["passed"] or not report["summary"]["verified"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""FP8 (e4m3) scale handling, dequantization and quantization, all in fp32.
+
+Every multiply and divide happens in fp32 and only the result is cast, so CPU and CUDA produce the
+same bits and re-quantizing with the original scale restores the original FP8 bytes exactly.
+Functions work on a slice of rows (dim 0) so callers can stream a large tensor in pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from .errors import CheckpointError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128
+
+
+class ScaleKind(StrEnum):
+    PER_TENSOR = "per-tensor"
+    PER_EXPERT = "per-expert"
+    BLOCK = "block"
+
+
+def classify_scale(key: str, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> ScaleKind:
+    """Decide the scale granularity from shapes alone (DESIGN §4); anything else names the key."""
+    squeezed = tuple(d for d in scale_shape if d != 1)
+    if len(squeezed) == 0:
+        return ScaleKind.PER_TENSOR
+    if len(weight_shape) == 3 and len(squeezed) == 1 and squeezed[0] == weight_shape[0] and (
+        len(scale_shape) in (1, 3)
+    ):
+        return ScaleKind.PER_EXPERT
+    # Block scales are checked unsqueezed: a [1, N] scale of a weight with <= 128 rows is still 2-D.
+    if len(scale_shape) == len(weight_shape) and len(weight_shape) in (2, 3):
+        blocks = tuple(-(-d // BLOCK) for d in weight_shape[-2:])
+        if tuple(scale_shape[-2:]) == blocks and (len(weight_shape) == 2 or scale_shape[0] == weight_shape[0]):
+            return ScaleKind.BLOCK
+    raise CheckpointError(
+        f"scale of {key!r} has shape {list(scale_shape)} which fits neither per-tensor, per-expert nor "
+        f"128x128 blocks of its weight shape {list(weight_shape)}"
+    )
+
+
+def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple[int, ...]) -> torch.Tensor:
+    """The fp32 scale broadcastable over ``weight[rows]`` (a dim-0 slice of a tensor of ``shape``)."""
+    s = scale.float()
+    if kind is ScaleKind.PER_TENSOR:
+        return s.reshape(())
+    if kind is ScaleKind.PER_EXPERT:
+        return s.reshape(-1)[rows].reshape(-1, 1, 1)
+    r, c = shape[-2], shape[-1]
+    if len(shape) == 2:
+        lo, hi = rows.start, rows.stop
+        if lo % BLOCK:
+            raise ValueError("block-scaled row slices must start on a block boundary")
+        s = s[lo // BLOCK : -(-hi // BLOCK)]
+        return s.repeat_interleave(BLOCK, 0)[: hi - lo].repeat_interleave(BLOCK, 1)[:, :c]
+    s = s[rows]
+    return s.repeat_interleave(BLOCK, -2)[:, :r].repeat_interleave(BLOCK, -1)[..., :c]
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(q.float() * scale).to(dtype)``, with ``scale`` already expanded by ``expand_scale``."""
+    return (q.float() * scale).to(dtype)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``clamp(w / s, ±448)`` cast to e4m3, with ``scale`` already expanded."""
+    return (w.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def fresh_scale(kind: ScaleKind, w: torch.Tensor) -> torch.Tensor:
+    """amax / 448 per tensor or per 128x128 block (per expert for 3-D); an all-zero group gets 1."""
+    a = w.float().abs()
+    if kind is ScaleKind.PER_TENSOR:
+        amax = a.max() if a.numel() else torch.zeros((), device=a.device)
+    else:
+        r, c = a.shape[-2], a.shape[-1]
+        rb, cb = -(-r // BLOCK), -(-c // BLOCK)
+        padded = torch.nn.functional.pad(a, (0, cb * BLOCK - c, 0, rb * BLOCK - r))
+        amax = padded.reshape(*a.shape[:-2], rb, BLOCK, cb, BLOCK).amax(dim=(-3, -1))
+    s = amax / FP8_MAX
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def scale_shape(kind: ScaleKind, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if kind is ScaleKind.PER_TENSOR:
+        return ()
+    if kind is ScaleKind.PER_EXPERT:
+        return (shape[0], 1, 1)
+    return (*shape[:-2], -(-shape[-2] // BLOCK), -(-shape[-1] // BLOCK))
+
+
+@dataclass
+class ErrorStats:
+    """Worst-case figures of a lossy step, for the per-tensor report."""
+
+    max_abs_error: float
+    snr_db: float
+    within_bound: bool
+    worst_bound_ratio: float
+
+
+def bounded_error(original: torch.Tensor, restored: torch.Tensor, scale: torch.Tensor | None) -> ErrorStats:
+    """Check ``|w - deq(q(w))| <= 2^-4 |w| + 2^-10 s`` per element (s expanded, or None for a cast).
+
+    For a plain dtype cast (no scale) the bound is the half-ulp of the narrower dtype.
+    """
+    w = original.float()
+    d = (w - restored.float()).abs()
+    if scale is None:
+        eps = 2.0 ** -(torch.finfo(restored.dtype).nmant + 1) if restored.dtype.is_floating_point else 0.0
+        bound = eps * w.abs() + torch.finfo(restored.dtype).smallest_normal * eps
+    else:
+        bound = 2.0**-4 * w.abs() + 2.0**-10 * scale
+    # fp32 rounding of w / s and of the product adds at most a few ulps of fp32 on top.
+    bound = bound * (1 + 2.0**-20) + torch.finfo(torch.float32).tiny
+    ratio = float((d / bound).max()) if d.numel() else 0.0
+    signal = float(w.pow(2).sum())
+    noise = float(d.pow(2).sum())
+    snr = float("inf") if noise == 0 else 10.0 * torch.log10(torch.tensor(signal / noise)).item() if signal else 0.0
+    return ErrorStats(float(d.max()) if d.numel() else 0.0, snr, ratio <= 1.0, ratio)

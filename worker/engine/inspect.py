@@ -1,0 +1,57 @@
+"""Preflight: what a checkpoint is and what converting it would produce and need, from headers only."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .adapters import detect
+from .checkpoint import open_checkpoint
+from .convert import DTYPE_ARGS, STEP_BYTES, is_native, open_source
+from .fp8 import ScaleKind
+from .keymap import find_quant
+from .safetensors_io import DTYPES
+from .storage import Source
+
+
+def inspect(src: str | os.PathLike[str] | Source, adapter: str | None = None, dtype: str = "bf16") -> dict[str, Any]:
+    ckpt = open_checkpoint(open_source(src))
+    chosen = detect(ckpt.config, list(ckpt.tensors), adapter or (ckpt.sidecar or {}).get("adapter"))
+    native = is_native(ckpt)
+    quant, companions = ({}, []) if native else find_quant(ckpt.tensors)
+    kinds = sorted({q.kind.value for q in quant.values()})
+    activation = "static" if any(q.activation for q in quant.values()) else ("dynamic" if quant else None)
+    shard_sizes = [ckpt.shard_bytes(n) for n in ckpt.shards]
+    itemsize = DTYPES[DTYPE_ARGS[dtype]].itemsize
+    out_bytes = 0
+    for key, info in ckpt.tensors.items():
+        if key in companions:
+            continue
+        out_bytes += info.nbytes // info.torch_dtype.itemsize * itemsize if key in quant else info.nbytes
+    growth = out_bytes / max(ckpt.total_bytes, 1)
+    largest_out = int(max(shard_sizes, default=0) * growth)
+    return {
+        "source": ckpt.source.description,
+        "format": "native" if native else "hf",
+        "adapter": chosen.name,
+        "layout": chosen.layout(list(ckpt.tensors)),
+        "architectures": ckpt.config.get("architectures"),
+        "quantization": {
+            "quantized_tensors": len(quant),
+            "schemes": kinds,
+            "block_size": [128, 128] if ScaleKind.BLOCK.value in kinds else None,
+            "activation_scheme": activation,
+        },
+        "shards": len(ckpt.shards),
+        "tensors": len(ckpt.tensors),
+        "bytes": ckpt.total_bytes,
+        "largest_shard_bytes": max(shard_sizes, default=0),
+        "carried_files": ckpt.extra_files,
+        "conversion": {
+            "to": "hf" if native else "native",
+            "dtype": dtype,
+            "output_bytes": out_bytes if not native else None,
+            "disk_bytes_needed": out_bytes if not native else ckpt.total_bytes,
+            "peak_host_memory_bytes": 3 * largest_out + 2 * STEP_BYTES["cpu"] * 4,
+        },
+    }

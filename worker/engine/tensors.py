@@ -1,0 +1,180 @@
+"""Reading tensor rows, and the value of an hf or native tensor computed from a checkpoint.
+
+These are the two directions of every adapter operation, evaluated piece by piece along dim 0 (rows
+of a matrix, experts of a 3-D tensor), so no tensor is ever materialised whole unless it is small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import Checkpoint
+from .fp8 import BLOCK, ScaleKind, dequantize, expand_scale
+from .keymap import KeyPlan, NativeTensor, Quant
+from .safetensors_io import DTYPES, TensorInfo, tensor_from_bytes
+from .storage import Source
+
+
+@dataclass
+class TensorSource:
+    """Tensors addressable by key: a checkpoint's shards plus, optionally, a sidecar scale file."""
+
+    source: Source
+    tensors: dict[str, TensorInfo]
+    extra: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint, extra: dict[str, TensorInfo] | None = None) -> TensorSource:
+        return cls(ckpt.source, ckpt.tensors, extra or {})
+
+    def info(self, key: str) -> TensorInfo:
+        return self.tensors.get(key) or self.extra[key]
+
+    def rows(self, key: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
+        info = self.info(key)
+        if not info.shape or r0 is None:
+            start, end, shape = info.start, info.end, info.shape
+        else:
+            r1 = min(r1 if r1 is not None else info.shape[0], info.shape[0])
+            row = info.nbytes // info.shape[0] if info.shape[0] else 0
+            start, end, shape = info.start + r0 * row, info.start + r1 * row, (r1 - r0, *info.shape[1:])
+        data = bytearray(self.source.read_range(info.file, start, end))
+        return tensor_from_bytes(TensorInfo(key, info.file, info.dtype, shape, start, end), data)
+
+
+def prefetch(
+    src: TensorSource, quant: dict[str, Quant], requests: list[tuple[str, int | None, int | None]], pin: bool
+) -> dict[tuple[str, int | None, int | None], torch.Tensor]:
+    """Read the bytes for ``hf_value`` calls ahead of time (on a helper thread), pinned for the GPU."""
+    out = {}
+    for key, r0, r1 in requests:
+        wanted = [(key, r0, r1)]
+        if key in quant:
+            wanted.append((quant[key].scale, None, None))
+        for k, a, b in wanted:
+            if (k, a, b) not in out:
+                t = src.rows(k, a, b)
+                out[(k, a, b)] = t.pin_memory() if pin else t
+    return out
+
+
+def forward_requests(t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+    """The ``hf_value`` calls ``forward(t, e0, e1, …)`` will make."""
+    if t.kind in ("copy", "transpose"):
+        return [(t.parts[0], e0, e1)]
+    return [(p, None, None) for e in range(e0, e1) for p in t.part_of(e)]
+
+
+def row_chunks(shape: tuple[int, ...], itemsize: int, budget: int, align: int = 1) -> list[tuple[int, int]]:
+    """Split dim 0 into ranges of about ``budget`` bytes, each start a multiple of ``align``."""
+    if not shape:
+        return [(0, 1)]
+    n = shape[0]
+    row = itemsize
+    for d in shape[1:]:
+        row *= d
+    step = max(1, budget // max(row, 1))
+    if align > 1:
+        step = max(align, step // align * align)
+    return [(r, min(r + step, n)) for r in range(0, max(n, 1), step)] if n else [(0, 0)]
+
+
+def hf_align(kind: ScaleKind | None, shape: tuple[int, ...]) -> int:
+    return BLOCK if kind is ScaleKind.BLOCK and len(shape) == 2 else 1
+
+
+def hf_value(
+    src: TensorSource,
+    quant: dict[str, Quant],
+    key: str,
+    r0: int | None,
+    r1: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    fetched: dict[tuple[str, int | None, int | None], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Rows of hf tensor ``key``: dequantized to ``dtype`` (fp32 math) when it has a scale, else raw.
+
+    ``fetched`` holds bytes already read by ``prefetch`` (keyed like its requests); others are read now.
+    """
+    fetched = fetched or {}
+    info = src.info(key)
+    x = fetched.get((key, r0, r1))
+    if x is None:
+        x = src.rows(key, r0, r1)
+    x = x.to(device, non_blocking=True)
+    if r0 is None or not info.shape:
+        r0, r1 = 0, info.shape[0] if info.shape else 1
+    q = quant.get(key)
+    if q is None:
+        return x
+    scale = fetched.get((q.scale, None, None))
+    scale = (src.rows(q.scale) if scale is None else scale).to(device)
+    rows = slice(r0, min(r1, info.shape[0])) if info.shape else slice(0, 1)
+    return dequantize(x, expand_scale(q.kind, scale, rows, info.shape), dtype)
+
+
+def native_shape(t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+    if t.kind == "zeros":
+        return (t.experts,)
+    first = infos[t.parts[0]].shape
+    if t.kind == "copy":
+        return first
+    if t.kind == "transpose":
+        return (*first[:-2], first[-1], first[-2])
+    width = sum(infos[p].shape[0] for p in t.part_of(0))
+    return (t.experts, first[1], width)
+
+
+def forward(t: NativeTensor, e0: int, e1: int, get) -> torch.Tensor:
+    """Native rows ``e0:e1`` of ``t`` from its hf parts; ``get(key, r0, r1)`` yields hf values."""
+    if t.kind == "copy":
+        return get(t.parts[0], e0, e1)
+    if t.kind == "transpose":
+        return get(t.parts[0], e0, e1).transpose(-1, -2).contiguous()
+    return torch.stack([torch.cat([get(p, None, None).T for p in t.part_of(e)], -1) for e in range(e0, e1)])
+
+
+def inverse(t: NativeTensor, native: torch.Tensor, e0: int) -> dict[str, torch.Tensor]:
+    """hf tensors (or rows of them) from native rows starting at ``e0``; keys map to ``(row0, tensor)``."""
+    if t.kind == "copy":
+        return {t.parts[0]: native}
+    if t.kind == "transpose":
+        return {t.parts[0]: native.transpose(-1, -2).contiguous()}
+    out = {}
+    for i in range(native.shape[0]):
+        cols = torch.chunk(native[i], t.names, dim=-1)
+        for key, piece in zip(t.part_of(e0 + i), cols, strict=True):
+            out[key] = piece.T.contiguous()
+    return out
+
+
+def hf_shapes(t: NativeTensor, info: TensorInfo) -> dict[str, tuple[int, ...]]:
+    """Shapes of the hf tensors that native tensor ``t`` (described by ``info``) splits into."""
+    s = info.shape
+    if t.kind == "copy":
+        return {t.parts[0]: s}
+    if t.kind == "transpose":
+        return {t.parts[0]: (*s[:-2], s[-1], s[-2])}
+    if t.kind == "zeros":
+        return {}
+    return {p: (s[2] // t.names, s[1]) for p in t.parts}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def plan_native_dtypes(plan: KeyPlan, infos: dict[str, TensorInfo], dtype: str) -> dict[str, str]:
+    """Native dtype per tensor: dequantized ones take the requested dtype, others keep theirs."""
+    out = {}
+    for t in plan.tensors:
+        if t.kind == "zeros":
+            out[t.key] = "F32"
+        elif t.parts[0] in plan.quant:
+            out[t.key] = dtype
+        else:
+            out[t.key] = infos[t.parts[0]].dtype
+    return out

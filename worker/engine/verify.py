@@ -1,0 +1,231 @@
+"""Round-trip verification: rebuild the source from the destination and compare, bit for bit.
+
+Lossless steps (renames, transposes, stacking, dequantization that re-quantizes to the same bytes)
+must match exactly. A tensor that does not is accepted only where this conversion made a lossy step
+(fresh quantization, re-quantization of changed weights, a narrowing cast), and then only within the
+e4m3 bound ``|w - deq(q(w))| <= 2^-4 |w| + 2^-10 s``. Every source key must be accounted for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import detect
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import CheckpointError
+from .fp8 import FP8, bounded_error, expand_scale, quantize
+from .keymap import KeyPlan, find_quant, plan_from_native
+from .report import Report, TensorResult
+from .safetensors_io import DTYPES
+from .storage import Source
+from .tensors import TensorSource, forward, hf_align, hf_value, inverse, row_chunks
+
+STEP = 32 << 20
+
+
+@dataclass
+class _Acc:
+    """Per-key result accumulated over row chunks."""
+
+    check: str = "bitwise"
+    passed: bool = True
+    max_abs: float = 0.0
+    ratio: float = 0.0
+    signal: float = 0.0
+    noise: float = 0.0
+    detail: str = ""
+
+    def result(self, key: str) -> TensorResult:
+        from .fp8 import ErrorStats
+
+        stats = None
+        if self.check == "bounded":
+            snr = float("inf") if self.noise == 0 else 10 * torch.log10(torch.tensor(self.signal / self.noise)).item()
+            stats = ErrorStats(self.max_abs, snr, self.ratio <= 1.0, self.ratio)
+        return TensorResult(key, self.check, self.passed, stats, self.detail)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def _bounded(acc: _Acc, original: torch.Tensor, restored: torch.Tensor, scale: torch.Tensor | None) -> None:
+    stats = bounded_error(original, restored, scale)
+    acc.check = "bounded"
+    acc.max_abs = max(acc.max_abs, stats.max_abs_error)
+    acc.ratio = max(acc.ratio, stats.worst_bound_ratio)
+    w = original.float()
+    acc.signal += float(w.pow(2).sum())
+    acc.noise += float((w - restored.float()).pow(2).sum())
+    if not stats.within_bound:
+        acc.passed = False
+        acc.detail = f"error {stats.max_abs_error:.3g} exceeds the e4m3 bound ({stats.worst_bound_ratio:.2f}x)"
+
+
+def verify_dirs(src: Checkpoint, dst_source: Source, report: Report, dev: torch.device) -> Report:
+    """Check the checkpoint at ``dst_source`` against ``src``; fills ``report``."""
+    dst = open_checkpoint(dst_source)
+    sidecar = dst.sidecar or {}
+    if not sidecar:
+        raise CheckpointError(f"{dst_source.description}: no recast.json; it was not written by recast convert")
+    adapter = detect(src.config, list(src.tensors), sidecar.get("adapter"))
+    options = sidecar.get("options", {})
+    if sidecar.get("format") == "native":
+        _verify_native_target(src, dst, report, dev)
+    else:
+        _verify_hf_target(src, dst, adapter, options, report, dev)
+    report.verified = True
+    return report
+
+
+def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev: torch.device) -> None:
+    """hf → native: split/transpose the native tensors back, re-quantize with the source scales."""
+    plan = KeyPlan.from_json(dst.sidecar["plan"])
+    from .convert import sidecar_tensors
+
+    sts = TensorSource.of(src)
+    dts = TensorSource.of(dst, sidecar_tensors(dst))
+    quant, companions = find_quant(src.tensors)
+    expected_keys = {t.key for t in plan.tensors}
+    if set(dst.tensors) != expected_keys:
+        extra, missing = set(dst.tensors) - expected_keys, expected_keys - set(dst.tensors)
+        report.problems.append(f"native tensors differ from the plan: extra {sorted(extra)[:3]}, missing {sorted(missing)[:3]}")
+    accs: dict[str, _Acc] = {}
+    for t in plan.tensors:
+        if t.key not in dst.tensors:
+            continue
+        info = dst.tensors[t.key]
+        if t.kind == "zeros":
+            ok = t.key not in src.tensors and not bool(dts.rows(t.key).any()) and info.shape == (t.experts,)
+            report.add(TensorResult(t.key, "bitwise", ok, None, "" if ok else "injected tensor is not zeros"))
+            report.accounting["injected"].append(t.key)
+            continue
+        per_row = info.nbytes // max(info.shape[0], 1) if info.shape else info.nbytes
+        align = 1
+        if t.kind == "copy" and t.parts[0] in quant:
+            align = hf_align(quant[t.parts[0]].kind, src.tensors[t.parts[0]].shape)
+        for e0, e1 in row_chunks(info.shape, per_row, STEP, align) if info.shape else [(None, None)]:
+            pieces = inverse(t, dts.rows(t.key, e0, e1).to(dev), e0 or 0)
+            whole = t.kind == "stack"
+            for key, piece in pieces.items():
+                acc = accs.setdefault(key, _Acc())
+                a, b = (None, None) if whole or e0 is None else (e0, e1)
+                raw = sts.rows(key, a, b).to(dev)
+                q = quant.get(key)
+                if q is not None:
+                    sinfo = src.tensors[key]
+                    rows = slice(0, sinfo.shape[0]) if a is None else slice(a, b)
+                    scale = expand_scale(q.kind, sts.rows(q.scale).to(dev), rows, sinfo.shape)
+                    piece = quantize(piece, scale)
+                if not _same_bits(piece.reshape(raw.shape) if piece.numel() == raw.numel() else piece, raw):
+                    acc.passed = False
+                    acc.detail = "re-created source bytes differ"
+        report.accounting["mapped"].extend(t.parts)
+    for key, acc in accs.items():
+        report.add(acc.result(key))
+    for key in companions:
+        got = dts.extra.get(key)
+        ok = got is not None and _same_bits(dts.rows(key), sts.rows(key))
+        report.add(TensorResult(key, "bitwise", ok, None, "" if ok else "recorded scale differs from the source"))
+    report.accounting["scales"].extend(companions)
+    _account(src, report)
+
+
+def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.device) -> None:
+    """→ hf: dequantize the written tensors and rebuild each source tensor from them."""
+    from .convert import DTYPE_ARGS, is_native, sidecar_tensors
+
+    dquant, _ = find_quant(dst.tensors)
+    dts = TensorSource.of(dst)
+    lossy_ok = options.get("quantize") != "none"
+    dtype = DTYPES[DTYPE_ARGS[options.get("dtype", "bf16")]]
+    if is_native(src):
+        sts = TensorSource.of(src, sidecar_tensors(src))
+        plan = plan_from_native(src, adapter)
+        for t in plan.tensors:
+            info = src.tensors[t.key]
+            if t.kind == "zeros" and src.sidecar:
+                ok = all(k != t.key for k in dst.tensors)
+                report.add(TensorResult(t.key, "bitwise", ok, None, "" if ok else "injected key not removed"))
+                report.accounting["dropped"].append(t.key)
+                continue
+            acc = _Acc()
+            per_row = info.nbytes // max(info.shape[0], 1) if info.shape else info.nbytes
+            for e0, e1 in row_chunks(info.shape, per_row, STEP, 128 if t.kind == "copy" else 1):
+                expected = sts.rows(t.key, e0, e1).to(dev)
+                if not info.shape:
+                    expected = expected.reshape(())
+
+                def get(k, a, b, dt):
+                    return hf_value(dts, dquant, k, a, b, dt, dev)
+
+                rebuilt = forward(t, e0, e1, lambda k, a, b: get(k, a, b, info.torch_dtype).to(info.torch_dtype))
+                if _same_bits(rebuilt.reshape(expected.shape), expected):
+                    continue
+                if not (lossy_ok or any(p in dquant for p in t.parts)) and info.torch_dtype == rebuilt.dtype:
+                    acc.passed, acc.detail = False, "not bit-identical after the round trip"
+                    continue
+                r32 = forward(t, e0, e1, lambda k, a, b: get(k, a, b, torch.float32))
+                scale = None
+                if any(p in dquant for p in t.parts):
+                    scale = forward(t, e0, e1, lambda k, a, b: _expanded_scale(dts, dquant, k, a, b, dev))
+                _bounded(acc, expected, r32.reshape(expected.shape), scale)
+            report.add(acc.result(t.key))
+            report.accounting["mapped"].append(t.key)
+        _account(src, report)
+        return
+    squant, companions = find_quant(src.tensors)
+    sts = TensorSource.of(src)
+    for key, info in src.tensors.items():
+        if key in companions or key.endswith("_scale_inv"):
+            continue
+        if key not in dst.tensors:
+            report.add(TensorResult(key, "bitwise", False, None, "missing from the output"))
+            continue
+        acc = _Acc()
+        q, dq = squant.get(key), dquant.get(key)
+        align = max(hf_align(q.kind if q else None, info.shape), hf_align(dq.kind if dq else None, info.shape))
+        for r0, r1 in row_chunks(info.shape, info.nbytes // max(info.shape[0], 1) if info.shape else 1, STEP, align):
+            raw = sts.rows(key, r0, r1).to(dev)
+            value_dtype = dtype if q else info.torch_dtype
+            value = hf_value(dts, dquant, key, r0, r1, value_dtype, dev)
+            if q is not None:
+                rows = slice(r0, r1) if info.shape else slice(0, 1)
+                rebuilt = quantize(value, expand_scale(q.kind, sts.rows(q.scale).to(dev), rows, info.shape))
+            else:
+                rebuilt = value.to(info.torch_dtype)
+            if _same_bits(rebuilt.reshape(raw.shape), raw):
+                continue
+            if dq is None and options.get("quantize") == "none":
+                acc.passed, acc.detail = False, "not bit-identical after the round trip"
+                continue
+            original = hf_value(sts, squant, key, r0, r1, value_dtype, dev)
+            restored = hf_value(dts, dquant, key, r0, r1, torch.float32, dev)
+            scale = _expanded_scale(dts, dquant, key, r0, r1, dev) if dq else None
+            _bounded(acc, original, restored.reshape(original.shape), scale)
+        report.add(acc.result(key))
+        report.accounting["mapped"].append(key)
+    report.accounting["scales"].extend(companions)
+    _account(src, report)
+
+
+def _expanded_scale(ts: TensorSource, quant, key: str, r0, r1, dev) -> torch.Tensor:
+    info = ts.info(key)
+    if r0 is None:
+        r0, r1 = 0, info.shape[0]
+    q = quant[key]
+    rows = slice(r0, min(r1, info.shape[0]))
+    s = expand_scale(q.kind, ts.rows(q.scale).to(dev), rows, info.shape)
+    return s.expand((rows.stop - rows.start, *info.shape[1:]))
+
+
+def _account(src: Checkpoint, report: Report) -> None:
+    seen = {k for group in ("mapped", "scales", "dropped", "injected") for k in report.accounting[group]}
+    report.accounting["unaccounted"] = sorted(set(src.tensors) - seen)
+
+
+__all__ = ["FP8", "verify_dirs"]
