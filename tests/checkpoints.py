@@ -1,0 +1,536 @@
+"""Build real, vendor-style FP8 checkpoints for the tests.
+
+Every checkpoint starts from one of transformers' own model classes with a tiny config, saved with
+``save_pretrained`` so that key spelling and ``config.json`` are exactly what transformers writes. The
+saved state dict is then re-written the way vendors publish FP8 models: quantized text weights with
+``*_scale_inv`` siblings (and activation scales for static schemes), several shards, an index, and the
+non-weight files a conversion must carry over.
+
+The shapes are chosen to hit the edge cases of DESIGN.md section 4: dimensions that are not multiples
+of 128 and some above 128 (partial edge blocks), 2-D weights with at most 128 rows (the ``[1, N]``
+block-scale case), an all-zero 128x128 block and an all-zero expert (scale 1). Every constant-valued
+tensor (norms, biases) is replaced by random values so that a swapped or lost key cannot go unnoticed.
+
+Plain functions, no pytest fixtures: the test suite wraps them as it likes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128
+
+FAMILIES: tuple[str, ...] = ("mistral4", "mistral4-vlm", "mistral3-fp8", "deepseek-v3")
+SCHEMES: tuple[str, ...] = ("per-tensor", "per-expert", "block")
+LAYOUTS: dict[str, tuple[str, ...]] = {
+    "mistral4": ("default", "prefixed"),
+    "mistral4-vlm": ("default",),
+    "mistral3-fp8": ("default", "identity", "causal"),
+    "deepseek-v3": ("default",),
+}
+# Per-expert scales only exist for the aggregated 3-D expert tensors of Mistral 4.
+_PER_EXPERT_FAMILIES = ("mistral4", "mistral4-vlm")
+
+# Substrings that keep a text-model weight in its original dtype (DESIGN.md section 3).
+NON_QUANTIZED_PATTERNS: tuple[str, ...] = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "norm.weight",
+    "lm_head.weight",
+    "embed_tokens.weight",
+    "mlp.gate.weight",
+)
+NEVER_QUANTIZED_PREFIXES: tuple[str, ...] = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+AGGREGATED_EXPERT_SUFFIXES: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+# Tiny but edge-case-rich dimensions: hidden 160 and dense width 200 give partial 128-blocks on both
+# axes; q_lora 96, kv_lora 64, expert width 96 give weights with <= 128 rows ([1, N] block scales).
+TINY_MOE_TEXT: dict[str, Any] = {
+    "vocab_size": 300,
+    "hidden_size": 160,
+    "intermediate_size": 200,
+    "moe_intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "n_shared_experts": 1,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": 64,
+    "q_lora_rank": 96,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 32,
+    "v_head_dim": 32,
+}
+TINY_MINISTRAL3_TEXT: dict[str, Any] = {
+    "vocab_size": 300,
+    "hidden_size": 160,
+    "intermediate_size": 200,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 40,
+}
+TINY_PIXTRAL: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "head_dim": 16,
+    "image_size": 64,
+    "patch_size": 16,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Key rules
+# --------------------------------------------------------------------------------------------------
+
+
+def is_quantizable(key: str) -> bool:
+    """True for the text-model keys a vendor stores as FP8 (DESIGN.md section 3)."""
+    if key.startswith(NEVER_QUANTIZED_PREFIXES):
+        return False
+    if key.endswith(AGGREGATED_EXPERT_SUFFIXES):
+        return True
+    return key.endswith(".weight") and not any(p in key for p in NON_QUANTIZED_PATTERNS)
+
+
+def scale_key(key: str) -> str:
+    """``K`` → ``K_scale_inv`` (``X.weight_scale_inv``, ``…gate_up_proj_scale_inv``)."""
+    return key + "_scale_inv"
+
+
+def activation_scale_key(key: str) -> str:
+    """``X.weight`` → ``X.activation_scale``; an expert key ``K`` → ``K_activation_scale``."""
+    if key.endswith(".weight"):
+        return key[: -len(".weight")] + ".activation_scale"
+    return key + "_activation_scale"
+
+
+def _natural_key(key: str) -> list[Any]:
+    """Sort ``layers.10`` after ``layers.9``, as a module walk would."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_args(family: str, layout: str, scheme: str | None = None) -> None:
+    if family not in LAYOUTS:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if layout not in LAYOUTS[family]:
+        raise ValueError(f"family {family!r} has no layout {layout!r}; expected one of {LAYOUTS[family]}")
+    if scheme is not None:
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        if scheme == "per-expert" and family not in _PER_EXPERT_FAMILIES:
+            raise ValueError(f"scheme 'per-expert' needs aggregated 3-D experts; {family!r} has none")
+
+
+def _make_model(family: str, layout: str, tied: bool) -> torch.nn.Module:
+    """Instantiate the transformers class a vendor checkpoint of this family is saved from."""
+    import transformers as tf
+
+    if family == "mistral4":
+        return tf.Mistral4ForCausalLM(tf.Mistral4Config(**TINY_MOE_TEXT, tie_word_embeddings=tied))
+    if family == "deepseek-v3":
+        return tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(**TINY_MOE_TEXT, tie_word_embeddings=tied))
+    vision = tf.PixtralVisionConfig(**TINY_PIXTRAL)
+    if family == "mistral4-vlm":
+        text = tf.Mistral4Config(**TINY_MOE_TEXT, tie_word_embeddings=tied)
+        cfg = tf.Mistral3Config(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+        return tf.Mistral3ForConditionalGeneration(cfg)
+    # mistral3-fp8
+    text3 = tf.Ministral3Config(**TINY_MINISTRAL3_TEXT, tie_word_embeddings=tied)
+    if layout == "causal":
+        return tf.Ministral3ForCausalLM(text3)
+    cfg = tf.Mistral3Config(text_config=text3, vision_config=vision, tie_word_embeddings=tied)
+    return tf.Mistral3ForConditionalGeneration(cfg)
+
+
+def _rename_for_layout(key: str, family: str, layout: str) -> str:
+    """Re-spell transformers' saved keys the way the other real checkpoints of the family spell them."""
+    if family == "mistral4" and layout == "prefixed":
+        return "language_model." + key
+    if family == "mistral3-fp8" and layout == "identity":
+        if key == "language_model.lm_head.weight":
+            return "lm_head.weight"
+        if key.startswith("language_model.model."):
+            return "model.language_model." + key[len("language_model.model.") :]
+        if key.startswith(("vision_tower.", "multi_modal_projector.")):
+            return "model." + key
+    return key
+
+
+def _make_distinct(sd: dict[str, torch.Tensor], gen: torch.Generator) -> None:
+    """Give every constant tensor (norms at 1, biases at 0) random values, so swaps are detectable."""
+    for key, t in sd.items():
+        flat = t.float().flatten()
+        if flat.numel() > 1 and bool((flat == flat[0]).all()):
+            noise = torch.randn(t.shape, generator=gen) * 0.05
+            base = 1.0 if float(flat[0]) == 1.0 else 0.0
+            sd[key] = (base + noise).to(t.dtype)
+
+
+def _plant_zero_blocks(sd: dict[str, torch.Tensor]) -> None:
+    """Zero one full 128x128 block and one whole expert, so 'all-zero gets scale 1' is exercised."""
+    dense = [k for k in sd if k.endswith("layers.0.mlp.gate_proj.weight")]
+    for k in dense:  # [200, 160]: block (0, 0) is a full block
+        sd[k] = sd[k].clone()
+        sd[k][:BLOCK, :BLOCK] = 0
+    for k in sd:
+        if k.endswith("layers.1.mlp.experts.gate_up_proj"):  # [E, 2I, H]: block (0, 0) of expert 1
+            sd[k] = sd[k].clone()
+            sd[k][1, :BLOCK, :BLOCK] = 0
+        if k.endswith("layers.1.mlp.experts.down_proj"):  # whole expert 2 → per-expert scale 1
+            sd[k] = sd[k].clone()
+            sd[k][2] = 0
+        if k.endswith("layers.1.mlp.experts.2.down_proj.weight"):  # DeepSeek: whole tensor → scale 1
+            sd[k] = torch.zeros_like(sd[k])
+
+
+def _saved_model(
+    family: str, layout: str, tied: bool, seed: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """State dict, config.json and generation_config.json exactly as save_pretrained writes them
+    (then re-spelled for the layout), with values made distinct and the zero blocks planted."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _make_model(family, layout, tied).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with tempfile.TemporaryDirectory(prefix="recast-fixture-") as tmp:
+        model.save_pretrained(tmp)
+        raw: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            raw.update(load_file(f))
+        config = json.loads((Path(tmp) / "config.json").read_text())
+        gen_path = Path(tmp) / "generation_config.json"
+        gen_config = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    sd = {_rename_for_layout(k, family, layout): raw[k] for k in sorted(raw, key=_natural_key)}
+    if family == "deepseek-v3":
+        # DeepSeek ships the router bias in fp32 (their inference code keeps it fp32); .to(bf16) did not.
+        for k in sd:
+            if k.endswith("mlp.gate.e_score_correction_bias"):
+                sd[k] = sd[k].float()
+    _make_distinct(sd, gen)
+    _plant_zero_blocks(sd)
+    return sd, config, gen_config
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization (the "vendor" side; tests/reference.py has its own, independent implementation)
+# --------------------------------------------------------------------------------------------------
+
+
+def _safe_scale(amax: torch.Tensor) -> torch.Tensor:
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def _block_scales(w32: torch.Tensor) -> torch.Tensor:
+    rows, cols = w32.shape[-2:]
+    nr, nc = math.ceil(rows / BLOCK), math.ceil(cols / BLOCK)
+    padded = torch.zeros(*w32.shape[:-2], nr * BLOCK, nc * BLOCK)
+    padded[..., :rows, :cols] = w32.abs()
+    amax = padded.reshape(*w32.shape[:-2], nr, BLOCK, nc, BLOCK).amax(dim=(-3, -1))
+    return _safe_scale(amax)
+
+
+def _expand_blocks(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    big = scale.repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)
+    return big[..., : shape[-2], : shape[-1]]
+
+
+def _quantize(
+    w: torch.Tensor, scheme: str, scalar_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize one weight; returns (fp8 weight, fp32 scale with its on-disk shape)."""
+    w32 = w.float()
+    if scheme == "block":
+        scale = _block_scales(w32)
+        full = _expand_blocks(scale, w.shape)
+    elif scheme == "per-expert" and w.ndim == 3:
+        scale = full = _safe_scale(w32.abs().amax(dim=(1, 2), keepdim=True))
+    else:
+        full = _safe_scale(w32.abs().amax())
+        scale = full.reshape(scalar_shape)
+    q = (w32 / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale.to(torch.float32).contiguous()
+
+
+def _quantization_config(scheme: str, keys: list[str], sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The config block vendors write; modules_to_not_convert lists what stayed high precision."""
+    not_converted: set[str] = set()
+    for k in keys:
+        for p in NEVER_QUANTIZED_PREFIXES:
+            if k.startswith(p):
+                not_converted.add(p.rstrip("."))
+                break
+        else:
+            if k.endswith(".weight") and sd[k].ndim >= 2 and not is_quantizable(k):
+                not_converted.add(k[: -len(".weight")])
+    return {
+        "quant_method": "fp8",
+        "activation_scheme": "static" if scheme == "per-tensor" else "dynamic",
+        "weight_block_size": [BLOCK, BLOCK] if scheme == "block" else None,
+        "modules_to_not_convert": sorted(not_converted),
+    }
+
+
+def quantize_state_dict(
+    sd: dict[str, torch.Tensor], family: str, scheme: str, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Vendor-style FP8 state dict: each quantizable key followed by its scale (and activation scale).
+
+    Per-tensor scales are stored as ``[]`` for mistral3-fp8 (the 128B checkpoint's 0-d scalars) and as
+    ``[1]`` for the other families, so both on-disk spellings of "one element" are exercised.
+    """
+    scalar_shape: tuple[int, ...] = () if family == "mistral3-fp8" else (1,)
+    gen = torch.Generator().manual_seed(seed + 2)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if not is_quantizable(key):
+            out[key] = t
+            continue
+        q, s = _quantize(t, scheme, scalar_shape)
+        out[key] = q
+        out[scale_key(key)] = s
+        if scheme == "per-tensor":  # static activation scheme: any positive fp32 scalar
+            act = (torch.rand((), generator=gen) * 0.05 + 0.01).reshape(scalar_shape)
+            out[activation_scale_key(key)] = act.to(torch.float32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _assign_shards(sd: dict[str, torch.Tensor], shards: int) -> dict[str, int]:
+    """Contiguous, byte-balanced shard assignment (what save_pretrained's max_shard_size does), with
+    every scale and activation scale in its weight's shard; ``_split_work_units`` then breaks that."""
+    owner: dict[str, str] = {}
+    for k in sd:
+        for side in (scale_key(k), activation_scale_key(k)):
+            if side in sd and side != k:
+                owner[side] = k
+    keys = [k for k in sd if k not in owner]
+    total = sum(_nbytes(sd[k]) for k in keys)
+    assign: dict[str, int] = {}
+    done = 0
+    for k in keys:
+        assign[k] = min(shards - 1, (done * shards) // max(total, 1))
+        done += _nbytes(sd[k])
+    if len(set(assign.values())) < shards:  # a huge tensor skipped a shard: fall back to counts
+        assign = {k: min(shards - 1, i * shards // len(keys)) for i, k in enumerate(keys)}
+    for side, k in owner.items():
+        assign[side] = assign[k]
+    return assign
+
+
+def _split_work_units(sd: dict[str, torch.Tensor], assign: dict[str, int], shards: int) -> None:
+    """Move some scales (and one DeepSeek expert) away from their weights, as real checkpoints do."""
+    if shards < 2:
+        return
+    weights = [k for k in sd if scale_key(k) in sd]
+    picks: list[str] = []
+    if weights:
+        picks.append(weights[0])
+    experts = [k for k in weights if ".mlp.experts." in k]
+    if experts:
+        picks.append(experts[-1])
+    if weights[-1:] and weights[-1] not in picks:
+        picks.append(weights[-1])
+    for k in picks:
+        assign[scale_key(k)] = (assign[k] + 1) % shards
+    act = [k for k in weights if activation_scale_key(k) in sd]
+    if act:
+        assign[activation_scale_key(act[len(act) // 2])] = (assign[act[len(act) // 2]] + shards - 1) % shards
+    # DeepSeek: all experts of one layer are one work unit; make that unit span two shards.
+    expert0 = [k for k in sd if re.search(r"\.layers\.1\.mlp\.experts\.0\.", k)]
+    expert1 = [k for k in sd if re.search(r"\.layers\.1\.mlp\.experts\.1\.", k)]
+    if expert0 and expert1:
+        target = (assign[expert1[0]] + 1) % shards
+        for k in expert0:
+            assign[k] = target
+
+
+def _write_shards(dst: Path, sd: dict[str, torch.Tensor], assign: dict[str, int], shards: int) -> None:
+    names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    for i, name in enumerate(names):
+        part = {k: t.contiguous() for k, t in sd.items() if assign[k] == i}
+        if not part:
+            raise RuntimeError(f"shard {name} would be empty; use fewer than {shards} shards")
+        save_file(part, str(dst / name), metadata={"format": "pt"})
+    index = {
+        "metadata": {"total_size": sum(_nbytes(t) for t in sd.values())},
+        "weight_map": {k: names[assign[k]] for k in sorted(sd)},
+    }
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_side_files(dst: Path, family: str, seed: int, config: dict[str, Any], gen: dict[str, Any]) -> None:
+    """config.json, generation_config.json and fake tokenizer files a conversion must carry over."""
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if gen:
+        (dst / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"tok{i}": i for i in range(3, 40)})
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": c,
+                "special": True,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+            }
+            for c, i in list(vocab.items())[:3]
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel"},
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+        "recast_fixture": {"family": family, "seed": seed},
+    }
+    (dst / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2) + "\n")
+    tok_cfg = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "model_max_length": 4096,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+
+
+def _finish(
+    dst: Path,
+    family: str,
+    seed: int,
+    sd: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    gen: dict[str, Any],
+    shards: int,
+    mutate_assign: Callable[[dict[str, int]], None] | None,
+) -> Path:
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    dst.mkdir(parents=True, exist_ok=True)
+    assign = _assign_shards(sd, shards)
+    if mutate_assign is not None:
+        mutate_assign(assign)
+    _write_shards(dst, sd, assign, shards)
+    _write_side_files(dst, family, seed, config, gen)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def build_checkpoint(
+    dst: Path,
+    family: str,
+    *,
+    scheme: str = "per-tensor",
+    tied: bool = False,
+    layout: str = "default",
+    seed: int = 0,
+    shards: int = 3,
+    split_scales: bool = True,
+) -> Path:
+    """Write a vendor-style FP8 checkpoint of ``family`` into ``dst`` and return ``dst``.
+
+    ``scheme``: "per-tensor" (static activation scales), "per-expert" (mistral4 families; [E,1,1]
+    scales on the 3-D experts) or "block" (128x128). ``layout`` re-spells keys (see ``LAYOUTS``).
+    ``split_scales`` (needs ``shards >= 2``) puts at least two scales and one activation scale in a
+    different shard than their weights and, for DeepSeek, one expert of layer 1 in another shard than
+    its siblings, so work units must be gathered through the index.
+    """
+    _check_args(family, layout, scheme)
+    dst = Path(dst)
+    plain, config, gen = _saved_model(family, layout, tied, seed)
+    sd = quantize_state_dict(plain, family, scheme, seed)
+    qcfg = _quantization_config(scheme, list(sd), sd)
+    config = dict(config)
+    config["quantization_config"] = qcfg
+    if "text_config" in config:
+        config["text_config"] = {**config["text_config"], "quantization_config": qcfg}
+
+    def split(assign: dict[str, int]) -> None:
+        _split_work_units(sd, assign, shards)
+
+    return _finish(dst, family, seed, sd, config, gen, shards, split if split_scales else None)
+
+
+def build_plain(
+    dst: Path,
+    family: str,
+    *,
+    tied: bool = False,
+    layout: str = "default",
+    seed: int = 0,
+    shards: int = 3,
+) -> Path:
+    """The same model as ``build_checkpoint`` (same seed → same values) saved unquantized in bf16."""
+    _check_args(family, layout)
+    dst = Path(dst)
+    sd, config, gen = _saved_model(family, layout, tied, seed)
+    return _finish(dst, family, seed, sd, config, gen, shards, None)
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (all shards named by its index, else all files)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        paths = [path / f for f in files]
+    else:
+        paths = sorted(path.glob("*.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for p in paths:
+        part = load_file(p)
+        dup = set(part) & set(out)
+        if dup:
+            raise ValueError(f"{p.name} repeats keys already seen in another shard: {sorted(dup)[:5]}")
+        out.update(part)
+    return out
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory."""
+    return json.loads((Path(path) / "config.json").read_text())

@@ -1,0 +1,30 @@
+"""Small comparison helpers shared by the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from checkpoints import load_state_dict
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    )
+
+
+def assert_state_dicts_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want), f"keys differ: {sorted(set(got) ^ set(want))[:10]}"
+    bad = [k for k in want if not same_bits(got[k], want[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:5]}"
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors that are listed in its index (the sidecar is not part of the model)."""
+    return load_state_dict(path)
+
+
+def config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
