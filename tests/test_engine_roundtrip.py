@@ -86,7 +86,9 @@ def test_fresh_quantization_matches_reference(family, mode, plain_checkpoint, tm
     report = api.convert(src, out, api.Options(to="hf", quantize=mode))
     s = report.summary()
     assert report.passed and s["bounded"] > 0 and s["bounded_within"] == s["bounded"]
-    assert_state_dicts_identical(load_state_dict(out), reference.quantize_state_dict(load_state_dict(src), mode))
+    assert_state_dicts_identical(
+        load_state_dict(out), reference.quantize_state_dict(load_state_dict(src), mode)
+    )
     qc = config(out)["quantization_config"]
     assert qc["quant_method"] == "fp8" and qc["activation_scheme"] == "dynamic"
     assert qc["weight_block_size"] == ([128, 128] if mode == "block" else None)

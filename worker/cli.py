@@ -26,21 +26,32 @@ def _print_inspect(info: dict[str, Any]) -> None:
     conv = info["conversion"]
     print(f"source        {info['source']}")
     print(f"format        {info['format']}  adapter {info['adapter']}  layout {info['layout']}")
-    print(f"quantization  {', '.join(q['schemes']) or 'none'}  activation {q['activation_scheme'] or '-'}"
-          f"  ({q['quantized_tensors']} FP8 tensors)")
+    print(
+        f"quantization  {', '.join(q['schemes']) or 'none'}  activation {q['activation_scheme'] or '-'}"
+        f"  ({q['quantized_tensors']} FP8 tensors)"
+    )
     print(f"shards        {info['shards']}  tensors {info['tensors']}  bytes {_human(info['bytes'])}")
-    print(f"would write   --to {conv['to']} ({conv['dtype']}): {_human(conv['output_bytes'])} on disk "
-          f"(needs {_human(conv['disk_bytes_needed'])} free), peak memory about {_human(conv['peak_host_memory_bytes'])}")
+    print(
+        f"would write   --to {conv['to']} ({conv['dtype']}): {_human(conv['output_bytes'])} on disk "
+        f"(needs {_human(conv['disk_bytes_needed'])} free), peak memory about {_human(conv['peak_host_memory_bytes'])}"
+    )
 
 
 def _print_report(report: dict[str, Any]) -> None:
     s = report["summary"]
-    print(f"{report['direction']} with {report['adapter']}: "
-          f"{'PASSED' if s['passed'] else 'FAILED' if s['verified'] else 'NOT VERIFIED'}")
-    print(f"  tensors checked {s['tensors_checked']}, bitwise equal {s['bitwise_equal']}, "
-          f"bounded {s['bounded_within']}/{s['bounded']}"
-          + (f" (worst {s['worst_bound_ratio']:.2f} of the bound, min SNR {s['min_snr_db']:.1f} dB)" if s["bounded"]
-             else ""))
+    print(
+        f"{report['direction']} with {report['adapter']}: "
+        f"{'PASSED' if s['passed'] else 'FAILED' if s['verified'] else 'NOT VERIFIED'}"
+    )
+    print(
+        f"  tensors checked {s['tensors_checked']}, bitwise equal {s['bitwise_equal']}, "
+        f"bounded {s['bounded_within']}/{s['bounded']}"
+        + (
+            f" (worst {s['worst_bound_ratio']:.2f} of the bound, min SNR {s['min_snr_db']:.1f} dB)"
+            if s["bounded"]
+            else ""
+        )
+    )
     print("  keys " + ", ".join(f"{k} {v}" for k, v in s["accounting"].items()))
     for key in s["failed"]:
         detail = next((t["detail"] for t in report["tensors"] if t["key"] == key), "")
@@ -49,12 +60,16 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"  PROBLEM {p}")
     if report.get("seconds"):
         tp = report["throughput_gb_s"]
-        print(f"  {_human(report['bytes_in'])} in, {_human(report['bytes_out'])} out in {report['seconds']:.1f} s "
-              f"({tp['in']} GB/s in, {tp['out']} GB/s out)")
+        print(
+            f"  {_human(report['bytes_in'])} in, {_human(report['bytes_out'])} out in {report['seconds']:.1f} s "
+            f"({tp['in']} GB/s in, {tp['out']} GB/s out)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recast", description="Convert LLM checkpoints between hf FP8 and native.")
+    p = argparse.ArgumentParser(
+        prog="recast", description="Convert LLM checkpoints between hf FP8 and native."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("inspect", help="describe a checkpoint and what converting it needs")
     i.add_argument("src")
@@ -108,8 +123,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "convert":
         opts = api.Options(
-            to=args.to, adapter=args.adapter, dtype=args.dtype, quantize=args.quantize,
-            device=args.device, verify=args.verify, overwrite=args.overwrite,
+            to=args.to,
+            adapter=args.adapter,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            device=args.device,
+            verify=args.verify,
+            overwrite=args.overwrite,
         )
         report = api.convert(args.src, args.dst, opts).to_json()
     else:

@@ -152,7 +152,9 @@ ADAPTERS: dict[str, Adapter] = {
             architectures=("DeepseekV3ForCausalLM",),
             renames=(),
             experts=(
-                ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.gate_and_up_projs", ("gate_proj", "up_proj")),
+                ExpertRule(
+                    "stack", "mlp.experts.{e}.", "mlp.experts.gate_and_up_projs", ("gate_proj", "up_proj")
+                ),
                 ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.down_projs", ("down_proj",)),
             ),
             not_quantized=_NORMS_ETC,

@@ -37,4 +37,13 @@ def _recorded(sidecar: dict) -> dict:
     return {k: o[k] for k in ("dtype", "quantize") if k in o}
 
 
-__all__ = ["ADAPTERS", "LocalSource", "Options", "Report", "convert", "inspect", "verify"]
+__all__ = [
+    "ADAPTERS",
+    "LocalSource",
+    "Options",
+    "Report",
+    "VerificationError",
+    "convert",
+    "inspect",
+    "verify",
+]

@@ -80,12 +80,16 @@ def open_checkpoint(source: Source) -> Checkpoint:
         headers[name] = header
         for key, info in header.tensors.items():
             if key in tensors:
-                raise CheckpointError(f"{where}: tensor {key!r} appears in both {tensors[key].file} and {name}")
+                raise CheckpointError(
+                    f"{where}: tensor {key!r} appears in both {tensors[key].file} and {name}"
+                )
             tensors[key] = info
     if weight_map is not None:
         for key, name in weight_map.items():
             if key not in tensors or tensors[key].file != name:
-                raise CheckpointError(f"{where}/{INDEX}: says {key!r} is in {name}, but that shard has no such tensor")
+                raise CheckpointError(
+                    f"{where}/{INDEX}: says {key!r} is in {name}, but that shard has no such tensor"
+                )
         stray = sorted(set(tensors) - set(weight_map))
         if stray:
             raise CheckpointError(f"{where}: tensors {stray[:3]} are in shards but missing from {INDEX}")

@@ -190,7 +190,11 @@ def _to_native(
     for t in order:
         shape = native_shape(t, src.tensors)
         shapes[t.key] = shape
-        dt = "F32" if t.kind == "zeros" else (dtype_name if t.parts[0] in plan.quant else src.tensors[t.parts[0]].dtype)
+        dt = (
+            "F32"
+            if t.kind == "zeros"
+            else (dtype_name if t.parts[0] in plan.quant else src.tensors[t.parts[0]].dtype)
+        )
         out.shards[used.index(shard_of[t.key])].append(PlannedTensor(t.key, dt, shape))
     out.layout()
     budget = STEP_BYTES[dev.type]
@@ -207,13 +211,16 @@ def _to_native(
             align = hf_align(q.kind if q else None, first.shape) if t.kind == "copy" else 1
             n = shape[0] if shape else 1
             for e0, e1 in row_chunks((n,), max(per_row, 1), budget, align):
+
                 def fetch(t=t, e0=e0, e1=e1):
                     return prefetch(ts, plan.quant, forward_requests(t, e0, e1), dev.type == "cuda")
 
                 def compute(got, t=t, n=n, e0=e0, e1=e1, shape=shape):
                     x = forward(t, e0, e1, lambda k, a, b: hf_value(ts, plan.quant, k, a, b, dtype, dev, got))
                     out.write(t.key, e0, x if shape else x.reshape(()), e1 >= n)
-                    progress({"bytes_in": sum(src.tensors[p].nbytes for p in t.parts) * (e1 - e0) // max(n, 1)})
+                    progress(
+                        {"bytes_in": sum(src.tensors[p].nbytes for p in t.parts) * (e1 - e0) // max(n, 1)}
+                    )
 
                 yield fetch, compute
 
@@ -281,7 +288,9 @@ def _to_hf(
     def scale_info(key):
         return ts.info(key)
 
-    encoders = {it.enc.key: Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev), torch.zeros(())) for it in items}
+    encoders = {
+        it.enc.key: Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev), torch.zeros(())) for it in items
+    }
     restore = _restorable(sidecar, items, encoders, scale_info, opts) if native_src else None
     if restore:
         out.raw_headers = restore
@@ -311,7 +320,11 @@ def _to_hf(
         if t.kind == "stack":
             e = t.parts.index(it.enc.key) // t.names
             j = t.parts.index(it.enc.key) % t.names
-            yield 0, it.shape[0], lambda: torch.chunk(ts.rows(t.key, e, e + 1).to(dev)[0], t.names, -1)[j].T.contiguous()
+            yield (
+                0,
+                it.shape[0],
+                lambda: torch.chunk(ts.rows(t.key, e, e + 1).to(dev)[0], t.names, -1)[j].T.contiguous(),
+            )
             return
         align = 128 if it.enc.mode == "block" and len(it.shape) == 2 else 1
         for r0, r1 in row_chunks(info.shape, info.torch_dtype.itemsize, budget, align):
@@ -326,7 +339,7 @@ def _to_hf(
                     amax = torch.maximum(amax, get().float().abs().max())
                 encoder = encoders[it.enc.key] = Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev), amax)
             chunks = list(value_chunks(it))
-            for i, (r0, r1, get) in enumerate(chunks):
+            for i, (r0, _, get) in enumerate(chunks):
                 last = i == len(chunks) - 1
 
                 def compute(x, r0=r0, encoder=encoder, last=last, it=it):
@@ -480,9 +493,18 @@ def _write_rest(ckpt, stage: Path, out: Output, where, config, plan, adapter, op
             "config_raw": ckpt.config_raw.decode(),
         }
     else:
-        sidecar["source"] = {"location": opts.source_location or ckpt.source.description, "revision": opts.source_revision}
-    restored = native_out is False and out.raw_headers and prev.get("source", {}).get("config") == _comparable(config)
-    config_bytes = prev["source"]["config_raw"].encode() if restored else (json.dumps(config, indent=2) + "\n").encode()
+        sidecar["source"] = {
+            "location": opts.source_location or ckpt.source.description,
+            "revision": opts.source_revision,
+        }
+    restored = (
+        native_out is False
+        and out.raw_headers
+        and prev.get("source", {}).get("config") == _comparable(config)
+    )
+    config_bytes = (
+        prev["source"]["config_raw"].encode() if restored else (json.dumps(config, indent=2) + "\n").encode()
+    )
     (stage / "config.json").write_bytes(config_bytes)
     if restored and prev["source"].get("index"):
         (stage / INDEX).write_text(prev["source"]["index"])

@@ -120,9 +120,7 @@ def _torch(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def quantization_config(
-    encodings: list[Encoding], adapter: Adapter, mode: str
-) -> dict[str, Any] | None:
+def quantization_config(encodings: list[Encoding], adapter: Adapter, mode: str) -> dict[str, Any] | None:
     """The config.json entry for freshly quantized output (DESIGN §4)."""
     quantized = [e for e in encodings if e.mode]
     if not quantized:

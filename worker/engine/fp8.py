@@ -30,14 +30,19 @@ def classify_scale(key: str, weight_shape: tuple[int, ...], scale_shape: tuple[i
     squeezed = tuple(d for d in scale_shape if d != 1)
     if len(squeezed) == 0:
         return ScaleKind.PER_TENSOR
-    if len(weight_shape) == 3 and len(squeezed) == 1 and squeezed[0] == weight_shape[0] and (
-        len(scale_shape) in (1, 3)
+    if (
+        len(weight_shape) == 3
+        and len(squeezed) == 1
+        and squeezed[0] == weight_shape[0]
+        and (len(scale_shape) in (1, 3))
     ):
         return ScaleKind.PER_EXPERT
     # Block scales are checked unsqueezed: a [1, N] scale of a weight with <= 128 rows is still 2-D.
     if len(scale_shape) == len(weight_shape) and len(weight_shape) in (2, 3):
         blocks = tuple(-(-d // BLOCK) for d in weight_shape[-2:])
-        if tuple(scale_shape[-2:]) == blocks and (len(weight_shape) == 2 or scale_shape[0] == weight_shape[0]):
+        if tuple(scale_shape[-2:]) == blocks and (
+            len(weight_shape) == 2 or scale_shape[0] == weight_shape[0]
+        ):
             return ScaleKind.BLOCK
     raise CheckpointError(
         f"scale of {key!r} has shape {list(scale_shape)} which fits neither per-tensor, per-expert nor "
@@ -122,5 +127,11 @@ def bounded_error(original: torch.Tensor, restored: torch.Tensor, scale: torch.T
     ratio = float((d / bound).max()) if d.numel() else 0.0
     signal = float(w.pow(2).sum())
     noise = float(d.pow(2).sum())
-    snr = float("inf") if noise == 0 else 10.0 * torch.log10(torch.tensor(signal / noise)).item() if signal else 0.0
+    snr = (
+        float("inf")
+        if noise == 0
+        else 10.0 * torch.log10(torch.tensor(signal / noise)).item()
+        if signal
+        else 0.0
+    )
     return ErrorStats(float(d.max()) if d.numel() else 0.0, snr, ratio <= 1.0, ratio)

@@ -14,7 +14,9 @@ from .safetensors_io import DTYPES
 from .storage import Source
 
 
-def inspect(src: str | os.PathLike[str] | Source, adapter: str | None = None, dtype: str = "bf16") -> dict[str, Any]:
+def inspect(
+    src: str | os.PathLike[str] | Source, adapter: str | None = None, dtype: str = "bf16"
+) -> dict[str, Any]:
     ckpt = open_checkpoint(open_source(src))
     chosen = detect(ckpt.config, list(ckpt.tensors), adapter or (ckpt.sidecar or {}).get("adapter"))
     native = is_native(ckpt)

@@ -61,7 +61,10 @@ class KeyPlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "tensors": [asdict(t) for t in self.tensors],
-            "quant": {k: {"scale": q.scale, "kind": q.kind.value, "activation": q.activation} for k, q in self.quant.items()},
+            "quant": {
+                k: {"scale": q.scale, "kind": q.kind.value, "activation": q.activation}
+                for k, q in self.quant.items()
+            },
         }
 
     @classmethod
@@ -168,13 +171,17 @@ def plan_from_native(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     out: list[NativeTensor] = []
     for key, info in ckpt.tensors.items():
         stack = next((r for r in adapter.experts if r.kind == "stack" and key.endswith(r.native)), None)
-        transpose = next((r for r in adapter.experts if r.kind == "transpose" and key.endswith(r.native)), None)
+        transpose = next(
+            (r for r in adapter.experts if r.kind == "transpose" and key.endswith(r.native)), None
+        )
         if stack and len(info.shape) == 3:
             prefix = adapter.to_hf(key[: -len(stack.native)])
             parts = [f"{prefix}mlp.experts.{e}.{p}.weight" for e in range(info.shape[0]) for p in stack.parts]
             out.append(NativeTensor(key, "stack", parts, experts=info.shape[0], names=len(stack.parts)))
         elif transpose:
-            out.append(NativeTensor(key, "transpose", [adapter.to_hf(key[: -len(transpose.native)]) + transpose.hf]))
+            out.append(
+                NativeTensor(key, "transpose", [adapter.to_hf(key[: -len(transpose.native)]) + transpose.hf])
+            )
         else:
             out.append(NativeTensor(key, "copy", [adapter.to_hf(key)]))
     _check_unique(out)

@@ -45,9 +45,12 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return self.verified and not self.problems and all(t.passed for t in self.tensors) and not self.accounting[
-            "unaccounted"
-        ]
+        return (
+            self.verified
+            and not self.problems
+            and all(t.passed for t in self.tensors)
+            and not self.accounting["unaccounted"]
+        )
 
     def failure_summary(self) -> str:
         bad = [t for t in self.tensors if not t.passed]

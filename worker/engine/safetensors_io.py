@@ -185,7 +185,9 @@ class ShardWriter:
         self._base = 8 + len(header)
 
     @classmethod
-    def planned(cls, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None) -> ShardWriter:
+    def planned(
+        cls, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None
+    ) -> ShardWriter:
         header = build_header(tensors, metadata)
         return cls(path, header, _layout(tensors))
 
@@ -195,15 +197,18 @@ class ShardWriter:
         header = json.loads(raw)
         header.pop("__metadata__", None)
         offsets = {
-            k: (v["data_offsets"][0], v["data_offsets"][1], v["dtype"], tuple(v["shape"])) for k, v in header.items()
+            k: (v["data_offsets"][0], v["data_offsets"][1], v["dtype"], tuple(v["shape"]))
+            for k, v in header.items()
         }
         return cls(path, raw, offsets)
 
     def write(self, key: str, t: torch.Tensor, row: int = 0, last: bool = True) -> None:
         """Write ``t`` as rows ``row…`` of tensor ``key``; ``last`` marks the tensor complete."""
-        lo, hi, dtype, shape = self._offsets[key]
-        if DTYPES[dtype] != t.dtype or tuple(t.shape[1:]) != shape[1:] or row + (t.shape[0] if t.dim() else 1) > (
-            shape[0] if shape else 1
+        lo, _, dtype, shape = self._offsets[key]
+        if (
+            DTYPES[dtype] != t.dtype
+            or tuple(t.shape[1:]) != shape[1:]
+            or row + (t.shape[0] if t.dim() else 1) > (shape[0] if shape else 1)
         ):
             raise CheckpointError(
                 f"{self.path.name}: tensor {key!r} piece is {t.dtype} {list(t.shape)} at row {row} but the plan "

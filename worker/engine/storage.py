@@ -72,7 +72,9 @@ class LocalSource:
         with open(self._path(name), "rb") as fh:
             data = os.pread(fh.fileno(), end - start, start)
         if len(data) != end - start:
-            raise CheckpointError(f"{name}: expected {end - start} bytes at offset {start}, got {len(data)}; truncated")
+            raise CheckpointError(
+                f"{name}: expected {end - start} bytes at offset {start}, got {len(data)}; truncated"
+            )
         return data
 
     def read_bytes(self, name: str) -> bytes:

@@ -42,7 +42,11 @@ class _Acc:
 
         stats = None
         if self.check == "bounded":
-            snr = float("inf") if self.noise == 0 else 10 * torch.log10(torch.tensor(self.signal / self.noise)).item()
+            snr = (
+                float("inf")
+                if self.noise == 0
+                else 10 * torch.log10(torch.tensor(self.signal / self.noise)).item()
+            )
             stats = ErrorStats(self.max_abs, snr, self.ratio <= 1.0, self.ratio)
         return TensorResult(key, self.check, self.passed, stats, self.detail)
 
@@ -50,7 +54,7 @@ class _Acc:
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _bounded(acc: _Acc, original: torch.Tensor, restored: torch.Tensor, scale: torch.Tensor | None) -> None:
@@ -63,7 +67,9 @@ def _bounded(acc: _Acc, original: torch.Tensor, restored: torch.Tensor, scale: t
     acc.noise += float((w - restored.float()).pow(2).sum())
     if not stats.within_bound:
         acc.passed = False
-        acc.detail = f"error {stats.max_abs_error:.3g} exceeds the e4m3 bound ({stats.worst_bound_ratio:.2f}x)"
+        acc.detail = (
+            f"error {stats.max_abs_error:.3g} exceeds the e4m3 bound ({stats.worst_bound_ratio:.2f}x)"
+        )
 
 
 def verify_dirs(src: Checkpoint, dst_source: Source, report: Report, dev: torch.device) -> Report:
@@ -71,7 +77,9 @@ def verify_dirs(src: Checkpoint, dst_source: Source, report: Report, dev: torch.
     dst = open_checkpoint(dst_source)
     sidecar = dst.sidecar or {}
     if not sidecar:
-        raise CheckpointError(f"{dst_source.description}: no recast.json; it was not written by recast convert")
+        raise CheckpointError(
+            f"{dst_source.description}: no recast.json; it was not written by recast convert"
+        )
     adapter = detect(src.config, list(src.tensors), sidecar.get("adapter"))
     options = sidecar.get("options", {})
     if sidecar.get("format") == "native":
@@ -93,7 +101,9 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
     expected_keys = {t.key for t in plan.tensors}
     if set(dst.tensors) != expected_keys:
         extra, missing = set(dst.tensors) - expected_keys, expected_keys - set(dst.tensors)
-        report.problems.append(f"native tensors differ from the plan: extra {sorted(extra)[:3]}, missing {sorted(missing)[:3]}")
+        report.problems.append(
+            f"native tensors differ from the plan: extra {sorted(extra)[:3]}, missing {sorted(missing)[:3]}"
+        )
     accs: dict[str, _Acc] = {}
     for t in plan.tensors:
         if t.key not in dst.tensors:
@@ -130,7 +140,9 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
     for key in companions:
         got = dts.extra.get(key)
         ok = got is not None and _same_bits(dts.rows(key), sts.rows(key))
-        report.add(TensorResult(key, "bitwise", ok, None, "" if ok else "recorded scale differs from the source"))
+        report.add(
+            TensorResult(key, "bitwise", ok, None, "" if ok else "recorded scale differs from the source")
+        )
     report.accounting["scales"].extend(companions)
     _account(src, report)
 
@@ -163,7 +175,8 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
                 def get(k, a, b, dt):
                     return hf_value(dts, dquant, k, a, b, dt, dev)
 
-                rebuilt = forward(t, e0, e1, lambda k, a, b: get(k, a, b, info.torch_dtype).to(info.torch_dtype))
+                native_dtype = info.torch_dtype
+                rebuilt = forward(t, e0, e1, lambda k, a, b, dt=native_dtype: get(k, a, b, dt).to(dt))
                 if _same_bits(rebuilt.reshape(expected.shape), expected):
                     continue
                 if not (lossy_ok or any(p in dquant for p in t.parts)) and info.torch_dtype == rebuilt.dtype:
@@ -188,8 +201,12 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
             continue
         acc = _Acc()
         q, dq = squant.get(key), dquant.get(key)
-        align = max(hf_align(q.kind if q else None, info.shape), hf_align(dq.kind if dq else None, info.shape))
-        for r0, r1 in row_chunks(info.shape, info.nbytes // max(info.shape[0], 1) if info.shape else 1, STEP, align):
+        align = max(
+            hf_align(q.kind if q else None, info.shape), hf_align(dq.kind if dq else None, info.shape)
+        )
+        for r0, r1 in row_chunks(
+            info.shape, info.nbytes // max(info.shape[0], 1) if info.shape else 1, STEP, align
+        ):
             raw = sts.rows(key, r0, r1).to(dev)
             value_dtype = dtype if q else info.torch_dtype
             value = hf_value(dts, dquant, key, r0, r1, value_dtype, dev)

@@ -1,0 +1,83 @@
+"""The `recast` command-line contract other tools depend on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from worker.cli import main
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_inspect_describes_source_and_conversion(checkpoint, capsys) -> None:
+    src = checkpoint("mistral4-vlm", scheme="per-tensor")
+    assert main(["inspect", str(src), "--json"]) == 0
+    info = _json(capsys)
+    assert info["adapter"] == "mistral4-vlm" and info["format"] == "hf"
+    assert info["quantization"]["schemes"] == ["per-tensor"]
+    assert info["quantization"]["activation_scheme"] == "static"
+    assert info["shards"] == 3 and info["tensors"] > 50 and info["bytes"] > 0
+    conv = info["conversion"]
+    assert conv["to"] == "native" and conv["output_bytes"] > info["bytes"] * 1.3
+    assert conv["peak_host_memory_bytes"] > 0 and conv["disk_bytes_needed"] >= conv["output_bytes"]
+    assert "tokenizer.json" in info["carried_files"]
+
+
+@pytest.mark.parametrize(
+    "family,scheme,layout,adapter,expected_layout",
+    [
+        ("deepseek-v3", "block", "default", "deepseek-v3", "default"),
+        ("mistral4", "per-expert", "prefixed", "mistral4", "default"),
+        ("mistral3-fp8", "per-tensor", "identity", "mistral3-fp8", "identity"),
+        ("mistral3-fp8", "per-tensor", "default", "mistral3-fp8", "vlm_full"),
+    ],
+)
+def test_inspect_detects_adapter_and_scheme(
+    family, scheme, layout, adapter, expected_layout, checkpoint, capsys
+):
+    assert main(["inspect", str(checkpoint(family, scheme=scheme, layout=layout)), "--json"]) == 0
+    info = _json(capsys)
+    assert info["adapter"] == adapter and info["layout"] == expected_layout
+    assert scheme in info["quantization"]["schemes"]
+
+
+def test_convert_json_report_and_verify(checkpoint, tmp_path: Path, capsys) -> None:
+    src = checkpoint("deepseek-v3", scheme="block")
+    dst = tmp_path / "native"
+    assert main(["convert", str(src), str(dst), "--to", "native", "--device", "cpu", "--json"]) == 0
+    report = _json(capsys)
+    s = report["summary"]
+    assert s["passed"] and s["tensors_checked"] == s["bitwise_equal"] > 0
+    assert s["accounting"]["unaccounted"] == 0 and s["accounting"]["scales"] > 0
+    assert report["bytes_in"] > 0 and report["bytes_out"] > 0 and report["seconds"] > 0
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in report["accounting"]["mapped"]
+    assert main(["verify", str(src), str(dst), "--json"]) == 0
+    assert _json(capsys)["summary"]["passed"]
+    assert main(["convert", str(dst), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+
+
+def test_adapter_override(checkpoint, tmp_path: Path, capsys) -> None:
+    src = checkpoint("mistral3-fp8", scheme="per-tensor", layout="causal")
+    code = main(["convert", str(src), str(tmp_path / "n"), "--to", "native", "--adapter", "nonsense"])
+    assert code == 2 and "unknown adapter 'nonsense'" in capsys.readouterr().err
+    assert (
+        main(["convert", str(src), str(tmp_path / "n"), "--to", "native", "--adapter", "mistral3-fp8"]) == 0
+    )
+
+
+def test_no_verify_skips_the_check(checkpoint, tmp_path: Path, capsys) -> None:
+    src = checkpoint("mistral4", scheme="per-tensor")
+    assert main(["convert", str(src), str(tmp_path / "n"), "--to", "native", "--no-verify", "--json"]) == 0
+    assert _json(capsys)["summary"]["verified"] is False
+
+
+def test_console_script_is_installed() -> None:
+    proc = subprocess.run(["recast", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "inspect" in proc.stdout and "convert" in proc.stdout
