@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .adapters import Adapter
-from .fp8 import FP8, ScaleKind, expand_scale, fresh_scale, quantize, scale_shape
+from .fp8 import FP8, ScaleKind, expand_scale, fresh_scale, quantize, scale_from_amax, scale_shape
 from .keymap import Quant
 
 QUANTIZE_MODES = ("keep", "none", "per-tensor", "block")
@@ -69,8 +69,7 @@ class Encoder:
             self._scale = scales(enc.keep.scale)
         elif enc.mode == "per-tensor":
             assert amax is not None, "per-tensor fresh quantization needs the tensor's amax first"
-            s = amax.float() / 448.0
-            self._scale = torch.where(s == 0, torch.ones_like(s), s).reshape(())
+            self._scale = scale_from_amax(amax).reshape(())
 
     @property
     def needs_amax(self) -> bool:

@@ -88,7 +88,16 @@ def fresh_scale(kind: ScaleKind, w: torch.Tensor) -> torch.Tensor:
         rb, cb = -(-r // BLOCK), -(-c // BLOCK)
         padded = torch.nn.functional.pad(a, (0, cb * BLOCK - c, 0, rb * BLOCK - r))
         amax = padded.reshape(*a.shape[:-2], rb, BLOCK, cb, BLOCK).amax(dim=(-3, -1))
-    s = amax / FP8_MAX
+    return scale_from_amax(amax)
+
+
+def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448 (1 where amax is 0) as a true tensor division.
+
+    CUDA divides by a Python scalar as a multiply by its reciprocal, which rounds differently from
+    the CPU; dividing by a tensor of 448s is IEEE division on both, so the scales agree bit for bit.
+    """
+    s = amax.float() / torch.full_like(amax, FP8_MAX, dtype=torch.float32)
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
