@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from reference import NEVER_QUANTIZED_PREFIXES, activation_scale_key, scale_key
+from reference import is_quantizable_key as is_quantizable
 from safetensors.torch import load_file, save_file
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -42,22 +44,6 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
 # Per-expert scales only exist for the aggregated 3-D expert tensors of Mistral 4.
 _PER_EXPERT_FAMILIES = ("mistral4", "mistral4-vlm")
 
-# Substrings that keep a text-model weight in its original dtype (DESIGN.md section 3).
-NON_QUANTIZED_PATTERNS: tuple[str, ...] = (
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "norm.weight",
-    "lm_head.weight",
-    "embed_tokens.weight",
-    "mlp.gate.weight",
-)
-NEVER_QUANTIZED_PREFIXES: tuple[str, ...] = (
-    "vision_tower.",
-    "multi_modal_projector.",
-    "model.vision_tower.",
-    "model.multi_modal_projector.",
-)
-AGGREGATED_EXPERT_SUFFIXES: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 # Tiny but edge-case-rich dimensions: hidden 160 and dense width 200 give partial 128-blocks on both
 # axes; q_lora 96, kv_lora 64, expert width 96 give weights with <= 128 rows ([1, N] block scales).
@@ -104,27 +90,6 @@ TINY_PIXTRAL: dict[str, Any] = {
 # --------------------------------------------------------------------------------------------------
 # Key rules
 # --------------------------------------------------------------------------------------------------
-
-
-def is_quantizable(key: str) -> bool:
-    """True for the text-model keys a vendor stores as FP8 (DESIGN.md section 3)."""
-    if key.startswith(NEVER_QUANTIZED_PREFIXES):
-        return False
-    if key.endswith(AGGREGATED_EXPERT_SUFFIXES):
-        return True
-    return key.endswith(".weight") and not any(p in key for p in NON_QUANTIZED_PATTERNS)
-
-
-def scale_key(key: str) -> str:
-    """``K`` → ``K_scale_inv`` (``X.weight_scale_inv``, ``…gate_up_proj_scale_inv``)."""
-    return key + "_scale_inv"
-
-
-def activation_scale_key(key: str) -> str:
-    """``X.weight`` → ``X.activation_scale``; an expert key ``K`` → ``K_activation_scale``."""
-    if key.endswith(".weight"):
-        return key[: -len(".weight")] + ".activation_scale"
-    return key + "_activation_scale"
 
 
 def _natural_key(key: str) -> list[Any]:

@@ -8,7 +8,7 @@ source's own spelling, which then wins (a stripped ``language_model.`` is not gu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import UnsupportedModelError
@@ -96,21 +96,24 @@ _MISTRAL4_EXPERTS = (
     ExpertRule("transpose", "mlp.experts.down_proj", "mlp.experts.down_projs"),
 )
 
+_MISTRAL4 = Adapter(
+    name="mistral4",
+    description="Mistral 4 text (Mistral4ForCausalLM)",
+    architectures=("Mistral4ForCausalLM",),
+    renames=(Rename("language_model.", "", invert=False),),
+    experts=_MISTRAL4_EXPERTS,
+    inject_gate_bias=True,
+    not_quantized=_NORMS_ETC,
+    not_quantized_prefixes=_VISION,
+    text_model_types=("mistral4",),
+)
+
 ADAPTERS: dict[str, Adapter] = {
     a.name: a
     for a in (
-        Adapter(
-            name="mistral4",
-            description="Mistral 4 text (Mistral4ForCausalLM)",
-            architectures=("Mistral4ForCausalLM",),
-            renames=(Rename("language_model.", "", invert=False),),
-            experts=_MISTRAL4_EXPERTS,
-            inject_gate_bias=True,
-            not_quantized=_NORMS_ETC,
-            not_quantized_prefixes=_VISION,
-            text_model_types=("mistral4",),
-        ),
-        Adapter(
+        _MISTRAL4,
+        replace(
+            _MISTRAL4,
             name="mistral4-vlm",
             description="Mistral3ForConditionalGeneration with a Mistral 4 text model",
             architectures=("Mistral3ForConditionalGeneration",),
@@ -120,11 +123,6 @@ ADAPTERS: dict[str, Adapter] = {
                 Rename("vision_tower.", "model.vision_tower."),
                 Rename("multi_modal_projector.", "model.multi_modal_projector."),
             ),
-            experts=_MISTRAL4_EXPERTS,
-            inject_gate_bias=True,
-            not_quantized=_NORMS_ETC,
-            not_quantized_prefixes=_VISION,
-            text_model_types=("mistral4",),
         ),
         Adapter(
             name="mistral3-fp8",

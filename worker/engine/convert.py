@@ -26,7 +26,7 @@ from .adapters import Adapter, detect
 from .checkpoint import INDEX, SIDECAR, SIDECAR_TENSORS, Checkpoint, open_checkpoint
 from .encode import QUANTIZE_MODES, Encoder, Encoding, choose, quantization_config
 from .errors import RecastError, TargetExistsError, VerificationError
-from .keymap import KeyPlan, NativeTensor, Quant, find_quant, plan_from_hf, plan_from_native
+from .keymap import KeyPlan, NativeTensor, find_quant, plan_from_hf, plan_from_native
 from .report import Report
 from .safetensors_io import DTYPES, PlannedTensor, ShardHeader, ShardWriter, parse_header
 from .storage import LocalSource, Source
@@ -550,5 +550,3 @@ def _publish(stage: Path, dst: Path) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-
-__all__ = ["Options", "Quant", "convert", "is_native", "open_source"]

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from .adapters import Adapter
-from .fp8 import FP8, ScaleKind, expand_scale, fresh_scale, quantize, scale_from_amax, scale_shape
+from .fp8 import ScaleKind, expand_scale, fresh_scale, quantize, scale_from_amax, scale_shape
 from .keymap import Quant
+from .safetensors_io import DTYPES
 
 QUANTIZE_MODES = ("keep", "none", "per-tensor", "block")
 
@@ -114,8 +115,6 @@ class Encoder:
 
 
 def _torch(name: str) -> torch.dtype:
-    from .safetensors_io import DTYPES
-
     return DTYPES[name]
 
 
@@ -138,5 +137,3 @@ def quantization_config(encodings: list[Encoding], adapter: Adapter, mode: str) 
         "modules_to_not_convert": sorted(skipped),
     }
 
-
-__all__ = ["FP8", "QUANTIZE_MODES", "Encoder", "Encoding", "choose", "quantization_config"]

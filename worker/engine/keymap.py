@@ -52,7 +52,6 @@ class NativeTensor:
 class KeyPlan:
     tensors: list[NativeTensor]
     quant: dict[str, Quant] = field(default_factory=dict)  # hf key -> its scales
-    passthrough_scales: list[str] = field(default_factory=list)
 
     @property
     def injected(self) -> list[str]:
@@ -156,7 +155,7 @@ def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
                 if bias not in native:
                     out.append(NativeTensor(bias, "zeros", [], experts=ckpt.tensors[t.parts[0]].shape[0]))
     _check_unique(out)
-    return KeyPlan(out, quant, companions)
+    return KeyPlan(out, quant)
 
 
 def plan_from_native(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
@@ -189,9 +188,8 @@ def plan_from_native(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
 
 
 def _check_unique(tensors: list[NativeTensor]) -> None:
-    seen: dict[str, str] = {}
+    seen: set[str] = set()
     for t in tensors:
-        for name in [t.key]:
-            if name in seen:
-                raise CheckpointError(f"two source tensors map to the same native key {name!r}")
-            seen[name] = t.key
+        if t.key in seen:
+            raise CheckpointError(f"two source tensors map to the same native key {t.key!r}")
+        seen.add(t.key)

@@ -12,8 +12,8 @@ import torch
 
 from .checkpoint import Checkpoint
 from .fp8 import BLOCK, ScaleKind, dequantize, expand_scale
-from .keymap import KeyPlan, NativeTensor, Quant
-from .safetensors_io import DTYPES, TensorInfo, tensor_from_bytes
+from .keymap import NativeTensor, Quant
+from .safetensors_io import TensorInfo, tensor_from_bytes
 from .storage import Source
 
 
@@ -161,20 +161,3 @@ def hf_shapes(t: NativeTensor, info: TensorInfo) -> dict[str, tuple[int, ...]]:
     if t.kind == "zeros":
         return {}
     return {p: (s[2] // t.names, s[1]) for p in t.parts}
-
-
-def dtype_of(name: str) -> torch.dtype:
-    return DTYPES[name]
-
-
-def plan_native_dtypes(plan: KeyPlan, infos: dict[str, TensorInfo], dtype: str) -> dict[str, str]:
-    """Native dtype per tensor: dequantized ones take the requested dtype, others keep theirs."""
-    out = {}
-    for t in plan.tensors:
-        if t.kind == "zeros":
-            out[t.key] = "F32"
-        elif t.parts[0] in plan.quant:
-            out[t.key] = dtype
-        else:
-            out[t.key] = infos[t.parts[0]].dtype
-    return out

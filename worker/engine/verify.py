@@ -15,7 +15,7 @@ import torch
 from .adapters import detect
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CheckpointError
-from .fp8 import FP8, bounded_error, expand_scale, quantize
+from .fp8 import bounded_error, expand_scale, quantize
 from .keymap import KeyPlan, find_quant, plan_from_native
 from .report import Report, TensorResult
 from .safetensors_io import DTYPES
@@ -247,5 +247,3 @@ def _account(src: Checkpoint, report: Report) -> None:
     seen = {k for group in ("mapped", "scales", "dropped", "injected") for k in report.accounting[group]}
     report.accounting["unaccounted"] = sorted(set(src.tensors) - seen)
 
-
-__all__ = ["FP8", "verify_dirs"]
