@@ -311,7 +311,7 @@ def _to_hf(
         if it.native is None:
             q = recorded.get(it.enc.key)
             info = src.tensors[it.enc.key]
-            align = hf_align(q.kind if q else None, info.shape)
+            align = max(hf_align(q.kind if q else None, info.shape), hf_align(it.enc.scale_kind, it.shape))
             for r0, r1 in row_chunks(info.shape, info.torch_dtype.itemsize, budget, align):
                 yield r0, r1, lambda r0=r0, r1=r1: hf_value(ts, recorded, it.enc.key, r0, r1, dtype, dev)
             return
@@ -326,7 +326,7 @@ def _to_hf(
                 lambda: torch.chunk(ts.rows(t.key, e, e + 1).to(dev)[0], t.names, -1)[j].T.contiguous(),
             )
             return
-        align = 128 if it.enc.mode == "block" and len(it.shape) == 2 else 1
+        align = hf_align(it.enc.scale_kind, it.shape)
         for r0, r1 in row_chunks(info.shape, info.torch_dtype.itemsize, budget, align):
             yield r0, r1, lambda r0=r0, r1=r1: inverse(t, ts.rows(t.key, r0, r1).to(dev), r0)[it.enc.key]
 
