@@ -207,7 +207,10 @@ def _to_native(
                 continue
             first = src.tensors[t.parts[0]]
             q = plan.quant.get(t.parts[0])
-            per_row = first.nbytes // max(first.shape[0], 1) * (len(t.parts) // max(t.experts, 1) or 1)
+            if t.kind == "stack":  # a row is one expert: all of its 2-D part tensors
+                per_row = sum(src.tensors[p].nbytes for p in t.part_of(0))
+            else:
+                per_row = first.nbytes // max(first.shape[0], 1) if first.shape else first.nbytes
             align = hf_align(q.kind if q else None, first.shape) if t.kind == "copy" else 1
             n = shape[0] if shape else 1
             for e0, e1 in row_chunks((n,), max(per_row, 1), budget, align):
@@ -288,9 +291,7 @@ def _to_hf(
     def scale_info(key):
         return ts.info(key)
 
-    encoders = {
-        it.enc.key: Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev), torch.zeros(())) for it in items
-    }
+    encoders = {it.enc.key: Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev)) for it in items}
     restore = _restorable(sidecar, items, encoders, scale_info, opts) if native_src else None
     if restore:
         out.raw_headers = restore
@@ -337,7 +338,7 @@ def _to_hf(
                 amax = torch.zeros((), device=dev)
                 for _, _, get in value_chunks(it):
                     amax = torch.maximum(amax, get().float().abs().max())
-                encoder = encoders[it.enc.key] = Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev), amax)
+                encoder.set_amax(amax)
             chunks = list(value_chunks(it))
             for i, (r0, _, get) in enumerate(chunks):
                 last = i == len(chunks) - 1

@@ -68,13 +68,16 @@ class Encoder:
         self._scale: torch.Tensor | None = None
         if enc.mode == "keep":
             self._scale = scales(enc.keep.scale)
-        elif enc.mode == "per-tensor":
-            assert amax is not None, "per-tensor fresh quantization needs the tensor's amax first"
+        elif enc.mode == "per-tensor" and amax is not None:
             self._scale = scale_from_amax(amax).reshape(())
 
     @property
     def needs_amax(self) -> bool:
-        return self.enc.mode == "per-tensor"
+        """Per-tensor fresh scales need the whole tensor's amax before the first row is encoded."""
+        return self.enc.mode == "per-tensor" and self._scale is None
+
+    def set_amax(self, amax: torch.Tensor) -> None:
+        self._scale = scale_from_amax(amax).reshape(())
 
     def rows(self, x: torch.Tensor, r0: int) -> list[tuple[str, int, torch.Tensor]]:
         """Encode rows ``r0…`` of the value; returns (key, row, tensor) pieces to write."""
