@@ -14,6 +14,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SIDECAR = "recast.json"
 SIDECAR_TENSORS = "recast-scales.safetensors"
+MANIFEST = "SHA256SUMS"
 
 
 @dataclass
@@ -94,6 +95,6 @@ def open_checkpoint(source: Source) -> Checkpoint:
         if stray:
             raise CheckpointError(f"{where}: tensors {stray[:3]} are in shards but missing from {INDEX}")
     sidecar = _load_json(source, SIDECAR)[0] if source.exists(SIDECAR) else None
-    weights = set(shards) | {INDEX, "config.json", SIDECAR, SIDECAR_TENSORS}
+    weights = set(shards) | {INDEX, "config.json", SIDECAR, SIDECAR_TENSORS, MANIFEST}
     extra = [n for n in source.list() if n not in weights and not n.endswith(".safetensors")]
     return Checkpoint(source, config, shards, headers, tensors, index_raw, config_raw, sidecar, extra)

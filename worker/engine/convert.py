@@ -23,12 +23,12 @@ from typing import Any
 import torch
 
 from .adapters import Adapter, detect
-from .checkpoint import INDEX, SIDECAR, SIDECAR_TENSORS, Checkpoint, open_checkpoint
+from .checkpoint import INDEX, MANIFEST, SIDECAR, SIDECAR_TENSORS, Checkpoint, open_checkpoint
 from .encode import QUANTIZE_MODES, Encoder, Encoding, choose, quantization_config
 from .errors import RecastError, TargetExistsError, VerificationError
 from .keymap import KeyPlan, NativeTensor, find_quant, plan_from_hf, plan_from_native
 from .report import Report
-from .safetensors_io import DTYPES, PlannedTensor, ShardHeader, ShardWriter, parse_header
+from .safetensors_io import DTYPES, PlannedTensor, ShardWriter, parse_header
 from .storage import LocalSource, Source
 from .tensors import (
     TensorSource,
@@ -99,13 +99,17 @@ def sidecar_tensors(ckpt: Checkpoint) -> dict[str, Any]:
 
 @dataclass
 class Output:
-    """Shards being written: layout planned up front, writers opened lazily, staged under ``root``."""
+    """The output's shard layout, planned up front; shards are written one at a time into a directory.
 
-    root: Path
+    Work units may produce tensors of several shards (a weight and its scale can live apart in a
+    restored layout); ``write`` keeps only the pieces of the shard being produced.
+    """
+
     shards: list[list[PlannedTensor]] = field(default_factory=list)
     raw_headers: dict[str, bytes] = field(default_factory=dict)
     where: dict[str, str] = field(default_factory=dict)
-    _writers: dict[str, ShardWriter] = field(default_factory=dict)
+    _writer: ShardWriter | None = None
+    _active: str | None = None
 
     def names(self) -> list[str]:
         if self.raw_headers:
@@ -124,36 +128,49 @@ class Output:
             for t in tensors:
                 self.where[t.key] = name
 
-    def writer(self, key: str) -> ShardWriter:
-        name = self.where[key]
-        if name not in self._writers:
-            path = self.root / name
-            if self.raw_headers:
-                self._writers[name] = ShardWriter.from_raw_header(path, self.raw_headers[name])
-            else:
-                tensors = self.shards[self.names().index(name)]
-                self._writers[name] = ShardWriter.planned(path, tensors, {"format": "pt"})
-        return self._writers[name]
+    def keys(self, name: str) -> set[str]:
+        return {k for k, v in self.where.items() if v == name}
+
+    def total_bytes(self) -> int:
+        if self.raw_headers:
+            return sum(
+                v["data_offsets"][1] - v["data_offsets"][0]
+                for raw in self.raw_headers.values()
+                for k, v in json.loads(raw).items()
+                if k != "__metadata__"
+            )
+        return sum(t.nbytes for tensors in self.shards for t in tensors)
+
+    def open(self, name: str, directory: Path) -> None:
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._active = name
+        if self.raw_headers:
+            self._writer = ShardWriter.from_raw_header(path, self.raw_headers[name])
+        else:
+            tensors = self.shards[self.names().index(name)]
+            self._writer = ShardWriter.planned(path, tensors, {"format": "pt"})
 
     def write(self, key: str, row: int, t: torch.Tensor, last: bool) -> None:
-        self.writer(key).write(key, t.cpu(), row, last)
+        if self._writer is not None and self.where[key] == self._active:
+            self._writer.write(key, t.cpu(), row, last)
 
-    def close(self) -> dict[str, str]:
-        for name in self.names():
-            self.writer(next(k for k, v in self.where.items() if v == name))
-        for w in self._writers.values():
-            w.close()
-        return dict(self.where)
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
 
     def abort(self) -> None:
-        for w in self._writers.values():
-            w.abort()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.abort()
 
 
 # ------------------------------------------------------------------------------------------- execution
 
 
 Step = tuple[Callable[[], Any], Callable[[Any], None]]
+StepsFor = Callable[[str, Progress], Iterator[Step]]
 
 
 def run_steps(steps: Iterator[Step]) -> None:
@@ -173,8 +190,8 @@ def run_steps(steps: Iterator[Step]) -> None:
 
 
 def _to_native(
-    src: Checkpoint, adapter: Adapter, opts: Options, out: Output, dev: torch.device, progress: Progress
-) -> tuple[KeyPlan, dict[str, Any]]:
+    src: Checkpoint, adapter: Adapter, opts: Options, out: Output, dev: torch.device
+) -> tuple[KeyPlan, dict[str, Any], StepsFor]:
     plan = plan_from_hf(src, adapter)
     dtype_name = DTYPE_ARGS[opts.dtype]
     dtype = DTYPES[dtype_name]
@@ -199,8 +216,10 @@ def _to_native(
     out.layout()
     budget = STEP_BYTES[dev.type]
 
-    def steps() -> Iterator[Step]:
+    def steps(name: str, progress: Progress) -> Iterator[Step]:
         for t in order:
+            if out.where[t.key] != name:
+                continue
             shape = shapes[t.key]
             if t.kind == "zeros":
                 yield (lambda: None), (lambda _, t=t: out.write(t.key, 0, torch.zeros(t.experts), True))
@@ -227,12 +246,11 @@ def _to_native(
 
                 yield fetch, compute
 
-    run_steps(steps())
     config = copy.deepcopy(src.config)
     config.pop("quantization_config", None)
     if isinstance(config.get("text_config"), dict):
         config["text_config"].pop("quantization_config", None)
-    return plan, config
+    return plan, config, steps
 
 
 def _gate_of(t: NativeTensor, plan: KeyPlan) -> str:
@@ -258,8 +276,8 @@ class HfItem:
 
 
 def _to_hf(
-    src: Checkpoint, adapter: Adapter, opts: Options, out: Output, dev: torch.device, progress: Progress
-) -> tuple[KeyPlan | None, dict[str, Any]]:
+    src: Checkpoint, adapter: Adapter, opts: Options, out: Output, dev: torch.device
+) -> tuple[KeyPlan | None, dict[str, Any], StepsFor]:
     native_src = is_native(src)
     extra = sidecar_tensors(src) if native_src else {}
     ts = TensorSource.of(src, extra)
@@ -331,8 +349,12 @@ def _to_hf(
         for r0, r1 in row_chunks(info.shape, info.torch_dtype.itemsize, budget, align):
             yield r0, r1, lambda r0=r0, r1=r1: inverse(t, ts.rows(t.key, r0, r1).to(dev), r0)[it.enc.key]
 
-    def steps() -> Iterator[Step]:
+    produces = {it.enc.key: {k for k, _, _ in encoders[it.enc.key].planned(scale_info)} for it in items}
+
+    def steps(name: str, progress: Progress) -> Iterator[Step]:
         for it in items:
+            if not any(out.where[k] == name for k in produces[it.enc.key]):
+                continue
             encoder = encoders[it.enc.key]
             if encoder.needs_amax:
                 amax = torch.zeros((), device=dev)
@@ -354,9 +376,8 @@ def _to_hf(
 
                 yield get, compute
 
-    run_steps(steps())
     config = _hf_config(src, sidecar, items, adapter, opts, native_src)
-    return plan, config
+    return plan, config, steps
 
 
 def _restorable(sidecar, items, encoders, scale_info, opts) -> dict[str, bytes] | None:
@@ -403,6 +424,66 @@ def open_source(src: str | os.PathLike[str] | Source) -> Source:
     return src if hasattr(src, "read_range") else LocalSource(src)
 
 
+@dataclass
+class Conversion:
+    """A conversion planned from headers alone: the output's shards are fixed up front and each can be
+    produced on its own, in any process, in any order; the metadata files follow once all exist.
+
+    ``convert`` runs it all on one machine; the job workers spread the shards over many.
+    """
+
+    ckpt: Checkpoint
+    adapter: Adapter
+    opts: Options
+    dev: torch.device
+    out: Output
+    plan: KeyPlan | None
+    config: dict[str, Any]
+    _steps: StepsFor
+
+    def shard_names(self) -> list[str]:
+        return self.out.names()
+
+    def write_shard(self, name: str, directory: Path, progress: Progress | None = None) -> Path:
+        """Write output shard ``name`` under ``directory`` (complete or not at all)."""
+        self.out.open(name, directory)
+        try:
+            run_steps(self._steps(name, progress or (lambda _: None)))
+            self.out.close()
+        except BaseException:
+            self.out.abort()
+            raise
+        return directory / name
+
+    def write_metadata(self, directory: Path) -> list[str]:
+        """Scales sidecar, config, carried files, index and recast.json; returns the names written."""
+        return _write_rest(self.ckpt, directory, self.out, self.config, self.plan, self.adapter, self.opts)
+
+    def new_report(self) -> Report:
+        return Report.start(self.ckpt, self.adapter, self.opts, self.opts.to)
+
+    def verify(self, written: Source, report: Report) -> Report:
+        from .verify import verify_dirs
+
+        return verify_dirs(self.ckpt, written, report, self.dev)
+
+
+def plan_conversion(src: str | os.PathLike[str] | Source, opts: Options) -> Conversion:
+    """Open ``src`` from its headers and fix the output layout; raises RecastError on bad input."""
+    opts.validate()
+    ckpt = open_checkpoint(open_source(src))
+    adapter = _adapter_for(ckpt, opts.adapter)
+    dev = opts.torch_device()
+    out = Output()
+    if opts.to == "native":
+        if is_native(ckpt):
+            raise RecastError(f"{ckpt.source.description} is already a native checkpoint; use --to hf")
+        plan, config, steps = _to_native(ckpt, adapter, opts, out, dev)
+    else:
+        plan, config, steps = _to_hf(ckpt, adapter, opts, out, dev)
+    return Conversion(ckpt, adapter, opts, dev, out, plan, config, steps)
+
+
 def convert(
     src: str | os.PathLike[str] | Source,
     dst: str | os.PathLike[str],
@@ -410,11 +491,8 @@ def convert(
     progress: Progress | None = None,
 ) -> Report:
     """Convert ``src`` into a new checkpoint at ``dst``; raises with the report if verification fails."""
-    opts.validate()
     started = time.monotonic()
-    progress = progress or (lambda _: None)
-    ckpt = open_checkpoint(open_source(src))
-    adapter = _adapter_for(ckpt, opts.adapter)
+    conv = plan_conversion(src, opts)
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()) and not opts.overwrite:
         raise TargetExistsError(f"{dst} already holds files; pass --overwrite to replace it")
@@ -422,32 +500,22 @@ def convert(
     stage = dst.with_name(f".{dst.name}.recast-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
-    out = Output(stage)
-    dev = opts.torch_device()
     try:
-        if opts.to == "native":
-            if is_native(ckpt):
-                raise RecastError(f"{ckpt.source.description} is already a native checkpoint; use --to hf")
-            plan, config = _to_native(ckpt, adapter, opts, out, dev, progress)
-        else:
-            plan, config = _to_hf(ckpt, adapter, opts, out, dev, progress)
-        where = out.close()
-        _write_rest(ckpt, stage, out, where, config, plan, adapter, opts)
-        report = Report.start(ckpt, adapter, opts, "native" if opts.to == "native" else "hf")
+        for name in conv.shard_names():
+            conv.write_shard(name, stage, progress)
+        conv.write_metadata(stage)
+        report = conv.new_report()
         if opts.verify:
-            from .verify import verify_dirs
-
-            verify_dirs(ckpt, LocalSource(stage), report, dev)
+            conv.verify(LocalSource(stage), report)
         report.seconds = time.monotonic() - started
-        report.bytes_in = ckpt.total_bytes
-        report.bytes_out = sum(p.stat().st_size for p in stage.iterdir() if p.name.endswith(".safetensors"))
-        _finish_sidecar(stage, report)
+        report.bytes_in = conv.ckpt.total_bytes
+        report.bytes_out = conv.out.total_bytes()
+        finish_sidecar(stage, report, hash_files(stage))
         if opts.verify and not report.passed:
             raise VerificationError(f"verification failed: {report.failure_summary()}", report)
         _publish(stage, dst)
         return report
     except BaseException:
-        out.abort()
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
@@ -458,9 +526,10 @@ def _adapter_for(ckpt: Checkpoint, name: str | None) -> Adapter:
     return detect(ckpt.config, list(ckpt.tensors), name)
 
 
-def _write_rest(ckpt, stage: Path, out: Output, where, config, plan, adapter, opts) -> None:
+def _write_rest(ckpt, stage: Path, out: Output, config, plan, adapter, opts) -> list[str]:
     """Sidecar scales, config, carried files, index (last of the weights), then recast.json."""
     source = ckpt.source
+    written = [*ckpt.extra_files, "config.json", INDEX, SIDECAR]
     for name in ckpt.extra_files:
         target = stage / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -483,6 +552,7 @@ def _write_rest(ckpt, stage: Path, out: Output, where, config, plan, adapter, op
             for k in scale_keys:
                 w.write(k, ts.rows(k))
             w.close()
+            written.insert(0, SIDECAR_TENSORS)
         sidecar["plan"] = plan.to_json()
         sidecar["source"] = {
             "location": opts.source_location or ckpt.source.description,
@@ -510,35 +580,45 @@ def _write_rest(ckpt, stage: Path, out: Output, where, config, plan, adapter, op
     if restored and prev["source"].get("index"):
         (stage / INDEX).write_text(prev["source"]["index"])
     else:
-        total = sum(h.tensors[k].nbytes for h in _headers(stage, out) for k in h.tensors)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(where.items()))}
+        index = {"metadata": {"total_size": out.total_bytes()}, "weight_map": dict(sorted(out.where.items()))}
         (stage / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (stage / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
+    return written
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config))
 
 
-def _headers(stage: Path, out: Output) -> list[ShardHeader]:
-    src = LocalSource(stage)
-    return [parse_header(src, n) for n in out.names()]
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _finish_sidecar(stage: Path, report: Report) -> None:
+def hash_files(stage: Path) -> dict[str, str]:
+    return {
+        p.relative_to(stage).as_posix(): file_sha256(p)
+        for p in sorted(stage.rglob("*"))
+        if p.is_file() and p.name not in (SIDECAR, MANIFEST)
+    }
+
+
+def finish_sidecar(stage: Path, report: Report, files: dict[str, str]) -> list[str]:
+    """Record the verification and every file's SHA-256 in recast.json; write the SHA256SUMS manifest.
+
+    The manifest covers every published file, recast.json included, in ``sha256sum -c`` format.
+    """
     sidecar = json.loads((stage / SIDECAR).read_text())
-    files = {}
-    for p in sorted(stage.rglob("*")):
-        if p.is_file() and p.name != SIDECAR:
-            h = hashlib.sha256()
-            with open(p, "rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(8 << 20), b""):
-                    h.update(block)
-            files[p.relative_to(stage).as_posix()] = h.hexdigest()
-    sidecar["files"] = files
+    sidecar["files"] = dict(sorted(files.items()))
     sidecar["verification"] = report.summary()
     (stage / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
-    report.files = files
+    report.files = sidecar["files"]
+    every = {**sidecar["files"], SIDECAR: file_sha256(stage / SIDECAR)}
+    (stage / MANIFEST).write_text("".join(f"{h}  {n}\n" for n, h in sorted(every.items())))
+    return [SIDECAR, MANIFEST]
 
 
 def _publish(stage: Path, dst: Path) -> None:
