@@ -9,6 +9,8 @@ import pytest
 import torch
 from checkpoints import build_checkpoint, build_plain
 
+pytest_plugins = ["servers"]
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dst")
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     v.add_argument("--json", action="store_true")
+    u = sub.add_parser("up", help="run the whole service on this machine: API, one worker, embedded Redis")
+    u.add_argument("--port", type=int, default=8000)
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--file-root", action="append", help="directory file:// jobs may use (default: here)")
+    a = sub.add_parser("api", help="run the HTTP API (RECAST_REDIS_URL and RECAST_API_TOKENS required)")
+    a.add_argument("--port", type=int, default=8000)
+    a.add_argument("--host", default="127.0.0.1")
+    w = sub.add_parser("worker", help="run a job worker: one process per visible GPU, or one on the CPU")
+    w.add_argument("--gpu", type=int, help="serve only this GPU (the parent sets CUDA_VISIBLE_DEVICES)")
+    w.add_argument("--loglevel", default="INFO")
     return p
 
 
@@ -115,6 +125,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "up":
+        from service.up import up
+
+        return up(args.port, args.host, args.file_root)
+    if args.command == "api":
+        import uvicorn
+
+        uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port)
+        return 0
+    if args.command == "worker":
+        from worker.run import run_worker
+
+        return run_worker(args.gpu, args.loglevel)
     from worker.engine import api
 
     if args.command == "inspect":

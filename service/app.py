@@ -1,0 +1,270 @@
+"""The /v1 HTTP API: submit, list, follow, cancel and inspect conversion jobs.
+
+A thin layer: it validates a request, pins the source revision, writes the job record and queues the
+planning task. Everything a job does happens on the workers, reported back through the job store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import redis
+import redis.asyncio as aredis
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service import problems
+from service.jobstore import STATES, TERMINAL, Conflict, JobStore, decode
+from service.metrics import Metrics, alive_workers
+from service.problems import Problem
+from service.schemas import Adapter, InspectRequest, Job, JobPage, JobRequest
+from service.settings import Settings
+from worker.engine.adapters import ADAPTERS
+from worker.engine.errors import RecastError
+from worker.engine.inspect import inspect
+from worker.stores import open_source, parse_location, pin_revision
+
+log = logging.getLogger("recast.api")
+KEEPALIVE_S = 15
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    if not settings.api_tokens:
+        raise RecastError("RECAST_API_TOKENS is empty: set at least one token (comma-separated)")
+    settings.broker_url()  # a clear error when RECAST_REDIS_URL is missing
+    store = JobStore.connect(settings.redis_url or "", settings.job_ttl_s)
+    events = aredis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    metrics = Metrics(store)
+    from worker.celery_app import make_app
+
+    celery = make_app(settings)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await events.aclose()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="Recast",
+        version="1",
+        description="Checkpoint conversion jobs: FP8 safetensors to and from the NeMo AutoModel native layout, "
+        "verified bit for bit.",
+    )
+    problems.install(app)
+    bearer = HTTPBearer(auto_error=False)
+    tokens = [t.encode() for t in settings.api_tokens]
+
+    def authorized(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        given = creds.credentials.encode() if creds else b""
+        ok = False
+        for t in tokens:  # every token is compared, so timing says nothing about which one nearly matched
+            ok |= hmac.compare_digest(given, t)
+        if not ok:
+            raise Problem(401, "unauthorized", "a valid bearer token is required (Authorization: Bearer …)",
+                          {"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    auth = [Depends(authorized)]
+
+    @app.middleware("http")
+    async def _timing(request: Request, call_next):
+        started = time.perf_counter()
+        resp = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(request.method, getattr(route, "path", "other"), resp.status_code).observe(
+            time.perf_counter() - started
+        )
+        return resp
+
+    def job_or_404(job_id: str) -> dict[str, Any]:
+        rec = store.get(job_id)
+        if rec is None:
+            raise Problem(404, "job_not_found", f"no job {job_id!r} (finished jobs expire after "
+                          f"{settings.job_ttl_s // 3600} h)")  # fmt: skip
+        return rec
+
+    @app.post("/v1/jobs", status_code=202, response_model=Job, dependencies=auth, tags=["jobs"])
+    def submit(
+        body: JobRequest, response: Response, idempotency_key: Annotated[str | None, Header()] = None
+    ) -> Job:
+        """Queue a conversion. The same ``Idempotency-Key`` with the same body returns the same job."""
+        request = body.model_dump(exclude={"labels"})
+        src = parse_location(body.source, "source", settings.stores)
+        dst = parse_location(body.target, "target", settings.stores)
+        if dst.scheme == "hf" and dst.revision:
+            raise Problem(422, "invalid_request", "target: an hf:// target takes no @revision; "
+                          "use create_pr to propose the change")  # fmt: skip
+        digest = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
+        if idempotency_key is not None:
+            if not 0 < len(idempotency_key) <= 200:
+                raise Problem(422, "invalid_request", "Idempotency-Key must be 1-200 characters")
+            bound = store.claim_idempotency(idempotency_key, digest, "pending")
+            if bound is not None:
+                return _replay(bound, digest, response)
+        try:
+            pinned = pin_revision(src, settings.stores, body.source_credential)
+            rec = store.create(request, body.labels, pinned.revision)
+            store.set_fields(rec["id"], source_pinned=pinned.url)
+            if idempotency_key is not None:
+                store.r.set(f"recast:idempotency:{idempotency_key}", json.dumps({"job": rec["id"], "hash": digest}),
+                            ex=settings.job_ttl_s)  # fmt: skip
+        except BaseException:
+            if idempotency_key is not None:
+                store.release_idempotency(idempotency_key)
+            raise
+        try:
+            celery.send_task("recast.plan", args=[rec["id"]])
+        except Exception as exc:
+            store.transition(rec["id"], ("queued",), "failed", error_code="queue_unavailable",
+                             error_message=f"could not queue the job: {type(exc).__name__}")  # fmt: skip
+            raise Problem(503, "queue_unavailable", "the job queue is unreachable; try again shortly") from exc
+        response.headers["Location"] = f"/v1/jobs/{rec['id']}"
+        return Job.of(store.get(rec["id"]) or rec)
+
+    def _replay(bound: tuple[str, str], digest: str, response: Response) -> Job:
+        job_id, bound_digest = bound
+        if bound_digest != digest:
+            raise Problem(422, "idempotency_key_reused",
+                          "this Idempotency-Key was used with a different request body; use a new key")  # fmt: skip
+        if job_id == "pending":
+            raise Problem(409, "idempotency_key_in_flight", "a request with this Idempotency-Key is still being "
+                          "accepted; retry in a moment", {"Retry-After": "1"})  # fmt: skip
+        response.headers["Location"] = f"/v1/jobs/{job_id}"
+        return Job.of(job_or_404(job_id))
+
+    @app.get("/v1/jobs", response_model=JobPage, dependencies=auth, tags=["jobs"])
+    def list_jobs(
+        state: Annotated[str | None, Query(description="one of " + ", ".join(STATES))] = None,
+        label: Annotated[str | None, Query(description="key=value")] = None,
+        cursor: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    ) -> JobPage:
+        """Newest first. Pass ``next_cursor`` back as ``cursor`` for the next page."""
+        if state is not None and state not in STATES:
+            raise Problem(422, "invalid_request", f"state: must be one of {', '.join(STATES)}")
+        pair = None
+        if label is not None:
+            if "=" not in label:
+                raise Problem(422, "invalid_request", "label: expected key=value")
+            k, v = label.split("=", 1)
+            pair = (k, v)
+        page, nxt = store.list(state, pair, cursor, limit)
+        return JobPage(jobs=[Job.of(r) for r in page], next_cursor=nxt)
+
+    @app.get("/v1/jobs/{job_id}", response_model=Job, dependencies=auth, tags=["jobs"])
+    def get_job(job_id: str) -> Job:
+        return Job.of(job_or_404(job_id))
+
+    @app.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=Job, dependencies=auth, tags=["jobs"])
+    def cancel(job_id: str) -> Job:
+        """A queued job is cancelled at once; a running one at the next work unit, its output removed."""
+        rec = job_or_404(job_id)
+        try:
+            if rec["state"] == "queued":
+                store.transition(job_id, ("queued",), "cancelled", step="cancelled")
+            else:
+                store.transition(job_id, ("running", "verifying"), "cancelling", step="cancelling")
+        except Conflict as exc:
+            if exc.state in ("cancelling", "cancelled"):
+                return Job.of(job_or_404(job_id))
+            raise Problem(409, "not_cancellable", f"job {job_id} is {exc.state}; only queued, running or "
+                          "verifying jobs can be cancelled") from None  # fmt: skip
+        return Job.of(job_or_404(job_id))
+
+    @app.get("/v1/jobs/{job_id}/report", dependencies=auth, tags=["jobs"])
+    def report(job_id: str) -> dict[str, Any]:
+        """Verification results per tensor and the accounting of every source key."""
+        rec = job_or_404(job_id)
+        got = store.report(job_id)
+        if got is None:
+            raise Problem(404, "report_not_ready", f"job {job_id} is {rec['state']}; the report is written "
+                          "after verification")  # fmt: skip
+        return got
+
+    @app.get(
+        "/v1/jobs/{job_id}/events",
+        dependencies=auth,
+        tags=["jobs"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def job_events(
+        job_id: str, request: Request, last_event_id: Annotated[str | None, Header()] = None
+    ) -> StreamingResponse:
+        """Server-sent events: every state change and progress update; resumable with ``Last-Event-ID``."""
+        await run_in_threadpool(job_or_404, job_id)
+        return StreamingResponse(
+            _stream(job_id, last_event_id or "0", request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _stream(job_id: str, after: str, request: Request) -> AsyncIterator[str]:
+        key = JobStore.key(job_id, "events")
+        idle = time.monotonic()
+        while not await request.is_disconnected():
+            got = await events.xread({key: after}, count=100, block=1000)
+            if not got:
+                if time.monotonic() - idle > KEEPALIVE_S:
+                    idle = time.monotonic()
+                    yield ": keepalive\n\n"
+                if await events.exists(JobStore.key(job_id)) == 0:
+                    return
+                continue
+            for _, entries in got:
+                for entry_id, fields in entries:
+                    after = entry_id
+                    job = Job.of(decode(json.loads(fields["data"])))
+                    yield f"id: {entry_id}\nevent: {fields['type']}\ndata: {job.model_dump_json()}\n\n"
+                    if fields["type"] == "state" and job.state in TERMINAL:
+                        return
+            idle = time.monotonic()
+
+    @app.post("/v1/inspect", dependencies=auth, tags=["checkpoints"])
+    def inspect_source(body: InspectRequest) -> dict[str, Any]:
+        """Preflight: what the checkpoint is and what converting it would need, from headers only."""
+        loc = pin_revision(parse_location(body.source, "source", settings.stores), settings.stores,
+                           body.source_credential)  # fmt: skip
+        info = inspect(open_source(loc, settings.stores, body.source_credential), body.adapter, body.dtype)
+        info["source"] = loc.url
+        return info
+
+    @app.get("/v1/adapters", response_model=list[Adapter], dependencies=auth, tags=["checkpoints"])
+    def adapters() -> list[Adapter]:
+        return [Adapter(name=a.name, description=a.description, architectures=list(a.architectures))
+                for a in ADAPTERS.values()]  # fmt: skip
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(response: Response) -> dict[str, Any]:
+        """Ready when Redis answers and at least one worker sent a heartbeat in the last 30 s."""
+        checks: dict[str, Any] = {}
+        try:
+            store.r.ping()
+            checks["redis"] = "ok"
+            n = alive_workers(store)
+            checks["workers"] = n
+        except redis.RedisError as exc:
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+            n = 0
+        ready = checks["redis"] == "ok" and n > 0
+        response.status_code = 200 if ready else 503
+        return {"status": "ready" if ready else "not ready", "checks": checks}
+
+    @app.get("/metrics", tags=["health"])
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

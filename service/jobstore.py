@@ -1,0 +1,260 @@
+"""Jobs in Redis: one hash per job, atomic transitions, an event stream per job, indexes for listing.
+
+Every change of state or progress is one Lua script, so it checks the state it expects, writes the
+record, moves the job between the state indexes and appends the event in one step: API and workers
+can die at any moment and a job is never half-updated. Events go to a Redis stream (not pub/sub), so
+a client that reconnects with ``Last-Event-ID`` misses nothing. Finished jobs expire; the listing
+indexes drop expired ids lazily when they meet them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+PREFIX = "recast:"
+STATES = ("queued", "running", "verifying", "uploading", "succeeded", "failed", "cancelling", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+ACTIVE = ("running", "verifying", "uploading")
+EVENTS_MAXLEN = 10_000
+WORKERS_KEY = f"{PREFIX}workers"  # worker name -> time of its last heartbeat
+_JSON_FIELDS = ("request", "labels", "result", "shard_names")
+_INT_FIELDS = ("shards_total", "shards_done", "bytes_total", "bytes_in", "bytes_out")
+
+# KEYS: job hash, events, state-index prefix, then the per-job keys that expire with it.
+# ARGV: allowed states (space separated), new state, ttl (0 keeps), event type, field/value pairs…
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {0, ''} end
+local ok = false
+for s in string.gmatch(ARGV[1], '%S+') do if s == cur then ok = true end end
+if not ok then return {0, cur} end
+redis.call('HSET', KEYS[1], 'state', ARGV[2])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local id = redis.call('HGET', KEYS[1], 'id')
+redis.call('ZREM', KEYS[3] .. cur, id)
+redis.call('ZADD', KEYS[3] .. ARGV[2], 0, id)
+local snap = redis.call('HGETALL', KEYS[1])
+local m = {}
+for i = 1, #snap, 2 do m[snap[i]] = snap[i + 1] end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', MAXLEN_N, '*', 'type', ARGV[4], 'data', cjson.encode(m))
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  for i = 1, #KEYS do if i ~= 3 then redis.call('EXPIRE', KEYS[i], ttl) end end
+end
+return {1, cur}
+""".replace("MAXLEN_N", str(EVENTS_MAXLEN))
+
+# KEYS: job hash, events. ARGV: step, bytes_in increment, shard name ('' if none), shard json, bytes_out.
+# Progress counts only while the job is active; a shard is counted once however often it is redone.
+_PROGRESS = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if cur ~= 'running' and cur ~= 'verifying' and cur ~= 'uploading' then return {0, 0} end
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[1]) end
+redis.call('HINCRBY', KEYS[1], 'bytes_in', tonumber(ARGV[2]))
+local complete = 0
+if ARGV[3] ~= '' then
+  if redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4]) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
+    redis.call('HINCRBY', KEYS[1], 'bytes_out', tonumber(ARGV[5]))
+  end
+  if redis.call('HLEN', KEYS[3]) == tonumber(redis.call('HGET', KEYS[1], 'shards_total')) then complete = 1 end
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[6])
+local snap = redis.call('HGETALL', KEYS[1])
+local m = {}
+for i = 1, #snap, 2 do m[snap[i]] = snap[i + 1] end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', MAXLEN_N, '*', 'type', 'progress', 'data', cjson.encode(m))
+return {1, complete}
+""".replace("MAXLEN_N", str(EVENTS_MAXLEN))
+
+
+class Conflict(Exception):
+    """A transition found the job in another state than it expected."""
+
+    def __init__(self, job_id: str, state: str):
+        super().__init__(f"job {job_id} is {state or 'gone'}")
+        self.state = state
+
+
+def new_id() -> str:
+    """Sortable by creation time as text, so the listing index pages by id alone."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(4)}"
+
+
+def _now() -> str:
+    return f"{time.time():.3f}"
+
+
+@dataclass
+class JobStore:
+    r: redis.Redis
+    ttl_s: int = 7 * 24 * 3600
+
+    @classmethod
+    def connect(cls, url: str, ttl_s: int = 7 * 24 * 3600) -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30), ttl_s)
+
+    # ------------------------------------------------------------------------------------------- keys
+
+    @staticmethod
+    def key(job_id: str, part: str = "") -> str:
+        return f"{PREFIX}job:{job_id}" + (f":{part}" if part else "")
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        k = self.key
+        return [k(job_id), k(job_id, "events"), f"{PREFIX}jobs:state:", k(job_id, "shards"),
+                k(job_id, "attempts"), k(job_id, "report")]  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ write
+
+    def create(self, request: dict[str, Any], labels: dict[str, str], revision: str | None) -> dict[str, Any]:
+        job_id = new_id()
+        now = _now()
+        record = {
+            "id": job_id,
+            "state": "queued",
+            "created_at": now,
+            "updated_at": now,
+            "request": json.dumps(request, sort_keys=True),
+            "labels": json.dumps(labels, sort_keys=True),
+            "source_revision": revision or "",
+            "step": "queued",
+            **{f: 0 for f in _INT_FIELDS},
+        }
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.key(job_id), mapping=record)
+        pipe.zadd(f"{PREFIX}jobs:all", {job_id: 0})
+        pipe.zadd(f"{PREFIX}jobs:state:queued", {job_id: 0})
+        for k, v in labels.items():
+            pipe.zadd(f"{PREFIX}jobs:label:{k}={v}", {job_id: 0})
+        pipe.xadd(self.key(job_id, "events"), {"type": "state", "data": json.dumps(record)}, maxlen=EVENTS_MAXLEN)
+        pipe.execute()
+        return self.get(job_id) or {}
+
+    def transition(self, job_id: str, allowed: Iterable[str], state: str, **fields: Any) -> str:
+        """Move to ``state`` if the job is in one of ``allowed``; returns the previous state."""
+        fields.setdefault("updated_at", _now())
+        if state in TERMINAL:
+            fields.setdefault("finished_at", fields["updated_at"])
+        if state == "running":
+            fields.setdefault("started_at", fields["updated_at"])
+        args = [" ".join(allowed), state, str(self.ttl_s if state in TERMINAL else 0), "state"]
+        for k, v in fields.items():
+            args += [k, json.dumps(v, sort_keys=True) if k in _JSON_FIELDS else str(v)]
+        done, prev = self.r.eval(_TRANSITION, len(self._job_keys(job_id)), *self._job_keys(job_id), *args)
+        if not done:
+            raise Conflict(job_id, prev)
+        return prev
+
+    def set_fields(self, job_id: str, **fields: Any) -> None:
+        """Fields that are facts rather than progress (plan results); no event of their own."""
+        mapping = {k: json.dumps(v, sort_keys=True) if k in _JSON_FIELDS else str(v) for k, v in fields.items()}
+        self.r.hset(self.key(job_id), mapping=mapping)
+
+    def progress(
+        self, job_id: str, step: str = "", bytes_in: int = 0, shard: str = "", sha256: str = "", size: int = 0
+    ) -> bool:
+        """Record progress; with ``shard``, mark it done in the ledger. True when every shard is done."""
+        keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, "shards")]
+        entry = json.dumps({"sha256": sha256, "size": size, "worker": f"{os.uname().nodename}:{os.getpid()}"}) if shard else ""
+        _, complete = self.r.eval(_PROGRESS, 3, *keys, step, bytes_in, shard, entry, size, _now())
+        return bool(complete)
+
+    def shard_done(self, job_id: str, shard: str) -> bool:
+        return bool(self.r.hexists(self.key(job_id, "shards"), shard))
+
+    def ledger(self, job_id: str) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self.r.hgetall(self.key(job_id, "shards")).items()}
+
+    def attempt(self, job_id: str, unit: str, delta: int = 1) -> int:
+        """Starts of ``unit`` that did not end: a unit that kills its worker every time must not loop."""
+        return int(self.r.hincrby(self.key(job_id, "attempts"), unit, delta))
+
+    def save_report(self, job_id: str, report: dict[str, Any]) -> None:
+        self.r.set(self.key(job_id, "report"), json.dumps(report))
+
+    def claim_idempotency(self, key: str, body_hash: str, job_id: str) -> tuple[str, str] | None:
+        """Bind ``key`` to a job; returns the (job, body hash) already bound to it, if any."""
+        name = f"{PREFIX}idempotency:{key}"
+        value = json.dumps({"job": job_id, "hash": body_hash})
+        if self.r.set(name, value, nx=True, ex=self.ttl_s):
+            return None
+        raw = self.r.get(name)
+        if raw is None:
+            return self.claim_idempotency(key, body_hash, job_id)
+        bound = json.loads(raw)
+        return bound["job"], bound["hash"]
+
+    def release_idempotency(self, key: str) -> None:
+        self.r.delete(f"{PREFIX}idempotency:{key}")
+
+    # ------------------------------------------------------------------------------------------- read
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        return decode(self.r.hgetall(self.key(job_id))) or None
+
+    def report(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.r.get(self.key(job_id, "report"))
+        return json.loads(raw) if raw else None
+
+    def events(self, job_id: str, after: str, block_ms: int) -> list[tuple[str, str, dict[str, Any]]]:
+        """Events after stream id ``after`` ("0" for all), waiting up to ``block_ms`` for new ones."""
+        got = self.r.xread({self.key(job_id, "events"): after}, count=100, block=block_ms)
+        out = []
+        for _, entries in got or []:
+            for entry_id, fields in entries:
+                out.append((entry_id, fields["type"], decode(json.loads(fields["data"]))))
+        return out
+
+    def list(
+        self, state: str | None = None, label: tuple[str, str] | None = None, cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first, keyset-paged by id; returns the page and the cursor of the next one."""
+        if label:
+            index = f"{PREFIX}jobs:label:{label[0]}={label[1]}"
+        elif state:
+            index = f"{PREFIX}jobs:state:{state}"
+        else:
+            index = f"{PREFIX}jobs:all"
+        page: list[dict[str, Any]] = []
+        top = f"({cursor}" if cursor else "+"
+        while len(page) < limit:
+            ids = self.r.zrevrangebylex(index, top, "-", start=0, num=limit * 2)
+            if not ids:
+                return page, None
+            for job_id in ids:
+                job = self.get(job_id)
+                if job is None:
+                    self.r.zrem(index, job_id)
+                elif state is None or job["state"] == state:
+                    page.append(job)
+                    if len(page) == limit:
+                        return page, job_id
+            top = f"({ids[-1]}"
+        return page, None
+
+    def counts(self) -> dict[str, int]:
+        pipe = self.r.pipeline()
+        for s in STATES:
+            pipe.zcard(f"{PREFIX}jobs:state:{s}")
+        return dict(zip(STATES, pipe.execute(), strict=True))
+
+
+def decode(raw: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = dict(raw)
+    for f in _JSON_FIELDS:
+        if raw.get(f):
+            out[f] = json.loads(raw[f])
+    for f in _INT_FIELDS:
+        if f in raw:
+            out[f] = int(raw[f])
+    return out

@@ -1,0 +1,294 @@
+"""End to end through the real service: HTTP API, Redis, Celery worker processes, S3 (moto server) and
+a loopback Hub. Every output is compared byte for byte with what the CLI's engine writes."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+import redis
+from harness import TOKEN, Service, events, submit, wait
+from servers import AWS_TEST_ENV, HubServer, upload_directory
+
+from worker.engine import api
+from worker.engine.checkpoint import MANIFEST, SIDECAR
+
+# Files whose bytes depend on where the job ran (source location, timings); everything else must match.
+RUN_SPECIFIC = {SIDECAR, MANIFEST}
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp()
+
+
+def _env(roots: Path, s3: str, hub: HubServer, **extra: str) -> dict[str, str]:
+    return {
+        "RECAST_FILE_ROOTS": str(roots),
+        "RECAST_S3_ENDPOINT_URL": s3,
+        "RECAST_HF_ENDPOINT": hub.endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_OFFLINE": "0",
+        **AWS_TEST_ENV,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, roots, s3_server, hub_server) -> Iterator[Service]:
+    svc = Service(tmp_path_factory.mktemp("svc"), _env(roots, s3_server, hub_server))
+    try:
+        yield svc.start(workers=2)
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service: Service) -> Iterator[httpx.Client]:
+    with service.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cli_outputs(checkpoint, tmp_path_factory) -> Callable[[str], tuple[Path, Path, Path]]:
+    """(source, CLI native output, CLI hf output of that native output) for a family."""
+    cache: dict[str, tuple[Path, Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path, Path]:
+        if family not in cache:
+            src = checkpoint(family)
+            out = tmp_path_factory.mktemp(f"cli-{family}")
+            api.convert(src, out / "native", api.Options(to="native", device="cpu"))
+            api.convert(out / "native", out / "hf", api.Options(to="hf", device="cpu"))
+            cache[family] = (src, out / "native", out / "hf")
+        return cache[family]
+
+    return get
+
+
+def assert_same_files(got: Path, want: Path) -> None:
+    names = sorted(p.relative_to(want).as_posix() for p in want.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()) == names
+    for name in names:
+        if name not in RUN_SPECIFIC:
+            assert filecmp.cmp(got / name, want / name, shallow=False), f"{name} differs from the CLI's"
+    manifest = dict(line.split("  ")[::-1] for line in (got / MANIFEST).read_text().splitlines())
+    assert set(manifest) == set(names) - {MANIFEST}
+
+
+def follow(client: httpx.Client, job_id: str) -> tuple[list[str], dict]:
+    states, last = [], {}
+    for _, kind, job in events(client, job_id):
+        if kind == "state":
+            states.append(job["state"])
+        last = job
+    return states, last
+
+
+def test_file_jobs_both_directions_match_the_cli(client, cli_outputs, tmp_path):
+    src, cli_native, cli_hf = cli_outputs("mistral4")
+    job = submit(client, {"source": f"file://{src}", "target": f"file://{tmp_path}/native", "to": "native",
+                          "labels": {"team": "e2e"}})  # fmt: skip
+    assert job["state"] == "queued" and job["links"]["events"] == f"/v1/jobs/{job['id']}/events"
+    states, last = follow(client, job["id"])
+    assert states[-4:] == ["running", "verifying", "uploading", "succeeded"], states
+    p = last["progress"]
+    assert p["shards_done"] == p["shards_total"] == 3 and p["bytes_in"] == p["bytes_total"] > 0
+    assert last["adapter"] == "mistral4" and last["error"] is None and last["finished_at"]
+    assert_same_files(tmp_path / "native", cli_native)
+    report = client.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["summary"]["passed"] and not report["accounting"]["unaccounted"]
+    assert report["direction"] == "hf->native"
+
+    back = submit(client, {"source": f"file://{tmp_path}/native", "target": f"file://{tmp_path}/hf", "to": "hf"})
+    assert wait(client, back["id"])["state"] == "succeeded"
+    assert_same_files(tmp_path / "hf", cli_hf)
+    for name in json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values():
+        assert filecmp.cmp(tmp_path / "hf" / name, src / name, shallow=False)
+    assert not list(tmp_path.glob(".*recast*")), "staging left behind"
+
+
+def test_events_resume_from_last_event_id(client, cli_outputs, tmp_path):
+    src, _, _ = cli_outputs("mistral4")
+    job = submit(client, {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"})
+    seen = list(events(client, job["id"]))
+    assert [e[0] for e in seen] == sorted(e[0] for e in seen)
+    middle = len(seen) // 2
+    resumed = list(events(client, job["id"], last_event_id=seen[middle][0]))
+    assert [e[0] for e in resumed] == [e[0] for e in seen[middle + 1 :]]
+
+
+def _download(s3: str, bucket: str, prefix: str, dst: Path) -> None:
+    c = boto3.client("s3", endpoint_url=s3, region_name="us-east-1")
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            path = dst / obj["Key"][len(prefix) + 1 :]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            c.download_file(bucket, obj["Key"], str(path))
+
+
+def test_s3_to_s3_matches_the_cli(client, cli_outputs, s3_server, tmp_path):
+    src, cli_native, _ = cli_outputs("deepseek-v3")
+    upload_directory(s3_server, src, "models", "deepseek/fp8")
+    job = submit(client, {"source": "s3://models/deepseek/fp8", "target": "s3://models/deepseek/native", "to": "native"})
+    done = wait(client, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert done["result"]["url"].startswith("s3://models/deepseek/native")
+    _download(s3_server, "models", "deepseek/native", tmp_path / "got")
+    assert_same_files(tmp_path / "got", cli_native)
+
+
+def test_hub_source_is_pinned_and_matches_the_cli(client, cli_outputs, hub_server, tmp_path):
+    src, cli_native, _ = cli_outputs("mistral3-fp8")
+    sha = hub_server.add_repo("mistralai/tiny-fp8", src)
+    job = submit(client, {"source": "hf://mistralai/tiny-fp8", "target": f"file://{tmp_path}/out", "to": "native"})
+    assert job["source_revision"] == sha
+    done = wait(client, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert_same_files(tmp_path / "out", cli_native)
+    sidecar = json.loads((tmp_path / "out" / SIDECAR).read_text())
+    assert sidecar["source"]["revision"] == sha
+
+
+def test_idempotency_key(client, cli_outputs, tmp_path):
+    src, _, _ = cli_outputs("mistral4")
+    body = {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"}
+    first = submit(client, body, **{"Idempotency-Key": "abc-1"})
+    again = submit(client, body, **{"Idempotency-Key": "abc-1"})
+    assert again["id"] == first["id"]
+    other = client.post("/v1/jobs", json={**body, "dtype": "fp32"}, headers={"Idempotency-Key": "abc-1"})
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+    assert wait(client, first["id"])["state"] == "succeeded"
+
+
+def test_auth_problems_and_open_endpoints(service):
+    with service.client(token=None) as anon, service.client(token="wrong") as wrong:
+        for c in (anon, wrong):
+            r = c.get("/v1/jobs")
+            assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"
+            assert r.headers["www-authenticate"] == "Bearer" and r.json()["code"] == "unauthorized"
+        assert anon.get("/healthz").status_code == 200
+        assert anon.get("/readyz").json()["checks"]["workers"] >= 2
+        assert "recast_jobs" in anon.get("/metrics").text
+        spec = anon.get("/openapi.json").json()
+        assert {"/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/inspect", "/v1/adapters"} <= set(spec["paths"])
+
+
+def test_bad_requests_name_the_field(client, cli_outputs, tmp_path):
+    src, _, _ = cli_outputs("mistral4")
+    cases = [
+        ({"source": "ftp://x/y", "target": f"file://{tmp_path}/o", "to": "native"}, "source"),
+        ({"source": f"file://{src}", "target": "file:///etc/recast", "to": "native"}, "target"),
+        ({"source": f"file://{src}", "target": f"file://{tmp_path}/o", "to": "sideways"}, "to"),
+        ({"source": f"file://{src}", "target": f"file://{tmp_path}/o", "to": "native",
+          "aws_secret_access_key": "hunter2"}, "aws_secret_access_key"),  # fmt: skip
+        ({"source": f"file://{src}", "target": f"file://{tmp_path}/o", "to": "native", "adapter": "gpt9"}, "adapter"),
+    ]
+    for body, field in cases:
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert field in r.json()["detail"] and "hunter2" not in r.text
+
+
+def test_bad_checkpoint_fails_the_job_with_the_engines_error(client, cli_outputs, tmp_path):
+    src, _, _ = cli_outputs("mistral4")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in src.iterdir():
+        (broken / p.name).write_bytes(p.read_bytes())
+    shard = broken / "model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    job = submit(client, {"source": f"file://{broken}", "target": f"file://{tmp_path}/out", "to": "native"})
+    done = wait(client, job["id"])
+    assert done["state"] == "failed" and done["error"]["code"] == "bad_checkpoint"
+    assert "model-00002-of-00003.safetensors" in done["error"]["message"]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_listing_filters_and_pages(client, cli_outputs, tmp_path):
+    src, _, _ = cli_outputs("mistral4")
+    ids = [submit(client, {"source": f"file://{src}", "target": f"file://{tmp_path}/o{i}", "to": "native",
+                           "labels": {"batch": "listing"}})["id"] for i in range(3)]  # fmt: skip
+    for i in ids:
+        wait(client, i)
+    page = client.get("/v1/jobs", params={"label": "batch=listing", "limit": 2}).json()
+    assert [j["id"] for j in page["jobs"]] == ids[::-1][:2]
+    rest = client.get("/v1/jobs", params={"label": "batch=listing", "cursor": page["next_cursor"]}).json()
+    assert [j["id"] for j in rest["jobs"]] == ids[:1] and rest["next_cursor"] is None
+    done = client.get("/v1/jobs", params={"state": "succeeded", "limit": 200}).json()["jobs"]
+    assert set(ids) <= {j["id"] for j in done} and all(j["state"] == "succeeded" for j in done)
+
+
+def test_adapters_and_inspect(client, cli_outputs):
+    src, _, _ = cli_outputs("mistral4")
+    assert "deepseek-v3" in {a["name"] for a in client.get("/v1/adapters").json()}
+    info = client.post("/v1/inspect", json={"source": f"file://{src}"}).json()
+    assert info["adapter"] == "mistral4" and info["shards"] == 3
+
+
+# --------------------------------------------------------------------------- slow workers: mid-job events
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory, roots, s3_server, hub_server) -> Iterator[Service]:
+    """Workers whose source reads are paced to 150 kB/s, so a shard takes about two seconds."""
+    env = _env(roots, s3_server, hub_server, RECAST_READ_LIMIT_MB_S="0.15")
+    svc = Service(tmp_path_factory.mktemp("slow"), env)
+    try:
+        yield svc.start(workers=2)
+    finally:
+        svc.stop()
+
+
+def _running_shard(c: httpx.Client, job_id: str) -> dict:
+    for _, _, job in events(c, job_id):
+        if job["progress"]["step"].startswith("converting model-") and job["progress"]["shards_done"] == 0:
+            return job
+    raise AssertionError("job ended before a shard was under way")
+
+
+def test_cancel_mid_job_removes_partial_output(slow, cli_outputs, tmp_path):
+    src, _, _ = cli_outputs("mistral4")
+    with slow.client() as c:
+        job = submit(c, {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"})
+        _running_shard(c, job["id"])
+        r = c.post(f"/v1/jobs/{job['id']}/cancel")
+        assert r.status_code == 202 and r.json()["state"] == "cancelling"
+        done = wait(c, job["id"])
+        assert done["state"] == "cancelled"
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_worker_killed_mid_shard_costs_only_that_shard(slow, cli_outputs, tmp_path):
+    src, cli_native, _ = cli_outputs("mistral4")
+    with slow.client() as c:
+        job = submit(c, {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"})
+        _running_shard(c, job["id"])
+        children = slow.pool_children(slow.workers[0])
+        assert children, "the worker has no pool process"
+        for child in children:
+            child.kill()
+        done = wait(c, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert_same_files(tmp_path / "out", cli_native)
+    r = redis.Redis.from_url(slow.redis.url, decode_responses=True)
+    unfinished = {k: int(v) for k, v in r.hgetall(f"recast:job:{job['id']}:attempts").items() if int(v)}
+    assert unfinished, "the kill did not interrupt a unit of work"
+    ledger = r.hgetall(f"recast:job:{job['id']}:shards")
+    workers = {json.loads(v)["worker"] for v in ledger.values()}
+    assert len(ledger) == 3 and len(workers) >= 2, "both workers should share the job's shards"
+
+
+def test_token_is_never_stored(slow):
+    r = redis.Redis.from_url(slow.redis.url)
+    for key in r.scan_iter("recast:*"):
+        kind = r.type(key)
+        blob = repr(r.hgetall(key) if kind == b"hash" else r.get(key) if kind == b"string" else b"")
+        assert TOKEN not in blob

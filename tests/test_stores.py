@@ -1,0 +1,700 @@
+"""Stores: location parsing, settings and credentials, and every source and target against real servers.
+
+S3 is moto's server and the Hub is tests/servers.py's loopback Hub, both over TCP, so boto3 and
+huggingface_hub run their real request code; nothing is patched inside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+from servers import HubServer, upload_directory
+
+from worker.engine import api
+from worker.engine.errors import CheckpointError, RecastError, TargetExistsError
+from worker.stores import (
+    Location,
+    StoreSettings,
+    TransientStorageError,
+    open_source,
+    open_target,
+    parse_location,
+    pin_revision,
+)
+from worker.stores.hub import HubSource, HubTarget
+from worker.stores.local import FileTarget
+from worker.stores.s3 import S3Source, S3Target, part_size, storage_error
+
+pytest_plugins = ["servers"]
+
+MIB = 1 << 20
+S3_SECRET = "s3-secret-value-do-not-print"
+HF_TOKEN = "hf_token_value_do_not_print"
+INDEX = "model.safetensors.index.json"
+
+
+def _files(root: Path, files: dict[str, bytes]) -> Path:
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return root
+
+
+@pytest.fixture
+def small_dir(tmp_path: Path) -> Path:
+    return _files(
+        tmp_path / "ckpt",
+        {
+            "config.json": b'{"architectures": ["X"]}\n',
+            "model-00001-of-00002.safetensors": bytes(range(256)) * 40,
+            "model-00002-of-00002.safetensors": os.urandom(3000),
+            INDEX: b'{"weight_map": {}}\n',
+            "sub/extra.txt": b"hello",
+            ".hidden": b"not part of the checkpoint",
+        },
+    )
+
+
+@pytest.fixture
+def creds_file(tmp_path: Path, s3_server: str) -> Path:
+    path = tmp_path / "credentials.json"
+    path.write_text(
+        json.dumps(
+            {
+                "minio": {
+                    "type": "s3",
+                    "aws_access_key_id": "testing",
+                    "aws_secret_access_key": S3_SECRET,
+                    "endpoint_url": s3_server,
+                    "region": "us-east-1",
+                },
+                "hub": {"type": "hf", "token": HF_TOKEN},
+                "wrong-hub": {"type": "hf", "token": HF_TOKEN + "-wrong"},
+            }
+        )
+    )
+    return path
+
+
+def _bucket(endpoint: str) -> str:
+    name = f"recast-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_settings(s3_server: str, tmp_path: Path) -> StoreSettings:
+    return StoreSettings(
+        s3_endpoint_url=s3_server,
+        s3_region="us-east-1",
+        s3_multipart_chunk_bytes=5 * MIB,
+        scratch=tmp_path / "scratch",
+    )
+
+
+@pytest.fixture
+def hub_settings(hub_server: HubServer, tmp_path: Path) -> StoreSettings:
+    return StoreSettings(hf_endpoint=hub_server.endpoint, scratch=tmp_path / "scratch")
+
+
+def _repo_id(prefix: str = "model") -> str:
+    return f"org/{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# -- settings and credentials ------------------------------------------------------------------------
+
+
+def test_settings_from_env_reads_every_variable(tmp_path: Path) -> None:
+    env = {
+        "RECAST_FILE_ROOTS": f"/data/a{os.pathsep}/data/b,/data/c",
+        "RECAST_SCRATCH_DIR": str(tmp_path),
+        "RECAST_S3_ENDPOINT_URL": "http://minio:9000",
+        "RECAST_S3_REGION": "eu-west-1",
+        "RECAST_S3_ADDRESSING_STYLE": "path",
+        "RECAST_S3_CHECKSUM": "when_required",
+        "RECAST_S3_MULTIPART_CHUNK_MB": "128",
+        "RECAST_HF_ENDPOINT": "http://hub.local/",
+        "RECAST_CREDENTIALS_FILE": "/etc/recast/credentials.json",
+    }
+    s = StoreSettings.from_env(env)
+    assert s.file_roots == (Path("/data/a"), Path("/data/b"), Path("/data/c"))
+    assert s.scratch == tmp_path
+    assert (s.s3_endpoint_url, s.s3_region, s.s3_addressing_style) == (
+        "http://minio:9000",
+        "eu-west-1",
+        "path",
+    )
+    assert (s.s3_checksum, s.s3_multipart_chunk_bytes) == ("when_required", 128 * MIB)
+    assert s.hf_endpoint == "http://hub.local"
+    assert s.credentials_file == Path("/etc/recast/credentials.json")
+    assert StoreSettings.from_env({"RECAST_S3_REGION": " "}) == StoreSettings()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RECAST_S3_ADDRESSING_STYLE": "sideways"}, "RECAST_S3_ADDRESSING_STYLE"),
+        ({"RECAST_S3_CHECKSUM": "always"}, "RECAST_S3_CHECKSUM"),
+        ({"RECAST_S3_MULTIPART_CHUNK_MB": "4"}, "RECAST_S3_MULTIPART_CHUNK_MB"),
+        ({"RECAST_S3_MULTIPART_CHUNK_MB": "lots"}, "RECAST_S3_MULTIPART_CHUNK_MB"),
+        ({"RECAST_HF_ENDPOINT": "huggingface.co"}, "RECAST_HF_ENDPOINT"),
+        ({"RECAST_FILE_ROOTS": "relative/dir"}, "RECAST_FILE_ROOTS"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(RecastError, match=expected):
+        StoreSettings.from_env(env)
+
+
+def test_credentials_by_name_never_show_secrets(creds_file: Path, tmp_path: Path) -> None:
+    s = StoreSettings(credentials_file=creds_file)
+    assert s.credential(None, "s3") == {}
+    cred = s.credential("minio", "s3")
+    assert cred["aws_secret_access_key"] == S3_SECRET and "type" not in cred
+    assert (
+        S3_SECRET not in repr(cred) and S3_SECRET not in str(cred) and "aws_secret_access_key" in repr(cred)
+    )
+    assert s.credential("hub", "hf") == {"token": HF_TOKEN}
+    for name, kind, expected in [
+        ("nope", "s3", "'nope' is not defined"),
+        ("hub", "s3", "'hub' has type 'hf'"),
+        ("minio", "hf", "'minio' has type 's3'"),
+    ]:
+        with pytest.raises(RecastError, match=expected) as info:
+            s.credential(name, kind)
+        assert S3_SECRET not in str(info.value) and HF_TOKEN not in str(info.value)
+    with pytest.raises(RecastError, match="RECAST_CREDENTIALS_FILE is not set"):
+        StoreSettings().credential("minio", "s3")
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"x": {"type": "hf", "token": "' + HF_TOKEN + '"}')
+    with pytest.raises(RecastError, match="not valid JSON") as info:
+        StoreSettings(credentials_file=broken).credential("x", "hf")
+    assert HF_TOKEN not in str(info.value)
+    incomplete = tmp_path / "incomplete.json"
+    incomplete.write_text(json.dumps({"k": {"type": "s3", "aws_access_key_id": "id", "password": S3_SECRET}}))
+    with pytest.raises(RecastError, match="unknown fields password") as info:
+        StoreSettings(credentials_file=incomplete).credential("k", "s3")
+    assert S3_SECRET not in str(info.value)
+
+
+# -- locations ---------------------------------------------------------------------------------------
+
+
+def test_file_locations_are_confined_to_the_roots(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    (root / "llama").mkdir(parents=True)
+    (root / "escape").symlink_to(tmp_path)
+    s = StoreSettings(file_roots=(root,))
+    loc = parse_location(f"file://{root}/llama/", "source", s)
+    assert loc == Location("file", (root / "llama").as_uri(), str(root / "llama"))
+    assert parse_location(f"file://localhost{root}/new", "target", s).root == str(root / "new")
+    for url in (
+        f"file://{tmp_path}/other",
+        f"file://{root}/../other",
+        f"file://{root}/escape/x",
+        f"file://{root}",
+    ):
+        with pytest.raises(RecastError, match=r"^target: .*allowed roots \(" + str(root)):
+            parse_location(url, "target", s)
+    with pytest.raises(RecastError, match=r"^source: .*set RECAST_FILE_ROOTS"):
+        parse_location(f"file://{root}/llama", "source", StoreSettings())
+    with pytest.raises(RecastError, match="not host 'server'"):
+        parse_location("file://server/share", "source", s)
+
+
+def test_s3_and_hf_locations() -> None:
+    s = StoreSettings()
+    assert parse_location("s3://my-bucket/a/b/", "target", s) == Location(
+        "s3", "s3://my-bucket/a/b", "my-bucket", "a/b"
+    )
+    assert parse_location("s3://my.bucket", "target", s) == Location("s3", "s3://my.bucket", "my.bucket", "")
+    assert parse_location("hf://org/Model-1.5_x", "source", s) == Location(
+        "hf", "hf://org/Model-1.5_x", "org/Model-1.5_x"
+    )
+    pr = parse_location("hf://org/m@refs/pr/3", "source", s)
+    assert (pr.root, pr.revision, pr.url) == ("org/m", "refs/pr/3", "hf://org/m@refs/pr/3")
+    assert parse_location("hf://org/m@v1.0", "source", s).revision == "v1.0"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("s3://Bad_Bucket/x", "not a valid S3 bucket name"),
+        ("s3://ab/x", "not a valid S3 bucket name"),
+        ("s3://192.168.0.1/x", "not a valid S3 bucket name"),
+        ("s3://bucket/a//b", "empty, '.' or '..' segments"),
+        ("s3://bucket/a/../b", "empty, '.' or '..' segments"),
+        ("s3://bucket/a?versionId=1", "query strings"),
+        ("hf://model-without-org", "not a Hub model repo id"),
+        ("hf://org/repo/extra", "not a Hub model repo id"),
+        ("hf://org/re po", "not a Hub model repo id"),
+        ("hf://org/a--b", "not a Hub model repo id"),
+        ("hf://org/repo@", "not a valid revision"),
+        ("hf://org/repo@../main", "not a valid revision"),
+        ("http://example.com/model", "not a supported location"),
+        ("gs://bucket/model", "not a supported location"),
+        ("/abs/path", "not a supported location"),
+        ("", "not a supported location"),
+    ],
+)
+def test_bad_locations_name_the_field(url: str, expected: str) -> None:
+    with pytest.raises(RecastError, match=expected) as info:
+        parse_location(url, "target", StoreSettings(file_roots=(Path("/data"),)))
+    assert str(info.value).startswith("target: ")
+    if "not a supported location" in expected:
+        assert "s3://bucket/prefix" in str(info.value) and "hf://org/repo" in str(info.value)
+
+
+def test_credentials_in_urls_are_refused_and_masked() -> None:
+    for url in (f"s3://AKIA:{S3_SECRET}@bucket/x", f"hf://user:{HF_TOKEN}@org/repo"):
+        with pytest.raises(RecastError, match="reference a named credential") as info:
+            parse_location(url, "source", StoreSettings())
+        assert S3_SECRET not in str(info.value) and HF_TOKEN not in str(info.value)
+        assert "***@" in str(info.value)
+
+
+# -- S3 ----------------------------------------------------------------------------------------------
+
+
+def test_s3_source_lists_sizes_and_reads_ranges(
+    s3_server: str, s3_settings: StoreSettings, small_dir: Path
+) -> None:
+    bucket = _bucket(s3_server)
+    upload_directory(s3_server, small_dir, bucket, "models/tiny")
+    upload_directory(s3_server, small_dir, bucket, "models/tiny/.recast-staging/old-job")
+    source = open_source(parse_location(f"s3://{bucket}/models/tiny/", "source", s3_settings), s3_settings)
+    assert isinstance(source, S3Source) and source.description == f"s3://{bucket}/models/tiny"
+    expected = sorted(p.relative_to(small_dir).as_posix() for p in small_dir.rglob("*") if p.is_file())
+    assert source.list() == [n for n in expected if n != ".hidden"]
+    shard = "model-00001-of-00002.safetensors"
+    data = (small_dir / shard).read_bytes()
+    assert source.size(shard) == len(data) and source.exists("sub/extra.txt") and not source.exists("nope")
+    assert source.read_range(shard, 0, 8) == data[:8]
+    assert source.read_range(shard, 1000, 5000) == data[1000:5000]
+    assert source.read_range(shard, len(data) - 1, len(data)) == data[-1:]
+    assert source.read_range(shard, 7, 7) == b""
+    with pytest.raises(CheckpointError, match="truncated"):
+        source.read_range(shard, len(data) - 10, len(data) + 10)
+    with pytest.raises(CheckpointError, match="truncated"):
+        source.read_range(shard, len(data) + 10, len(data) + 20)
+    with pytest.raises(CheckpointError, match=r"missing.bin does not exist"):
+        source.size("missing.bin")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        source.read_range("missing.bin", 0, 4)
+    with pytest.raises(CheckpointError, match="outside the checkpoint"):
+        source.read_range("../other/config.json", 0, 4)
+
+
+def test_s3_missing_bucket_is_permanent_and_names_it(s3_settings: StoreSettings) -> None:
+    source = open_source(parse_location("s3://no-such-bucket-here/x", "source", s3_settings), s3_settings)
+    with pytest.raises(CheckpointError, match=r"^s3://no-such-bucket-here/x: the bucket does not exist"):
+        source.list()
+    target = open_target(
+        parse_location("s3://no-such-bucket-here/x", "target", s3_settings), s3_settings, "j1"
+    )
+    with pytest.raises(RecastError, match="bucket does not exist") as info:
+        target.is_empty()
+    assert not isinstance(info.value, TransientStorageError)
+
+
+def test_s3_errors_are_classified_for_retry() -> None:
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError(
+            {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+        )
+
+    for code, status in [
+        ("SlowDown", 503),
+        ("InternalError", 500),
+        ("ServiceUnavailable", 503),
+        ("503", 503),
+    ]:
+        assert isinstance(
+            storage_error(client_error(code, status), "s3://b/k", None, CheckpointError),
+            TransientStorageError,
+        )
+    connection = EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+    assert isinstance(storage_error(connection, "s3://b/k", None, CheckpointError), TransientStorageError)
+    denied = storage_error(client_error("AccessDenied", 403), "s3://b/k", "minio", CheckpointError)
+    assert type(denied) is RecastError and "access denied" in str(denied) and "'minio'" in str(denied)
+    missing = storage_error(client_error("NoSuchKey", 404), "s3://b/k", None, CheckpointError)
+    assert type(missing) is CheckpointError and str(missing) == "s3://b/k: does not exist"
+
+
+def test_part_size_keeps_multipart_uploads_within_10000_parts() -> None:
+    assert part_size(100 * MIB, 64 * MIB) == 64 * MIB
+    for size in (640_000 * MIB + 1, 5 << 40):
+        parts = part_size(size, 64 * MIB)
+        assert parts % MIB == 0 and -(-size // parts) <= 10_000
+
+
+def _capture(client, *operations: str) -> list[tuple[str, dict]]:
+    """Record (operation, parameters) for every call of ``operations`` that boto3 makes, in order."""
+    seen: list[tuple[str, dict]] = []
+    for operation in operations:
+        client.meta.events.register(
+            f"before-parameter-build.s3.{operation}",
+            lambda event_name, params, **_: seen.append((event_name.rsplit(".", 1)[1], dict(params))),
+        )
+    return seen
+
+
+def test_s3_target_stages_publishes_index_last_and_cleans_up(
+    s3_server: str, s3_settings: StoreSettings, tmp_path: Path
+) -> None:
+    bucket = _bucket(s3_server)
+    loc = parse_location(f"s3://{bucket}/out/native", "target", s3_settings)
+    target = open_target(loc, s3_settings, "job-1")
+    assert isinstance(target, S3Target) and target.is_empty()
+    big = os.urandom(6 * MIB + 123)  # above the 5 MiB chunk: a two-part multipart upload and copy
+    local = _files(
+        tmp_path / "work",
+        {"model-00001-of-00001.safetensors": big, INDEX: b"{}", "recast.json": b"{}", "config.json": b"{}"},
+    )
+    uploads = _capture(target.client, "UploadPart")
+    names = ["recast.json", INDEX, "model-00001-of-00001.safetensors", "config.json"]
+    for name in names:
+        target.stage_file(name, local / name)
+    assert len(uploads) == 2
+    assert target.is_empty(), "staged objects are not output yet"
+    staged = target.staged()
+    assert staged.list() == sorted(names)
+    assert (
+        staged.read_range("model-00001-of-00001.safetensors", 5 * MIB - 3, 5 * MIB + 3)
+        == big[5 * MIB - 3 : 5 * MIB + 3]
+    )
+
+    copies = _capture(target.client, "CopyObject", "CreateMultipartUpload")
+    assert target.publish(names, "unused", create_pr=False) == {"url": f"s3://{bucket}/out/native"}
+    assert [(op, params["Key"]) for op, params in copies] == [
+        ("CreateMultipartUpload", "out/native/model-00001-of-00001.safetensors"),
+        ("CopyObject", "out/native/config.json"),
+        ("CopyObject", f"out/native/{INDEX}"),
+        ("CopyObject", "out/native/recast.json"),
+    ]
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == sorted(f"out/native/{n}" for n in names), "staging objects are gone"
+    assert (
+        client.get_object(Bucket=bucket, Key="out/native/model-00001-of-00001.safetensors")["Body"].read()
+        == big
+    )
+    assert not target.is_empty()
+    reread = open_source(loc, s3_settings)
+    assert reread.list() == sorted(names)
+
+
+def test_s3_target_discard_and_emptiness(s3_server: str, s3_settings: StoreSettings, tmp_path: Path) -> None:
+    bucket = _bucket(s3_server)
+    loc = parse_location(f"s3://{bucket}/out", "target", s3_settings)
+    mine, other = open_target(loc, s3_settings, "mine"), open_target(loc, s3_settings, "other")
+    file = _files(tmp_path, {"a.bin": b"x" * 100}) / "a.bin"
+    mine.stage_file("a.bin", file)
+    mine.stage_file("nested/b.bin", file)
+    other.stage_file("a.bin", file)
+    mine.discard()
+    mine.discard()
+    assert mine.staged().list() == [] and other.staged().list() == ["a.bin"]
+    assert mine.is_empty() and other.is_empty()
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.put_object(Bucket=bucket, Key="out/sub/existing.bin", Body=b"1")
+    assert not mine.is_empty()
+    bucket_root = open_target(parse_location(f"s3://{bucket}", "target", s3_settings), s3_settings, "j")
+    assert not bucket_root.is_empty()
+    with pytest.raises(RecastError, match=r"not staged: missing.bin"):
+        other.publish(["a.bin", "missing.bin"], "m", create_pr=False)
+
+
+@pytest.mark.parametrize("mode", ["when_required", "when_supported"])
+def test_s3_checksum_mode_is_applied(
+    mode: str, s3_server: str, s3_settings: StoreSettings, tmp_path: Path
+) -> None:
+    settings = StoreSettings(
+        s3_endpoint_url=s3_server, s3_region="us-east-1", s3_checksum=mode, s3_addressing_style="path"
+    )
+    bucket = _bucket(s3_server)
+    target = open_target(parse_location(f"s3://{bucket}/o", "target", settings), settings, "j")
+    sent: list[dict] = []
+    target.client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers))
+    )
+    payload = os.urandom(1000)
+    target.stage_file("x.bin", _files(tmp_path, {"x.bin": payload}) / "x.bin")
+    checksum_headers = [h for h in sent[0] if h.lower().startswith("x-amz-checksum-")]
+    assert bool(checksum_headers) == (mode == "when_supported")
+    assert target.publish(["x.bin"], "m", create_pr=False)["url"] == f"s3://{bucket}/o"
+    assert (
+        open_source(parse_location(f"s3://{bucket}/o", "source", settings), settings).read_range(
+            "x.bin", 0, 1000
+        )
+        == payload
+    )
+
+
+def test_s3_named_credential_supplies_endpoint_and_never_leaks(
+    creds_file: Path, small_dir: Path, s3_server: str
+) -> None:
+    bucket = _bucket(s3_server)
+    upload_directory(s3_server, small_dir, bucket)
+    settings = StoreSettings(credentials_file=creds_file)  # no endpoint: it comes from the credential
+    source = open_source(parse_location(f"s3://{bucket}", "source", settings), settings, credential="minio")
+    assert source.read_range("sub/extra.txt", 0, 5) == b"hello"
+    assert S3_SECRET not in repr(source.__dict__)
+    missing = open_source(
+        parse_location("s3://absent-bucket", "source", settings), settings, credential="minio"
+    )
+    with pytest.raises(CheckpointError) as info:
+        missing.list()
+    assert S3_SECRET not in str(info.value) and "testing" not in str(info.value)
+    with pytest.raises(RecastError, match="'hub' has type 'hf'"):
+        open_source(parse_location(f"s3://{bucket}", "source", settings), settings, credential="hub")
+
+
+def test_engine_converts_from_s3_like_from_disk(
+    s3_server: str, s3_settings: StoreSettings, checkpoint, tmp_path: Path
+) -> None:
+    ckpt = checkpoint("mistral3-fp8")
+    bucket = _bucket(s3_server)
+    upload_directory(s3_server, ckpt, bucket, "vendor/m")
+    source = open_source(parse_location(f"s3://{bucket}/vendor/m", "source", s3_settings), s3_settings)
+    _assert_same_conversion(source, ckpt, tmp_path)
+
+
+def _assert_same_conversion(source, local: Path, tmp_path: Path) -> None:
+    api.convert(source, tmp_path / "remote", api.Options(to="native"))
+    api.convert(local, tmp_path / "local", api.Options(to="native"))
+    remote_files = sorted(p.name for p in (tmp_path / "remote").iterdir())
+    assert remote_files == sorted(p.name for p in (tmp_path / "local").iterdir())
+    for name in remote_files:
+        if name not in ("recast.json", "SHA256SUMS"):  # recast.json records where the source was
+            assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+# -- Hugging Face Hub --------------------------------------------------------------------------------
+
+
+def test_hub_source_reads_a_pinned_commit(
+    hub_server: HubServer, hub_settings: StoreSettings, small_dir: Path
+) -> None:
+    repo = _repo_id()
+    sha = hub_server.add_repo(repo, small_dir)
+    loc = parse_location(f"hf://{repo}", "source", hub_settings)
+    pinned = pin_revision(loc, hub_settings)
+    assert pinned == Location("hf", f"hf://{repo}@{sha}", repo, revision=sha)
+    assert pin_revision(parse_location(f"hf://{repo}@main", "source", hub_settings), hub_settings) == pinned
+    source = open_source(loc, hub_settings)
+    assert isinstance(source, HubSource) and source.description == f"hf://{repo}@{sha}"
+
+    hub_server.add_commit(repo, {"config.json": b'{"changed": true}\n'})
+    assert source.list() == sorted(
+        p.relative_to(small_dir).as_posix()
+        for p in small_dir.rglob("*")
+        if p.is_file() and p.name != ".hidden"
+    )
+    assert source.read_range("config.json", 0, 10) == (small_dir / "config.json").read_bytes()[:10]
+    shard = "model-00002-of-00002.safetensors"  # an LFS file: redirected to the CDN origin
+    data = (small_dir / shard).read_bytes()
+    assert source.size(shard) == len(data) and source.exists(shard) and not source.exists("nope")
+    assert source.read_range(shard, 100, 2100) == data[100:2100]
+    assert source.read_range(shard, 0, len(data)) == data
+    assert source.read_range(shard, 5, 5) == b""
+    assert source.read_range("sub/extra.txt", 1, 5) == b"ello"
+    assert open_source(loc, hub_settings).read_range("config.json", 0, 11) == b'{"changed":'
+    with pytest.raises(CheckpointError, match="truncated"):
+        source.read_range(shard, len(data) + 1, len(data) + 5)
+    with pytest.raises(CheckpointError, match="no such file"):
+        source.read_range("missing.bin", 0, 4)
+    with pytest.raises(CheckpointError, match=r"missing.bin does not exist"):
+        source.size("missing.bin")
+
+
+def test_hub_private_repo_needs_the_named_token(
+    hub_server: HubServer, small_dir: Path, creds_file: Path, tmp_path: Path
+) -> None:
+    repo = _repo_id("private")
+    sha = hub_server.add_repo(repo, small_dir, private=True, token=HF_TOKEN)
+    settings = StoreSettings(hf_endpoint=hub_server.endpoint, credentials_file=creds_file, scratch=tmp_path)
+    loc = parse_location(f"hf://{repo}", "source", settings)
+    for credential in (None, "wrong-hub"):
+        with pytest.raises(
+            CheckpointError, match=f"^hf://{repo}: repository not found or not visible"
+        ) as info:
+            open_source(loc, settings, credential=credential)
+        assert HF_TOKEN not in str(info.value)
+    pinned = parse_location(f"hf://{repo}@{sha}", "source", settings)
+    anonymous = open_source(pinned, settings)  # pinned already: nothing is fetched until the first read
+    with pytest.raises(CheckpointError, match="not visible to the ambient") as info:
+        anonymous.read_range("config.json", 0, 4)
+    assert HF_TOKEN not in str(info.value)
+
+    source = open_source(loc, settings, credential="hub")
+    shard = "model-00001-of-00002.safetensors"
+    start = len(hub_server.log)
+    assert source.read_range(shard, 0, 16) == (small_dir / shard).read_bytes()[:16]
+    resolve, cdn = hub_server.log[start:]
+    assert resolve[1].startswith(f"/{repo}/resolve/{sha}/") and resolve[2] == f"Bearer {HF_TOKEN}"
+    assert cdn[1].startswith("/cdn/") and cdn[2] is None, "the token must not follow the redirect off the Hub"
+    assert HF_TOKEN not in repr(source.__dict__)
+
+
+def test_hub_errors_are_classified(
+    hub_server: HubServer, hub_settings: StoreSettings, small_dir: Path
+) -> None:
+    repo = _repo_id()
+    sha = hub_server.add_repo(repo, small_dir)
+    with pytest.raises(CheckpointError, match="revision not found"):
+        open_source(parse_location(f"hf://{repo}@no-such-branch", "source", hub_settings), hub_settings)
+    with pytest.raises(CheckpointError, match="repository not found"):
+        open_source(parse_location("hf://org/never-registered", "source", hub_settings), hub_settings)
+    source = open_source(parse_location(f"hf://{repo}@{sha}", "source", hub_settings), hub_settings)
+    hub_server.faults[f"/{repo}/resolve/{sha}/config.json"] = 503
+    with pytest.raises(TransientStorageError, match="HTTP 503"):
+        source.read_range("config.json", 0, 4)
+    del hub_server.faults[f"/{repo}/resolve/{sha}/config.json"]
+    assert source.read_range("config.json", 0, 4) == b'{"ar'
+
+    closed = StoreSettings(hf_endpoint="http://127.0.0.1:9")
+    with pytest.raises(TransientStorageError, match="cannot reach the Hub"):
+        open_source(parse_location(f"hf://{repo}", "source", closed), closed)
+    with pytest.raises(TransientStorageError, match="cannot reach the Hub"):
+        open_source(parse_location(f"hf://{repo}@{sha}", "source", closed), closed).read_range(
+            "config.json", 0, 4
+        )
+
+
+def test_engine_converts_from_the_hub_like_from_disk(
+    hub_server: HubServer, hub_settings: StoreSettings, checkpoint, tmp_path: Path
+) -> None:
+    ckpt = checkpoint("mistral3-fp8")
+    repo = _repo_id("vendor")
+    hub_server.add_repo(repo, ckpt)
+    source = open_source(parse_location(f"hf://{repo}", "source", hub_settings), hub_settings)
+    _assert_same_conversion(source, ckpt, tmp_path)
+
+
+def _stage_all(target, files: dict[str, bytes], work: Path) -> list[str]:
+    _files(work, files)
+    for name in files:
+        target.stage_file(name, work / name)
+    return list(files)
+
+
+def test_hub_target_publishes_one_commit(
+    hub_server: HubServer, hub_settings: StoreSettings, tmp_path: Path
+) -> None:
+    repo = _repo_id("out")
+    first = hub_server.add_repo(repo, _files(tmp_path / "readme", {"README.md": b"# out\n"}))
+    target = open_target(parse_location(f"hf://{repo}", "target", hub_settings), hub_settings, "job-7")
+    assert isinstance(target, HubTarget) and target.is_empty()
+    files = {
+        "model-00001-of-00001.safetensors": os.urandom(4096),
+        "config.json": b"{}",
+        INDEX: b'{"weight_map": {}}',
+        "recast.json": b'{"format": "native"}',
+    }
+    names = _stage_all(target, files, tmp_path / "work")
+    assert target.staging == tmp_path / "scratch" / "hub-staging" / "job-7"
+    assert target.staged().read_range("config.json", 0, 2) == b"{}"
+    result = target.publish(names, "Convert with Recast", create_pr=False)
+    head = hub_server.repos[repo].refs["main"]
+    assert head != first and result == {"url": f"hf://{repo}@{head}", "commit": head}
+    assert {k: v for k, v in hub_server.files(repo).items() if k in files} == files
+    assert not target.staging.exists() and not target.is_empty()
+    reread = open_source(parse_location(result["url"], "source", hub_settings), hub_settings)
+    assert (
+        reread.read_range("model-00001-of-00001.safetensors", 0, 4096)
+        == files["model-00001-of-00001.safetensors"]
+    )
+
+
+def test_hub_target_pull_request_and_access(
+    hub_server: HubServer, small_dir: Path, creds_file: Path, tmp_path: Path
+) -> None:
+    repo = _repo_id("pr")
+    base = hub_server.add_repo(repo, private=True, token=HF_TOKEN)
+    settings = StoreSettings(
+        hf_endpoint=hub_server.endpoint, credentials_file=creds_file, scratch=tmp_path / "s"
+    )
+    loc = parse_location(f"hf://{repo}", "target", settings)
+    denied = open_target(loc, settings, "j", credential="wrong-hub")
+    with pytest.raises(RecastError, match="create it on the Hub first") as info:
+        denied.is_empty()
+    assert HF_TOKEN not in str(info.value)
+    target = open_target(loc, settings, "j", credential="hub")
+    names = _stage_all(target, {"a.safetensors": b"\x00" * 64, INDEX: b"{}"}, tmp_path / "w")
+    result = target.publish(names, "Recast PR", create_pr=True)
+    assert result["pr_url"] == f"{hub_server.endpoint}/{repo}/discussions/1"
+    assert hub_server.repos[repo].refs["main"] == base, "a pull request leaves main alone"
+    assert hub_server.repos[repo].refs["refs/pr/1"] == result["commit"]
+    assert target.is_empty(), "main still has no weights"
+
+    missing = open_target(parse_location("hf://org/not-created", "target", settings), settings, "j2")
+    with pytest.raises(RecastError, match="create it on the Hub first"):
+        missing.is_empty()
+    other = open_target(loc, settings, "j3", credential="hub")
+    _stage_all(other, {"b.bin": b"1"}, tmp_path / "w3")
+    other.discard()
+    other.discard()
+    assert not other.staging.exists()
+
+
+# -- local directories -------------------------------------------------------------------------------
+
+
+def test_file_target_renames_into_place(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    root.mkdir()
+    settings = StoreSettings(file_roots=(root,))
+    target = open_target(parse_location(f"file://{root}/out", "target", settings), settings, "j1")
+    assert isinstance(target, FileTarget) and target.is_empty()
+    assert target.staging == root / ".out.recast-j1"
+    names = _stage_all(
+        target, {"a.safetensors": b"abc", "sub/b.json": b"{}", INDEX: b"{}"}, tmp_path / "work"
+    )
+    assert not (tmp_path / "work" / "a.safetensors").exists(), "same filesystem: moved, not copied"
+    assert target.staged().list() == sorted(names) and target.is_empty()
+    (target.staging / "leftover.tmp").write_bytes(b"x")
+    assert target.publish(names, "m", create_pr=False) == {"url": (root / "out").as_uri()}
+    assert sorted(
+        p.relative_to(root / "out").as_posix() for p in (root / "out").rglob("*") if p.is_file()
+    ) == sorted(names)
+    assert not target.staging.exists() and not target.is_empty()
+    assert (
+        open_source(parse_location(f"file://{root}/out", "source", settings), settings).read_range(
+            "a.safetensors", 1, 3
+        )
+        == b"bc"
+    )
+
+    again = open_target(parse_location(f"file://{root}/out", "target", settings), settings, "j2")
+    _stage_all(again, {"a.safetensors": b"new"}, tmp_path / "work2")
+    with pytest.raises(TargetExistsError):
+        again.publish(["a.safetensors"], "m", create_pr=False)
+    again.discard()
+    again.discard()
+    assert not again.staging.exists() and (root / "out" / "a.safetensors").read_bytes() == b"abc"
+    with pytest.raises(RecastError, match="job id"):
+        open_target(parse_location(f"file://{root}/out", "target", settings), settings, "../escape")
+
+
+def test_file_target_copies_across_filesystems(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a second writable filesystem at /dev/shm")
+    source = shm / f"recast-test-{uuid.uuid4().hex}"
+    source.write_bytes(b"payload")
+    try:
+        target = FileTarget(tmp_path / "out", "j")
+        target.stage_file("x.bin", source)
+        assert (target.staging / "x.bin").read_bytes() == b"payload"
+        assert sorted(p.name for p in target.staging.iterdir()) == ["x.bin"], "no partial file is left"
+    finally:
+        source.unlink(missing_ok=True)

@@ -1,0 +1,70 @@
+"""The Celery app, configured for long GPU work on a Redis broker (PITFALLS: Celery with long tasks).
+
+- Late acks with reject-on-worker-lost: a worker that dies mid-shard gives the shard back, and our
+  own attempt counter (Redis) fails the job when one unit keeps killing its worker.
+- Prefetch 1: a process reserves only the task it runs, so idle workers take the other shards.
+- The visibility timeout is above the hard time limit, or the broker would hand a running shard to a
+  second worker. No result backend: the job store is the only record, with its own shard ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+
+from celery import Celery, signals
+
+from service.jobstore import WORKERS_KEY
+from service.settings import Settings
+
+QUEUE = "recast"
+HEARTBEAT_S = 10
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("recast", broker=settings.broker_url() if settings.redis_url else None)
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_time_limit=settings.shard_time_limit_s,
+        task_soft_time_limit=max(settings.shard_time_limit_s - 60, 1),
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        visibility_timeout=settings.visibility_timeout_s,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    app.conf.include = ["worker.tasks"]
+    return app
+
+
+app = make_app()
+
+
+def _heartbeat(url: str, name: str) -> None:
+    """Tell /readyz a worker is alive: a score per worker in one sorted set, refreshed in the background."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    while True:
+        with contextlib.suppress(redis.RedisError):
+            r.zadd(WORKERS_KEY, {name: time.time()})
+        time.sleep(HEARTBEAT_S)
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(sender=None, **_: object) -> None:
+    settings = Settings.from_env()
+    if settings.redis_url:
+        name = getattr(sender, "hostname", None) or f"{socket.gethostname()}-{os.getpid()}"
+        threading.Thread(target=_heartbeat, args=(settings.redis_url, name), daemon=True).start()

@@ -1,0 +1,255 @@
+"""A job's life on the workers: plan it, convert its shards (any worker, any order), finalize, publish.
+
+Plain functions over the job store and the engine; ``worker.tasks`` wraps them as Celery tasks. Every
+step is safe to run again: a redelivered shard that the ledger already holds is skipped, the final
+step resumes from whatever state it finds, and cancellation is checked between work units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
+from service.settings import Settings
+from worker.engine.checkpoint import MANIFEST, SIDECAR
+from worker.engine.convert import Conversion, Options, file_sha256, finish_sidecar, plan_conversion
+from worker.engine.errors import RecastError, VerificationError
+from worker.engine.storage import Source, read_all
+from worker.stores import Target, TransientStorageError, open_source, open_target, parse_location
+from worker.throttle import ThrottledSource
+
+log = logging.getLogger("recast.jobs")
+PROGRESS_EVERY_S = 0.5
+
+
+class JobCancelled(Exception):
+    """Raised between work units when the job was cancelled meanwhile."""
+
+
+class RetryLater(Exception):
+    """A transient failure; the task layer re-queues with backoff."""
+
+
+@dataclass
+class Context:
+    store: JobStore
+    settings: Settings
+    enqueue_shard: Callable[[str, str], None]
+    enqueue_finalize: Callable[[str], None]
+
+
+# A worker process converts many shards of the same job: plan once per job, not once per shard.
+_plans: dict[str, Conversion] = {}
+
+
+def _options(job: dict[str, Any]) -> Options:
+    req = job["request"]
+    return Options(
+        to=req["to"],
+        adapter=req.get("adapter"),
+        dtype=req.get("dtype", "bf16"),
+        quantize=req.get("quantize", "keep"),
+        verify=req.get("verify", True),
+        source_location=req["source"],
+        source_revision=job.get("source_revision") or None,
+    )
+
+
+def _source(ctx: Context, job: dict[str, Any]) -> Source:
+    req = job["request"]
+    loc = parse_location(job.get("source_pinned") or req["source"], "source", ctx.settings.stores)
+    source = open_source(loc, ctx.settings.stores, req.get("source_credential"))
+    if ctx.settings.read_limit_bytes_s:
+        source = ThrottledSource(source, ctx.settings.read_limit_bytes_s)
+    return source
+
+
+def _target(ctx: Context, job: dict[str, Any]) -> Target:
+    req = job["request"]
+    loc = parse_location(req["target"], "target", ctx.settings.stores)
+    return open_target(loc, ctx.settings.stores, job["id"], req.get("target_credential"))
+
+
+def _conversion(ctx: Context, job: dict[str, Any]) -> Conversion:
+    conv = _plans.get(job["id"])
+    if conv is None:
+        _plans.clear()
+        conv = _plans[job["id"]] = plan_conversion(_source(ctx, job), _options(job))
+    return conv
+
+
+def _scratch(ctx: Context, job_id: str, part: str) -> Path:
+    path = ctx.settings.stores.scratch / job_id / f"{part}-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _fail(ctx: Context, job_id: str, code: str, message: str) -> None:
+    try:
+        ctx.store.transition(job_id, ("queued", *ACTIVE), "failed", error_code=code, error_message=message)
+    except Conflict:
+        return
+    log.warning("job %s failed: %s: %s", job_id, code, message)
+    _discard(ctx, job_id)
+
+
+def _discard(ctx: Context, job_id: str) -> None:
+    """Remove staged output and scratch; safe to call from any worker, any number of times."""
+    job = ctx.store.get(job_id)
+    if job is not None:
+        try:
+            _target(ctx, job).discard()
+        except RecastError as exc:
+            log.warning("job %s: could not remove staged output: %s", job_id, exc)
+    shutil.rmtree(ctx.settings.stores.scratch / job_id, ignore_errors=True)
+    _plans.pop(job_id, None)
+
+
+def _settle_cancel(ctx: Context, job_id: str) -> None:
+    _discard(ctx, job_id)
+    with contextlib.suppress(Conflict):
+        ctx.store.transition(job_id, ("cancelling",), "cancelled", step="cancelled")
+
+
+def guarded(ctx: Context, job_id: str, unit: str, body: Callable[[dict[str, Any]], None]) -> None:
+    """Run one unit of a job: skip finished jobs, settle cancellations, count attempts, map errors."""
+    job = ctx.store.get(job_id)
+    if job is None or job["state"] in TERMINAL:
+        return
+    if job["state"] == "cancelling":
+        _settle_cancel(ctx, job_id)
+        return
+    attempt = ctx.store.attempt(job_id, unit)
+    if attempt > ctx.settings.max_attempts:
+        _fail(ctx, job_id, "attempts_exhausted",
+              f"{unit} was started {attempt - 1} times without finishing (its worker died or timed out "
+              "each time; is it running out of memory?)")  # fmt: skip
+        return
+    try:
+        body(job)
+        ctx.store.attempt(job_id, unit, -1)
+    except JobCancelled:
+        _settle_cancel(ctx, job_id)
+    except TransientStorageError as exc:
+        ctx.store.attempt(job_id, unit, -1)
+        log.warning("job %s %s: transient storage error, will retry: %s", job_id, unit, exc)
+        raise RetryLater(str(exc)) from exc
+    except RecastError as exc:
+        _fail(ctx, job_id, exc.code, str(exc))
+    except Exception as exc:
+        log.exception("job %s %s crashed", job_id, unit)
+        _fail(ctx, job_id, "internal_error", f"{unit}: {type(exc).__name__}: {exc}")
+
+
+def give_up(ctx: Context, job_id: str, message: str) -> None:
+    _fail(ctx, job_id, "storage_unavailable", f"storage kept failing after retries: {message}")
+
+
+def _check_cancel(ctx: Context, job_id: str) -> None:
+    job = ctx.store.get(job_id)
+    if job is None or job["state"] in ("cancelling", "cancelled"):
+        raise JobCancelled
+
+
+def plan_job(ctx: Context, job_id: str) -> None:
+    def body(job: dict[str, Any]) -> None:
+        if job["state"] == "queued":
+            ctx.store.transition(job_id, ("queued",), "running", step="planning")
+        conv = _conversion(ctx, job)
+        target = _target(ctx, job)
+        if not target.is_empty():
+            raise RecastError(f"target: {target.description} already holds files; choose an empty location")
+        names = conv.shard_names()
+        ctx.store.set_fields(
+            job_id, shard_names=names, shards_total=len(names), bytes_total=conv.ckpt.total_bytes,
+            adapter=conv.adapter.name,
+        )  # fmt: skip
+        ctx.store.progress(job_id, step=f"converting {len(names)} shards")
+        for name in names:
+            if not ctx.store.shard_done(job_id, name):
+                ctx.enqueue_shard(job_id, name)
+
+    guarded(ctx, job_id, "plan", body)
+
+
+def run_shard(ctx: Context, job_id: str, name: str) -> None:
+    def body(job: dict[str, Any]) -> None:
+        if ctx.store.shard_done(job_id, name):
+            if len(ctx.store.ledger(job_id)) == job["shards_total"]:
+                ctx.enqueue_finalize(job_id)
+            return
+        conv = _conversion(ctx, job)
+        pending = {"bytes": 0, "at": time.monotonic()}
+
+        def progress(p: dict[str, Any]) -> None:
+            pending["bytes"] += p.get("bytes_in", 0)
+            if time.monotonic() - pending["at"] >= PROGRESS_EVERY_S:
+                _check_cancel(ctx, job_id)
+                ctx.store.progress(job_id, step=f"converting {name}", bytes_in=pending["bytes"])
+                pending.update(bytes=0, at=time.monotonic())
+
+        path = conv.write_shard(name, _scratch(ctx, job_id, "shard"), progress)
+        sha, size = file_sha256(path), path.stat().st_size
+        _check_cancel(ctx, job_id)
+        _target(ctx, job).stage_file(name, path)
+        complete = ctx.store.progress(
+            job_id, step=f"converted {name}", bytes_in=pending["bytes"], shard=name, sha256=sha, size=size
+        )
+        if complete:
+            ctx.enqueue_finalize(job_id)
+
+    guarded(ctx, job_id, f"shard {name}", body)
+
+
+def finalize(ctx: Context, job_id: str) -> None:
+    def body(job: dict[str, Any]) -> None:
+        conv = _conversion(ctx, job)
+        target = _target(ctx, job)
+        ledger = ctx.store.ledger(job_id)
+        missing = [n for n in conv.shard_names() if n not in ledger]
+        if missing:
+            raise RecastError(f"internal: finalize found shards {missing[:3]} not converted")
+        ctx.store.transition(job_id, ACTIVE, "verifying", step="writing index and config")
+        meta = _scratch(ctx, job_id, "meta")
+        names = conv.write_metadata(meta)
+        files = {n: e["sha256"] for n, e in ledger.items()} | {n: file_sha256(meta / n) for n in names}
+        for name in names:
+            target.stage_file(name, meta / name)
+        report = conv.new_report()
+        if conv.opts.verify:
+            ctx.store.progress(job_id, step="verifying the round trip")
+            conv.verify(target.staged(), report)
+        report.bytes_in = conv.ckpt.total_bytes
+        report.bytes_out = conv.out.total_bytes()
+        report.seconds = time.time() - float(job.get("started_at") or job["created_at"])
+        _check_cancel(ctx, job_id)
+        (meta / SIDECAR).write_bytes(read_all(target.staged(), SIDECAR))
+        files.pop(SIDECAR, None)
+        for name in finish_sidecar(meta, report, files):
+            target.stage_file(name, meta / name)
+        ctx.store.save_report(job_id, report.to_json())
+        if conv.opts.verify and not report.passed:
+            raise VerificationError(f"verification failed: {report.failure_summary()}; nothing was published")
+        ctx.store.transition(job_id, ("verifying",), "uploading", step="publishing")
+        req = job["request"]
+        result = target.publish(
+            [*conv.shard_names(), *names, MANIFEST],
+            req.get("commit_message") or f"Recast: {report.direction} conversion with {report.adapter}",
+            bool(req.get("create_pr")),
+        )
+        ctx.store.transition(
+            job_id, ("uploading",), "succeeded", step="done", result=result, bytes_in=conv.ckpt.total_bytes
+        )
+        shutil.rmtree(ctx.settings.stores.scratch / job_id, ignore_errors=True)
+        _plans.pop(job_id, None)
+
+    guarded(ctx, job_id, "finalize", body)

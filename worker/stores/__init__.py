@@ -1,0 +1,130 @@
+"""Remote sources and targets for the conversion engine: local directories, S3 and the Hugging Face Hub.
+
+The engine reads through ``Source`` (worker/engine/storage.py); job workers write through ``Target``:
+stage finished files, let verification read them back from the staging area, then publish them in
+one step, so readers of the final location never see a half-written checkpoint. Failures that may
+succeed on retry (network, throttling, 5xx) raise ``TransientStorageError`` for the job layer to back
+off and retry; everything else is a ``RecastError`` that names the location and what to do.
+
+The S3 and Hub back ends are imported on first use: the API process parses locations but should not
+pay for importing boto3 or huggingface_hub.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Protocol
+
+from worker.engine.errors import RecastError
+from worker.engine.storage import LocalSource, Source
+
+from .locations import Location, parse_location
+from .settings import StoreSettings
+
+# The names worker.engine.checkpoint uses; not imported from there because that module loads torch.
+INDEX = "model.safetensors.index.json"
+SIDECAR = "recast.json"
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+class TransientStorageError(RecastError):
+    """The store failed in a way that may pass (connection, timeout, throttling, 5xx): retry with backoff."""
+
+    code = "storage_unavailable"
+
+
+class Target(Protocol):
+    """Where a job's output goes: a private staging area first, the final location only on ``publish``."""
+
+    description: str
+
+    def is_empty(self) -> bool:
+        """Nothing is at the final location yet (a job refuses to write over an existing checkpoint)."""
+        ...
+
+    def stage_file(self, name: str, path: Path) -> None:
+        """Put the finished local file ``path`` into staging as ``name``; ``path`` may be moved away."""
+        ...
+
+    def staged(self) -> Source:
+        """A read-only view of the staging area, which verification reads the output back through."""
+        ...
+
+    def publish(self, names: list[str], commit_message: str, create_pr: bool) -> dict[str, str]:
+        """Make the staged ``names`` final (index and recast.json last), then drop the staging area.
+
+        Returns ``{"url": ...}``, plus ``"commit"`` and ``"pr_url"`` where the store has them.
+        """
+        ...
+
+    def discard(self) -> None:
+        """Remove the staging area and anything partial; safe to call twice."""
+        ...
+
+
+def publish_order(names: list[str]) -> list[str]:
+    """``names`` with the index and recast.json last: a reader that sees the index sees complete shards."""
+    last = (INDEX, SIDECAR)
+    return [n for n in names if n not in last] + [n for n in last if n in names]
+
+
+def check_job_id(job_id: str) -> str:
+    """Job ids become path and key components, so only plain ones are accepted."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise RecastError(f"job id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-'")
+    return job_id
+
+
+def open_source(loc: Location, settings: StoreSettings, credential: str | None = None) -> Source:
+    """A ``Source`` over ``loc``; an hf location is pinned to a commit first so every read sees one commit."""
+    if loc.scheme == "file":
+        return LocalSource(loc.root)
+    if loc.scheme == "s3":
+        from .s3 import S3Source
+
+        return S3Source.open(loc, settings, credential)
+    from .hub import HubSource
+
+    if loc.revision is None or not _COMMIT_SHA.fullmatch(loc.revision):
+        loc = pin_revision(loc, settings, credential)
+    return HubSource(loc, settings, credential)
+
+
+def pin_revision(loc: Location, settings: StoreSettings, credential: str | None = None) -> Location:
+    """For hf, resolve the revision (default ``main``) to its commit SHA; other schemes come back as is."""
+    if loc.scheme != "hf":
+        return loc
+    from .hub import resolve_commit
+
+    sha = resolve_commit(loc, settings, credential)
+    return Location("hf", f"hf://{loc.root}@{sha}", loc.root, revision=sha)
+
+
+def open_target(loc: Location, settings: StoreSettings, job_id: str, credential: str | None = None) -> Target:
+    """The ``Target`` for job ``job_id`` writing to ``loc``."""
+    check_job_id(job_id)
+    if loc.scheme == "file":
+        from .local import FileTarget
+
+        return FileTarget(Path(loc.root), job_id)
+    if loc.scheme == "s3":
+        from .s3 import S3Target
+
+        return S3Target(loc, settings, job_id, credential)
+    from .hub import HubTarget
+
+    return HubTarget(loc, settings, job_id, credential)
+
+
+__all__ = [
+    "Location",
+    "StoreSettings",
+    "Target",
+    "TransientStorageError",
+    "open_source",
+    "open_target",
+    "parse_location",
+    "pin_revision",
+]
