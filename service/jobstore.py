@@ -164,7 +164,8 @@ class JobStore:
     ) -> bool:
         """Record progress; with ``shard``, mark it done in the ledger. True when every shard is done."""
         keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, "shards")]
-        entry = json.dumps({"sha256": sha256, "size": size, "worker": f"{os.uname().nodename}:{os.getpid()}"}) if shard else ""
+        worker = f"{os.uname().nodename}:{os.getpid()}"
+        entry = json.dumps({"sha256": sha256, "size": size, "worker": worker}) if shard else ""
         _, complete = self.r.eval(_PROGRESS, 3, *keys, step, bytes_in, shard, entry, size, _now())
         return bool(complete)
 

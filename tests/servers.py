@@ -103,7 +103,7 @@ class HubServer:
     def add_repo(
         self, repo_id: str, path: Path | None = None, private: bool = False, token: str | None = None
     ) -> str:
-        """Register ``repo_id`` with the files under ``path`` as its first commit on ``main``; returns its SHA.
+        """Register ``repo_id`` with the files under ``path`` as the first commit of ``main``; return its SHA.
 
         A private repo answers reads only with ``Authorization: Bearer <token>``; writes need the token
         whenever one is set.
@@ -122,7 +122,7 @@ class HubServer:
         return sha
 
     def add_commit(self, repo_id: str, files: dict[str, bytes]) -> str:
-        """Push ``files`` (added or replaced) onto ``main``, as someone else's commit would; returns its SHA."""
+        """Push ``files`` (added or replaced) onto ``main`` as someone else's commit; returns its SHA."""
         repo = self.repos[repo_id]
         with self.lock:
             head = repo.refs["main"]

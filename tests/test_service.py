@@ -135,7 +135,8 @@ def _download(s3: str, bucket: str, prefix: str, dst: Path) -> None:
 def test_s3_to_s3_matches_the_cli(client, cli_outputs, s3_server, tmp_path):
     src, cli_native, _ = cli_outputs("deepseek-v3")
     upload_directory(s3_server, src, "models", "deepseek/fp8")
-    job = submit(client, {"source": "s3://models/deepseek/fp8", "target": "s3://models/deepseek/native", "to": "native"})
+    body = {"source": "s3://models/deepseek/fp8", "target": "s3://models/deepseek/native", "to": "native"}
+    job = submit(client, body)
     done = wait(client, job["id"])
     assert done["state"] == "succeeded", done["error"]
     assert done["result"]["url"].startswith("s3://models/deepseek/native")
@@ -186,7 +187,7 @@ def test_bad_requests_name_the_field(client, cli_outputs, tmp_path):
         ({"source": f"file://{src}", "target": "file:///etc/recast", "to": "native"}, "target"),
         ({"source": f"file://{src}", "target": f"file://{tmp_path}/o", "to": "sideways"}, "to"),
         ({"source": f"file://{src}", "target": f"file://{tmp_path}/o", "to": "native",
-          "aws_secret_access_key": "hunter2"}, "aws_secret_access_key"),  # fmt: skip
+          "aws_secret_access_key": "hunter2"}, "aws_secret_access_key"),
         ({"source": f"file://{src}", "target": f"file://{tmp_path}/o", "to": "native", "adapter": "gpt9"}, "adapter"),
     ]
     for body, field in cases:

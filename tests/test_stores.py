@@ -18,6 +18,7 @@ from servers import HubServer, upload_directory
 
 from worker.engine import api
 from worker.engine.errors import CheckpointError, RecastError, TargetExistsError
+from worker.engine.storage import Source
 from worker.stores import (
     Location,
     StoreSettings,
@@ -31,7 +32,6 @@ from worker.stores.hub import HubSource, HubTarget
 from worker.stores.local import FileTarget
 from worker.stores.s3 import S3Source, S3Target, part_size, storage_error
 
-pytest_plugins = ["servers"]
 
 MIB = 1 << 20
 S3_SECRET = "s3-secret-value-do-not-print"
@@ -290,6 +290,8 @@ def test_s3_source_lists_sizes_and_reads_ranges(
         source.read_range("missing.bin", 0, 4)
     with pytest.raises(CheckpointError, match="outside the checkpoint"):
         source.read_range("../other/config.json", 0, 4)
+    with pytest.raises(CheckpointError, match="invalid byte range"):
+        source.read_range(shard, 10, 4)
 
 
 def test_s3_missing_bucket_is_permanent_and_names_it(s3_settings: StoreSettings) -> None:
@@ -400,11 +402,15 @@ def test_s3_target_discard_and_emptiness(s3_server: str, s3_settings: StoreSetti
     mine.stage_file("a.bin", file)
     mine.stage_file("nested/b.bin", file)
     other.stage_file("a.bin", file)
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_multipart_upload(Bucket=bucket, Key="out/.recast-staging/mine/crashed.bin")
+    client.create_multipart_upload(Bucket=bucket, Key="out/.recast-staging/other/busy.bin")
     mine.discard()
     mine.discard()
     assert mine.staged().list() == [] and other.staged().list() == ["a.bin"]
+    unfinished = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["Key"] for u in unfinished] == ["out/.recast-staging/other/busy.bin"]
     assert mine.is_empty() and other.is_empty()
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.put_object(Bucket=bucket, Key="out/sub/existing.bin", Body=b"1")
     assert not mine.is_empty()
     bucket_root = open_target(parse_location(f"s3://{bucket}", "target", s3_settings), s3_settings, "j")
@@ -468,7 +474,7 @@ def test_engine_converts_from_s3_like_from_disk(
     _assert_same_conversion(source, ckpt, tmp_path)
 
 
-def _assert_same_conversion(source, local: Path, tmp_path: Path) -> None:
+def _assert_same_conversion(source: Source, local: Path, tmp_path: Path) -> None:
     api.convert(source, tmp_path / "remote", api.Options(to="native"))
     api.convert(local, tmp_path / "local", api.Options(to="native"))
     remote_files = sorted(p.name for p in (tmp_path / "remote").iterdir())
@@ -603,7 +609,10 @@ def test_hub_target_publishes_one_commit(
     names = _stage_all(target, files, tmp_path / "work")
     assert target.staging == tmp_path / "scratch" / "hub-staging" / "job-7"
     assert target.staged().read_range("config.json", 0, 2) == b"{}"
+    start = len(hub_server.log)
     result = target.publish(names, "Convert with Recast", create_pr=False)
+    uploads = [path for method, path, _ in hub_server.log[start:] if method == "PUT"]
+    assert len(uploads) == 1 and uploads[0].startswith("/lfs-upload/"), "weights go through LFS, JSON inline"
     head = hub_server.repos[repo].refs["main"]
     assert head != first and result == {"url": f"hf://{repo}@{head}", "commit": head}
     assert {k: v for k, v in hub_server.files(repo).items() if k in files} == files

@@ -201,6 +201,7 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
         sha, size = file_sha256(path), path.stat().st_size
         _check_cancel(ctx, job_id)
         _target(ctx, job).stage_file(name, path)
+        path.unlink(missing_ok=True)
         complete = ctx.store.progress(
             job_id, step=f"converted {name}", bytes_in=pending["bytes"], shard=name, sha256=sha, size=size
         )

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Protocol
 
-from worker.engine.errors import RecastError
+from worker.engine.errors import CheckpointError, RecastError
 from worker.engine.storage import LocalSource, Source
 
 from .locations import Location, parse_location
@@ -68,6 +68,12 @@ def publish_order(names: list[str]) -> list[str]:
     """``names`` with the index and recast.json last: a reader that sees the index sees complete shards."""
     last = (INDEX, SIDECAR)
     return [n for n in names if n not in last] + [n for n in last if n in names]
+
+
+def check_range(where: str, start: int, end: int) -> None:
+    """Reject a reversed or negative range up front: S3 and HTTP servers answer one with the whole file."""
+    if not 0 <= start <= end:
+        raise CheckpointError(f"{where}: invalid byte range [{start}, {end})")
 
 
 def check_job_id(job_id: str) -> str:

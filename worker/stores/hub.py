@@ -12,7 +12,7 @@ rate-limits commits and a commit is atomic: nobody sees half an upload.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -31,11 +31,12 @@ from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 from worker.engine.errors import CheckpointError, RecastError
 from worker.engine.storage import LocalSource, Source, check_relative
 
-from . import TransientStorageError, publish_order
+from . import TransientStorageError, check_range, publish_order
 from .local import keep_only, place_file, remove_tree
 from .locations import Location
 from .settings import StoreSettings
 
+_TIMEOUT = 60.0  # seconds without progress before a Hub request counts as failed (and retryable)
 _TARGET_HINT = "; Recast does not create repositories or branches, so create it on the Hub first"
 
 
@@ -107,7 +108,7 @@ def resolve_commit(loc: Location, settings: StoreSettings, credential: str | Non
     """The commit SHA that ``loc``'s revision (default ``main``) points at now."""
     api, _ = _api(settings, credential)
     with _translated(loc.url, credential, CheckpointError):
-        info = api.model_info(loc.root, revision=loc.revision or "main")
+        info = api.model_info(loc.root, revision=loc.revision or "main", timeout=_TIMEOUT)
     if not info.sha:
         raise RecastError(f"{loc.url}: the Hub did not report a commit for this revision")
     return info.sha
@@ -129,7 +130,7 @@ class HubSource:
         self.client = httpx2.Client(
             headers=build_hf_headers(token=token),
             follow_redirects=True,
-            timeout=httpx2.Timeout(60.0, connect=10.0),
+            timeout=httpx2.Timeout(_TIMEOUT, connect=10.0),
         )
         self._sizes: dict[str, int] | None = None
 
@@ -161,7 +162,7 @@ class HubSource:
         return size
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
-        check_relative(name, self.description)
+        check_range(self._where(check_relative(name, self.description)), start, end)
         if start == end:
             return b""
         url = f"{self.endpoint}/{self.repo}/resolve/{self.sha}/{quote(name)}"
@@ -203,7 +204,7 @@ class HubTarget:
         self.description = loc.url
         self.credential = credential
 
-    def _errors(self):
+    def _errors(self) -> AbstractContextManager[None]:
         return _translated(self.description, self.credential, RecastError, _TARGET_HINT)
 
     def is_empty(self) -> bool:
@@ -222,7 +223,7 @@ class HubTarget:
         return LocalSource(self.staging)
 
     def publish(self, names: list[str], commit_message: str, create_pr: bool) -> dict[str, str]:
-        """One commit adding every staged file (a pull request if ``create_pr``); then drop the staging copy."""
+        """One commit adding every staged file (a pull request if ``create_pr``), then drop staging."""
         keep_only(self.staging, names)
         operations = [
             CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(self.staging / name))

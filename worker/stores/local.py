@@ -17,7 +17,7 @@ from worker.engine.storage import LocalSource, Source, check_relative
 
 
 def place_file(src: Path, dest: Path) -> None:
-    """Move ``src`` to ``dest``; across filesystems copy to a temporary name first so ``dest`` is never partial."""
+    """Move ``src`` to ``dest``; across filesystems copy via a temporary name so ``dest`` is never partial."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:

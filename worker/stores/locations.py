@@ -64,7 +64,10 @@ def _parse_file(rest: str, where: str, file_roots: tuple[Path, ...]) -> Location
         raise RecastError(
             f"{where}: local paths are disabled; set RECAST_FILE_ROOTS to the allowed directories"
         )
-    resolved = Path("/" + unquote(path)).resolve()
+    decoded = unquote(path)
+    if any(ord(c) < 32 for c in decoded):
+        raise RecastError(f"{where}: the path contains control characters")
+    resolved = Path("/" + decoded).resolve()
     roots = [r.resolve() for r in file_roots]
     if not any(resolved != r and resolved.is_relative_to(r) for r in roots):
         allowed = ", ".join(str(r) for r in roots)
@@ -80,7 +83,7 @@ def _parse_s3(rest: str, where: str) -> Location:
         or any(s in bucket for s in ("..", ".-", "-."))
     ):
         raise RecastError(
-            f"{where}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, dots, dashes)"
+            f"{where}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-')"
         )
     prefix = key.strip("/")
     parts = prefix.split("/") if prefix else []

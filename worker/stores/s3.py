@@ -17,6 +17,7 @@ from pathlib import Path
 import boto3
 from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
+from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -30,7 +31,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from worker.engine.errors import CheckpointError, RecastError
 from worker.engine.storage import check_relative
 
-from . import TransientStorageError, publish_order
+from . import TransientStorageError, check_range, publish_order
 from .locations import Location
 from .settings import StoreSettings
 
@@ -62,7 +63,7 @@ _ACCESS_CODES = frozenset(
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 
 
-def make_client(settings: StoreSettings, credential: str | None):
+def make_client(settings: StoreSettings, credential: str | None) -> BaseClient:
     """A boto3 S3 client from the settings, with the named credential's keys, region and endpoint on top."""
     cred = settings.credential(credential, "s3")
     session = boto3.session.Session(
@@ -84,7 +85,7 @@ def make_client(settings: StoreSettings, credential: str | None):
 
 
 def part_size(size: int, chunk: int) -> int:
-    """The multipart part size for a ``size``-byte object: ``chunk``, grown in whole MiB to stay within 10,000 parts."""
+    """Part size for a ``size``-byte upload: ``chunk``, grown in whole MiB to stay within 10,000 parts."""
     needed = -(-size // MAX_PARTS)
     return chunk if needed <= chunk else -(-needed // _MIB) * _MIB
 
@@ -155,7 +156,7 @@ class S3Source:
     Keys with a hidden path component (such as ``.recast-staging/``) are not part of the checkpoint.
     """
 
-    def __init__(self, client, bucket: str, prefix: str, credential: str | None = None):
+    def __init__(self, client: BaseClient, bucket: str, prefix: str, credential: str | None = None):
         self.client = client
         self.bucket = bucket
         self.key_prefix = f"{prefix}/" if prefix else ""
@@ -200,7 +201,7 @@ class S3Source:
         return size
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
-        check_relative(name, self.description)
+        check_range(self._url(check_relative(name, self.description)), start, end)
         if start == end:
             return b""
         with self._errors.about(self._url(name)):
@@ -210,7 +211,8 @@ class S3Source:
             data = response["Body"].read()
         if len(data) != end - start:
             raise CheckpointError(
-                f"{self._url(name)}: expected {end - start} bytes at offset {start}, got {len(data)}; truncated"
+                f"{self._url(name)}: expected {end - start} bytes at offset {start}, "
+                f"got {len(data)}; truncated"
             )
         return data
 
