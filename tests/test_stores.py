@@ -32,7 +32,6 @@ from worker.stores.hub import HubSource, HubTarget
 from worker.stores.local import FileTarget
 from worker.stores.s3 import S3Source, S3Target, part_size, storage_error
 
-
 MIB = 1 << 20
 S3_SECRET = "s3-secret-value-do-not-print"
 HF_TOKEN = "hf_token_value_do_not_print"
