@@ -293,3 +293,20 @@ def test_token_is_never_stored(slow):
         kind = r.type(key)
         blob = repr(r.hgetall(key) if kind == b"hash" else r.get(key) if kind == b"string" else b"")
         assert TOKEN not in blob
+
+
+def test_hub_target_is_one_pull_request(client, cli_outputs, hub_server):
+    src, cli_native, _ = cli_outputs("mistral4")
+    base = hub_server.add_repo("team/tiny-native")
+    job = submit(client, {"source": f"file://{src}", "target": "hf://team/tiny-native", "to": "native",
+                          "create_pr": True, "commit_message": "Add native weights"})  # fmt: skip
+    done = wait(client, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    repo = hub_server.repos["team/tiny-native"]
+    assert repo.refs["main"] == base and repo.refs["refs/pr/1"] == done["result"]["commit"]
+    assert done["result"]["pr_url"].endswith("/team/tiny-native/discussions/1")
+    files = hub_server.files("team/tiny-native", "refs/pr/1")
+    for p in cli_native.iterdir():
+        if p.name not in RUN_SPECIFIC:
+            assert files[p.name] == p.read_bytes(), p.name
+    assert {SIDECAR, MANIFEST} <= set(files)

@@ -1,0 +1,72 @@
+"""The job store and the job steps against a real Redis (the bundled server), without Celery."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from service.embedded import EmbeddedRedis
+from service.jobstore import Conflict, JobStore
+from service.settings import Settings
+from worker import jobs
+
+
+@pytest.fixture
+def store(tmp_path) -> Iterator[JobStore]:
+    with EmbeddedRedis(tmp_path / "redis") as r:
+        yield JobStore.connect(r.url, ttl_s=60)
+
+
+REQUEST = {"source": "file:///nowhere/src", "target": "file:///nowhere/dst", "to": "native"}
+
+
+def test_transitions_check_the_state_they_expect(store):
+    job = store.create(REQUEST, {"team": "a"}, None)
+    with pytest.raises(Conflict) as info:
+        store.transition(job["id"], ("running",), "verifying")
+    assert info.value.state == "queued"
+    store.transition(job["id"], ("queued",), "running")
+    assert not store.progress(job["id"], step="x", bytes_in=5)
+    store.transition(job["id"], ("running",), "failed", error_code="e", error_message="m")
+    assert store.progress(job["id"], bytes_in=7) is False  # a finished job takes no more progress
+    got = store.get(job["id"])
+    assert got["state"] == "failed" and got["bytes_in"] == 5 and got["finished_at"]
+    assert 0 < store.r.ttl(store.key(job["id"])) <= 60 and 0 < store.r.ttl(store.key(job["id"], "events")) <= 60
+    kinds = [(k, j["state"]) for _, k, j in store.events(job["id"], "0", 0)]
+    assert kinds == [("state", "queued"), ("state", "running"), ("progress", "running"), ("state", "failed")]
+
+
+def test_listing_drops_expired_jobs(store):
+    ids = [store.create(REQUEST, {"batch": "x"}, None)["id"] for _ in range(4)]
+    store.r.delete(store.key(ids[2]))  # expired
+    page, cursor = store.list(label=("batch", "x"), limit=2)
+    assert [j["id"] for j in page] == [ids[3], ids[1]]
+    page, cursor = store.list(label=("batch", "x"), cursor=cursor, limit=2)
+    assert [j["id"] for j in page] == [ids[0]] and cursor is None
+    assert store.r.zscore("recast:jobs:label:batch=x", ids[2]) is None
+    assert store.counts()["queued"] == 4  # the state index is cleaned when a listing meets the id
+
+
+def test_shard_ledger_counts_each_shard_once(store):
+    job = store.create(REQUEST, {}, None)
+    store.transition(job["id"], ("queued",), "running")
+    store.set_fields(job["id"], shards_total=2)
+    assert not store.progress(job["id"], shard="a", sha256="1", size=10)
+    assert not store.progress(job["id"], shard="a", sha256="1", size=10)  # redelivered
+    assert store.progress(job["id"], shard="b", sha256="2", size=5)
+    got = store.get(job["id"])
+    assert got["shards_done"] == 2 and got["bytes_out"] == 15
+
+
+def test_a_unit_that_keeps_killing_its_worker_fails_the_job(store, tmp_path):
+    settings = replace(Settings(), max_attempts=2)
+    queued: list[str] = []
+    ctx = jobs.Context(store, settings, lambda j, n: queued.append(n), queued.append)
+    job = store.create(REQUEST, {}, None)
+    store.r.hset(store.key(job["id"], "attempts"), "plan", 2)  # two starts that never ended
+    jobs.plan_job(ctx, job["id"])
+    got = store.get(job["id"])
+    assert got["state"] == "failed" and got["error_code"] == "attempts_exhausted"
+    assert "plan was started 2 times" in got["error_message"] and not queued
