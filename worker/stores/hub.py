@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx2
@@ -29,10 +28,11 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
 from worker.engine.errors import CheckpointError, RecastError
-from worker.engine.storage import LocalSource, Source, check_relative
+from worker.engine.storage import check_relative
 
 from . import TransientStorageError, check_range, publish_order
-from .local import keep_only, place_file, remove_tree
+from .listed import ListedSource
+from .local import LocalStaging, keep_only, remove_tree
 from .locations import Location
 from .settings import StoreSettings
 
@@ -114,7 +114,7 @@ def resolve_commit(loc: Location, settings: StoreSettings, credential: str | Non
     return info.sha
 
 
-class HubSource:
+class HubSource(ListedSource):
     """A model repo at one commit, read by ranged GETs on ``{endpoint}/{repo}/resolve/{sha}/{path}``.
 
     Files with a hidden path component (``.gitattributes``) are not part of the checkpoint.
@@ -149,18 +149,6 @@ class HubSource:
             }
         return self._sizes
 
-    def list(self) -> list[str]:
-        return sorted(self.sizes())
-
-    def exists(self, name: str) -> bool:
-        return check_relative(name, self.description) in self.sizes()
-
-    def size(self, name: str) -> int:
-        size = self.sizes().get(check_relative(name, self.description))
-        if size is None:
-            raise CheckpointError(f"{self.description}: {name} does not exist")
-        return size
-
     def read_range(self, name: str, start: int, end: int) -> bytes:
         check_range(self._where(check_relative(name, self.description)), start, end)
         if start == end:
@@ -189,7 +177,7 @@ class HubSource:
         return bytes(data[:want])
 
 
-class HubTarget:
+class HubTarget(LocalStaging):
     """A model repo (branch ``main`` unless the URL names one), written in one commit.
 
     The staged output stays on this worker's local disk, under ``<scratch>/hub-staging/<job_id>``, until
@@ -214,13 +202,6 @@ class HubTarget:
                 if isinstance(entry, RepoFile) and entry.path.endswith(".safetensors"):
                     return False
         return True
-
-    def stage_file(self, name: str, path: Path) -> None:
-        place_file(path, self.staging / check_relative(name, self.description))
-
-    def staged(self) -> Source:
-        self.staging.mkdir(parents=True, exist_ok=True)
-        return LocalSource(self.staging)
 
     def publish(self, names: list[str], commit_message: str, create_pr: bool) -> dict[str, str]:
         """One commit adding every staged file (a pull request if ``create_pr``), then drop staging."""

@@ -50,7 +50,21 @@ def keep_only(directory: Path, names: list[str]) -> None:
         (directory / extra).unlink()
 
 
-class FileTarget:
+class LocalStaging:
+    """A target that stages in a local directory until it publishes."""
+
+    description: str
+    staging: Path
+
+    def stage_file(self, name: str, path: Path) -> None:
+        place_file(path, self.staging / check_relative(name, self.description))
+
+    def staged(self) -> Source:
+        self.staging.mkdir(parents=True, exist_ok=True)
+        return LocalSource(self.staging)
+
+
+class FileTarget(LocalStaging):
     """A local directory; staged in ``<parent>/.<name>.recast-<job_id>`` and renamed into place."""
 
     def __init__(self, path: Path, job_id: str):
@@ -60,13 +74,6 @@ class FileTarget:
 
     def is_empty(self) -> bool:
         return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
-
-    def stage_file(self, name: str, path: Path) -> None:
-        place_file(path, self.staging / check_relative(name, self.description))
-
-    def staged(self) -> Source:
-        self.staging.mkdir(parents=True, exist_ok=True)
-        return LocalSource(self.staging)
 
     def publish(self, names: list[str], commit_message: str, create_pr: bool) -> dict[str, str]:
         """Rename the staging directory into place (``commit_message`` and ``create_pr`` are Hub-only)."""

@@ -32,6 +32,7 @@ from worker.engine.errors import CheckpointError, RecastError
 from worker.engine.storage import check_relative
 
 from . import TransientStorageError, check_range, publish_order
+from .listed import ListedSource
 from .locations import Location
 from .settings import StoreSettings
 
@@ -150,7 +151,7 @@ class _Errors:
             raise storage_error(exc, what, self.credential, self.missing) from exc
 
 
-class S3Source:
+class S3Source(ListedSource):
     """Objects under ``s3://bucket/prefix``, read by ranged GETs; the listing is fetched once and cached.
 
     Keys with a hidden path component (such as ``.recast-staging/``) are not part of the checkpoint.
@@ -187,18 +188,6 @@ class S3Source:
                             sizes[name] = obj["Size"]
             self._sizes = sizes
         return self._sizes
-
-    def list(self) -> list[str]:
-        return sorted(self.sizes())
-
-    def exists(self, name: str) -> bool:
-        return check_relative(name, self.description) in self.sizes()
-
-    def size(self, name: str) -> int:
-        size = self.sizes().get(check_relative(name, self.description))
-        if size is None:
-            raise CheckpointError(f"{self.description}: {name} does not exist")
-        return size
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         check_range(self._url(check_relative(name, self.description)), start, end)
