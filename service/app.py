@@ -115,8 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rec = store.create(request, body.labels, pinned.revision)
             store.set_fields(rec["id"], source_pinned=pinned.url)
             if idempotency_key is not None:
-                store.r.set(f"recast:idempotency:{idempotency_key}", json.dumps({"job": rec["id"], "hash": digest}),
-                            ex=settings.job_ttl_s)  # fmt: skip
+                store.claim_idempotency(idempotency_key, digest, rec["id"], replace=True)
         except BaseException:
             if idempotency_key is not None:
                 store.release_idempotency(idempotency_key)

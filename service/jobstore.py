@@ -182,11 +182,11 @@ class JobStore:
     def save_report(self, job_id: str, report: dict[str, Any]) -> None:
         self.r.set(self.key(job_id, "report"), json.dumps(report))
 
-    def claim_idempotency(self, key: str, body_hash: str, job_id: str) -> tuple[str, str] | None:
+    def claim_idempotency(self, key: str, body_hash: str, job_id: str, replace: bool = False) -> tuple[str, str] | None:
         """Bind ``key`` to a job; returns the (job, body hash) already bound to it, if any."""
         name = f"{PREFIX}idempotency:{key}"
         value = json.dumps({"job": job_id, "hash": body_hash})
-        if self.r.set(name, value, nx=True, ex=self.ttl_s):
+        if self.r.set(name, value, nx=not replace, ex=self.ttl_s):
             return None
         raw = self.r.get(name)
         if raw is None:

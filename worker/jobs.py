@@ -139,6 +139,10 @@ def guarded(ctx: Context, job_id: str, unit: str, body: Callable[[dict[str, Any]
         ctx.store.attempt(job_id, unit, -1)
     except JobCancelled:
         _settle_cancel(ctx, job_id)
+    except Conflict as exc:  # another worker or the API moved the job on; it owns what comes next
+        log.info("job %s %s: stopped, the job is now %s", job_id, unit, exc.state)
+        if exc.state == "cancelling":
+            _settle_cancel(ctx, job_id)
     except TransientStorageError as exc:
         ctx.store.attempt(job_id, unit, -1)
         log.warning("job %s %s: transient storage error, will retry: %s", job_id, unit, exc)
