@@ -35,6 +35,7 @@ from worker.stores import open_source, parse_location, pin_revision
 
 log = logging.getLogger("recast.api")
 KEEPALIVE_S = 15
+SESSION_COOKIE = "recast_session"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -64,12 +65,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     bearer = HTTPBearer(auto_error=False)
     tokens = [t.encode() for t in settings.api_tokens]
 
-    def authorized(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        given = creds.credentials.encode() if creds else b""
+    def valid_token(given: str | None) -> bool:
         ok = False
         for t in tokens:  # every token is compared, so timing says nothing about which one nearly matched
-            ok |= hmac.compare_digest(given, t)
-        if not ok:
+            ok |= hmac.compare_digest((given or "").encode(), t)
+        return ok
+
+    def authorized(
+        request: Request,
+        creds: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> None:
+        """A bearer token, or the dashboard's session cookie (a browser's EventSource sends no headers)."""
+        if not valid_token(creds.credentials if creds else request.cookies.get(SESSION_COOKIE)):
             raise Problem(401, "unauthorized", "a valid bearer token is required (Authorization: Bearer …)",
                           {"WWW-Authenticate": "Bearer"})  # fmt: skip
 
