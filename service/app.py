@@ -26,8 +26,10 @@ from service import problems
 from service.jobstore import STATES, TERMINAL, Conflict, JobStore, decode
 from service.metrics import Metrics, alive_workers
 from service.problems import Problem
-from service.schemas import Adapter, InspectRequest, Job, JobPage, JobRequest
+from service.schedules import ScheduleStore
+from service.schemas import Adapter, InspectRequest, Job, JobPage, JobRequest, SchedulePatch, ScheduleRequest
 from service.settings import Settings
+from service.submission import check_locations, create_job
 from worker.engine.adapters import ADAPTERS
 from worker.engine.errors import RecastError
 from worker.engine.inspect import inspect
@@ -49,6 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from worker.celery_app import make_app
 
     celery = make_app(settings)
+
+    def send_task(name: str, args: list[str]) -> None:
+        celery.send_task(name, args=args)
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -104,12 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body: JobRequest, response: Response, idempotency_key: Annotated[str | None, Header()] = None
     ) -> Job:
         """Queue a conversion. The same ``Idempotency-Key`` with the same body returns the same job."""
-        request = body.model_dump(exclude={"labels"})
-        src = parse_location(body.source, "source", settings.stores)
-        dst = parse_location(body.target, "target", settings.stores)
-        if dst.scheme == "hf" and dst.revision:
-            raise Problem(422, "invalid_request", "target: an hf:// target takes no @revision; "
-                          "use create_pr to propose the change")  # fmt: skip
+        check_locations(body, settings)
         digest = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
         if idempotency_key is not None:
             if not 0 < len(idempotency_key) <= 200:
@@ -118,23 +118,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if bound is not None:
                 return _replay(bound, digest, response)
         try:
-            pinned = pin_revision(src, settings.stores, body.source_credential)
-            rec = store.create(request, body.labels, pinned.revision)
-            store.set_fields(rec["id"], source_pinned=pinned.url)
-            if idempotency_key is not None:
-                store.claim_idempotency(idempotency_key, digest, rec["id"], replace=True)
+            rec = create_job(store, settings, send_task, body)
         except BaseException:
             if idempotency_key is not None:
                 store.release_idempotency(idempotency_key)
             raise
-        try:
-            celery.send_task("recast.plan", args=[rec["id"]])
-        except Exception as exc:
-            store.transition(rec["id"], ("queued",), "failed", error_code="queue_unavailable",
-                             error_message=f"could not queue the job: {type(exc).__name__}")  # fmt: skip
-            raise Problem(503, "queue_unavailable", "the job queue is unreachable; try again shortly") from exc
+        if idempotency_key is not None:
+            store.claim_idempotency(idempotency_key, digest, rec["id"], replace=True)
         response.headers["Location"] = f"/v1/jobs/{rec['id']}"
-        return Job.of(store.get(rec["id"]) or rec)
+        return Job.of(rec)
 
     def _replay(bound: tuple[str, str], digest: str, response: Response) -> Job:
         job_id, bound_digest = bound
@@ -248,6 +240,58 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def adapters() -> list[Adapter]:
         return [Adapter(name=a.name, description=a.description, architectures=list(a.architectures))
                 for a in ADAPTERS.values()]  # fmt: skip
+
+    schedules = ScheduleStore(store, celery)
+
+    def schedule_or_404(sid: str) -> dict[str, Any]:
+        rec = schedules.get_raw(sid)
+        if rec is None:
+            raise Problem(404, "schedule_not_found", f"no schedule {sid!r}")
+        return rec
+
+    @app.post("/v1/schedules", status_code=201, dependencies=auth, tags=["schedules"])
+    def create_schedule(body: ScheduleRequest, response: Response) -> dict[str, Any]:
+        """Each firing converts the newest checkpoint the template's source finds, once per revision."""
+        parse_location(body.template.source, "template.source", settings.stores)
+        parse_location(body.template.target.format(name="x", revision="x"), "template.target", settings.stores)
+        rec = schedules.create(body.name, body.cron, body.template, body.paused)
+        response.headers["Location"] = f"/v1/schedules/{rec['id']}"
+        return rec
+
+    @app.get("/v1/schedules", dependencies=auth, tags=["schedules"])
+    def list_schedules() -> dict[str, Any]:
+        return {"schedules": schedules.list()}
+
+    @app.get("/v1/schedules/{sid}", dependencies=auth, tags=["schedules"])
+    def get_schedule(sid: str) -> dict[str, Any]:
+        return schedules.view(schedule_or_404(sid))
+
+    @app.patch("/v1/schedules/{sid}", dependencies=auth, tags=["schedules"])
+    def patch_schedule(sid: str, body: SchedulePatch) -> dict[str, Any]:
+        """Pause or resume (``{"paused": true}``), or change the name, cron or template."""
+        schedule_or_404(sid)
+        changes = body.model_dump(exclude_unset=True)
+        if "template" in changes:
+            changes["template"] = body.template.model_dump() if body.template else None
+        return schedules.update(sid, changes) or schedules.view(schedule_or_404(sid))
+
+    @app.delete("/v1/schedules/{sid}", status_code=204, dependencies=auth, tags=["schedules"])
+    def delete_schedule(sid: str) -> Response:
+        if not schedules.delete(sid):
+            raise Problem(404, "schedule_not_found", f"no schedule {sid!r}")
+        return Response(status_code=204)
+
+    @app.get("/v1/schedules/{sid}/firings", dependencies=auth, tags=["schedules"])
+    def schedule_firings(sid: str) -> dict[str, Any]:
+        """Newest first: when, which source revision, the job it submitted or why it skipped."""
+        schedule_or_404(sid)
+        return {"firings": schedules.firings(sid)}
+
+    @app.post("/v1/schedules/{sid}/run", status_code=202, dependencies=auth, tags=["schedules"])
+    def run_schedule(sid: str) -> dict[str, Any]:
+        """Fire now, as the beat would (also when paused)."""
+        schedule_or_404(sid)
+        return schedules.fire(sid, settings, send_task, manual=True) or {}
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -1,40 +1,87 @@
-"""Prometheus metrics. Job counts are read from Redis at scrape time, so every API replica reports the
-same figures and nothing is lost when one restarts; request latency is per process."""
+"""Prometheus metrics. Everything but request latency lives in Redis: workers are separate processes
+(and machines), so they add to Redis counters, and any API replica reads the same figures at scrape
+time; nothing is lost when a process restarts."""
 
 from __future__ import annotations
 
 import time
 
+import redis
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from service.jobstore import WORKERS_KEY, JobStore
+from service.jobstore import PREFIX, WORKERS_KEY, JobStore
+from service.settings import QUEUE
 
 ALIVE_S = 30
+COUNTERS = f"{PREFIX}metrics:counters"
+SHARD_SECONDS = f"{PREFIX}metrics:shard_seconds"
+SHARD_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
+UNACKED = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged tasks in this hash
 
 
-class _JobCollector:
-    def __init__(self, store: JobStore):
-        self.store = store
+def record_shard(r: redis.Redis, seconds: float, bytes_in: int, bytes_out: int) -> None:
+    pipe = r.pipeline(transaction=False)
+    for le in SHARD_BUCKETS:
+        if seconds <= le:
+            pipe.hincrby(SHARD_SECONDS, str(le), 1)
+    pipe.hincrbyfloat(SHARD_SECONDS, "sum", seconds)
+    pipe.hincrby(COUNTERS, "bytes_in", bytes_in)
+    pipe.hincrby(COUNTERS, "bytes_out", bytes_out)
+    pipe.execute()
 
-    def collect(self):
-        jobs = GaugeMetricFamily("recast_jobs", "Jobs known to the store, by state", labels=["state"])
-        for state, n in self.store.counts().items():
-            jobs.add_metric([state], n)
-        yield jobs
-        workers = GaugeMetricFamily("recast_workers_alive", "Workers that sent a heartbeat in the last 30 s")
-        workers.add_metric([], alive_workers(self.store))
-        yield workers
+
+def count(r: redis.Redis, name: str, n: int = 1) -> None:
+    """Bump one of the counters below (verification failures, schedule firings by outcome...)."""
+    r.hincrby(COUNTERS, name, n)
 
 
 def alive_workers(store: JobStore) -> int:
     return int(store.r.zcount(WORKERS_KEY, time.time() - ALIVE_S, "+inf"))
 
 
+class _Collector:
+    def __init__(self, store: JobStore):
+        self.store = store
+
+    def collect(self):
+        r = self.store.r
+        jobs = GaugeMetricFamily("recast_jobs", "Jobs in the store, by state", labels=["state"])
+        for state, n in self.store.counts().items():
+            jobs.add_metric([state], n)
+        yield jobs
+        queued, running = int(r.llen(QUEUE)), int(r.hlen(UNACKED))
+        work = GaugeMetricFamily(
+            "recast_work_units", "Work units (plan, shard, finalize tasks) waiting or being run: "
+            "scale workers on the sum", labels=["state"],
+        )  # fmt: skip
+        work.add_metric(["queued"], queued)
+        work.add_metric(["running"], running)
+        yield work
+        yield GaugeMetricFamily("recast_work_units_outstanding", "Queued plus running work units", queued + running)
+        alive = alive_workers(self.store)
+        yield GaugeMetricFamily("recast_workers_alive", "Workers with a heartbeat in the last 30 s", value=alive)
+        c = {k: float(v) for k, v in r.hgetall(COUNTERS).items()}
+        for name, help_ in (("bytes_in", "Source bytes converted"), ("bytes_out", "Bytes written to targets")):
+            yield CounterMetricFamily(f"recast_{name}", help_, value=c.get(name, 0.0))
+        failures = c.get("verification_failures", 0.0)
+        yield CounterMetricFamily("recast_verification_failures", "Jobs that failed verification", value=failures)
+        firings = CounterMetricFamily("recast_schedule_firings", "Schedule firings, by outcome", labels=["outcome"])
+        for outcome in ("submitted", "skipped", "failed"):
+            firings.add_metric([outcome], c.get(f"firings_{outcome}", 0.0))
+        yield firings
+        h = r.hgetall(SHARD_SECONDS)
+        buckets = [("+Inf" if le == float("inf") else str(le), float(h.get(str(le), 0))) for le in SHARD_BUCKETS]
+        yield HistogramMetricFamily(
+            "recast_shard_seconds", "Time to convert and stage one output shard", buckets=buckets,
+            sum_value=float(h.get("sum", 0.0)),
+        )  # fmt: skip
+
+
 class Metrics:
     def __init__(self, store: JobStore):
         self.registry = CollectorRegistry()
-        self.registry.register(_JobCollector(store))
+        self.registry.register(_Collector(store))
         self.requests = Histogram(
             "recast_http_request_seconds", "API request latency", ["method", "route", "status"],
             registry=self.registry,
@@ -42,4 +89,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-

@@ -138,3 +138,37 @@ class Adapter(BaseModel):
     name: str
     description: str
     architectures: list[str]
+
+
+class ScheduleTemplate(JobRequest):
+    """A job request whose source is a place to look for the newest checkpoint, not a checkpoint."""
+
+    source: str = Field(description="hf://org/repo (its newest revision), or an s3:// or file:// prefix "
+                        "searched with source_pattern")  # fmt: skip
+    source_pattern: str | None = Field(None, description="glob on checkpoint directory names, e.g. 'step-*'")
+    target: str = Field(description="where each firing writes; must contain {name} or {revision}")
+
+    @field_validator("target")
+    @classmethod
+    def _placeholder(cls, v: str) -> str:
+        if "{name}" not in v and "{revision}" not in v:
+            raise ValueError("must contain {name} or {revision}, so every firing writes to a new location")
+        return v
+
+
+class ScheduleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    cron: str = Field(description="five fields, UTC: minute hour day-of-month month day-of-week")
+    template: ScheduleTemplate
+    paused: bool = False
+
+
+class SchedulePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=100)
+    cron: str | None = None
+    template: ScheduleTemplate | None = None
+    paused: bool | None = None

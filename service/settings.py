@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from worker.engine.errors import RecastError
 from worker.stores.settings import StoreSettings
 
+QUEUE = "recast"  # the Celery queue every task goes to
+
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)

@@ -1,5 +1,6 @@
 """``recast up``: the whole service on one machine: an embedded Redis (unless RECAST_REDIS_URL is set),
-one worker and the API on localhost. Ctrl-C stops all three, the worker first finishing its task."""
+one worker, the schedule beat and the API on localhost. Ctrl-C stops them all, the worker first
+finishing its task."""
 
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ def up(port: int, host: str = "127.0.0.1", file_roots: list[str] | None = None) 
         os.environ["RECAST_API_TOKENS"] = token
     if not os.environ.get("RECAST_FILE_ROOTS"):
         os.environ["RECAST_FILE_ROOTS"] = os.pathsep.join(file_roots or [os.getcwd()])
-    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--loglevel", "WARNING"])
+    children = [
+        subprocess.Popen([sys.executable, "-m", "worker.cli", role, "--loglevel", "WARNING"])
+        for role in ("worker", "beat")
+    ]
     try:
         from service.app import create_app
 
@@ -46,12 +50,14 @@ def up(port: int, host: str = "127.0.0.1", file_roots: list[str] | None = None) 
         print("Ctrl-C stops everything.", flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
-        worker.terminate()
-        try:
-            worker.wait(WORKER_GRACE_S)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(WORKER_GRACE_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
         if embedded is not None:
             embedded.stop()
         print("Recast stopped.", flush=True)

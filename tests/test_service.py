@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import filecmp
 import json
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import boto3
 import httpx
 import pytest
 import redis
-from harness import TOKEN, Service, events, submit, wait
+from harness import ROOT, TOKEN, Service, events, submit, wait
 from servers import AWS_TEST_ENV, HubServer, upload_directory
 
 from worker.engine import api
@@ -310,3 +313,69 @@ def test_hub_target_is_one_pull_request(client, cli_outputs, hub_server):
         if p.name not in RUN_SPECIFIC:
             assert files[p.name] == p.read_bytes(), p.name
     assert {SIDECAR, MANIFEST} <= set(files)
+
+
+# ------------------------------------------------------------------------------------------- schedules
+
+
+def test_schedule_converts_the_newest_checkpoint_once_per_revision(service, client, checkpoint, s3_server):
+    src = checkpoint("mistral4")
+    upload_directory(s3_server, src, "train", "run1/step-100")
+    upload_directory(s3_server, src, "train", "run1/step-200")
+    upload_directory(s3_server, src, "train", "run1/other-300")
+    template = {"source": "s3://train/run1", "source_pattern": "step-*", "target": "s3://serve/run1/{name}",
+                "to": "native", "labels": {"pipeline": "nightly"}}  # fmt: skip
+    bad_target = {**template, "target": "s3://serve/x"}
+    for bad, field in (({"cron": "61 * * * *"}, "cron"), ({"template": bad_target}, "target")):
+        r = client.post("/v1/schedules", json={"name": "bad", "cron": "0 3 * * *", "template": template, **bad})
+        assert r.status_code == 422 and field in r.json()["detail"], r.text
+    r = client.post("/v1/schedules", json={"name": "nightly", "cron": "0 3 * * *", "template": template})
+    assert r.status_code == 201, r.text
+    sched = r.json()
+    assert sched["next_run_at"] and client.get("/v1/schedules").json()["schedules"][0]["id"] == sched["id"]
+    rds = redis.Redis.from_url(service.redis.url)
+    assert rds.exists(f"recast:redbeat:recast-schedule-{sched['id']}")
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="serve")
+
+    first = client.post(f"/v1/schedules/{sched['id']}/run").json()
+    assert first["source"] == "s3://train/run1/step-200" and first["job_id"], first
+    job = wait(client, first["job_id"])
+    assert job["state"] == "succeeded" and job["labels"] == {"pipeline": "nightly", "schedule": sched["id"]}
+    assert job["request"]["target"] == "s3://serve/run1/step-200"
+    again = client.post(f"/v1/schedules/{sched['id']}/run").json()
+    assert again["skipped_reason"] and again["job_id"] == first["job_id"]
+    upload_directory(s3_server, src, "train", "run1/step-300")
+    third = client.post(f"/v1/schedules/{sched['id']}/run").json()
+    assert third["source"] == "s3://train/run1/step-300" and third["job_id"] != first["job_id"]
+    assert wait(client, third["job_id"])["state"] == "succeeded"
+    firings = client.get(f"/v1/schedules/{sched['id']}/firings").json()["firings"]
+    assert [f["job_id"] for f in firings] == [third["job_id"], first["job_id"], first["job_id"]]
+
+    paused = client.patch(f"/v1/schedules/{sched['id']}", json={"paused": True}).json()
+    assert paused["paused"] and paused["next_run_at"] is None
+    assert 'recast_schedule_firings_total{outcome="skipped"}' in client.get("/metrics").text
+    assert client.delete(f"/v1/schedules/{sched['id']}").status_code == 204
+    assert client.get(f"/v1/schedules/{sched['id']}").status_code == 404
+    assert not rds.exists(f"recast:redbeat:recast-schedule-{sched['id']}")
+
+
+def test_beat_fires_a_schedule(service, client, cli_outputs, hub_server, tmp_path):
+    """A real `recast beat` (celery-redbeat) fires an every-minute schedule for a Hub repo's newest revision."""
+    src, _, _ = cli_outputs("mistral3-fp8")
+    sha = hub_server.add_repo("team/nightly", src)
+    template = {"source": "hf://team/nightly", "target": f"file://{tmp_path}/{{revision}}", "to": "native"}
+    sched = client.post("/v1/schedules", json={"name": "beat", "cron": "* * * * *", "template": template}).json()
+    beat = subprocess.Popen([sys.executable, "-m", "worker.cli", "beat"], env=service.env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not (firings := client.get(f"/v1/schedules/{sched['id']}/firings").json()["firings"]):
+            assert time.monotonic() < deadline, "the beat never fired"
+            time.sleep(1)
+    finally:
+        beat.terminate()
+        beat.wait(30)
+    assert not firings[0]["manual"] and firings[0]["source_revision"] == sha
+    assert wait(client, firings[0]["job_id"])["state"] == "succeeded"
+    assert (tmp_path / sha[:12] / "model.safetensors.index.json").exists()
+    client.delete(f"/v1/schedules/{sched['id']}")

@@ -18,9 +18,8 @@ import time
 from celery import Celery, signals
 
 from service.jobstore import WORKERS_KEY
-from service.settings import Settings
+from service.settings import QUEUE, Settings
 
-QUEUE = "recast"
 HEARTBEAT_S = 10
 
 
@@ -42,6 +41,12 @@ def make_app(settings: Settings | None = None) -> Celery:
         visibility_timeout=settings.visibility_timeout_s,
         worker_hijack_root_logger=False,
         task_serializer="json",
+        beat_scheduler="redbeat.RedBeatScheduler",
+        redbeat_redis_url=settings.redis_url,
+        redbeat_key_prefix="recast:redbeat:",
+        redbeat_redis_options={},
+        redbeat_lock_timeout=60,
+        beat_max_loop_interval=10,
         accept_content=["json"],
     )
     app.conf.include = ["worker.tasks"]

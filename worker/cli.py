@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run a job worker: one process per visible GPU, or one on the CPU")
     w.add_argument("--gpu", type=int, help="serve only this GPU (the parent sets CUDA_VISIBLE_DEVICES)")
     w.add_argument("--loglevel", default="INFO")
+    b = sub.add_parser("beat", help="run the scheduler (celery-redbeat; several may run, one fires)")
+    b.add_argument("--loglevel", default="INFO")
     return p
 
 
@@ -138,6 +140,11 @@ def _run(args: argparse.Namespace) -> int:
         from worker.run import run_worker
 
         return run_worker(args.gpu, args.loglevel)
+    if args.command == "beat":
+        from worker.celery_app import app
+
+        app.start(["beat", "--loglevel", args.loglevel])
+        return 0
     from worker.engine import api
 
     if args.command == "inspect":

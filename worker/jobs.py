@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service import metrics
 from service.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
 from service.settings import Settings
 from worker.engine.checkpoint import MANIFEST, SIDECAR
@@ -192,10 +193,12 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
                 ctx.enqueue_finalize(job_id)
             return
         conv = _conversion(ctx, job)
-        pending = {"bytes": 0, "at": time.monotonic()}
+        started = time.monotonic()
+        pending = {"bytes": 0, "at": started, "total": 0}
 
         def progress(p: dict[str, Any]) -> None:
             pending["bytes"] += p.get("bytes_in", 0)
+            pending["total"] += p.get("bytes_in", 0)
             if time.monotonic() - pending["at"] >= PROGRESS_EVERY_S:
                 _check_cancel(ctx, job_id)
                 ctx.store.progress(job_id, step=f"converting {name}", bytes_in=pending["bytes"])
@@ -209,6 +212,7 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
         complete = ctx.store.progress(
             job_id, step=f"converted {name}", bytes_in=pending["bytes"], shard=name, sha256=sha, size=size
         )
+        metrics.record_shard(ctx.store.r, time.monotonic() - started, pending["total"], size)
         if complete:
             ctx.enqueue_finalize(job_id)
 
@@ -243,6 +247,7 @@ def finalize(ctx: Context, job_id: str) -> None:
             target.stage_file(name, meta / name)
         ctx.store.save_report(job_id, report.to_json())
         if conv.opts.verify and not report.passed:
+            metrics.count(ctx.store.r, "verification_failures")
             raise VerificationError(f"verification failed: {report.failure_summary()}; nothing was published")
         ctx.store.transition(job_id, ("verifying",), "uploading", step="publishing")
         req = job["request"]

@@ -50,3 +50,12 @@ def convert_shard(self, job_id: str, name: str) -> None:
 @app.task(bind=True, name="recast.finalize")
 def finalize(self, job_id: str) -> None:
     _retrying(self, jobs.finalize, job_id)
+
+
+@app.task(name="recast.fire_schedule")
+def fire_schedule(schedule_id: str) -> None:
+    """Sent by the beat (celery-redbeat) at each cron time, with the schedule id only."""
+    from service.schedules import ScheduleStore
+
+    ctx = _ctx()
+    ScheduleStore(ctx.store, app).fire(schedule_id, ctx.settings, lambda name, args: app.send_task(name, args=args))

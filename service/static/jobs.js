@@ -1,0 +1,68 @@
+// Jobs list: newest first, filtered by state and label, refreshed while jobs are under way.
+"use strict";
+
+(() => {
+  const { api, el, showError, stateBadge, progressBar, duration, jobSeconds, labelTags, when, TERMINAL } = Recast;
+  const params = new URLSearchParams(location.search);
+  const tbody = document.querySelector("#jobs tbody");
+  const errorBox = document.getElementById("error");
+  const empty = document.getElementById("empty");
+  const more = document.getElementById("more");
+  const refreshed = document.getElementById("refreshed");
+  let cursor = null;
+  let extraPages = false;
+  let timer = null;
+
+  function query(after) {
+    const q = new URLSearchParams();
+    if (params.get("state")) q.set("state", params.get("state"));
+    if (params.get("label")) q.set("label", params.get("label"));
+    q.set("limit", "50");
+    if (after) q.set("cursor", after);
+    return "/v1/jobs?" + q.toString();
+  }
+
+  function row(job) {
+    const req = job.request || {};
+    const link = el("a", { href: "/jobs/" + encodeURIComponent(job.id), class: "mono", text: job.id });
+    return el("tr", { dataset: { job: job.id, state: job.state } },
+      el("td", {}, link, el("span", { class: "sub", text: when(job.created_at) })),
+      el("td", {}, stateBadge(job.state),
+        job.error ? el("span", { class: "sub", title: job.error.message, text: job.error.code }) : null),
+      el("td", { class: "locations" },
+        el("span", { text: req.source || "" }), el("span", { class: "arrow", text: "→" }),
+        el("span", { text: req.target || "" }),
+        el("span", { class: "sub", text: "to " + (req.to || "?") + (req.dtype ? " · " + req.dtype : "") })),
+      el("td", { text: job.adapter || req.adapter || "—" }),
+      el("td", {}, progressBar(job)),
+      el("td", { class: "num", text: job.state === "queued" ? "—" : duration(jobSeconds(job)) }),
+      el("td", {}, labelTags(job.labels)));
+  }
+
+  async function load(append) {
+    try {
+      const page = await api("GET", query(append ? cursor : null));
+      showError(errorBox, null);
+      if (!append) tbody.replaceChildren();
+      for (const job of page.jobs) tbody.append(row(job));
+      cursor = page.next_cursor;
+      more.hidden = !cursor;
+      empty.hidden = tbody.children.length > 0;
+      refreshed.textContent = "updated " + new Date().toLocaleTimeString();
+      schedule(page.jobs);
+    } catch (err) {
+      showError(errorBox, err);
+      schedule([]);
+    }
+  }
+
+  // Refresh the first page every few seconds while something on it is still moving.
+  function schedule(jobs) {
+    clearTimeout(timer);
+    const moving = jobs.some((j) => !TERMINAL.includes(j.state));
+    if (!extraPages) timer = setTimeout(() => load(false), moving ? 2000 : 10000);
+  }
+
+  more.addEventListener("click", () => { extraPages = true; load(true); });
+  load(false);
+})();
