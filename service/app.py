@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import problems
+from service.dashboard import install as install_dashboard
 from service.jobstore import STATES, TERMINAL, Conflict, JobStore, decode
 from service.metrics import Metrics, alive_workers
 from service.problems import Problem
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           {"WWW-Authenticate": "Bearer"})  # fmt: skip
 
     auth = [Depends(authorized)]
+    install_dashboard(app, valid_token=valid_token, cookie=SESSION_COOKIE)
 
     @app.middleware("http")
     async def _timing(request: Request, call_next):

@@ -28,8 +28,9 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 _MAX_FORM_BYTES = 16 * 1024
 _SECURITY_HEADERS = {
     # No inline script or style anywhere: a value that slipped through escaping still cannot run.
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
@@ -60,11 +61,14 @@ def _safe_next(raw: str | None) -> str:
 
 
 def _same_origin(request: Request) -> bool:
-    """A form post from another site is refused (belt and braces over SameSite=Strict)."""
+    """A form post from another site is refused (belt and braces over SameSite=Strict). Behind a proxy
+    the host the browser saw must reach us as ``Host`` or ``X-Forwarded-Host``."""
     origin = request.headers.get("origin")
     if origin is None:
         return True  # not sent by every client; SameSite=Strict still keeps the cookie off cross-site posts
-    return urlsplit(origin).netloc == request.headers.get("host", "")
+    hosts = {request.headers.get("host", "")}
+    hosts.update(h.strip() for h in request.headers.get("x-forwarded-host", "").split(",") if h.strip())
+    return urlsplit(origin).netloc in hosts
 
 
 def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: str) -> None:
@@ -97,6 +101,7 @@ def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: 
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{e(title)} · Recast</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="{asset("dashboard.css")}">
 {tags}
 </head>
@@ -146,7 +151,8 @@ def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
         if not _same_origin(request):
-            return login_form("/", "This sign-in came from another site and was refused.", 403)
+            return login_form("/", "This sign-in came from another site and was refused (behind a proxy, "
+                              "pass the original Host header on).", 403)  # fmt: skip
         raw = b""
         async for chunk in request.stream():
             raw += chunk
@@ -196,7 +202,7 @@ def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: 
 <div id="error" class="alert error" role="alert" hidden></div>
 <table class="jobs" id="jobs">
   <thead><tr><th>Job</th><th>State</th><th>Source → target</th><th>Adapter</th><th>Progress</th>
-  <th>Duration</th><th>Labels</th></tr></thead>
+  <th class="num">Duration</th><th>Labels</th></tr></thead>
   <tbody></tbody>
 </table>
 <p id="empty" class="muted empty" hidden>No jobs match. <a href="/jobs/new">Submit one.</a></p>
@@ -211,30 +217,28 @@ def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: 
 <h1>New job</h1>
 <div class="columns">
 <form id="job-form" class="card stack" novalidate>
-  <label>Source <input name="source" id="source" required placeholder="file:///data/model, s3://bucket/prefix or hf://org/repo@rev" autocomplete="off"></label>
-  <label>Target <input name="target" id="target" required placeholder="an empty location" autocomplete="off"></label>
+  {_input("Source", "source", "file:///data/model, s3://bucket/prefix or hf://org/repo@rev", required=True)}
+  {_input("Target", "target", "an empty location", required=True)}
   <div class="row">
-    <label>Convert to
-      <select name="to" id="to"><option value="native">native (NeMo AutoModel)</option>
-      <option value="hf">hf (Hugging Face safetensors)</option></select>
-    </label>
-    <label>Adapter <select name="adapter" id="adapter"><option value="">detect</option></select></label>
+    {_select("Convert to", "to", TO_CHOICES)}
+    {_select("Adapter", "adapter", [("", "detect")])}
   </div>
   <div class="row">
-    <label>Dtype <select name="dtype" id="dtype">{_options(("bf16", "fp32", "fp16"))}</select></label>
-    <label>Quantize (to hf) <select name="quantize" id="quantize">{_options(("keep", "none", "per-tensor", "block"))}</select></label>
+    {_select("Dtype", "dtype", DTYPES)}
+    {_select("Quantize (to hf)", "quantize", QUANTIZE)}
     <label class="check"><input type="checkbox" name="verify" id="verify" checked> Verify</label>
   </div>
-  <label>Labels <input name="labels" id="labels" placeholder="team=nlp, run=42" autocomplete="off"></label>
+  {_input("Labels", "labels", "team=nlp, run=42")}
   <details>
     <summary>Credentials and Hub options</summary>
     <div class="stack">
       <div class="row">
-        <label>Source credential <input name="source_credential" id="source_credential" placeholder="configured name" autocomplete="off"></label>
-        <label>Target credential <input name="target_credential" id="target_credential" placeholder="configured name" autocomplete="off"></label>
+        {_input("Source credential", "source_credential", "configured name")}
+        {_input("Target credential", "target_credential", "configured name")}
       </div>
-      <label>Commit message (hf:// targets) <input name="commit_message" id="commit_message" maxlength="1000"></label>
-      <label class="check"><input type="checkbox" name="create_pr" id="create_pr"> Open a pull request instead of committing</label>
+      {_input("Commit message (hf:// targets)", "commit_message", "", extra='maxlength="1000"')}
+      <label class="check"><input type="checkbox" name="create_pr" id="create_pr">
+        Open a pull request instead of committing</label>
     </div>
   </details>
   <div id="submit-error" class="alert error" role="alert" hidden></div>
@@ -301,55 +305,80 @@ def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: 
       <label class="check"><input type="checkbox" id="tensor-failed"> failed only</label>
       <span class="muted" id="tensor-count"></span>
     </div>
-    <table class="compact tensors" id="report-table">
-      <thead><tr><th>Tensor</th><th>Check</th><th>Result</th><th>Max abs error</th><th>SNR dB</th>
-      <th>Of e4m3 bound</th><th>Detail</th></tr></thead>
+    <div class="scroll"><table class="compact tensors" id="report-table">
+      <thead><tr><th>Tensor</th><th>Check</th><th>Result</th><th class="num">Max abs error</th>
+      <th class="num">SNR dB</th><th class="num">Of e4m3 bound</th><th>Detail</th></tr></thead>
       <tbody></tbody>
-    </table>
+    </table></div>
     <p><button type="button" id="tensor-more" hidden>Show more</button></p>
-    <details><summary>Files (SHA-256)</summary><table class="compact" id="report-files"><tbody></tbody></table></details>
+    <details><summary>Files (SHA-256)</summary>
+      <table class="compact" id="report-files"><tbody></tbody></table></details>
   </div>
 </section>"""
-        return page(f"Job {job_id}", body, active="jobs", scripts=["job.js"], data={"page": "job", "job": job_id})
+        data = {"page": "job", "job": job_id}
+        return page(f"Job {job_id}", body, active="jobs", scripts=["job.js"], data=data)
 
     @app.get("/schedules", include_in_schema=False)
     def schedules_page(request: Request) -> Response:
         if not signed_in(request):
             return to_login(request)
+        target = _input("Target (with {name} or {revision})", "target", "s3://bucket/native/{name}",
+                        required=True, prefix="s-")  # fmt: skip
         body = f"""
 <h1>Schedules</h1>
 <div id="error" class="alert error" role="alert" hidden></div>
 <table class="schedules" id="schedules">
-  <thead><tr><th>Name</th><th>Cron</th><th>Source → target</th><th>State</th><th>Next run</th><th>Last run</th>
-  <th></th></tr></thead>
+  <thead><tr><th>Name</th><th>Cron</th><th>Source → target</th><th>State</th><th>Next run</th>
+  <th>Last run</th><th></th></tr></thead>
   <tbody></tbody>
 </table>
-<p id="empty" class="muted empty" hidden>No schedules yet.</p>
+<p id="empty" class="muted empty" hidden>No schedules yet. Each firing converts the newest checkpoint its
+source finds, once per source revision.</p>
 <form id="schedule-form" class="card stack">
   <fieldset id="schedule-fields" class="stack">
   <h2>New schedule</h2>
   <div class="row">
-    <label>Name <input name="name" id="s-name" required autocomplete="off"></label>
-    <label>Cron <input name="cron" id="s-cron" required placeholder="0 3 * * *" autocomplete="off"></label>
+    {_input("Name", "name", "nightly-mistral", required=True, prefix="s-")}
+    {_input("Cron (UTC)", "cron", "0 3 * * *", required=True, prefix="s-")}
   </div>
-  <label>Source <input name="source" id="s-source" required placeholder="hf://org/repo, or a pattern" autocomplete="off"></label>
-  <label>Target <input name="target" id="s-target" required autocomplete="off"></label>
   <div class="row">
-    <label>Convert to <select name="to" id="s-to"><option value="native">native</option><option value="hf">hf</option></select></label>
-    <label>Adapter <select name="adapter" id="s-adapter"><option value="">detect</option></select></label>
-    <label>Dtype <select name="dtype" id="s-dtype">{_options(("bf16", "fp32", "fp16"))}</select></label>
-    <label>Quantize <select name="quantize" id="s-quantize">{_options(("keep", "none", "per-tensor", "block"))}</select></label>
+    {_input("Source", "source", "hf://org/repo, or an s3:// or file:// prefix", required=True, prefix="s-")}
+    {_input("Source pattern (prefixes)", "source_pattern", "step-*", prefix="s-")}
   </div>
-  <label>Labels <input name="labels" id="s-labels" placeholder="team=nlp" autocomplete="off"></label>
+  {target}
+  <div class="row">
+    {_select("Convert to", "to", TO_CHOICES, prefix="s-")}
+    {_select("Adapter", "adapter", [("", "detect")], prefix="s-")}
+    {_select("Dtype", "dtype", DTYPES, prefix="s-")}
+    {_select("Quantize (to hf)", "quantize", QUANTIZE, prefix="s-")}
+  </div>
+  {_input("Labels", "labels", "team=nlp", prefix="s-")}
   <div id="schedule-error" class="alert error" role="alert" hidden></div>
   <div class="actions"><button type="submit" class="primary">Create schedule</button></div>
   </fieldset>
 </form>"""
-        return page("Schedules", body, active="schedules", scripts=["schedules.js"], data={"page": "schedules"})
+        data = {"page": "schedules"}
+        return page("Schedules", body, active="schedules", scripts=["schedules.js"], data=data)
 
     if not any(getattr(r, "path", None) == "/static" for r in app.routes):
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
-def _options(values: Iterable[str]) -> str:
-    return "".join(f'<option value="{e(v)}">{e(v)}</option>' for v in values)
+TO_CHOICES = [("native", "native (NeMo AutoModel)"), ("hf", "hf (Hugging Face safetensors)")]
+DTYPES = [(v, v) for v in ("bf16", "fp32", "fp16")]
+QUANTIZE = [(v, v) for v in ("keep", "none", "per-tensor", "block")]
+
+
+def _input(
+    label: str, name: str, placeholder: str, *, required: bool = False, prefix: str = "", extra: str = ""
+) -> str:
+    req = " required" if required else ""
+    return (
+        f'<label>{e(label)} <input name="{e(name)}" id="{e(prefix + name)}" placeholder="{e(placeholder)}"'
+        f' autocomplete="off"{req} {extra}></label>'
+    )
+
+
+def _select(label: str, name: str, options: Iterable[tuple[str, str]], *, prefix: str = "") -> str:
+    opts = "".join(f'<option value="{e(v)}">{e(text)}</option>' for v, text in options)
+    return f'<label>{e(label)} <select name="{e(name)}" id="{e(prefix + name)}">{opts}</select></label>'

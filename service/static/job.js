@@ -96,6 +96,7 @@
       }
       if (job.state === "succeeded" || (status === "converting" && p.shards_done === total && total)) status = "converted";
       if (status === "converting" && TERMINAL.includes(job.state)) status = "stopped";
+      if (status === "waiting" && TERMINAL.includes(job.state)) status = "not converted";
       const bar = el("div", { class: "bar" }, el("div", { class: "fill" }));
       bar.classList.toggle("done", status === "converted");
       bar.classList.toggle("busy", status === "converting");

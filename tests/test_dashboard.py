@@ -1,0 +1,283 @@
+"""The dashboard. Without a browser: the pages, sign-in and cookie, the guard and the escaping, on a bare
+app. In a real browser (headless Chromium driven by Playwright) against the real service: sign in,
+submit through the form after a preflight preview, follow the job live to the end, read its report,
+and cancel a running job. Screenshots go to ``$RECAST_ARTIFACTS/dashboard``."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from harness import TOKEN, Service, submit
+
+from service import dashboard
+from service.app import SESSION_COOKIE as COOKIE
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+try:
+    from playwright.sync_api import Browser, Page, expect, sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+if sync_playwright is None:
+    _NO_BROWSER = "playwright is not installed (pip install playwright; never `playwright install`)"
+elif not os.access(CHROMIUM, os.X_OK):
+    _NO_BROWSER = "no chromium (apt-get install -y chromium)"
+else:
+    _NO_BROWSER = ""
+needs_browser = pytest.mark.skipif(bool(_NO_BROWSER), reason=_NO_BROWSER)
+
+ARTIFACTS = Path(os.environ.get("RECAST_ARTIFACTS", "test-artifacts")) / "dashboard"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def _ensure_dashboard(svc: Service) -> None:
+    """The app installs the dashboard itself once wired in; until then the test adds it (only then)."""
+    app = svc._server.config.app if svc._server else None
+    if app is None or any(getattr(r, "path", None) == "/login" for r in app.routes):
+        return
+    tokens = [t.strip() for t in svc.env["RECAST_API_TOKENS"].split(",") if t.strip()]
+
+    def valid_token(given: str | None) -> bool:
+        ok = False
+        for t in tokens:
+            ok |= hmac.compare_digest((given or "").encode(), t.encode())
+        return ok
+
+    dashboard.install(app, valid_token=valid_token, cookie=COOKIE)
+
+
+# ------------------------------------------------------------------------------------ without a browser
+
+
+@pytest.fixture
+def bare() -> TestClient:
+    app = FastAPI()
+    dashboard.install(app, valid_token=lambda t: t == TOKEN, cookie=COOKIE)
+    return TestClient(app, base_url="http://dash.test", follow_redirects=False)
+
+
+def test_pages_need_the_cookie(bare: TestClient) -> None:
+    for path in ("/", "/jobs/new", "/jobs/abc", "/schedules"):
+        r = bare.get(path)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login"), path
+    assert bare.get("/").headers["location"] == "/login"
+    assert bare.get("/jobs/abc?x=1").headers["location"] == "/login?next=%2Fjobs%2Fabc%3Fx%3D1"
+    bare.cookies.set(COOKIE, "wrong")
+    assert bare.get("/").status_code == 303
+    page = bare.get("/login")
+    assert page.status_code == 200 and 'name="token"' in page.text
+    assert bare.get("/static/common.js").status_code == 200  # assets need no session
+
+
+def test_login_sets_a_strict_http_only_cookie(bare: TestClient) -> None:
+    bad = bare.post("/login", data={"token": "nope"})
+    assert bad.status_code == 401 and "not valid" in bad.text and COOKIE not in bad.cookies
+    r = bare.post("/login", data={"token": TOKEN})
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    cookie = r.headers["set-cookie"]
+    assert cookie.startswith(f"{COOKIE}={TOKEN};")
+    assert all(a in cookie.lower() for a in ("httponly", "samesite=strict", "path=/")), cookie
+    assert "secure" not in cookie.lower()  # plain http here; https sets Secure
+    page = bare.get("/")
+    assert page.status_code == 200 and "Content-Security-Policy" in page.headers
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    out = bare.post("/logout")
+    assert out.status_code == 303 and out.headers["location"] == "/login"
+    assert f'{COOKIE}=""' in out.headers["set-cookie"] and "max-age=0" in out.headers["set-cookie"].lower()
+
+
+def test_login_returns_only_to_local_pages(bare: TestClient) -> None:
+    for nxt, want in [("/jobs/abc", "/jobs/abc"), ("//evil.example/x", "/"), ("https://evil.example", "/"),
+                      ("/\\evil.example", "/"), ("", "/")]:  # fmt: skip
+        r = bare.post("/login", data={"token": TOKEN, "next": nxt})
+        assert r.headers["location"] == want, nxt
+    cross = bare.post("/login", data={"token": TOKEN}, headers={"Origin": "https://evil.example"})
+    assert cross.status_code == 403 and "set-cookie" not in cross.headers
+    same = bare.post("/login", data={"token": TOKEN}, headers={"Origin": "http://dash.test"})
+    assert same.status_code == 303
+
+
+def test_what_the_server_writes_is_escaped(bare: TestClient) -> None:
+    bare.cookies.set(COOKIE, TOKEN)
+    evil = '"><script>alert(1)</script>'
+    page = bare.get("/", params={"label": evil})
+    assert evil not in page.text and "&quot;&gt;&lt;script&gt;" in page.text
+    assert bare.get("/jobs/<b>x").status_code == 404
+    login = bare.get("/login", params={"next": '/"><i>x'})
+    assert "<i>x" not in login.text
+    assert bare.post("/login", data={"token": "<b>t</b>"}).text.count("<b>t</b>") == 0
+
+
+# ---------------------------------------------------------------------------------------- in a browser
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One worker whose source reads are paced to 150 kB/s, so a job runs for several seconds."""
+    env = {"RECAST_FILE_ROOTS": str(tmp_path_factory.getbasetemp()), "RECAST_READ_LIMIT_MB_S": "0.15"}
+    svc = Service(tmp_path_factory.mktemp("dashboard-svc"), env)
+    try:
+        svc.start(workers=1)
+        _ensure_dashboard(svc)
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Browser, service: Service) -> Iterator[Page]:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(base_url=service.url, viewport={"width": 1360, "height": 900})
+    context.set_default_timeout(20_000)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield pg
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def shot(page: Page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def sign_in(page: Page) -> None:
+    page.goto("/")
+    expect(page).to_have_url(re.compile(r"/login$"))
+    page.fill("#token", TOKEN)
+    page.click("#login-form button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/$"))
+
+
+@needs_browser
+def test_sign_in_and_page_guard(page: Page, service: Service) -> None:
+    r = httpx.get(service.url + "/jobs/new", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/login")
+    bad = httpx.post(service.url + "/login", data={"token": "nope"}, follow_redirects=False)
+    assert bad.status_code == 401 and "not valid" in bad.text
+
+    page.goto("/schedules")
+    expect(page).to_have_url(re.compile(r"/login\?next="))
+    page.fill("#token", "wrong-token")
+    page.click("#login-form button[type=submit]")
+    expect(page.locator(".alert.error")).to_contain_text("not valid")
+    shot(page, "login-error")
+    page.fill("#token", TOKEN)
+    page.click("#login-form button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/schedules$"))  # back where the guard sent us from
+    cookie = next(c for c in page.context.cookies() if c["name"] == COOKIE)
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+
+    page.click("header .logout button")
+    expect(page).to_have_url(re.compile(r"/login$"))
+    assert not [c for c in page.context.cookies() if c["name"] == COOKIE]
+    page.goto("/")
+    expect(page).to_have_url(re.compile(r"/login$"))
+
+
+@needs_browser
+def test_submit_follow_report_and_cancel(page: Page, service: Service, checkpoint, tmp_path: Path) -> None:
+    src = checkpoint("mistral4")
+    sign_in(page)
+    page.click("header nav >> text=New job")
+    expect(page).to_have_url(re.compile(r"/jobs/new$"))
+
+    # A bad source: the API's problem detail is shown as text, markup in it stays inert.
+    page.fill("#source", "file:///nowhere/<b>bold</b>")
+    page.click("#preview-button")
+    expect(page.locator("#preview-error")).to_contain_text("<b>bold</b>")
+    assert page.locator("#preview-error b").count() == 0
+
+    # The preflight preview: adapter, quantization, size and what the output will be.
+    page.fill("#source", f"file://{src}")
+    page.fill("#target", f"file://{tmp_path}/native")
+    page.fill("#labels", "team=dashboard, run=1")
+    page.click("#preview-button")
+    expect(page.locator("#preview-adapter")).to_have_text("mistral4")
+    expect(page.locator("#preview-quantization")).to_contain_text("per-tensor")
+    expect(page.locator("#preview-size")).to_contain_text("3 shards")
+    expect(page.locator("#preview-outcome")).to_contain_text("hf → native")
+    expect(page.locator("#to")).to_have_value("native")
+    shot(page, "new-job-preview")
+
+    page.click("#submit-button")
+    expect(page).to_have_url(re.compile(r"/jobs/[0-9a-f]+$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator("#state")).to_have_text(re.compile("running|verifying|uploading"), timeout=30_000)
+    expect(page.locator("#live")).to_have_text("live")
+    shot(page, "job-running")
+    expect(page.locator("#state")).to_have_text("succeeded", timeout=60_000)
+    # Driven by the event stream: many events arrived and the page never reloaded.
+    assert int(page.evaluate("document.body.dataset.events")) > 4
+    expect(page.locator("#shards tbody tr")).to_have_count(3)
+    expect(page.locator("#shards tbody tr[data-status=converted]")).to_have_count(3)
+    assert page.locator("#shards tbody tr[data-shard^='model-0000']").count() == 3
+    for state in ("queued", "running", "verifying", "uploading", "succeeded"):
+        expect(page.locator(f"#timeline li[data-state={state}]")).to_have_count(1)
+    expect(page.locator("#target-location")).to_have_text(f"file://{tmp_path}/native")
+    expect(page.locator("#cancel")).to_be_disabled()
+    expect(page.locator("#error-panel")).to_be_hidden()
+
+    # The verification report.
+    expect(page.locator("#report-verdict")).to_have_text("passed")
+    rows = page.locator("#report-table tbody tr")
+    expect(rows.first).to_be_visible()
+    assert rows.count() > 10
+    expect(page.locator("#report-accounting details[data-category=unaccounted] summary")).to_have_text(
+        "unaccounted: 0"
+    )
+    page.fill("#tensor-filter", "zzz-no-such-tensor")
+    expect(rows).to_have_count(0)
+    page.fill("#tensor-filter", "")
+    shot(page, "job-succeeded-report")
+
+    # The list, with its filters.
+    page.click("header nav >> text=Jobs")
+    row = page.locator(f"#jobs tbody tr[data-job='{job_id}']")
+    expect(row).to_contain_text("succeeded")
+    expect(row).to_contain_text("mistral4")
+    shot(page, "jobs")
+    page.goto("/?label=team%3Ddashboard")
+    expect(page.locator(f"#jobs tbody tr[data-job='{job_id}']")).to_be_visible()
+    page.goto("/?state=failed")
+    expect(page.locator("#empty")).to_be_visible()
+    expect(page.locator(f"#jobs tbody tr[data-job='{job_id}']")).to_have_count(0)
+
+    # A slow job, cancelled from its page while a shard is under way.
+    with service.client() as c:
+        slow = submit(
+            c, {"source": f"file://{src}", "target": f"file://{tmp_path}/cancelled", "to": "native"}
+        )
+    page.goto(f"/jobs/{slow['id']}")
+    expect(page.locator("#shards tbody tr[data-status=converting]").first).to_be_visible(timeout=30_000)
+    cancel = page.locator("#cancel")
+    expect(cancel).to_be_enabled()
+    cancel.click()
+    expect(cancel).to_have_text("Really cancel?")
+    cancel.click()
+    expect(page.locator("#state")).to_have_text("cancelled", timeout=30_000)
+    expect(page.locator("#timeline li[data-state=cancelling]")).to_have_count(1)
+    expect(cancel).to_be_disabled()
+    shot(page, "job-cancelled")
+    assert not (tmp_path / "cancelled").exists()
