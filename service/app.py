@@ -45,9 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     if not settings.api_tokens:
         raise RecastError("RECAST_API_TOKENS is empty: set at least one token (comma-separated)")
-    settings.broker_url()  # a clear error when RECAST_REDIS_URL is missing
-    store = JobStore.connect(settings.redis_url or "", settings.job_ttl_s)
-    events = aredis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    store = JobStore.from_settings(settings)
+    events = aredis.Redis.from_url(settings.required_redis_url(), decode_responses=True)
     metrics = Metrics(store)
     from worker.celery_app import make_app
 

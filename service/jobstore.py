@@ -19,6 +19,8 @@ from typing import Any
 
 import redis
 
+from service.settings import Settings
+
 PREFIX = "recast:"
 STATES = ("queued", "running", "verifying", "uploading", "succeeded", "failed", "cancelling", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -97,6 +99,10 @@ def _now() -> str:
 class JobStore:
     r: redis.Redis
     ttl_s: int = 7 * 24 * 3600
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobStore:
+        return cls.connect(settings.required_redis_url(), settings.job_ttl_s)
 
     @classmethod
     def connect(cls, url: str, ttl_s: int = 7 * 24 * 3600) -> JobStore:

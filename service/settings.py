@@ -59,10 +59,14 @@ class Settings:
         """Above the hard limit of the longest task, or the broker redelivers a task still running."""
         return self.shard_time_limit_s + 600
 
-    def broker_url(self) -> str:
-        """Celery spells a unix-socket Redis ``redis+socket://``; redis-py spells it ``unix://``."""
+    def required_redis_url(self) -> str:
         if not self.redis_url:
             raise RecastError("RECAST_REDIS_URL is not set; `recast up` starts an embedded Redis for you")
-        if self.redis_url.startswith("unix://"):
-            return "redis+socket://" + self.redis_url[len("unix://") :]
         return self.redis_url
+
+    def broker_url(self) -> str:
+        """Celery spells a unix-socket Redis ``redis+socket://``; redis-py spells it ``unix://``."""
+        url = self.required_redis_url()
+        if url.startswith("unix://"):
+            return "redis+socket://" + url[len("unix://") :]
+        return url

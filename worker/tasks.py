@@ -16,8 +16,7 @@ RETRY_BACKOFF_S = (5, 30, 120, 600)
 @cache
 def _ctx() -> jobs.Context:
     settings = Settings.from_env()
-    settings.broker_url()  # a clear error when RECAST_REDIS_URL is missing
-    store = JobStore.connect(settings.redis_url or "", settings.job_ttl_s)
+    store = JobStore.from_settings(settings)
     return jobs.Context(
         store,
         settings,
