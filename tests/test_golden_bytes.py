@@ -75,8 +75,10 @@ def recorded() -> dict:
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_output_bytes_are_unchanged(case, recorded, checkpoint, plain_checkpoint, tmp_path: Path) -> None:
     name, kind, args, chain = case
-    src = checkpoint(*args[:1], scheme=args[1], layout=args[2], tied=args[3]) if kind == "fp8" else (
-        plain_checkpoint(*args)
+    src = (
+        checkpoint(*args[:1], scheme=args[1], layout=args[2], tied=args[3])
+        if kind == "fp8"
+        else (plain_checkpoint(*args))
     )
     got = {"source": _hashes(src), "steps": []}
     previous = src
