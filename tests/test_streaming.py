@@ -10,12 +10,13 @@ import reference
 from checkpoints import load_state_dict
 from helpers import assert_state_dicts_identical, config
 
-from worker.engine import api, convert, verify
+from worker.engine import api, options, verify
 
 
 @pytest.fixture
 def tiny_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(convert, "STEP_BYTES", {"cpu": 4096, "cuda": 4096})
+    for device in ("cpu", "cuda"):
+        monkeypatch.setitem(options.STEP_BYTES, device, 4096)
     monkeypatch.setattr(verify, "STEP", 4096)
 
 

@@ -21,8 +21,10 @@ from service import metrics
 from service.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
 from service.settings import Settings
 from worker.engine.checkpoint import MANIFEST, SIDECAR
-from worker.engine.convert import Conversion, Options, file_sha256, finish_sidecar, plan_conversion
+from worker.engine.convert import Conversion, plan_conversion
 from worker.engine.errors import RecastError, VerificationError
+from worker.engine.options import Options
+from worker.engine.publish import file_sha256, finish_sidecar
 from worker.engine.storage import Source, read_all
 from worker.stores import Target, TransientStorageError, open_source, open_target, parse_location
 from worker.throttle import ThrottledSource
@@ -205,7 +207,7 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
                 pending.update(bytes=0, at=time.monotonic())
 
         path = conv.write_shard(name, _scratch(ctx, job_id, "shard"), progress)
-        sha, size = file_sha256(path), path.stat().st_size
+        sha, size = conv.hashes[name], path.stat().st_size
         _check_cancel(ctx, job_id)
         _target(ctx, job).stage_file(name, path)
         path.unlink(missing_ok=True)
@@ -238,7 +240,7 @@ def finalize(ctx: Context, job_id: str) -> None:
             ctx.store.progress(job_id, step="verifying the round trip")
             conv.verify(target.staged(), report)
         report.bytes_in = conv.ckpt.total_bytes
-        report.bytes_out = conv.out.total_bytes()
+        report.bytes_out = conv.layout.total_bytes()
         report.seconds = time.time() - float(job.get("started_at") or job["created_at"])
         _check_cancel(ctx, job_id)
         (meta / SIDECAR).write_bytes(read_all(target.staged(), SIDECAR))

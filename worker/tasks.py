@@ -57,4 +57,6 @@ def fire_schedule(schedule_id: str) -> None:
     from service.schedules import ScheduleStore
 
     ctx = _ctx()
-    ScheduleStore(ctx.store, app).fire(schedule_id, ctx.settings, lambda name, args: app.send_task(name, args=args))
+    ScheduleStore(ctx.store, app).fire(
+        schedule_id, ctx.settings, lambda name, args: app.send_task(name, args=args)
+    )

@@ -139,4 +139,3 @@ def quantization_config(encodings: list[Encoding], adapter: Adapter, mode: str) 
         "weight_block_size": [128, 128] if mode == "block" else None,
         "modules_to_not_convert": sorted(skipped),
     }
-

@@ -12,6 +12,7 @@ from enum import StrEnum
 
 import torch
 
+from . import lut
 from .errors import CheckpointError
 
 FP8 = torch.float8_e4m3fn
@@ -144,3 +145,38 @@ def bounded_error(original: torch.Tensor, restored: torch.Tensor, scale: torch.T
         else 0.0
     )
     return ErrorStats(float(d.max()) if d.numel() else 0.0, snr, ratio <= 1.0, ratio)
+
+
+def decode(
+    q: torch.Tensor,
+    kind: ScaleKind,
+    scale: torch.Tensor,
+    rows: slice,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dequantized rows ``rows`` of a tensor of ``shape``: table lookups on the CPU where they pay.
+
+    ``q`` may be a view with its last two dims swapped (the experts' transpose) unless block-scaled.
+    """
+    groups = 1 if kind is ScaleKind.PER_TENSOR else rows.stop - rows.start
+    if kind is not ScaleKind.BLOCK and lut.applies(q, groups, lut.MIN_DECODE):
+        s = scale.float().reshape(-1)
+        return lut.decode(q, s if kind is ScaleKind.PER_TENSOR else s[rows], dtype, dequantize)
+    return dequantize(q, expand_scale(kind, scale, rows, shape), dtype)
+
+
+def encode(
+    w: torch.Tensor, kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """``quantize`` with a recorded scale over rows ``rows``; tables on the CPU for 16-bit values."""
+    groups = 1 if kind is ScaleKind.PER_TENSOR else rows.stop - rows.start
+    if (
+        kind is not ScaleKind.BLOCK
+        and w.element_size() == 2
+        and w.is_floating_point()
+        and lut.applies(w, groups, lut.MIN_ENCODE)
+    ):
+        s = scale.float().reshape(-1)
+        return lut.encode(w, s if kind is ScaleKind.PER_TENSOR else s[rows], quantize)
+    return quantize(w, expand_scale(kind, scale, rows, shape))

@@ -7,11 +7,12 @@ from typing import Any
 
 from .adapters import detect
 from .checkpoint import open_checkpoint
-from .convert import DTYPE_ARGS, STEP_BYTES, is_native, open_source
+from .formats import is_native
 from .fp8 import ScaleKind
 from .keymap import find_quant
+from .options import DTYPE_ARGS, STEP_BYTES
 from .safetensors_io import DTYPES
-from .storage import Source
+from .storage import Source, open_source
 
 
 def inspect(

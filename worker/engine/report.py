@@ -34,11 +34,11 @@ class Report:
     files: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, ckpt, adapter, opts, to: str) -> Report:
-        from .convert import is_native
-
-        src = "native" if is_native(ckpt) else "hf"
-        return cls(adapter.name, f"{src}->{to}", {k: v for k, v in asdict(opts).items() if k != "overwrite"})
+    def start(cls, adapter, opts, source_native: bool) -> Report:
+        src = "native" if source_native else "hf"
+        return cls(
+            adapter.name, f"{src}->{opts.to}", {k: v for k, v in asdict(opts).items() if k != "overwrite"}
+        )
 
     def add(self, result: TensorResult) -> None:
         self.tensors.append(result)

@@ -77,8 +77,26 @@ class LocalSource:
             )
         return data
 
+    def read_into(self, name: str, start: int, buf: memoryview) -> None:
+        """Read ``len(buf)`` bytes at ``start`` straight into ``buf``: no intermediate copy."""
+        want = len(buf)
+        with open(self._path(name), "rb") as fh:
+            got = 0
+            while got < want:
+                n = os.preadv(fh.fileno(), [buf[got:]], start + got)
+                if n == 0:
+                    raise CheckpointError(
+                        f"{name}: expected {want} bytes at offset {start}, got {got}; truncated"
+                    )
+                got += n
+
     def read_bytes(self, name: str) -> bytes:
         return self._path(name).read_bytes()
+
+
+def open_source(src: str | os.PathLike[str] | Source) -> Source:
+    """A local path becomes a ``LocalSource``; a ``Source`` is used as it is."""
+    return src if hasattr(src, "read_range") else LocalSource(src)
 
 
 def read_all(source: Source, name: str) -> bytes:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import Checkpoint
-from .fp8 import BLOCK, ScaleKind, dequantize, expand_scale
+from .fp8 import BLOCK, ScaleKind, decode
 from .keymap import NativeTensor, Quant
 from .safetensors_io import TensorInfo, tensor_from_bytes
 from .storage import Source
@@ -40,14 +40,19 @@ class TensorSource:
             r1 = min(r1 if r1 is not None else info.shape[0], info.shape[0])
             row = info.nbytes // info.shape[0] if info.shape[0] else 0
             start, end, shape = info.start + r0 * row, info.start + r1 * row, (r1 - r0, *info.shape[1:])
-        data = bytearray(self.source.read_range(info.file, start, end))
-        return tensor_from_bytes(TensorInfo(key, info.file, info.dtype, shape, start, end), data)
+        where = TensorInfo(key, info.file, info.dtype, shape, start, end)
+        read_into = getattr(self.source, "read_into", None)
+        if read_into is None or end == start:
+            return tensor_from_bytes(where, bytearray(self.source.read_range(info.file, start, end)))
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        read_into(info.file, start, memoryview(buf.numpy()))
+        return tensor_from_bytes(where, buf.numpy())
 
 
-def prefetch(
-    src: TensorSource, quant: dict[str, Quant], requests: list[tuple[str, int | None, int | None]], pin: bool
+def fetch(
+    src: TensorSource, quant: dict[str, Quant], requests: list[tuple[str, int | None, int | None]]
 ) -> dict[tuple[str, int | None, int | None], torch.Tensor]:
-    """Read the bytes for ``hf_value`` calls ahead of time (on a helper thread), pinned for the GPU."""
+    """Read the bytes ``hf_value`` calls will need (on the pipeline's reading thread), with their scales."""
     out = {}
     for key, r0, r1 in requests:
         wanted = [(key, r0, r1)]
@@ -55,8 +60,7 @@ def prefetch(
             wanted.append((quant[key].scale, None, None))
         for k, a, b in wanted:
             if (k, a, b) not in out:
-                t = src.rows(k, a, b)
-                out[(k, a, b)] = t.pin_memory() if pin else t
+                out[(k, a, b)] = src.rows(k, a, b)
     return out
 
 
@@ -94,26 +98,32 @@ def hf_value(
     dtype: torch.dtype,
     device: torch.device,
     fetched: dict[tuple[str, int | None, int | None], torch.Tensor] | None = None,
+    transposed: bool = False,
 ) -> torch.Tensor:
     """Rows of hf tensor ``key``: dequantized to ``dtype`` (fp32 math) when it has a scale, else raw.
 
-    ``fetched`` holds bytes already read by ``prefetch`` (keyed like its requests); others are read now.
+    ``fetched`` holds bytes already read by ``fetch`` (keyed like its requests); others are read now.
+    ``transposed`` swaps the last two dims, before dequantizing where the scale allows (a table
+    lookup then writes the transposed layout in the same pass), after it for block scales.
     """
     fetched = fetched or {}
     info = src.info(key)
     x = fetched.get((key, r0, r1))
     if x is None:
         x = src.rows(key, r0, r1)
-    x = x.to(device, non_blocking=True)
+    x = x.to(device)
     if r0 is None or not info.shape:
         r0, r1 = 0, info.shape[0] if info.shape else 1
     q = quant.get(key)
-    if q is None:
-        return x
-    scale = fetched.get((q.scale, None, None))
-    scale = (src.rows(q.scale) if scale is None else scale).to(device)
-    rows = slice(r0, min(r1, info.shape[0])) if info.shape else slice(0, 1)
-    return dequantize(x, expand_scale(q.kind, scale, rows, info.shape), dtype)
+    early = transposed and (q is None or q.kind is not ScaleKind.BLOCK)
+    if early:
+        x = x.transpose(-1, -2)
+    if q is not None:
+        scale = fetched.get((q.scale, None, None))
+        scale = (src.rows(q.scale) if scale is None else scale).to(device)
+        rows = slice(r0, min(r1, info.shape[0])) if info.shape else slice(0, 1)
+        x = decode(x, q.kind, scale, rows, info.shape, dtype)
+    return x.transpose(-1, -2) if transposed and not early else x
 
 
 def native_shape(t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
@@ -129,11 +139,12 @@ def native_shape(t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ..
 
 
 def forward(t: NativeTensor, e0: int, e1: int, get) -> torch.Tensor:
-    """Native rows ``e0:e1`` of ``t`` from its hf parts; ``get(key, r0, r1)`` yields hf values."""
+    """Native rows ``e0:e1`` of ``t`` from its hf parts; ``get(key, r0, r1, transposed=False)`` yields
+    hf values (with their last two dims swapped when asked)."""
     if t.kind == "copy":
         return get(t.parts[0], e0, e1)
     if t.kind == "transpose":
-        return get(t.parts[0], e0, e1).transpose(-1, -2).contiguous()
+        return get(t.parts[0], e0, e1, transposed=True).contiguous()
     return torch.stack([torch.cat([get(p, None, None).T for p in t.part_of(e)], -1) for e in range(e0, e1)])
 
 
@@ -148,6 +159,22 @@ def inverse(t: NativeTensor, native: torch.Tensor, e0: int) -> dict[str, torch.T
         cols = torch.chunk(native[i], t.names, dim=-1)
         for key, piece in zip(t.part_of(e0 + i), cols, strict=True):
             out[key] = piece.T.contiguous()
+    return out
+
+
+def inverse_views(
+    t: NativeTensor, native: torch.Tensor, e0: int
+) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+    """Like ``inverse`` but as views (no copies), each with the hf rows it covers (None: all of it)."""
+    e1 = e0 + (native.shape[0] if native.dim() else 1)
+    if t.kind == "copy":
+        return [(t.parts[0], e0, e1, native)]
+    if t.kind == "transpose":
+        return [(t.parts[0], e0, e1, native.transpose(-1, -2))]
+    out = []
+    for i in range(native.shape[0]):
+        cols = torch.chunk(native[i], t.names, dim=-1)
+        out += [(key, None, None, piece.T) for key, piece in zip(t.part_of(e0 + i), cols, strict=True)]
     return out
 
 

@@ -8,71 +8,22 @@ e4m3 bound ``|w - deq(q(w))| <= 2^-4 |w| + 2^-10 s``. Every source key must be a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .adapters import detect
 from .checkpoint import Checkpoint, open_checkpoint
+from .checks import Acc, same_bits
 from .errors import CheckpointError
-from .fp8 import bounded_error, expand_scale, quantize
+from .formats import is_native, sidecar_tensors
+from .fp8 import expand_scale, quantize
 from .keymap import KeyPlan, find_quant, plan_from_native
+from .options import DTYPE_ARGS
 from .report import Report, TensorResult
 from .safetensors_io import DTYPES
 from .storage import Source
 from .tensors import TensorSource, forward, hf_align, hf_value, inverse, row_chunks
 
 STEP = 32 << 20
-
-
-@dataclass
-class _Acc:
-    """Per-key result accumulated over row chunks."""
-
-    check: str = "bitwise"
-    passed: bool = True
-    max_abs: float = 0.0
-    ratio: float = 0.0
-    signal: float = 0.0
-    noise: float = 0.0
-    detail: str = ""
-
-    def result(self, key: str) -> TensorResult:
-        from .fp8 import ErrorStats
-
-        stats = None
-        if self.check == "bounded":
-            snr = (
-                float("inf")
-                if self.noise == 0
-                else 10 * torch.log10(torch.tensor(self.signal / self.noise)).item()
-            )
-            stats = ErrorStats(self.max_abs, snr, self.ratio <= 1.0, self.ratio)
-        return TensorResult(key, self.check, self.passed, stats, self.detail)
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    a, b = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
-    # Compare as wide integers where the length allows: same bits, an eighth of the elements.
-    wide = next(w for w in (torch.int64, torch.int32, torch.int16, torch.uint8) if a.numel() % w.itemsize == 0)
-    return torch.equal(a.view(wide), b.view(wide))
-
-
-def _bounded(acc: _Acc, original: torch.Tensor, restored: torch.Tensor, scale: torch.Tensor | None) -> None:
-    stats = bounded_error(original, restored, scale)
-    acc.check = "bounded"
-    acc.max_abs = max(acc.max_abs, stats.max_abs_error)
-    acc.ratio = max(acc.ratio, stats.worst_bound_ratio)
-    w = original.float()
-    acc.signal += float(w.pow(2).sum())
-    acc.noise += float((w - restored.float()).pow(2).sum())
-    if not stats.within_bound:
-        acc.passed = False
-        acc.detail = (
-            f"error {stats.max_abs_error:.3g} exceeds the e4m3 bound ({stats.worst_bound_ratio:.2f}x)"
-        )
 
 
 def verify_dirs(src: Checkpoint, dst_source: Source, report: Report, dev: torch.device) -> Report:
@@ -96,8 +47,6 @@ def verify_dirs(src: Checkpoint, dst_source: Source, report: Report, dev: torch.
 def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev: torch.device) -> None:
     """hf → native: split/transpose the native tensors back, re-quantize with the source scales."""
     plan = KeyPlan.from_json(dst.sidecar["plan"])
-    from .convert import sidecar_tensors
-
     sts = TensorSource.of(src)
     dts = TensorSource.of(dst, sidecar_tensors(dst))
     quant, companions = find_quant(src.tensors)
@@ -107,7 +56,7 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
         report.problems.append(
             f"native tensors differ from the plan: extra {sorted(extra)[:3]}, missing {sorted(missing)[:3]}"
         )
-    accs: dict[str, _Acc] = {}
+    accs: dict[str, Acc] = {}
     for t in plan.tensors:
         if t.key not in dst.tensors:
             continue
@@ -125,7 +74,7 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
             pieces = inverse(t, dts.rows(t.key, e0, e1).to(dev), e0 or 0)
             whole = t.kind == "stack"
             for key, piece in pieces.items():
-                acc = accs.setdefault(key, _Acc())
+                acc = accs.setdefault(key, Acc())
                 a, b = (None, None) if whole or e0 is None else (e0, e1)
                 raw = sts.rows(key, a, b).to(dev)
                 q = quant.get(key)
@@ -134,7 +83,7 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
                     rows = slice(0, sinfo.shape[0]) if a is None else slice(a, b)
                     scale = expand_scale(q.kind, sts.rows(q.scale).to(dev), rows, sinfo.shape)
                     piece = quantize(piece, scale)
-                if not _same_bits(piece.reshape(raw.shape) if piece.numel() == raw.numel() else piece, raw):
+                if not same_bits(piece.reshape(raw.shape) if piece.numel() == raw.numel() else piece, raw):
                     acc.passed = False
                     acc.detail = "re-created source bytes differ"
         report.accounting["mapped"].extend(t.parts)
@@ -142,7 +91,7 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
         report.add(acc.result(key))
     for key in companions:
         got = dts.extra.get(key)
-        ok = got is not None and _same_bits(dts.rows(key), sts.rows(key))
+        ok = got is not None and same_bits(dts.rows(key), sts.rows(key))
         report.add(
             TensorResult(key, "bitwise", ok, None, "" if ok else "recorded scale differs from the source")
         )
@@ -152,8 +101,6 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
 
 def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.device) -> None:
     """→ hf: dequantize the written tensors and rebuild each source tensor from them."""
-    from .convert import DTYPE_ARGS, is_native, sidecar_tensors
-
     dquant, _ = find_quant(dst.tensors)
     dts = TensorSource.of(dst)
     lossy_ok = options.get("quantize") != "none"
@@ -168,28 +115,42 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
                 report.add(TensorResult(t.key, "bitwise", ok, None, "" if ok else "injected key not removed"))
                 report.accounting["dropped"].append(t.key)
                 continue
-            acc = _Acc()
+            acc = Acc()
             per_row = info.nbytes // max(info.shape[0], 1) if info.shape else info.nbytes
             for e0, e1 in row_chunks(info.shape, per_row, STEP, 128 if t.kind == "copy" else 1):
                 expected = sts.rows(t.key, e0, e1).to(dev)
                 if not info.shape:
                     expected = expected.reshape(())
 
-                def get(k, a, b, dt):
-                    return hf_value(dts, dquant, k, a, b, dt, dev)
+                def get(k, a, b, dt, transposed=False):
+                    return hf_value(dts, dquant, k, a, b, dt, dev, None, transposed)
 
                 native_dtype = info.torch_dtype
-                rebuilt = forward(t, e0, e1, lambda k, a, b, dt=native_dtype: get(k, a, b, dt).to(dt))
-                if _same_bits(rebuilt.reshape(expected.shape), expected):
+                rebuilt = forward(
+                    t,
+                    e0,
+                    e1,
+                    lambda k, a, b, transposed=False, dt=native_dtype: get(k, a, b, dt, transposed).to(dt),
+                )
+                if same_bits(rebuilt.reshape(expected.shape), expected):
                     continue
                 if not (lossy_ok or any(p in dquant for p in t.parts)) and info.torch_dtype == rebuilt.dtype:
                     acc.passed, acc.detail = False, "not bit-identical after the round trip"
                     continue
-                r32 = forward(t, e0, e1, lambda k, a, b: get(k, a, b, torch.float32))
+                r32 = forward(
+                    t, e0, e1, lambda k, a, b, transposed=False: get(k, a, b, torch.float32, transposed)
+                )
                 scale = None
                 if any(p in dquant for p in t.parts):
-                    scale = forward(t, e0, e1, lambda k, a, b: _expanded_scale(dts, dquant, k, a, b, dev))
-                _bounded(acc, expected, r32.reshape(expected.shape), scale)
+                    scale = forward(
+                        t,
+                        e0,
+                        e1,
+                        lambda k, a, b, transposed=False: _swap(
+                            _expanded_scale(dts, dquant, k, a, b, dev), transposed
+                        ),
+                    )
+                acc.bounded(expected, r32.reshape(expected.shape), scale)
             report.add(acc.result(t.key))
             report.accounting["mapped"].append(t.key)
         _account(src, report)
@@ -202,7 +163,7 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
         if key not in dst.tensors:
             report.add(TensorResult(key, "bitwise", False, None, "missing from the output"))
             continue
-        acc = _Acc()
+        acc = Acc()
         q, dq = squant.get(key), dquant.get(key)
         align = max(
             hf_align(q.kind if q else None, info.shape), hf_align(dq.kind if dq else None, info.shape)
@@ -218,7 +179,7 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
                 rebuilt = quantize(value, expand_scale(q.kind, sts.rows(q.scale).to(dev), rows, info.shape))
             else:
                 rebuilt = value.to(info.torch_dtype)
-            if _same_bits(rebuilt.reshape(raw.shape), raw):
+            if same_bits(rebuilt.reshape(raw.shape), raw):
                 continue
             if dq is None and options.get("quantize") == "none":
                 acc.passed, acc.detail = False, "not bit-identical after the round trip"
@@ -226,7 +187,7 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
             original = hf_value(sts, squant, key, r0, r1, value_dtype, dev)
             restored = hf_value(dts, dquant, key, r0, r1, torch.float32, dev)
             scale = _expanded_scale(dts, dquant, key, r0, r1, dev) if dq else None
-            _bounded(acc, original, restored.reshape(original.shape), scale)
+            acc.bounded(original, restored.reshape(original.shape), scale)
         report.add(acc.result(key))
         report.accounting["mapped"].append(key)
     report.accounting["scales"].extend(companions)
@@ -243,7 +204,10 @@ def _expanded_scale(ts: TensorSource, quant, key: str, r0, r1, dev) -> torch.Ten
     return s.expand((rows.stop - rows.start, *info.shape[1:]))
 
 
+def _swap(x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return x.transpose(-1, -2) if transposed else x
+
+
 def _account(src: Checkpoint, report: Report) -> None:
     seen = {k for group in ("mapped", "scales", "dropped", "injected") for k in report.accounting[group]}
     report.accounting["unaccounted"] = sorted(set(src.tensors) - seen)
-

@@ -1,0 +1,20 @@
+"""Which side of a conversion a checkpoint is on, and the scales a native checkpoint keeps beside it."""
+
+from __future__ import annotations
+
+from .checkpoint import SIDECAR_TENSORS, Checkpoint
+from .safetensors_io import TensorInfo, parse_header
+
+
+def is_native(ckpt: Checkpoint) -> bool:
+    """Native checkpoints carry Recast's sidecar, or at least native-only expert keys."""
+    if ckpt.sidecar is not None:
+        return ckpt.sidecar.get("format") == "native"
+    return any(k.endswith(("gate_and_up_projs", "down_projs")) for k in ckpt.tensors)
+
+
+def sidecar_tensors(ckpt: Checkpoint) -> dict[str, TensorInfo]:
+    """The source's FP8 and activation scales that a native checkpoint keeps for the way back."""
+    if ckpt.source.exists(SIDECAR_TENSORS):
+        return parse_header(ckpt.source, SIDECAR_TENSORS).tensors
+    return {}

@@ -1,0 +1,108 @@
+"""Running a shard's work units so that reading, arithmetic, writing and hashing overlap.
+
+The disk is the bottleneck of a conversion (a GPU dequantizes a hundred times faster than it reads),
+so the only goal is to keep the disk busy reading and writing at once. Per shard: one thread reads
+units ahead (bounded in bytes), the calling thread computes and verifies each unit as its bytes
+arrive, and the shard's stream writes and hashes behind it. Several shards run side by side because
+two files written at once go faster than one (PITFALLS: 1.74 vs 1.28 GB/s on the H200's disk), and
+it spreads the CPU's arithmetic over its cores. Threads, not processes: the heavy work (reads,
+writes, SHA-256, torch and numpy kernels) releases the GIL, and pieces pass between stages without
+a copy. Nothing is pinned: pageable copies run far faster than the disk, and pinning gigabytes
+costs seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .shard_stream import ShardStream, Slot
+
+Read = tuple[str, int | None, int | None]
+Fetched = dict[Read, torch.Tensor]
+Piece = tuple[str, int, torch.Tensor]
+
+# Shards produced at once by ``convert`` (two writers beat one, three or six).
+LANES = 2
+
+
+@dataclass
+class Unit:
+    """One step of a shard: the source rows it needs, and how they become checked output pieces."""
+
+    reads: list[Read]
+    run: Callable[[Fetched], list[Piece]]
+    bytes_in: int
+
+
+def produce_shard(
+    path: Path,
+    header: bytes,
+    slots: dict[str, Slot],
+    units: Iterable[Unit],
+    fetch: Callable[[list[Read]], Fetched],
+    read_ahead: int,
+    progress: Callable[[int], None],
+) -> str:
+    """Write one shard from its units, complete or not at all; returns its SHA-256."""
+    stream = ShardStream(path, header, slots)
+    try:
+        for unit, fetched in _read_ahead(units, fetch, read_ahead):
+            for key, row, piece in unit.run(fetched):
+                stream.put(key, row, piece)
+            progress(unit.bytes_in)
+        return stream.close()
+    except BaseException:
+        stream.abort()
+        raise
+
+
+def _read_ahead(
+    units: Iterable[Unit], fetch: Callable[[list[Read]], Fetched], limit: int
+) -> Iterator[tuple[Unit, Fetched]]:
+    """Yield units with their bytes, keeping up to ``limit`` bytes of later units being read."""
+    pending: deque[tuple[Unit, Future]] = deque()
+    queued = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="recast-read") as reader:
+        try:
+            for unit in units:
+                while pending and queued + unit.bytes_in > limit:
+                    done, fut = pending.popleft()
+                    queued -= done.bytes_in
+                    yield done, fut.result()
+                pending.append((unit, reader.submit(fetch, unit.reads)))
+                queued += unit.bytes_in
+            while pending:
+                done, fut = pending.popleft()
+                yield done, fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def run_lanes(jobs: list[Callable[[], None]], lanes: int = LANES) -> None:
+    """Run shard jobs ``lanes`` at a time; the first failure cancels the rest and is raised."""
+    if lanes <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            job()
+        return
+    failed = threading.Event()
+
+    def guarded(job: Callable[[], None]) -> None:
+        if not failed.is_set():
+            try:
+                job()
+            except BaseException:
+                failed.set()
+                raise
+
+    with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="recast-lane") as pool:
+        futures = [pool.submit(guarded, job) for job in jobs]
+        for fut in futures:
+            fut.result()
