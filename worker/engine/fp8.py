@@ -180,3 +180,20 @@ def encode(
         s = scale.float().reshape(-1)
         return lut.encode(w, s if kind is ScaleKind.PER_TENSOR else s[rows], quantize)
     return quantize(w, expand_scale(kind, scale, rows, shape))
+
+
+def exact_codes(
+    w: torch.Tensor, kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple[int, ...]
+) -> torch.Tensor | None:
+    """Per element, the code that ``w`` is exactly the dequantization of and quantizes back to (256
+    where none), by table on the CPU; None where tables do not apply (then check both directions)."""
+    groups = 1 if kind is ScaleKind.PER_TENSOR else rows.stop - rows.start
+    if (
+        kind is ScaleKind.BLOCK
+        or w.element_size() != 2
+        or not w.is_floating_point()
+        or not lut.applies(w, groups, lut.MIN_ENCODE)
+    ):
+        return None
+    s = scale.float().reshape(-1)
+    return lut.exact(w, s if kind is ScaleKind.PER_TENSOR else s[rows], dequantize, quantize)

@@ -63,6 +63,40 @@ def encode(w: torch.Tensor, scales: torch.Tensor, quantize: Callable[..., torch.
     return out.view(torch.float8_e4m3fn)
 
 
+def exact(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    dequantize: Callable[..., torch.Tensor],
+    quantize: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """For each element of a 16-bit ``w``, the FP8 code ``c`` with ``dequantize(c) == w`` bit for bit
+    and ``quantize(w) == c``, or 256 where there is none: one gather proves both directions.
+
+    Computed in ``w``'s memory order (a transposed view is gathered through its contiguous base) and
+    returned as a view in ``w``'s logical order, as int16.
+    """
+    flat = scales.reshape(-1)
+    order = sorted(range(w.dim()), key=lambda d: -w.stride(d))
+    base = w.permute(order)
+    if not base.is_contiguous() or (len(flat) > 1 and order[0] != 0):
+        order, base = list(range(w.dim())), w.contiguous()
+    out = torch.empty(base.shape, dtype=torch.int16)
+    wn, on = _np(base), out.numpy().view("u2")
+    codes = np.arange(256, dtype=np.uint16)
+    for i, s in enumerate(flat):
+        values = dequantize(_CODES, s.reshape(()), w.dtype)
+        back = quantize(values, s.reshape(())).view(torch.uint8).numpy()
+        table = np.full(1 << 16, 256, dtype=np.uint16)
+        valid = back == codes  # codes whose value quantizes back to themselves (one per value at most)
+        table[_np(values)[valid]] = codes[valid]
+        if len(flat) == 1:
+            np.take(table, wn, out=on)
+        else:
+            np.take(table, wn[i], out=on[i])
+    inverse = sorted(range(len(order)), key=lambda d: order[d])
+    return out.permute(inverse)
+
+
 def applies(t: torch.Tensor, groups: int, minimum: int) -> bool:
     """Tables pay on the CPU when each scale covers enough elements."""
     return t.device.type == "cpu" and t.numel() >= minimum * max(groups, 1)

@@ -18,7 +18,7 @@ from .adapters import Adapter
 from .checkpoint import Checkpoint
 from .checks import Checks, same_bits
 from .direction import Direction, account_rest
-from .fp8 import decode, encode
+from .fp8 import decode, encode, exact_codes
 from .keymap import KeyPlan, NativeTensor, plan_from_hf
 from .layout import Layout
 from .options import DTYPE_ARGS, STEP_BYTES, Options
@@ -84,9 +84,13 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
             rows = (
                 slice(a, b) if a is not None and info.shape else slice(0, info.shape[0] if info.shape else 1)
             )
-            piece = piece.reshape(raw.shape)
-            ok = same_bits(encode(piece, q.kind, scale, rows, info.shape), raw.to(dev))
-            ok = ok and same_bits(decode(raw.to(dev), q.kind, scale, rows, info.shape, piece.dtype), piece)
+            piece, raw = piece.reshape(raw.shape), raw.to(dev)
+            codes = exact_codes(piece, q.kind, scale, rows, info.shape)
+            if codes is not None:
+                ok = torch.equal(codes, raw.view(torch.uint8).to(torch.int16))
+            else:
+                ok = same_bits(encode(piece, q.kind, scale, rows, info.shape), raw)
+                ok = ok and same_bits(decode(raw, q.kind, scale, rows, info.shape, piece.dtype), piece)
             checks.bitwise(key, n, ok)
 
     def units(name: str, checks: Checks | None) -> Iterator[Unit]:
