@@ -215,6 +215,15 @@ def test_bad_checkpoint_fails_the_job_with_the_engines_error(client, cli_outputs
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_adapter_mismatch_fails_the_job(client, cli_outputs, tmp_path):
+    src, _, _ = cli_outputs("mistral4")
+    body = {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"}
+    done = wait(client, submit(client, {**body, "adapter": "deepseek-v3"})["id"])
+    assert done["state"] == "failed" and done["error"]["code"] == "adapter_mismatch"
+    assert "gate_up_proj" in done["error"]["message"]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_listing_filters_and_pages(client, cli_outputs, tmp_path):
     src, _, _ = cli_outputs("mistral4")
     ids = [submit(client, {"source": f"file://{src}", "target": f"file://{tmp_path}/o{i}", "to": "native",

@@ -1,4 +1,9 @@
-"""The verification report: per-tensor results, key accounting, bytes and seconds."""
+"""The verification report: per-tensor results, key accounting, bytes and seconds.
+
+Accounting groups: ``mapped``, ``scales``, ``injected``, ``dropped`` partition the source keys (what is
+left is ``unaccounted``); ``passthrough`` lists, from the key plan, the keys no adapter rule touched, so
+a reader can see what the adapter left exactly as it found it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .fp8 import ErrorStats
+from .keymap import plan_from_hf, plan_from_native
 
 
 @dataclass
@@ -24,7 +30,14 @@ class Report:
     options: dict[str, Any]
     tensors: list[TensorResult] = field(default_factory=list)
     accounting: dict[str, list[str]] = field(
-        default_factory=lambda: {"mapped": [], "scales": [], "injected": [], "dropped": [], "unaccounted": []}
+        default_factory=lambda: {
+            "mapped": [],
+            "scales": [],
+            "injected": [],
+            "dropped": [],
+            "unaccounted": [],
+            "passthrough": [],
+        }
     )
     problems: list[str] = field(default_factory=list)
     verified: bool = False
@@ -37,8 +50,13 @@ class Report:
     def start(cls, ckpt, adapter, opts, to: str) -> Report:
         from .convert import is_native
 
-        src = "native" if is_native(ckpt) else "hf"
-        return cls(adapter.name, f"{src}->{to}", {k: v for k, v in asdict(opts).items() if k != "overwrite"})
+        native = is_native(ckpt)
+        options = {k: v for k, v in asdict(opts).items() if k != "overwrite"}
+        report = cls(adapter.name, f"{'native' if native else 'hf'}->{to}", options)
+        if native or to == "native":
+            plan = plan_from_native(ckpt, adapter) if native else plan_from_hf(ckpt, adapter)
+            report.accounting["passthrough"] = plan.passthrough
+        return report
 
     def add(self, result: TensorResult) -> None:
         self.tensors.append(result)
