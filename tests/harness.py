@@ -90,7 +90,9 @@ class Service:
         raise RuntimeError(f"service not ready: {self.logs()}")
 
     def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.workdir.glob("worker-*.log")))
+        return "\n".join(
+            p.read_text(errors="replace")[-3000:] for p in sorted(self.workdir.glob("worker-*.log"))
+        )
 
     def client(self, token: str | None = TOKEN) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -120,7 +122,9 @@ def submit(client: httpx.Client, body: dict[str, Any], **headers: str) -> dict[s
     return r.json()
 
 
-def events(client: httpx.Client, job_id: str, last_event_id: str | None = None) -> Iterator[tuple[str, str, dict]]:
+def events(
+    client: httpx.Client, job_id: str, last_event_id: str | None = None
+) -> Iterator[tuple[str, str, dict]]:
     """(id, type, job) of every server-sent event until the job ends."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=300) as r:

@@ -56,7 +56,12 @@ def compose() -> dict:
 def test_compose_services_and_production_rules(compose):
     s = compose["services"]
     assert {"api", "worker", "worker-cpu", "beat", "redis", "minio"} <= set(s)
-    assert [s[r]["command"][0] for r in ("api", "worker", "worker-cpu", "beat")] == ["api", "worker", "worker", "beat"]
+    assert [s[r]["command"][0] for r in ("api", "worker", "worker-cpu", "beat")] == [
+        "api",
+        "worker",
+        "worker",
+        "beat",
+    ]
     gpu = s["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"] and s["worker"]["profiles"] == ["gpu"]
     assert s["worker-cpu"]["profiles"] == ["cpu"] and s["worker-cpu"]["build"]["args"]["VARIANT"] == "cpu"
@@ -72,12 +77,19 @@ def test_compose_services_and_production_rules(compose):
             assert not SECRETISH.search(key), f"{name}: secrets belong in the env file, not {key}={value}"
     example = (ROOT / "recast.example.env").read_text()
     for line in example.splitlines():
-        if "=" in line and not line.startswith("#") and re.search("TOKEN|SECRET|PASSWORD", line.split("=")[0]):
+        if (
+            "=" in line
+            and not line.startswith("#")
+            and re.search("TOKEN|SECRET|PASSWORD", line.split("=")[0])
+        ):
             assert "change-me" in line, f"the example env file must not carry a usable secret: {line}"
 
 
 def _compose_cli() -> list[str] | None:
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
         return ["docker", "compose"]
     return ["docker-compose"] if shutil.which("docker-compose") else None
 
@@ -87,5 +99,7 @@ def test_compose_config_accepts_it():
     if cli is None:
         pytest.skip("no docker compose / docker-compose binary installed (.ci/run installs Debian's)")
     for profile in ("gpu", "cpu"):
-        done = subprocess.run([*cli, "--profile", profile, "config", "-q"], cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run(
+            [*cli, "--profile", profile, "config", "-q"], cwd=ROOT, capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stderr

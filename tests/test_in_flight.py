@@ -49,7 +49,10 @@ def test_a_wrong_fp8_byte_fails_the_way_back(checkpoint, tmp_path: Path, monkeyp
     def wrong(self, x, r0):
         pieces = real(self, x, r0)
         key, row, t = pieces[0]
-        return [(key, row, _flip_first(t)) if key.endswith("down_proj.weight") else (key, row, t), *pieces[1:]]
+        return [
+            (key, row, _flip_first(t)) if key.endswith("down_proj.weight") else (key, row, t),
+            *pieces[1:],
+        ]
 
     monkeypatch.setattr(encode.Encoder, "rows", wrong)
     with pytest.raises(api.VerificationError) as err:

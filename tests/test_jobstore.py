@@ -33,7 +33,9 @@ def test_transitions_check_the_state_they_expect(store):
     assert store.progress(job["id"], bytes_in=7) is False  # a finished job takes no more progress
     got = store.get(job["id"])
     assert got["state"] == "failed" and got["bytes_in"] == 5 and got["finished_at"]
-    assert 0 < store.r.ttl(store.key(job["id"])) <= 60 and 0 < store.r.ttl(store.key(job["id"], "events")) <= 60
+    assert (
+        0 < store.r.ttl(store.key(job["id"])) <= 60 and 0 < store.r.ttl(store.key(job["id"], "events")) <= 60
+    )
     kinds = [(k, j["state"]) for _, k, j in store.events(job["id"], "0", 0)]
     assert kinds == [("state", "queued"), ("state", "running"), ("progress", "running"), ("state", "failed")]
 

@@ -108,7 +108,9 @@ def test_file_jobs_both_directions_match_the_cli(client, cli_outputs, tmp_path):
     assert report["summary"]["passed"] and not report["accounting"]["unaccounted"]
     assert report["direction"] == "hf->native"
 
-    back = submit(client, {"source": f"file://{tmp_path}/native", "target": f"file://{tmp_path}/hf", "to": "hf"})
+    back = submit(
+        client, {"source": f"file://{tmp_path}/native", "target": f"file://{tmp_path}/hf", "to": "hf"}
+    )
     assert wait(client, back["id"])["state"] == "succeeded"
     assert_same_files(tmp_path / "hf", cli_hf)
     for name in json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values():
@@ -150,7 +152,9 @@ def test_s3_to_s3_matches_the_cli(client, cli_outputs, s3_server, tmp_path):
 def test_hub_source_is_pinned_and_matches_the_cli(client, cli_outputs, hub_server, tmp_path):
     src, cli_native, _ = cli_outputs("mistral3-fp8")
     sha = hub_server.add_repo("mistralai/tiny-fp8", src)
-    job = submit(client, {"source": "hf://mistralai/tiny-fp8", "target": f"file://{tmp_path}/out", "to": "native"})
+    job = submit(
+        client, {"source": "hf://mistralai/tiny-fp8", "target": f"file://{tmp_path}/out", "to": "native"}
+    )
     assert job["source_revision"] == sha
     done = wait(client, job["id"])
     assert done["state"] == "succeeded", done["error"]
@@ -189,9 +193,19 @@ def test_bad_requests_name_the_field(client, cli_outputs, tmp_path):
         ({"source": "ftp://x/y", "target": f"file://{tmp_path}/o", "to": "native"}, "source"),
         ({"source": f"file://{src}", "target": "file:///etc/recast", "to": "native"}, "target"),
         ({"source": f"file://{src}", "target": f"file://{tmp_path}/o", "to": "sideways"}, "to"),
-        ({"source": f"file://{src}", "target": f"file://{tmp_path}/o", "to": "native",
-          "aws_secret_access_key": "hunter2"}, "aws_secret_access_key"),
-        ({"source": f"file://{src}", "target": f"file://{tmp_path}/o", "to": "native", "adapter": "gpt9"}, "adapter"),
+        (
+            {
+                "source": f"file://{src}",
+                "target": f"file://{tmp_path}/o",
+                "to": "native",
+                "aws_secret_access_key": "hunter2",
+            },
+            "aws_secret_access_key",
+        ),
+        (
+            {"source": f"file://{src}", "target": f"file://{tmp_path}/o", "to": "native", "adapter": "gpt9"},
+            "adapter",
+        ),
     ]
     for body, field in cases:
         r = client.post("/v1/jobs", json=body)
@@ -212,6 +226,15 @@ def test_bad_checkpoint_fails_the_job_with_the_engines_error(client, cli_outputs
     done = wait(client, job["id"])
     assert done["state"] == "failed" and done["error"]["code"] == "bad_checkpoint"
     assert "model-00002-of-00003.safetensors" in done["error"]["message"]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_adapter_mismatch_fails_the_job(client, cli_outputs, tmp_path):
+    src, _, _ = cli_outputs("mistral4")
+    body = {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"}
+    done = wait(client, submit(client, {**body, "adapter": "deepseek-v3"})["id"])
+    assert done["state"] == "failed" and done["error"]["code"] == "adapter_mismatch"
+    assert "gate_up_proj" in done["error"]["message"]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
@@ -327,7 +350,9 @@ def test_schedule_converts_the_newest_checkpoint_once_per_revision(service, clie
                 "to": "native", "labels": {"pipeline": "nightly"}}  # fmt: skip
     bad_target = {**template, "target": "s3://serve/x"}
     for bad, field in (({"cron": "61 * * * *"}, "cron"), ({"template": bad_target}, "target")):
-        r = client.post("/v1/schedules", json={"name": "bad", "cron": "0 3 * * *", "template": template, **bad})
+        r = client.post(
+            "/v1/schedules", json={"name": "bad", "cron": "0 3 * * *", "template": template, **bad}
+        )
         assert r.status_code == 422 and field in r.json()["detail"], r.text
     r = client.post("/v1/schedules", json={"name": "nightly", "cron": "0 3 * * *", "template": template})
     assert r.status_code == 201, r.text
@@ -364,7 +389,9 @@ def test_beat_fires_a_schedule(service, client, cli_outputs, hub_server, tmp_pat
     src, _, _ = cli_outputs("mistral3-fp8")
     sha = hub_server.add_repo("team/nightly", src)
     template = {"source": "hf://team/nightly", "target": f"file://{tmp_path}/{{revision}}", "to": "native"}
-    sched = client.post("/v1/schedules", json={"name": "beat", "cron": "* * * * *", "template": template}).json()
+    sched = client.post(
+        "/v1/schedules", json={"name": "beat", "cron": "* * * * *", "template": template}
+    ).json()
     beat = subprocess.Popen([sys.executable, "-m", "worker.cli", "beat"], env=service.env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:

@@ -34,12 +34,17 @@ def test_recast_up_runs_a_job_and_stops_cleanly(checkpoint, tmp_path):
         token = re.search(r"token\s+(dev-\S+)", banner).group(1)
         family = psutil.Process(proc.pid).children(recursive=True)
         assert any("redis-server" in " ".join(p.cmdline()) for p in family)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}) as c:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}
+        ) as c:
             deadline = time.monotonic() + 90
             while c.get("/readyz").status_code != 200:
                 assert time.monotonic() < deadline, "no worker became ready"
                 time.sleep(0.5)
-            r = c.post("/v1/jobs", json={"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"})
+            r = c.post(
+                "/v1/jobs",
+                json={"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"},
+            )
             assert r.status_code == 202, r.text
             assert wait(c, r.json()["id"])["state"] == "succeeded"
         assert (tmp_path / "out" / "model.safetensors.index.json").exists()

@@ -99,7 +99,8 @@ class Conversion:
         return write_metadata(self.ckpt, directory, self.direction, self.adapter, self.opts)
 
     def new_report(self) -> Report:
-        return Report.start(self.adapter, self.opts, is_native(self.ckpt))
+        plan = self.direction.plan
+        return Report.start(self.adapter, self.opts, is_native(self.ckpt), plan.passthrough if plan else None)
 
     def settle(self, checks: Checks, written: Source, report: Report) -> Report:
         """Close in-flight verification: the written files describe the planned tensors, the scales

@@ -19,6 +19,16 @@ class UnsupportedModelError(RecastError):
     code = "unsupported_model"
 
 
+class AdapterMismatchError(RecastError):
+    """The chosen adapter's rules do not account for the checkpoint (a wrong override).
+
+    Verification checks the output against the plan the adapter made, so a wrong adapter would pass it;
+    the mismatch has to be caught while planning, before anything is written.
+    """
+
+    code = "adapter_mismatch"
+
+
 class TargetExistsError(RecastError):
     """The destination already holds a checkpoint and --overwrite was not given."""
 

@@ -2,18 +2,19 @@
 
 Built from an hf checkpoint's keys by applying an adapter, or read back from a native checkpoint's
 sidecar (which keeps the source's exact spelling), or — for a native checkpoint Recast did not write —
-derived from the native keys by inverting the adapter's rules. Every source key ends up accounted for.
+derived from the native keys by inverting the adapter's rules. Every source key ends up accounted for,
+and an adapter whose rules do not account for the checkpoint is refused here, before anything is written.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .adapters import Adapter
+from .adapters import ADAPTERS, Adapter, describe_config, detected, expert_owner, supported
 from .checkpoint import Checkpoint
-from .errors import CheckpointError
+from .errors import AdapterMismatchError, CheckpointError
 from .fp8 import ScaleKind, classify_scale
 from .safetensors_io import TensorInfo
 
@@ -56,6 +57,11 @@ class KeyPlan:
     @property
     def injected(self) -> list[str]:
         return [t.key for t in self.tensors if t.kind == "zeros"]
+
+    @property
+    def passthrough(self) -> list[str]:
+        """Keys no rule touched (copied under their own name): where a wrong adapter would show."""
+        return [t.key for t in self.tensors if t.kind == "copy" and t.parts == [t.key]]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -109,11 +115,15 @@ def _activation_key(key: str, tensors: dict[str, TensorInfo]) -> str | None:
     return next((c for c in candidates if c in tensors), None)
 
 
-_STACK = re.compile(r"^(?P<prefix>.*\.)mlp\.experts\.(?P<e>\d+)\.(?P<part>[a-z_]+)\.weight$")
-
-
 def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
-    """Apply the adapter to an hf checkpoint's keys."""
+    """Apply the adapter to an hf checkpoint's keys; refuse it if its rules do not fit them."""
+    plan = _hf_plan(ckpt, adapter)
+    copied = [t.parts[0] for t in plan.tensors if t.kind == "copy"]
+    _check_fit(ckpt, adapter, plan, copied, lambda other: _hf_plan(ckpt, other))
+    return plan
+
+
+def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     quant, companions = find_quant(ckpt.tensors)
     skip = set(companions)
     out: list[NativeTensor] = []
@@ -122,18 +132,16 @@ def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
         if key in skip:
             continue
         renamed = adapter.to_native(key)
-        m = _STACK.match(renamed)
-        rules = [r for r in adapter.experts if r.kind == "stack" and m and m["part"] in r.parts]
-        if rules:
-            stacks.setdefault((m["prefix"], adapter.experts.index(rules[0])), {}).setdefault(int(m["e"]), {})[
-                m["part"]
-            ] = key
-            continue
-        rule = next((r for r in adapter.experts if r.kind == "transpose" and renamed.endswith(r.hf)), None)
-        if rule:
-            out.append(NativeTensor(renamed[: -len(rule.hf)] + rule.native, "transpose", [key]))
-        else:
+        matched = next(((i, m) for i, r in enumerate(adapter.experts) if (m := r.match_hf(renamed))), None)
+        if matched is None:
             out.append(NativeTensor(renamed, "copy", [key]))
+            continue
+        idx, m = matched
+        rule = adapter.experts[idx]
+        if rule.kind == "stack":
+            stacks.setdefault((m["prefix"], idx), {}).setdefault(int(m["e"]), {})[m["part"]] = key
+        else:
+            out.append(NativeTensor(m["prefix"] + rule.native, "transpose", [key]))
     for (prefix, idx), experts in sorted(stacks.items()):
         rule = adapter.experts[idx]
         n = len(experts)
@@ -164,9 +172,17 @@ def plan_from_native(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     if recorded:
         plan = KeyPlan.from_json(recorded)
         missing = [t.key for t in plan.tensors if t.key not in ckpt.tensors]
-        if not missing:
-            return plan
-        raise CheckpointError(f"native checkpoint lacks {missing[:3]} which its recast.json lists")
+        if missing:
+            raise CheckpointError(f"native checkpoint lacks {missing[:3]} which its recast.json lists")
+        _check_recorded_adapter(ckpt, adapter, plan)
+        return plan
+    plan = _native_plan(ckpt, adapter)
+    copied = [t.key for t in plan.tensors if t.kind == "copy"]
+    _check_fit(ckpt, adapter, plan, copied, lambda other: _native_plan(ckpt, other))
+    return plan
+
+
+def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     out: list[NativeTensor] = []
     for key, info in ckpt.tensors.items():
         stack = next((r for r in adapter.experts if r.kind == "stack" and key.endswith(r.native)), None)
@@ -185,6 +201,72 @@ def plan_from_native(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             out.append(NativeTensor(key, "copy", [adapter.to_hf(key)]))
     _check_unique(out)
     return KeyPlan(out, {})
+
+
+def _check_fit(
+    ckpt: Checkpoint,
+    adapter: Adapter,
+    plan: KeyPlan,
+    copied: list[str],
+    replan: Callable[[Adapter], KeyPlan],
+) -> None:
+    """Refuse an adapter whose rules do not account for the checkpoint.
+
+    Verification checks the output against this same plan, so it cannot see a wrong adapter. Two tests,
+    both read from the adapters' data: no source key that any family's expert rules take may have been
+    ``copied`` unchanged; and the adapter must be the one detection picks, or plan exactly the output
+    that one does (``mistral4-vlm`` on a Mistral 4 text checkpoint, say).
+    """
+    found = detected(ckpt.config, list(ckpt.tensors))
+    left = sorted(k for k in copied if expert_owner(k))
+    if left:
+        family = (found or expert_owner(left[0])).name
+        raise AdapterMismatchError(
+            f"adapter {adapter.name!r} does not fit {ckpt.source.description}, which looks like {family}: "
+            f"its rules leave {len(left)} expert tensors unconverted, e.g. {left[:3]}"
+        )
+    if found is None:
+        raise AdapterMismatchError(
+            f"adapter {adapter.name!r} does not fit {ckpt.source.description}: config.json "
+            f"{describe_config(ckpt.config)} is not {adapter.description}; supported adapters: {supported()}"
+        )
+    if found.name != adapter.name and not _same_output(plan, adapter, replan(found), found):
+        raise AdapterMismatchError(
+            f"adapter {adapter.name!r} does not fit {ckpt.source.description}, which looks like "
+            f"{found.name} (config.json {describe_config(ckpt.config)}): {adapter.name} would write "
+            f"different tensors; leave the adapter unset or use {found.name!r}"
+        )
+
+
+def _same_output(plan: KeyPlan, adapter: Adapter, theirs: KeyPlan, other: Adapter) -> bool:
+    """Whether ``other`` writes the same bytes as ``adapter``: the same plan and the same quantization."""
+    return theirs.to_json() == plan.to_json() and _same_quantization(plan, adapter, other)
+
+
+def _same_quantization(plan: KeyPlan, adapter: Adapter, other: Adapter) -> bool:
+    """Whether a fresh quantization of the plan's hf tensors comes out the same under both adapters."""
+    hf_keys = {p for t in plan.tensors for p in t.parts}
+    return all(
+        adapter.quantizable(k) == other.quantizable(k)
+        and adapter.never_quantized_prefix(k) == other.never_quantized_prefix(k)
+        for k in hf_keys
+    )
+
+
+def _check_recorded_adapter(ckpt: Checkpoint, adapter: Adapter, plan: KeyPlan) -> None:
+    """An override must agree with the adapter recast.json records.
+
+    The recorded plan fixes the tensors whatever the override; the adapter still decides what a fresh
+    quantization does, so one that would decide differently conflicts with how the checkpoint was written.
+    """
+    name = ckpt.sidecar.get("adapter")
+    written_with = ADAPTERS.get(name)
+    if written_with is None or _same_quantization(plan, adapter, written_with):
+        return
+    raise AdapterMismatchError(
+        f"{ckpt.source.description} was written with adapter {name!r} (its recast.json); adapter "
+        f"{adapter.name!r} would quantize it differently; leave the adapter unset to use {name!r}"
+    )
 
 
 def _check_unique(tensors: list[NativeTensor]) -> None:

@@ -1,4 +1,9 @@
-"""The verification report: per-tensor results, key accounting, bytes and seconds."""
+"""The verification report: per-tensor results, key accounting, bytes and seconds.
+
+Accounting groups: ``mapped``, ``scales``, ``injected``, ``dropped`` partition the source keys (what is
+left is ``unaccounted``); ``passthrough`` lists, from the key plan, the keys no adapter rule touched, so
+a reader can see what the adapter left exactly as it found it.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,14 @@ class Report:
     options: dict[str, Any]
     tensors: list[TensorResult] = field(default_factory=list)
     accounting: dict[str, list[str]] = field(
-        default_factory=lambda: {"mapped": [], "scales": [], "injected": [], "dropped": [], "unaccounted": []}
+        default_factory=lambda: {
+            "mapped": [],
+            "scales": [],
+            "injected": [],
+            "dropped": [],
+            "unaccounted": [],
+            "passthrough": [],
+        }
     )
     problems: list[str] = field(default_factory=list)
     verified: bool = False
@@ -34,11 +46,13 @@ class Report:
     files: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, adapter, opts, source_native: bool) -> Report:
+    def start(cls, adapter, opts, source_native: bool, passthrough: list[str] | None = None) -> Report:
         src = "native" if source_native else "hf"
-        return cls(
+        report = cls(
             adapter.name, f"{src}->{opts.to}", {k: v for k, v in asdict(opts).items() if k != "overwrite"}
         )
+        report.accounting["passthrough"] = list(passthrough or [])
+        return report
 
     def add(self, result: TensorResult) -> None:
         self.tensors.append(result)
