@@ -26,7 +26,7 @@ from .direction import Direction
 from .errors import RecastError, TargetExistsError, VerificationError
 from .formats import is_native
 from .options import STEP_BYTES, Options, Progress
-from .pipeline import produce_shard, run_lanes
+from .pipeline import lanes, produce_shard, run_lanes
 from .publish import file_sha256, finish_sidecar, publish_dir, write_metadata
 from .report import Report
 from .safetensors_io import TensorInfo, parse_header
@@ -92,7 +92,8 @@ class Conversion:
                 with lock:
                     progress(p)
 
-        run_lanes([lambda n=n: self.write_shard(n, directory, locked, checks) for n in self.shard_names()])
+        jobs = [lambda n=n: self.write_shard(n, directory, locked, checks) for n in self.shard_names()]
+        run_lanes(jobs, lanes(self.dev.type))
 
     def write_metadata(self, directory: Path) -> list[str]:
         """Scales sidecar, config, carried files, index and recast.json; returns the names written."""
