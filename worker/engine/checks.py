@@ -17,6 +17,7 @@ import torch
 
 from .fp8 import ErrorStats, bounded_error
 from .report import Report, TensorResult
+from .timings import Timings
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -98,8 +99,9 @@ class Acc:
 class Checks:
     """Per-source-tensor accumulators; ``rows`` says how many dim-0 rows each must have checked."""
 
-    def __init__(self, rows: dict[str, int]):
+    def __init__(self, rows: dict[str, int], timings: Timings | None = None):
         self.expected = rows
+        self.timings = timings or Timings()
         self._accs: dict[str, Acc] = {}
         self._lock = threading.Lock()
 

@@ -32,6 +32,7 @@ from .report import Report
 from .safetensors_io import TensorInfo, parse_header
 from .storage import LocalSource, Source, open_source
 from .tensors import TensorSource
+from .timings import Timings
 from .to_hf import to_hf
 from .to_native import to_native
 
@@ -50,6 +51,7 @@ class Conversion:
     dev: torch.device
     direction: Direction
     hashes: dict[str, str] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -60,7 +62,7 @@ class Conversion:
         return self.layout.names()
 
     def new_checks(self) -> Checks:
-        return Checks(self.direction.expected())
+        return Checks(self.direction.expected(), self.timings)
 
     def write_shard(
         self, name: str, directory: Path, progress: Progress | None = None, checks: Checks | None = None
@@ -76,6 +78,7 @@ class Conversion:
             self.direction.fetch,
             READ_AHEAD_UNITS * STEP_BYTES[self.dev.type],
             lambda n: report({"bytes_in": n}),
+            self.timings,
         )
         with self._lock:
             self.hashes[name] = sha
@@ -168,14 +171,17 @@ def convert(
     try:
         checks = conv.new_checks() if opts.verify else None
         conv.write_shards(stage, progress, checks)
-        names = conv.write_metadata(stage)
+        with conv.timings.timed("metadata"):
+            names = conv.write_metadata(stage)
         report = conv.new_report()
         if checks is not None:
-            conv.settle(checks, LocalSource(stage), report)
+            with conv.timings.timed("settle"):
+                conv.settle(checks, LocalSource(stage), report)
         report.seconds = time.monotonic() - started
         report.bytes_in = conv.ckpt.total_bytes
         report.bytes_out = conv.layout.total_bytes()
         files = conv.hashes | {n: file_sha256(stage / n) for n in names if n != SIDECAR}
+        report.stages = conv.timings.as_dict()
         finish_sidecar(stage, report, files)
         if opts.verify and not report.passed:
             raise VerificationError(f"verification failed: {report.failure_summary()}", report)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .shard_stream import ShardStream, Slot
+from .timings import Timings
 
 Read = tuple[str, int | None, int | None]
 Fetched = dict[Read, torch.Tensor]
@@ -58,22 +59,32 @@ def produce_shard(
     fetch: Callable[[list[Read]], Fetched],
     read_ahead: int,
     progress: Callable[[int], None],
+    timings: Timings,
 ) -> str:
     """Write one shard from its units, complete or not at all; returns its SHA-256."""
-    stream = ShardStream(path, header, slots)
+    stream = ShardStream(path, header, slots, timings)
+
+    def timed_fetch(reads: list[Read]) -> Fetched:
+        with timings.timed("read"):
+            return fetch(reads)
+
     try:
-        for unit, fetched in _read_ahead(units, fetch, read_ahead):
-            for key, row, piece in unit.run(fetched):
-                stream.put(key, row, piece)
+        for unit, fetched in _read_ahead(units, timed_fetch, read_ahead, timings):
+            with timings.timed("compute"):
+                pieces = unit.run(fetched)
+            with timings.timed("wait for writer"):
+                for key, row, piece in pieces:
+                    stream.put(key, row, piece)
             progress(unit.bytes_in)
-        return stream.close()
+        with timings.timed("close (fsync)"):
+            return stream.close()
     except BaseException:
         stream.abort()
         raise
 
 
 def _read_ahead(
-    units: Iterable[Unit], fetch: Callable[[list[Read]], Fetched], limit: int
+    units: Iterable[Unit], fetch: Callable[[list[Read]], Fetched], limit: int, timings: Timings
 ) -> Iterator[tuple[Unit, Fetched]]:
     """Yield units with their bytes, keeping up to ``limit`` bytes of later units being read."""
     pending: deque[tuple[Unit, Future]] = deque()
@@ -84,12 +95,16 @@ def _read_ahead(
                 while pending and queued + unit.bytes_in > limit:
                     done, fut = pending.popleft()
                     queued -= done.bytes_in
-                    yield done, fut.result()
+                    with timings.timed("wait for reader"):
+                        got = fut.result()
+                    yield done, got
                 pending.append((unit, reader.submit(fetch, unit.reads)))
                 queued += unit.bytes_in
             while pending:
                 done, fut = pending.popleft()
-                yield done, fut.result()
+                with timings.timed("wait for reader"):
+                    got = fut.result()
+                yield done, got
         finally:
             for _, fut in pending:
                 fut.cancel()

@@ -44,6 +44,7 @@ class Report:
     bytes_out: int = 0
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def start(cls, adapter, opts, source_native: bool, passthrough: list[str] | None = None) -> Report:
@@ -101,6 +102,7 @@ class Report:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "seconds": round(self.seconds, 3),
+            "stages": self.stages,
             "throughput_gb_s": {
                 "in": round(self.bytes_in / self.seconds / 1e9, 3) if self.seconds else None,
                 "out": round(self.bytes_out / self.seconds / 1e9, 3) if self.seconds else None,

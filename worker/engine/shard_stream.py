@@ -24,6 +24,7 @@ import torch
 
 from .errors import CheckpointError
 from .safetensors_io import DTYPES, PlannedTensor, build_header
+from .timings import Timings
 
 # Bytes handed to the writer and hasher but not yet written, per shard: enough to ride out a slow
 # fsync of a neighbour, small next to the memory bound of three output shards.
@@ -85,7 +86,7 @@ class _Budget:
 class ShardStream:
     """One output shard: ``put`` pieces (any order, each once), then ``close`` for its SHA-256."""
 
-    def __init__(self, path: Path, header: bytes, slots: dict[str, Slot]):
+    def __init__(self, path: Path, header: bytes, slots: dict[str, Slot], timings: Timings | None = None):
         self.path = path
         self.tmp = path.with_name(f".{path.name}.partial")
         self._slots = slots
@@ -95,6 +96,7 @@ class ShardStream:
         self._filled: dict[str, int] = {}
         self._budget = _Budget(WRITE_BEHIND)
         self._sha = hashlib.sha256()
+        self._timings = timings or Timings()
         self._error: BaseException | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -102,8 +104,10 @@ class ShardStream:
         self._left: dict[int, int] = {}
         self._lock = threading.Lock()
         self._threads = [
-            threading.Thread(target=self._drain, args=(q, fn), daemon=True)
-            for q, fn in zip(self._queues, (self._write, self._sha.update), strict=True)
+            threading.Thread(target=self._drain, args=(q, fn, stage), daemon=True)
+            for q, fn, stage in zip(
+                self._queues, (self._write, self._sha.update), ("write", "hash"), strict=True
+            )
         ]
         for t in self._threads:
             t.start()
@@ -164,11 +168,12 @@ class ShardStream:
         for q in self._queues:
             q.put(data)
 
-    def _drain(self, q: queue.SimpleQueue, consume) -> None:
+    def _drain(self, q: queue.SimpleQueue, consume, stage: str) -> None:
         while (data := q.get()) is not None:
             try:
                 if self._error is None:
-                    consume(data)
+                    with self._timings.timed(stage):
+                        consume(data)
             except BaseException as exc:  # surfaced to the producer on its next put or close
                 self._error = exc
             with self._lock:

@@ -209,7 +209,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                 x, ref = x.reshape(()), ref.reshape(())
             pieces = [(k, row, t.cpu()) for k, row, t in encoder.rows(x, r0)]
             if checks is not None:
-                check(it, x, pieces, r0, ref, checks)
+                with checks.timings.timed("verify"):
+                    check(it, x, pieces, r0, ref, checks)
             return [p for p in pieces if p[0] in keys]
 
         return run

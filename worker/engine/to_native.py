@@ -125,7 +125,8 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
                     x = forward(t, e0, e1, value(got))
                     written = x.cpu() if shape else x.reshape(()).cpu()
                     if checks is not None:
-                        check(t, e0, written, got, checks)
+                        with checks.timings.timed("verify"):
+                            check(t, e0, written, got, checks)
                     return [(t.key, e0, written)]
 
                 nbytes = sum(src.tensors[p].nbytes for p in t.parts) * (e1 - e0) // max(n, 1)
