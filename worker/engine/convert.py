@@ -79,6 +79,7 @@ class Conversion:
             READ_AHEAD_UNITS * STEP_BYTES[self.dev.type],
             lambda n: report({"bytes_in": n}),
             self.timings,
+            self.direction.pool.give if self.direction.pool else None,
         )
         with self._lock:
             self.hashes[name] = sha

@@ -8,6 +8,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .checks import Checks
+from .hostpool import HostPool
 from .keymap import KeyPlan
 from .layout import Layout
 from .pipeline import Fetched, Read, Unit
@@ -32,6 +33,7 @@ class Direction:
     expected: Callable[[], dict[str, int]]
     account: Callable[[Report], None]
     sidecar_scales: list[str] = field(default_factory=list)
+    pool: HostPool | None = None
 
 
 def account_rest(src: Checkpoint, report: Report) -> None:

@@ -17,7 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # bound host memory (a few units per shard lane are in flight at once). On the CPU, small: glibc serves
 # allocations above 32 MiB with fresh mmaps, and faulting in fresh pages for every unit's output took
 # more system time than the arithmetic (2 cores, 12-shard bench: 25.0 s at 16 MiB, 13.9 s at 4 MiB).
-STEP_BYTES = {"cpu": 4 << 20, "cuda": 128 << 20}
+STEP_BYTES = {"cpu": 4 << 20, "cuda": 64 << 20}
 
 Progress = Callable[[dict[str, Any]], None]
 

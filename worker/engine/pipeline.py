@@ -60,9 +60,13 @@ def produce_shard(
     read_ahead: int,
     progress: Callable[[int], None],
     timings: Timings,
+    release: Callable[[torch.Tensor], None] | None = None,
 ) -> str:
-    """Write one shard from its units, complete or not at all; returns its SHA-256."""
-    stream = ShardStream(path, header, slots, timings)
+    """Write one shard from its units, complete or not at all; returns its SHA-256.
+
+    ``release`` takes back host buffers: a unit's reads once it has run, pieces once written.
+    """
+    stream = ShardStream(path, header, slots, timings, release)
 
     def timed_fetch(reads: list[Read]) -> Fetched:
         with timings.timed("read"):
@@ -72,6 +76,9 @@ def produce_shard(
         for unit, fetched in _read_ahead(units, timed_fetch, read_ahead, timings):
             with timings.timed("compute"):
                 pieces = unit.run(fetched)
+            if release is not None:
+                for t in fetched.values():
+                    release(t)
             with timings.timed("wait for writer"):
                 for key, row, piece in pieces:
                     stream.put(key, row, piece)

@@ -123,11 +123,11 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
-def tensor_from_bytes(info: TensorInfo, data: bytes | bytearray | memoryview) -> torch.Tensor:
+def tensor_from_bytes(info: TensorInfo, data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tensor:
     """Wrap raw little-endian bytes as a tensor without copying them."""
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
-    flat = torch.frombuffer(data, dtype=torch.uint8)
+    flat = data if isinstance(data, torch.Tensor) else torch.frombuffer(data, dtype=torch.uint8)
     return flat.view(info.torch_dtype).reshape(info.shape)
 
 

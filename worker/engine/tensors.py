@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .fp8 import BLOCK, ScaleKind, decode
+from .hostpool import HostPool
 from .keymap import NativeTensor, Quant
 from .safetensors_io import TensorInfo, tensor_from_bytes
 from .storage import Source
@@ -32,7 +33,11 @@ class TensorSource:
     def info(self, key: str) -> TensorInfo:
         return self.tensors.get(key) or self.extra[key]
 
-    def rows(self, key: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
+    def rows(
+        self, key: str, r0: int | None = None, r1: int | None = None, pool: HostPool | None = None
+    ) -> torch.Tensor:
+        """Rows ``r0:r1`` of ``key`` (all of it when ``r0`` is None), read into a buffer of ``pool``'s
+        when one is given."""
         info = self.info(key)
         if not info.shape or r0 is None:
             start, end, shape = info.start, info.end, info.shape
@@ -44,13 +49,16 @@ class TensorSource:
         read_into = getattr(self.source, "read_into", None)
         if read_into is None or end == start:
             return tensor_from_bytes(where, bytearray(self.source.read_range(info.file, start, end)))
-        buf = torch.empty(end - start, dtype=torch.uint8)
+        buf = pool.take(end - start) if pool is not None else torch.empty(end - start, dtype=torch.uint8)
         read_into(info.file, start, memoryview(buf.numpy()))
-        return tensor_from_bytes(where, buf.numpy())
+        return tensor_from_bytes(where, buf)
 
 
 def fetch(
-    src: TensorSource, quant: dict[str, Quant], requests: list[tuple[str, int | None, int | None]]
+    src: TensorSource,
+    quant: dict[str, Quant],
+    requests: list[tuple[str, int | None, int | None]],
+    pool: HostPool | None = None,
 ) -> dict[tuple[str, int | None, int | None], torch.Tensor]:
     """Read the bytes ``hf_value`` calls will need (on the pipeline's reading thread), with their scales."""
     out = {}
@@ -60,7 +68,7 @@ def fetch(
             wanted.append((quant[key].scale, None, None))
         for k, a, b in wanted:
             if (k, a, b) not in out:
-                out[(k, a, b)] = src.rows(k, a, b)
+                out[(k, a, b)] = src.rows(k, a, b, pool)
     return out
 
 

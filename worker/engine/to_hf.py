@@ -26,6 +26,7 @@ from .direction import Direction, account_rest
 from .encode import Encoder, Encoding, choose, quantization_config
 from .formats import is_native, sidecar_tensors
 from .fp8 import decode, encode, expand_scale
+from .hostpool import HostPool
 from .keymap import KeyPlan, NativeTensor, find_quant, plan_from_native
 from .layout import Layout
 from .options import DTYPE_ARGS, STEP_BYTES, Options
@@ -94,6 +95,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                 layout.shards[used.index(anchor[it.enc.key])].append(PlannedTensor(k, dt, shape))
     layout.fix()
     budget = STEP_BYTES[dev.type]
+    pool = HostPool() if dev.type == "cuda" else None
+    to_host = pool.to_host if pool else torch.Tensor.cpu
     lossy_ok = opts.quantize != "none"
 
     def written_value(it: HfItem, pieces: list[Piece], r0: int, n: int, as_dtype: torch.dtype):
@@ -207,10 +210,13 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
             x, ref = values(it, got, r0, r1)
             if not it.shape:
                 x, ref = x.reshape(()), ref.reshape(())
-            pieces = [(k, row, t.cpu()) for k, row, t in encoder.rows(x, r0)]
+            pieces = [(k, row, to_host(t)) for k, row, t in encoder.rows(x, r0)]
             if checks is not None:
                 with checks.timings.timed("verify"):
                     check(it, x, pieces, r0, ref, checks)
+            for key, _, t in pieces:
+                if key not in keys and pool is not None:
+                    pool.give(t)  # another shard's piece, computed alongside
             return [p for p in pieces if p[0] in keys]
 
         return run
@@ -218,7 +224,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
     def tail_unit(it: HfItem, encoder: Encoder, keys: set[str]):
         def run(_: Fetched) -> list[Piece]:
             ensure_amax(it)
-            return [(k, row, t.cpu()) for k, row, t in encoder.finish() if k in keys]
+            return [(k, row, to_host(t)) for k, row, t in encoder.finish() if k in keys]
 
         return run
 
@@ -246,9 +252,10 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
         layout=layout,
         config=_hf_config(src, sidecar, items, adapter, opts, native_src),
         units=units,
-        fetch=lambda reads: fetch(ts, read_quant, reads),
+        fetch=lambda reads: fetch(ts, read_quant, reads, pool),
         expected=expected,
         account=account,
+        pool=pool,
     )
 
 

@@ -19,6 +19,7 @@ from .checkpoint import Checkpoint
 from .checks import Checks, same_bits
 from .direction import Direction, account_rest
 from .fp8 import decode, encode, exact_codes
+from .hostpool import HostPool
 from .keymap import KeyPlan, NativeTensor, plan_from_hf
 from .layout import Layout
 from .options import DTYPE_ARGS, STEP_BYTES, Options
@@ -61,6 +62,8 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
         layout.shards[used.index(shard_of[t.key])].append(PlannedTensor(t.key, dt, shapes[t.key]))
     layout.fix()
     budget = STEP_BYTES[dev.type]
+    pool = HostPool() if dev.type == "cuda" else None
+    to_host = pool.to_host if pool else torch.Tensor.cpu
 
     def value(got: Fetched):
         def get(k, a, b, transposed=False):
@@ -123,7 +126,7 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
 
                 def run(got: Fetched, t=t, e0=e0, e1=e1, shape=shape) -> list[Piece]:
                     x = forward(t, e0, e1, value(got))
-                    written = x.cpu() if shape else x.reshape(()).cpu()
+                    written = to_host(x if shape else x.reshape(()))
                     if checks is not None:
                         with checks.timings.timed("verify"):
                             check(t, e0, written, got, checks)
@@ -147,10 +150,11 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
         layout=layout,
         config=config,
         units=units,
-        fetch=lambda reads: fetch(ts, plan.quant, reads),
+        fetch=lambda reads: fetch(ts, plan.quant, reads, pool),
         expected=expected,
         account=lambda report: _account(src, plan, report),
         sidecar_scales=_companions(plan),
+        pool=pool,
     )
 
 
