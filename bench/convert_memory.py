@@ -307,6 +307,10 @@ def run_bench(work: Path, device: str, no_verify_run: bool) -> int:
     for label, r in results.items():
         print(f"throughput {label} / I/O floor = {io['seconds']:.2f} s / {r['seconds']:.2f} s = "
               f"{io['seconds'] / r['seconds']:.2f} (of the floor's GB/s)")
+    verified = results["recast convert"]["seconds"]
+    fast = verified <= 0.8 * nv["seconds"]
+    print(f"speed      recast convert (verified) / naive (unverified) = {verified:.2f} s / {nv['seconds']:.2f} s"
+          f" = {verified / nv['seconds']:.2f} (target <= 0.80: {'PASS' if fast else 'FAIL'})")
     ok = worst_rss <= budget
     print(f"memory target: {'PASS' if ok else 'FAIL'} (peak {worst_rss / MIB:.0f} MiB "
           f"{'<=' if ok else '>'} budget {budget / MIB:.0f} MiB)")

@@ -35,6 +35,7 @@ from .tensors import TensorSource
 from .timings import Timings
 from .to_hf import to_hf
 from .to_native import to_native
+from .verify import verify_dirs
 
 # Bytes of later units read ahead per shard: a few units keep the disk reading while one computes.
 READ_AHEAD_UNITS = 4
@@ -129,8 +130,6 @@ class Conversion:
 
     def verify(self, written: Source, report: Report) -> Report:
         """Re-read a written conversion from storage and check it against the source."""
-        from .verify import verify_dirs
-
         return verify_dirs(self.ckpt, written, report, self.dev)
 
 

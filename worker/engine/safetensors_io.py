@@ -8,11 +8,8 @@ tensors one at a time into a file whose header is known up front, so memory stay
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -131,18 +128,6 @@ def tensor_from_bytes(info: TensorInfo, data: bytes | bytearray | memoryview | t
     return flat.view(info.torch_dtype).reshape(info.shape)
 
 
-def read_tensor(source: Source, info: TensorInfo) -> torch.Tensor:
-    return tensor_from_bytes(info, bytearray(source.read_range(info.file, info.start, info.end)))
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes in safetensors order (C-contiguous, little-endian)."""
-    t = t.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
-
-
 @dataclass(frozen=True)
 class PlannedTensor:
     key: str
@@ -165,81 +150,3 @@ def build_header(tensors: list[PlannedTensor], metadata: dict[str, str] | None) 
         offset += t.nbytes
     raw = json.dumps(body, separators=(",", ":")).encode()
     return raw + b" " * (-len(raw) % 8)
-
-
-class ShardWriter:
-    """Writes one shard whose layout is fixed in advance, tensor by tensor, under a temporary name.
-
-    Tensors may arrive in any order; each is written at its planned offset, so peak memory is one
-    tensor, not one shard. ``close`` checks every planned tensor arrived, then renames into place.
-    """
-
-    def __init__(self, path: Path, header: bytes, offsets: dict[str, tuple[int, int, str, tuple[int, ...]]]):
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.partial")
-        self._offsets = offsets
-        self._pending = set(offsets)
-        self._fh: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._fh.write(len(header).to_bytes(8, "little"))
-        self._fh.write(header)
-        self._base = 8 + len(header)
-
-    @classmethod
-    def planned(
-        cls, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None
-    ) -> ShardWriter:
-        header = build_header(tensors, metadata)
-        return cls(path, header, _layout(tensors))
-
-    @classmethod
-    def from_raw_header(cls, path: Path, raw: bytes) -> ShardWriter:
-        """Reproduce a source shard's exact header, so restored bytes hash like the original."""
-        header = json.loads(raw)
-        header.pop("__metadata__", None)
-        offsets = {
-            k: (v["data_offsets"][0], v["data_offsets"][1], v["dtype"], tuple(v["shape"]))
-            for k, v in header.items()
-        }
-        return cls(path, raw, offsets)
-
-    def write(self, key: str, t: torch.Tensor, row: int = 0, last: bool = True) -> None:
-        """Write ``t`` as rows ``row…`` of tensor ``key``; ``last`` marks the tensor complete."""
-        lo, _, dtype, shape = self._offsets[key]
-        if (
-            DTYPES[dtype] != t.dtype
-            or tuple(t.shape[1:]) != shape[1:]
-            or row + (t.shape[0] if t.dim() else 1) > (shape[0] if shape else 1)
-        ):
-            raise CheckpointError(
-                f"{self.path.name}: tensor {key!r} piece is {t.dtype} {list(t.shape)} at row {row} but the plan "
-                f"says {dtype} {list(shape)}"
-            )
-        row_bytes = DTYPES[dtype].itemsize * _numel(shape[1:]) if shape else 0
-        self._fh.seek(self._base + lo + row * row_bytes)
-        self._fh.write(tensor_bytes(t))
-        if last:
-            self._pending.discard(key)
-
-    def close(self) -> None:
-        if self._pending:
-            self.abort()
-            raise CheckpointError(f"{self.path.name}: never received {sorted(self._pending)[:5]}")
-        end = self._base + max((hi for _, hi, _, _ in self._offsets.values()), default=0)
-        self._fh.truncate(end)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self._fh.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def _layout(tensors: list[PlannedTensor]) -> dict[str, tuple[int, int, str, tuple[int, ...]]]:
-    out = {}
-    offset = 0
-    for t in tensors:
-        out[t.key] = (offset, offset + t.nbytes, t.dtype, t.shape)
-        offset += t.nbytes
-    return out
