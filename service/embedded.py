@@ -26,7 +26,9 @@ def redis_server_binary() -> str:
             return str(bundled)
     found = shutil.which("redis-server")
     if not found:
-        raise RecastError("no redis-server found: install recast-service (it bundles one) or set RECAST_REDIS_URL")
+        raise RecastError(
+            "no redis-server found: install recast-service (it bundles one) or set RECAST_REDIS_URL"
+        )
     return found
 
 
@@ -62,6 +64,14 @@ class EmbeddedRedis:
             time.sleep(0.05)
         self.stop()
         raise RecastError(f"embedded redis-server did not answer within {timeout_s:.0f} s")
+
+    def restart(self) -> EmbeddedRedis:
+        """Stop the server (it writes its append-only file out) and start it again on the same socket."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(10)
+        self._proc = None
+        return self.start()
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

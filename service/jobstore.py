@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from service.settings import Settings
 
@@ -29,6 +31,8 @@ EVENTS_MAXLEN = 10_000
 WORKERS_KEY = f"{PREFIX}workers"  # worker name -> time of its last heartbeat
 _JSON_FIELDS = ("request", "labels", "result", "shard_names")
 _INT_FIELDS = ("shards_total", "shards_done", "bytes_total", "bytes_in", "bytes_out")
+# Retries of a Redis command whose connection failed (backoff capped at 2 s: about a minute in all).
+RECONNECT_TRIES = 40
 
 # KEYS: job hash, events, state-index prefix, then the per-job keys that expire with it.
 # ARGV: allowed states (space separated), new state, ttl (0 keeps), event type, field/value pairs…
@@ -106,7 +110,16 @@ class JobStore:
 
     @classmethod
     def connect(cls, url: str, ttl_s: int = 7 * 24 * 3600) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30), ttl_s)
+        """A client that rides out a Redis restart (up to ~a minute of retries with backoff), so a
+        shard in progress when Redis restarts still records its result instead of failing the job."""
+        client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), RECONNECT_TRIES),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        return cls(client, ttl_s)
 
     # ------------------------------------------------------------------------------------------- keys
 
@@ -141,7 +154,9 @@ class JobStore:
         pipe.zadd(f"{PREFIX}jobs:state:queued", {job_id: 0})
         for k, v in labels.items():
             pipe.zadd(f"{PREFIX}jobs:label:{k}={v}", {job_id: 0})
-        pipe.xadd(self.key(job_id, "events"), {"type": "state", "data": json.dumps(record)}, maxlen=EVENTS_MAXLEN)
+        pipe.xadd(
+            self.key(job_id, "events"), {"type": "state", "data": json.dumps(record)}, maxlen=EVENTS_MAXLEN
+        )
         pipe.execute()
         return self.get(job_id) or {}
 
@@ -162,16 +177,27 @@ class JobStore:
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         """Fields that are facts rather than progress (plan results); no event of their own."""
-        mapping = {k: json.dumps(v, sort_keys=True) if k in _JSON_FIELDS else str(v) for k, v in fields.items()}
+        mapping = {
+            k: json.dumps(v, sort_keys=True) if k in _JSON_FIELDS else str(v) for k, v in fields.items()
+        }
         self.r.hset(self.key(job_id), mapping=mapping)
 
     def progress(
-        self, job_id: str, step: str = "", bytes_in: int = 0, shard: str = "", sha256: str = "", size: int = 0
+        self,
+        job_id: str,
+        step: str = "",
+        bytes_in: int = 0,
+        shard: str = "",
+        sha256: str = "",
+        size: int = 0,
+        **entry_fields: Any,
     ) -> bool:
-        """Record progress; with ``shard``, mark it done in the ledger. True when every shard is done."""
+        """Record progress; with ``shard``, mark it done in the ledger (its SHA-256, size, and whatever
+        else finalize needs: the target's receipt, the shard's verification). True when all are done."""
         keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, "shards")]
         worker = f"{os.uname().nodename}:{os.getpid()}"
-        entry = json.dumps({"sha256": sha256, "size": size, "worker": worker}) if shard else ""
+        fields = {"sha256": sha256, "size": size, "worker": worker, **entry_fields}
+        entry = json.dumps(fields) if shard else ""
         _, complete = self.r.eval(_PROGRESS, 3, *keys, step, bytes_in, shard, entry, size, _now())
         return bool(complete)
 
@@ -188,7 +214,9 @@ class JobStore:
     def save_report(self, job_id: str, report: dict[str, Any]) -> None:
         self.r.set(self.key(job_id, "report"), json.dumps(report))
 
-    def claim_idempotency(self, key: str, body_hash: str, job_id: str, replace: bool = False) -> tuple[str, str] | None:
+    def claim_idempotency(
+        self, key: str, body_hash: str, job_id: str, replace: bool = False
+    ) -> tuple[str, str] | None:
         """Bind ``key`` to a job; returns the (job, body hash) already bound to it, if any."""
         name = f"{PREFIX}idempotency:{key}"
         value = json.dumps({"job": job_id, "hash": body_hash})
@@ -222,7 +250,10 @@ class JobStore:
         return out
 
     def list(
-        self, state: str | None = None, label: tuple[str, str] | None = None, cursor: str | None = None,
+        self,
+        state: str | None = None,
+        label: tuple[str, str] | None = None,
+        cursor: str | None = None,
         limit: int = 50,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first, keyset-paged by id; returns the page and the cursor of the next one."""

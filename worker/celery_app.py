@@ -4,7 +4,8 @@
   own attempt counter (Redis) fails the job when one unit keeps killing its worker.
 - Prefetch 1: a process reserves only the task it runs, so idle workers take the other shards.
 - The visibility timeout is above the hard time limit, or the broker would hand a running shard to a
-  second worker. No result backend: the job store is the only record, with its own shard ledger.
+  second worker. Tasks keep running through a broker restart (see below) and publish with retries.
+  No result backend: the job store is the only record, with its own shard ledger.
 """
 
 from __future__ import annotations
@@ -35,7 +36,18 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_time_limit=settings.shard_time_limit_s,
         task_soft_time_limit=max(settings.shard_time_limit_s - 60, 1),
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A Redis restart must not strand a running shard. Redis hands an unacknowledged task to another
+        # worker only after the visibility timeout (hours), so a task cancelled on connection loss would
+        # sit unrun that long; instead it runs on (the job store's client retries through the restart),
+        # records its shard, and its late ack, lost with the old connection, at worst re-runs the task
+        # hours later, which finds the shard in the ledger and does nothing.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_publish_retry_policy={
+            "max_retries": 40,
+            "interval_start": 0.1,
+            "interval_step": 0.5,
+            "interval_max": 2,
+        },
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         visibility_timeout=settings.visibility_timeout_s,

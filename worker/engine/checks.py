@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -124,6 +125,35 @@ class Checks:
         with self._lock:
             acc.rows += rows
             acc.merge(*figures)
+
+    def export(self) -> dict[str, dict[str, Any]]:
+        """The results so far as JSON-able data: a shard's worker records them, finalize ``load``s them."""
+        with self._lock:
+            return {
+                k: {f: v for f, v in asdict(acc).items() if math.isfinite(v) or not isinstance(v, float)}
+                for k, acc in self._accs.items()
+            }
+
+    def load(self, exported: dict[str, dict[str, Any]]) -> None:
+        """Merge results exported elsewhere (another worker's shard)."""
+        for key, fields in exported.items():
+            theirs = Acc(**fields)
+            acc = self.acc(key)
+            with self._lock:
+                acc.rows += theirs.rows
+                if theirs.check == "bounded":
+                    acc.check = "bounded"
+                    acc.max_abs = max(acc.max_abs, theirs.max_abs)
+                    acc.ratio = max(acc.ratio, theirs.ratio)
+                    acc.signal += theirs.signal
+                    acc.noise += theirs.noise
+                if not theirs.passed:
+                    acc.fail(theirs.detail)
+
+    @property
+    def failed(self) -> list[str]:
+        with self._lock:
+            return [k for k, acc in self._accs.items() if not acc.passed]
 
     def fill(self, report: Report) -> None:
         """Add every tensor's result; a tensor not checked in full fails, naming what is missing."""

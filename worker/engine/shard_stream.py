@@ -100,7 +100,8 @@ class ShardStream:
         release: Callable[[torch.Tensor], None] | None = None,
     ):
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.partial")
+        # Unique per writer: two workers given the same shard (a redelivered task) never share a file.
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
         self._slots = slots
         self._end = max((s.end for s in slots.values()), default=0)
         self._cursor = 0
