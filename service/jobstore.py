@@ -201,6 +201,21 @@ class JobStore:
         _, complete = self.r.eval(_PROGRESS, 3, *keys, step, bytes_in, shard, entry, size, _now())
         return bool(complete)
 
+    def mark_enqueued(self, job_id: str) -> None:
+        """The job's planning task is on the queue: the sweep leaves it alone from now on."""
+        self.r.hset(self.key(job_id), "enqueued_at", _now())
+
+    def stranded(self, older_than_s: float) -> list[str]:
+        """Queued jobs recorded more than ``older_than_s`` ago whose planning task was never queued
+        (the API died between recording the job and queueing it)."""
+        out = []
+        cutoff = time.time() - older_than_s
+        for job_id in self.r.zrange(f"{PREFIX}jobs:state:queued", 0, -1):
+            created, enqueued = self.r.hmget(self.key(job_id), "created_at", "enqueued_at")
+            if created is not None and enqueued is None and float(created) <= cutoff:
+                out.append(job_id)
+        return out
+
     def shard_done(self, job_id: str, shard: str) -> bool:
         return bool(self.r.hexists(self.key(job_id, "shards"), shard))
 

@@ -32,6 +32,7 @@ def create_job(store: JobStore, settings: Settings, send_task: SendTask, body: J
     store.set_fields(rec["id"], source_pinned=pinned.url)
     try:
         send_task("recast.plan", [rec["id"]])
+        store.mark_enqueued(rec["id"])
     except Exception as exc:
         store.transition(rec["id"], ("queued",), "failed", error_code="queue_unavailable",
                          error_message=f"could not queue the job: {type(exc).__name__}")  # fmt: skip

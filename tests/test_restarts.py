@@ -87,3 +87,27 @@ def test_workers_killed_mid_shard_again_and_again(paced: Service, cli_native, tm
             assert done["state"] == "succeeded", done["error"]
             _same_weights(tmp_path / f"out{n}", want)
     assert kills == 5
+
+
+def test_a_job_recorded_but_never_queued_is_swept_up(paced: Service, cli_native, tmp_path: Path) -> None:
+    """The API died between recording the job and queueing it: the beat's sweep queues it."""
+    from service.jobstore import JobStore
+    from service.settings import Settings
+    from worker import jobs
+    from worker.celery_app import make_app
+
+    src, want = cli_native
+    store = JobStore.connect(paced.redis.url)
+    request = {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"}
+    orphan = store.create(request, {}, None)["id"]
+    ctx = jobs.Context(store, Settings.from_env(), lambda *_: None, lambda *_: None)
+    assert jobs.sweep(ctx, lambda _: None) == [], "a fresh job is not stranded yet"
+    app = make_app(Settings(redis_url=paced.redis.url))
+    assert jobs.sweep(ctx, lambda job_id: app.send_task("recast.plan", args=[job_id]), older_than_s=0) == [
+        orphan
+    ]
+    assert jobs.sweep(ctx, lambda _: None, older_than_s=0) == [], "a swept job is queued once"
+    with paced.client() as c:
+        done = wait(c, orphan, timeout=180)
+    assert done["state"] == "succeeded", done["error"]
+    _same_weights(tmp_path / "out", want)

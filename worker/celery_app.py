@@ -22,6 +22,7 @@ from service.jobstore import WORKERS_KEY
 from service.settings import QUEUE, Settings
 
 HEARTBEAT_S = 10
+SWEEP_EVERY_S = 60.0  # how often the beat looks for jobs recorded but never queued
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -61,6 +62,8 @@ def make_app(settings: Settings | None = None) -> Celery:
         beat_max_loop_interval=10,
         accept_content=["json"],
     )
+    # Static beat entries (celery-redbeat stores them in Redis like the schedules' own).
+    app.conf.beat_schedule = {"recast-sweep": {"task": "recast.sweep", "schedule": SWEEP_EVERY_S}}
     app.conf.include = ["worker.tasks"]
     return app
 

@@ -157,6 +157,23 @@ def guarded(ctx: Context, job_id: str, unit: str, body: Callable[[dict[str, Any]
         _fail(ctx, job_id, "internal_error", f"{unit}: {type(exc).__name__}: {exc}")
 
 
+# A job this long in ``queued`` with no planning task queued was orphaned by an API that died between
+# recording it and queueing it; well above the time a healthy submission takes.
+STRANDED_AFTER_S = 60.0
+
+
+def sweep(
+    ctx: Context, enqueue_plan: Callable[[str], None], older_than_s: float = STRANDED_AFTER_S
+) -> list[str]:
+    """Queue the planning task of every stranded job; returns their ids."""
+    found = ctx.store.stranded(older_than_s)
+    for job_id in found:
+        log.warning("job %s was recorded but never queued; queueing it now", job_id)
+        enqueue_plan(job_id)
+        ctx.store.mark_enqueued(job_id)
+    return found
+
+
 def give_up(ctx: Context, job_id: str, message: str) -> None:
     _fail(ctx, job_id, "storage_unavailable", f"storage kept failing after retries: {message}")
 

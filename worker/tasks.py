@@ -51,6 +51,12 @@ def finalize(self, job_id: str) -> None:
     _retrying(self, jobs.finalize, job_id)
 
 
+@app.task(name="recast.sweep")
+def sweep() -> None:
+    """Sent by the beat every minute: queue the jobs that were recorded but never queued."""
+    jobs.sweep(_ctx(), lambda job_id: plan.delay(job_id))
+
+
 @app.task(name="recast.fire_schedule")
 def fire_schedule(schedule_id: str) -> None:
     """Sent by the beat (celery-redbeat) at each cron time, with the schedule id only."""
