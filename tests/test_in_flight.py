@@ -69,3 +69,21 @@ def test_recorded_hashes_are_the_written_files(checkpoint, tmp_path: Path) -> No
     assert any(name.endswith(".safetensors") for name in files)
     for name, sha in files.items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha, name
+
+
+def test_recast_verify_catches_a_value_one_ulp_off(checkpoint, tmp_path: Path) -> None:
+    """Re-quantizing alone would pass a bf16 value one ulp off (it rounds to the same FP8 code)."""
+    src = checkpoint("mistral4", scheme="per-expert")
+    native = tmp_path / "native"
+    api.convert(src, native, api.Options(to="native"))
+    index = json.loads((native / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.mlp.experts.gate_and_up_projs"
+    shard = native / index["weight_map"][key]
+    data = bytearray(shard.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start = 8 + header_len + json.loads(data[8 : 8 + header_len])[key]["data_offsets"][0]
+    data[start] ^= 0x01  # the lowest mantissa bit of the first bf16 value
+    shard.write_bytes(bytes(data))
+    with pytest.raises(api.VerificationError) as err:
+        api.verify(src, native)
+    assert "mlp.experts.gate_up_proj" in str(err.value)

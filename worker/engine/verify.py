@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .checks import Acc, same_bits
 from .errors import CheckpointError
 from .formats import is_native, sidecar_tensors
-from .fp8 import expand_scale, quantize
+from .fp8 import dequantize, expand_scale, quantize
 from .keymap import KeyPlan, find_quant, plan_from_native
 from .options import DTYPE_ARGS
 from .report import Report, TensorResult
@@ -82,6 +82,11 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
                     sinfo = src.tensors[key]
                     rows = slice(0, sinfo.shape[0]) if a is None else slice(a, b)
                     scale = expand_scale(q.kind, sts.rows(q.scale).to(dev), rows, sinfo.shape)
+                    # The written value must be exactly the source code dequantized, not merely a value
+                    # that quantizes back to it (many bf16 values share one FP8 code).
+                    if not same_bits(dequantize(raw, scale, piece.dtype), piece.reshape(raw.shape)):
+                        acc.passed = False
+                        acc.detail = "not the source's FP8 values dequantized"
                     piece = quantize(piece, scale)
                 if not same_bits(piece.reshape(raw.shape) if piece.numel() == raw.numel() else piece, raw):
                     acc.passed = False
