@@ -19,11 +19,12 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import StepFailed, measure
 
 # --------------------------------------------------------------------------------------------- the checkpoint
 
@@ -184,26 +185,6 @@ def io_floor(src: Path, dst: Path, out_sizes: list[int]) -> dict:
 BASELINE = "import time; t = time.monotonic(); import torch, safetensors.torch; print(time.monotonic() - t)"
 
 # ------------------------------------------------------------------------------------------------ harness
-
-
-class StepFailed(RuntimeError):
-    pass
-
-
-def measure(argv: list[str], label: str, log_dir: Path) -> tuple[str, float, int]:
-    """Run ``argv`` in a fresh child; return (stdout, wall seconds, peak RSS bytes of the child)."""
-    out_path, err_path = log_dir / f"{label}.out", log_dir / f"{label}.err"
-    started = time.monotonic()
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.monotonic() - started
-    stdout = out_path.read_text()
-    if proc.returncode != 0:
-        tail = err_path.read_text()[-3000:] or stdout[-3000:]
-        raise StepFailed(f"{label} exited with {proc.returncode}:\n{tail}")
-    return stdout, wall, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
 def self_child(mode: str, *args: str) -> list[str]:

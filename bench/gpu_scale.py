@@ -47,7 +47,6 @@ import math
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +54,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from children import StepFailed, measure
 
 BLOCK = 128  # weight_block_size [128, 128]
 FP8_MAX = 448.0
@@ -435,10 +436,6 @@ def child_main(mode: str, args: list[str]) -> int:
 # ------------------------------------------------------------------------------------------------ harness
 
 
-class StepFailed(RuntimeError):
-    pass
-
-
 @dataclass
 class Result:
     row: str
@@ -455,22 +452,6 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
-
-
-def measure(argv: list[str], label: str, logs: Path) -> tuple[str, float, int]:
-    """Run ``argv`` in a fresh child; return (stdout, wall seconds, peak RSS bytes of the child)."""
-    out_path, err_path = logs / f"{label}.out", logs / f"{label}.err"
-    started = time.monotonic()
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=child_env())
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.monotonic() - started
-    stdout = out_path.read_text()
-    if proc.returncode != 0:
-        tail = err_path.read_text()[-3000:] or stdout[-3000:]
-        raise StepFailed(f"{label} exited with {proc.returncode}:\n{tail}")
-    return stdout, wall, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
 def self_child(mode: str, *args: str) -> list[str]:
@@ -557,7 +538,7 @@ class Bench:
     def child(self, label: str, argv: list[str], writes: bool = True) -> tuple[str, float, int]:
         """Drop the cache, run one child, add the sync that makes its writes durable to its time."""
         self.cache.drop()
-        out, wall, rss = measure(argv, label, self.logs)
+        out, wall, rss = measure(argv, label, self.logs, child_env())
         if writes:
             started = time.monotonic()
             os.sync()
@@ -586,7 +567,10 @@ class Bench:
             started = time.monotonic()
             marker.unlink(missing_ok=True)
             measure(
-                self_child("generate", str(self.src), json.dumps(asdict(self.shape))), "generate", self.logs
+                self_child("generate", str(self.src), json.dumps(asdict(self.shape))),
+                "generate",
+                self.logs,
+                child_env(),
             )
             marker.write_text(json.dumps(asdict(self.shape)) + "\n")  # after the child: a complete checkpoint
             print(f"generated the synthetic checkpoint in {time.monotonic() - started:.1f} s", flush=True)
@@ -674,7 +658,7 @@ class Bench:
         def once() -> Result:
             result = self.recast_once(name, self.native, dst, "hf", verify=name == "back")
             out, _, _ = measure(
-                self_child("compare", str(self.src), str(dst)), self.label("compare"), self.logs
+                self_child("compare", str(self.src), str(dst)), self.label("compare"), self.logs, child_env()
             )
             self.identity[name] = last_json(out)
             shutil.rmtree(dst)

@@ -30,3 +30,14 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def flip_bits(checkpoint_dir: Path, key: str, byte: int, mask: int) -> None:
+    """XOR ``mask`` into byte ``byte`` of tensor ``key``'s data, in place in its shard."""
+    index = json.loads((checkpoint_dir / "model.safetensors.index.json").read_text())
+    shard = checkpoint_dir / index["weight_map"][key]
+    data = bytearray(shard.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start = 8 + header_len + json.loads(data[8 : 8 + header_len])[key]["data_offsets"][0]
+    data[start + byte] ^= mask
+    shard.write_bytes(bytes(data))

@@ -10,7 +10,7 @@ import pytest
 import reference
 import torch
 from checkpoints import load_state_dict
-from helpers import assert_state_dicts_identical, config
+from helpers import assert_state_dicts_identical, config, flip_bits
 
 from worker.engine import api
 from worker.engine.checkpoint import SIDECAR
@@ -130,14 +130,7 @@ def test_verify_detects_a_flipped_byte(checkpoint, tmp_path: Path) -> None:
     native = tmp_path / "native"
     api.convert(src, native, api.Options(to="native"))
     assert api.verify(src, native).passed
-    index = json.loads((native / "model.safetensors.index.json").read_text())
-    key = "model.layers.1.mlp.experts.gate_and_up_projs"
-    shard = native / index["weight_map"][key]
-    data = bytearray(shard.read_bytes())
-    header_len = int.from_bytes(data[:8], "little")
-    start = 8 + header_len + json.loads(data[8 : 8 + header_len])[key]["data_offsets"][0]
-    data[start + 101] ^= 0x40
-    shard.write_bytes(bytes(data))
+    flip_bits(native, "model.layers.1.mlp.experts.gate_and_up_projs", 101, 0x40)
     with pytest.raises(api.VerificationError) as err:
         api.verify(src, native)
     assert "model.layers.1.mlp.experts.gate_up_proj" in str(err.value)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import flip_bits
 
 from worker.engine import api, encode, to_native
 from worker.engine.checkpoint import SIDECAR
@@ -76,14 +77,7 @@ def test_recast_verify_catches_a_value_one_ulp_off(checkpoint, tmp_path: Path) -
     src = checkpoint("mistral4", scheme="per-expert")
     native = tmp_path / "native"
     api.convert(src, native, api.Options(to="native"))
-    index = json.loads((native / "model.safetensors.index.json").read_text())
-    key = "model.layers.1.mlp.experts.gate_and_up_projs"
-    shard = native / index["weight_map"][key]
-    data = bytearray(shard.read_bytes())
-    header_len = int.from_bytes(data[:8], "little")
-    start = 8 + header_len + json.loads(data[8 : 8 + header_len])[key]["data_offsets"][0]
-    data[start] ^= 0x01  # the lowest mantissa bit of the first bf16 value
-    shard.write_bytes(bytes(data))
+    flip_bits(native, "model.layers.1.mlp.experts.gate_and_up_projs", 0, 0x01)  # the first value's lowest bit
     with pytest.raises(api.VerificationError) as err:
         api.verify(src, native)
     assert "mlp.experts.gate_up_proj" in str(err.value)
