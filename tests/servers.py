@@ -3,8 +3,10 @@
 Both run in threads of the test process and are reached over TCP, so boto3 and huggingface_hub run
 their real HTTP stacks (huggingface_hub 2.x uses httpx2, which respx-style mocks do not intercept).
 The Hub server speaks the slice of the Hub API that huggingface_hub 2.4 calls for model_info, tree
-listings, ``resolve`` (with ``Range``, and a redirect to a "CDN" origin for LFS files, as on the Hub) and
-``create_commit`` (preupload, LFS batch with the basic transfer, verify, NDJSON commit, pull requests).
+listings, refs (with pull requests), ``resolve`` (with ``Range``, and a redirect to a "CDN" origin for LFS
+files, as on the Hub), ``preupload_lfs_files`` (the preupload endpoint, the LFS batch API with the basic
+transfer, upload and verify) and ``create_commit`` (NDJSON commit with inline and ``lfsFile`` lines, pull
+requests). Faults and stalls can be injected per path.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -93,6 +96,7 @@ class HubServer:
         self.lfs: dict[str, bytes] = {}
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
         self.faults: dict[str, int] = {}  # path -> HTTP status to answer instead (e.g. 503)
+        self.stalls: dict[str, float] = {}  # path -> seconds to wait before answering
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
@@ -183,6 +187,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 hub.log.append((self.command, url.path, self.headers.get("Authorization")))
             # Read the whole request body first: on a kept-alive connection the next request follows it.
             self.payload = self._body() if self.command in ("POST", "PUT") else b""
+            time.sleep(hub.stalls.get(url.path, 0))
             try:
                 if (status := hub.faults.get(url.path)) is not None:
                     raise _Reply(status, None, "injected fault")
@@ -204,6 +209,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     return self._model_info(repo_id, "/".join(rest[1:]) or "main", query)
                 if method == "GET" and rest[:1] == ["tree"]:
                     return self._tree(repo_id, rest[1], "/".join(rest[2:]), query)
+                if method == "GET" and rest == ["refs"]:
+                    return self._refs(repo_id, query)
                 if method == "POST" and rest[:1] == ["preupload"]:
                     return self._preupload(repo_id, rest[1])
                 if method == "POST" and rest[:1] == ["commit"]:
@@ -286,6 +293,22 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     entries.append(entry)
             entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": d} for d in sorted(dirs)]
             self._send_json(entries)
+
+        def _refs(self, repo_id: str, query: dict[str, str]) -> None:
+            repo = self._repo(repo_id)
+            refs: dict[str, list[dict[str, str]]] = {
+                "branches": [],
+                "converts": [],
+                "tags": [],
+                "pullRequests": [],
+            }
+            for name, sha in sorted(repo.refs.items()):
+                if name.startswith("refs/pr/"):
+                    if query.get("include_prs") == "1":
+                        refs["pullRequests"].append({"name": name, "ref": name, "targetCommit": sha})
+                else:
+                    refs["branches"].append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha})
+            self._send_json(refs)
 
         def _resolve(self, repo_id: str, revision: str, path: str, body: bool) -> None:
             repo = self._repo(repo_id)

@@ -6,10 +6,15 @@ huggingface_hub run their real request code; nothing is patched inside them.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import shutil
+import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
 import pytest
@@ -21,7 +26,9 @@ from worker.engine.errors import CheckpointError, RecastError, TargetExistsError
 from worker.engine.storage import Source
 from worker.stores import (
     Location,
+    Receipt,
     StoreSettings,
+    Target,
     TransientStorageError,
     open_source,
     open_target,
@@ -118,7 +125,9 @@ def test_settings_from_env_reads_every_variable(tmp_path: Path) -> None:
         "RECAST_S3_ADDRESSING_STYLE": "path",
         "RECAST_S3_CHECKSUM": "when_required",
         "RECAST_S3_MULTIPART_CHUNK_MB": "128",
+        "RECAST_S3_UPLOAD_CHECKSUM": "crc64nvme",
         "RECAST_HF_ENDPOINT": "http://hub.local/",
+        "RECAST_HF_TIMEOUT_S": "2.5",
         "RECAST_CREDENTIALS_FILE": "/etc/recast/credentials.json",
     }
     s = StoreSettings.from_env(env)
@@ -130,7 +139,8 @@ def test_settings_from_env_reads_every_variable(tmp_path: Path) -> None:
         "path",
     )
     assert (s.s3_checksum, s.s3_multipart_chunk_bytes) == ("when_required", 128 * MIB)
-    assert s.hf_endpoint == "http://hub.local"
+    assert s.s3_upload_checksum == "crc64nvme"
+    assert (s.hf_endpoint, s.hf_timeout_s) == ("http://hub.local", 2.5)
     assert s.credentials_file == Path("/etc/recast/credentials.json")
     assert StoreSettings.from_env({"RECAST_S3_REGION": " "}) == StoreSettings()
 
@@ -142,6 +152,9 @@ def test_settings_from_env_reads_every_variable(tmp_path: Path) -> None:
         ({"RECAST_S3_CHECKSUM": "always"}, "RECAST_S3_CHECKSUM"),
         ({"RECAST_S3_MULTIPART_CHUNK_MB": "4"}, "RECAST_S3_MULTIPART_CHUNK_MB"),
         ({"RECAST_S3_MULTIPART_CHUNK_MB": "lots"}, "RECAST_S3_MULTIPART_CHUNK_MB"),
+        ({"RECAST_S3_UPLOAD_CHECKSUM": "md5"}, "RECAST_S3_UPLOAD_CHECKSUM"),
+        ({"RECAST_HF_TIMEOUT_S": "0"}, "RECAST_HF_TIMEOUT_S"),
+        ({"RECAST_HF_TIMEOUT_S": "soon"}, "RECAST_HF_TIMEOUT_S"),
         ({"RECAST_HF_ENDPOINT": "huggingface.co"}, "RECAST_HF_ENDPOINT"),
         ({"RECAST_FILE_ROOTS": "relative/dir"}, "RECAST_FILE_ROOTS"),
     ],
@@ -336,112 +349,269 @@ def test_part_size_keeps_multipart_uploads_within_10000_parts() -> None:
         assert parts % MIB == 0 and -(-size // parts) <= 10_000
 
 
-def _capture(client, *operations: str) -> list[tuple[str, dict]]:
-    """Record (operation, parameters) for every call of ``operations`` that boto3 makes, in order."""
-    seen: list[tuple[str, dict]] = []
-    for operation in operations:
-        client.meta.events.register(
-            f"before-parameter-build.s3.{operation}",
-            lambda event_name, params, **_: seen.append((event_name.rsplit(".", 1)[1], dict(params))),
-        )
-    return seen
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def test_s3_target_stages_publishes_index_last_and_cleans_up(
+def _stage_all(target: Target, files: dict[str, bytes], work: Path) -> dict[str, Receipt]:
+    """Stage ``files`` (written under ``work`` first); the receipts come back through JSON, as from a ledger."""
+    _files(work, files)
+    receipts = {name: target.stage_file(name, work / name, _sha256(data)) for name, data in files.items()}
+    return json.loads(json.dumps(receipts))
+
+
+def _s3_traffic(client) -> list[tuple[str, int]]:
+    """Record (operation, request body bytes) for every request ``client`` sends, in order."""
+    sent: list[tuple[str, int]] = []
+    client.meta.events.register(
+        "before-send.s3",
+        lambda event_name, request, **_: sent.append(
+            (event_name.rsplit(".", 1)[1], int(request.headers.get("Content-Length", 0)))
+        ),
+    )
+    return sent
+
+
+def _keys(client, bucket: str) -> list[str]:
+    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", []))
+
+
+def _uploads(client, bucket: str) -> list[str]:
+    return sorted(u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+def _forget(client, upload_ids: set[str]) -> None:
+    """Answer CompleteMultipartUpload of ``upload_ids`` with NoSuchUpload, as S3 does a while after completing one.
+
+    moto keeps answering a repeated completion with success (as S3 does at first) and fails with a 500 on
+    an upload id it never had, so the later answer is given here, before the request is sent.
+    """
+
+    def answer(params: dict, **_: object) -> tuple[SimpleNamespace, dict] | None:
+        if params["query_string"].get("uploadId") not in upload_ids:
+            return None
+        error = {"Code": "NoSuchUpload", "Message": "The specified upload does not exist."}
+        return SimpleNamespace(status_code=404), {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 404}}
+
+    client.meta.events.register("before-call.s3.CompleteMultipartUpload", answer)
+
+
+def test_s3_target_uploads_each_byte_once_and_publishes_index_last(
     s3_server: str, s3_settings: StoreSettings, tmp_path: Path
 ) -> None:
     bucket = _bucket(s3_server)
     loc = parse_location(f"s3://{bucket}/out/native", "target", s3_settings)
-    target = open_target(loc, s3_settings, "job-1")
-    assert isinstance(target, S3Target) and target.is_empty()
-    big = os.urandom(6 * MIB + 123)  # above the 5 MiB chunk: a two-part multipart upload and copy
-    local = _files(
-        tmp_path / "work",
-        {"model-00001-of-00001.safetensors": big, INDEX: b"{}", "recast.json": b"{}", "config.json": b"{}"},
-    )
-    uploads = _capture(target.client, "UploadPart")
-    names = ["recast.json", INDEX, "model-00001-of-00001.safetensors", "config.json"]
-    for name in names:
-        target.stage_file(name, local / name)
-    assert len(uploads) == 2
-    assert target.is_empty(), "staged objects are not output yet"
-    staged = target.staged()
-    assert staged.list() == sorted(names)
-    assert (
-        staged.read_range("model-00001-of-00001.safetensors", 5 * MIB - 3, 5 * MIB + 3)
-        == big[5 * MIB - 3 : 5 * MIB + 3]
-    )
+    worker = open_target(loc, s3_settings, "job-1")
+    assert isinstance(worker, S3Target) and worker.is_empty() and worker.local_dir() is None
+    files = {
+        "model-00001-of-00002.safetensors": os.urandom(11 * MIB + 123),  # three 5 MiB parts
+        "model-00002-of-00002.safetensors": os.urandom(MIB),
+        "config.json": b"{}",
+        INDEX: b'{"weight_map": {}}',
+        "recast.json": b'{"format": "native"}',
+    }
+    data_bytes = sum(len(d) for d in files.values())
+    traffic = _s3_traffic(worker.client)
+    receipts = _stage_all(worker, files, tmp_path / "work")
 
-    copies = _capture(target.client, "CopyObject", "CreateMultipartUpload")
-    assert target.publish(names, "unused", create_pr=False) == {"url": f"s3://{bucket}/out/native"}
-    assert [(op, params["Key"]) for op, params in copies] == [
-        ("CreateMultipartUpload", "out/native/model-00001-of-00001.safetensors"),
-        ("CopyObject", "out/native/config.json"),
-        ("CopyObject", f"out/native/{INDEX}"),
-        ("CopyObject", "out/native/recast.json"),
-    ]
-
+    assert sum(n for op, n in traffic if op == "UploadPart") == data_bytes, "every byte sent once"
+    assert sum(n for op, n in traffic if op != "UploadPart") == 0, "markers and creates carry no data"
+    assert [op for op, _ in traffic].count("UploadPart") == 3 + 1 + 3
+    assert [len(r["parts"]) for r in receipts.values()] == [3, 1, 1, 1, 1]
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
-    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"])
-    assert keys == sorted(f"out/native/{n}" for n in names), "staging objects are gone"
-    assert (
-        client.get_object(Bucket=bucket, Key="out/native/model-00001-of-00001.safetensors")["Body"].read()
-        == big
+    assert _keys(client, bucket) == sorted(f"out/native/.recast-staging/job-1/{n}" for n in files)
+    assert _uploads(client, bucket) == sorted(f"out/native/{n}" for n in files), "uploaded, not completed"
+    assert worker.is_empty() and open_source(loc, s3_settings).list() == [], "nothing visible yet"
+    assert S3_SECRET not in json.dumps(receipts) and "testing" not in json.dumps(receipts)
+
+    finalize = open_target(loc, s3_settings, "job-1")  # another process, with the receipts only
+    traffic = _s3_traffic(finalize.client)
+    assert finalize.publish(receipts, "unused", create_pr=False) == {"url": f"s3://{bucket}/out/native"}
+    completed = [op for op, _ in traffic if op == "CompleteMultipartUpload"]
+    assert len(completed) == len(files)
+    assert not {op for op, _ in traffic} & {"UploadPart", "CopyObject", "UploadPartCopy", "GetObject"}
+    assert sum(n for _, n in traffic) < 4096, "publish moves no data: a few small XML bodies"
+    assert _keys(client, bucket) == sorted(f"out/native/{n}" for n in files), "markers are gone"
+    assert _uploads(client, bucket) == []
+    for name, data in files.items():
+        key = f"out/native/{name}"
+        assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+        head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        assert (
+            head["ChecksumSHA256"].split("-")[0] == receipts[name]["checksum"]["ChecksumSHA256"].split("-")[0]
+        )
+    assert not worker.is_empty() and open_source(loc, s3_settings).list() == sorted(files)
+
+    traffic.clear()
+    assert finalize.publish(receipts, "unused", create_pr=False) == {"url": f"s3://{bucket}/out/native"}
+    assert _keys(client, bucket) == sorted(f"out/native/{n}" for n in files), (
+        "publishing twice changes nothing"
     )
-    assert not target.is_empty()
-    reread = open_source(loc, s3_settings)
-    assert reread.list() == sorted(names)
 
 
-def test_s3_target_discard_and_emptiness(s3_server: str, s3_settings: StoreSettings, tmp_path: Path) -> None:
+def test_s3_publish_completes_in_index_last_order(
+    s3_server: str, s3_settings: StoreSettings, tmp_path: Path
+) -> None:
+    bucket = _bucket(s3_server)
+    target = open_target(parse_location(f"s3://{bucket}/o", "target", s3_settings), s3_settings, "j")
+    names = ["recast.json", INDEX, "a.safetensors", "config.json"]
+    receipts = _stage_all(target, dict.fromkeys(names, b"x"), tmp_path)
+    calls: list[str] = []
+    target.client.meta.events.register(
+        "before-parameter-build.s3.CompleteMultipartUpload", lambda params, **_: calls.append(params["Key"])
+    )
+    target.publish(receipts, "m", create_pr=False)
+    assert calls == ["o/a.safetensors", "o/config.json", f"o/{INDEX}", "o/recast.json"]
+
+
+def test_s3_publish_resumes_after_a_crash_midway(
+    s3_server: str, s3_settings: StoreSettings, tmp_path: Path
+) -> None:
+    bucket = _bucket(s3_server)
+    loc = parse_location(f"s3://{bucket}/o", "target", s3_settings)
+    target = open_target(loc, s3_settings, "j")
+    files = {"a.safetensors": os.urandom(6 * MIB), "b.safetensors": os.urandom(100), INDEX: b"{}"}
+    receipts = _stage_all(target, files, tmp_path)
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    first = receipts["a.safetensors"]
+    client.complete_multipart_upload(  # the dead finalize got this far
+        Bucket=bucket,
+        Key=first["key"],
+        UploadId=first["upload_id"],
+        MultipartUpload={"Parts": first["parts"]},
+    )
+    assert _keys(client, bucket) == sorted(["o/a.safetensors", *(f"o/.recast-staging/j/{n}" for n in files)])
+
+    retry = open_target(loc, s3_settings, "j")
+    _forget(retry.client, {first["upload_id"]})
+    assert retry.publish(receipts, "m", create_pr=False)["url"] == loc.url
+    assert {n: client.get_object(Bucket=bucket, Key=f"o/{n}")["Body"].read() for n in files} == files
+    assert _uploads(client, bucket) == [] and _keys(client, bucket) == sorted(f"o/{n}" for n in files)
+    assert open_target(loc, s3_settings, "j").publish(receipts, "m", create_pr=False)["url"] == loc.url
+
+    client.put_object(Bucket=bucket, Key="o/b.safetensors", Body=b"someone else's")
+    _forget(retry.client, {receipts["b.safetensors"]["upload_id"]})
+    with pytest.raises(
+        RecastError, match=rf"^s3://{bucket}/o/b.safetensors: its upload is gone .* not this job"
+    ):
+        retry.publish(receipts, "m", create_pr=False)
+
+
+def test_s3_discard_aborts_uploads_and_removes_all_the_job_wrote(
+    s3_server: str, s3_settings: StoreSettings, tmp_path: Path
+) -> None:
     bucket = _bucket(s3_server)
     loc = parse_location(f"s3://{bucket}/out", "target", s3_settings)
     mine, other = open_target(loc, s3_settings, "mine"), open_target(loc, s3_settings, "other")
-    file = _files(tmp_path, {"a.bin": b"x" * 100}) / "a.bin"
-    mine.stage_file("a.bin", file)
-    mine.stage_file("nested/b.bin", file)
-    other.stage_file("a.bin", file)
+    receipts = _stage_all(mine, {"a.bin": b"x" * 100, "nested/b.bin": b"y" * 100}, tmp_path / "m")
+    _stage_all(other, {"c.bin": b"z"}, tmp_path / "o")
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
-    client.create_multipart_upload(Bucket=bucket, Key="out/.recast-staging/mine/crashed.bin")
-    client.create_multipart_upload(Bucket=bucket, Key="out/.recast-staging/other/busy.bin")
-    mine.discard()
-    mine.discard()
-    assert mine.staged().list() == [] and other.staged().list() == ["a.bin"]
-    unfinished = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-    assert [u["Key"] for u in unfinished] == ["out/.recast-staging/other/busy.bin"]
+    # A worker of "mine" died after marking and starting an upload, before its receipt was recorded.
+    client.put_object(Bucket=bucket, Key="out/.recast-staging/mine/crashed.bin", Body=b"")
+    client.create_multipart_upload(Bucket=bucket, Key="out/crashed.bin")
+    # A finalize of "mine" completed one upload before the job failed.
+    a = receipts["a.bin"]
+    client.complete_multipart_upload(
+        Bucket=bucket, Key=a["key"], UploadId=a["upload_id"], MultipartUpload={"Parts": a["parts"]}
+    )
+    receipts["a.bin"]["upload_id"] = "forgotten"  # as S3 answers for a completed upload after a while
+
+    mine.discard(receipts)
+    mine.discard(receipts)
+    open_target(loc, s3_settings, "mine").discard()
+    assert _uploads(client, bucket) == ["out/c.bin"], "only the other job's upload is left"
+    assert _keys(client, bucket) == ["out/.recast-staging/other/c.bin"]
     assert mine.is_empty() and other.is_empty()
     client.put_object(Bucket=bucket, Key="out/sub/existing.bin", Body=b"1")
     assert not mine.is_empty()
     bucket_root = open_target(parse_location(f"s3://{bucket}", "target", s3_settings), s3_settings, "j")
     assert not bucket_root.is_empty()
-    with pytest.raises(RecastError, match=r"not staged: missing.bin"):
-        other.publish(["a.bin", "missing.bin"], "m", create_pr=False)
+
+
+def test_s3_failed_upload_is_aborted_and_transient(
+    s3_server: str, s3_settings: StoreSettings, tmp_path: Path
+) -> None:
+    bucket = _bucket(s3_server)
+    target = open_target(parse_location(f"s3://{bucket}/o", "target", s3_settings), s3_settings, "j")
+
+    def drop(params: dict, **_: object) -> None:
+        if params["PartNumber"] == 2:
+            raise EndpointConnectionError(endpoint_url=s3_server)
+
+    target.client.meta.events.register("before-parameter-build.s3.UploadPart", drop)
+    path = _files(tmp_path, {"a.bin": os.urandom(11 * MIB)}) / "a.bin"
+    with pytest.raises(TransientStorageError, match=rf"^s3://{bucket}/o/a.bin: cannot reach S3"):
+        target.stage_file("a.bin", path, "0" * 64)
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    assert _uploads(client, bucket) == [] and _keys(client, bucket) == ["o/.recast-staging/j/a.bin"]
+    target.discard()
+    assert _keys(client, bucket) == []
+
+
+def test_s3_parts_carry_the_checksum_s3_verifies(
+    s3_server: str, s3_settings: StoreSettings, tmp_path: Path
+) -> None:
+    bucket = _bucket(s3_server)
+    target = open_target(parse_location(f"s3://{bucket}/o", "target", s3_settings), s3_settings, "j")
+    sent: list[dict] = []
+    target.client.meta.events.register(
+        "before-parameter-build.s3.UploadPart", lambda params, **_: sent.append(dict(params))
+    )
+    data = os.urandom(6 * MIB)
+    receipt = target.stage_file("a.bin", _files(tmp_path, {"a.bin": data}) / "a.bin", _sha256(data))
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    assert client.list_multipart_uploads(Bucket=bucket)["Uploads"][0]["ChecksumAlgorithm"] == "SHA256"
+    pieces = [data[: 5 * MIB], data[5 * MIB :]]
+    assert [p["ChecksumSHA256"] for p in sorted(sent, key=lambda p: p["PartNumber"])] == [
+        base64.b64encode(hashlib.sha256(piece).digest()).decode() for piece in pieces
+    ]
+    composite = hashlib.sha256(b"".join(hashlib.sha256(piece).digest() for piece in pieces)).digest()
+    assert receipt["checksum"] == {"ChecksumSHA256": f"{base64.b64encode(composite).decode()}-2"}
+    assert receipt["sha256"] == _sha256(data) and receipt["size"] == len(data)
 
 
 @pytest.mark.parametrize("mode", ["when_required", "when_supported"])
-def test_s3_checksum_mode_is_applied(
-    mode: str, s3_server: str, s3_settings: StoreSettings, tmp_path: Path
+def test_s3_request_checksum_mode_is_applied_without_upload_checksums(
+    mode: str, s3_server: str, tmp_path: Path
 ) -> None:
     settings = StoreSettings(
-        s3_endpoint_url=s3_server, s3_region="us-east-1", s3_checksum=mode, s3_addressing_style="path"
+        s3_endpoint_url=s3_server,
+        s3_region="us-east-1",
+        s3_checksum=mode,
+        s3_upload_checksum="none",
+        s3_addressing_style="path",
     )
     bucket = _bucket(s3_server)
     target = open_target(parse_location(f"s3://{bucket}/o", "target", settings), settings, "j")
     sent: list[dict] = []
     target.client.meta.events.register(
-        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers))
+        "before-send.s3.UploadPart", lambda request, **_: sent.append(dict(request.headers))
     )
     payload = os.urandom(1000)
-    target.stage_file("x.bin", _files(tmp_path, {"x.bin": payload}) / "x.bin")
+    receipts = _stage_all(target, {"x.bin": payload}, tmp_path)
     checksum_headers = [h for h in sent[0] if h.lower().startswith("x-amz-checksum-")]
     assert bool(checksum_headers) == (mode == "when_supported")
-    assert target.publish(["x.bin"], "m", create_pr=False)["url"] == f"s3://{bucket}/o"
-    assert (
-        open_source(parse_location(f"s3://{bucket}/o", "source", settings), settings).read_range(
-            "x.bin", 0, 1000
-        )
-        == payload
-    )
+    assert receipts["x.bin"]["checksum"] == {}
+    assert target.publish(receipts, "m", create_pr=False)["url"] == f"s3://{bucket}/o"
+    source = open_source(parse_location(f"s3://{bucket}/o", "source", settings), settings)
+    assert source.read_range("x.bin", 0, 1000) == payload
+    assert target.publish(receipts, "m", create_pr=False)["url"] == f"s3://{bucket}/o"
+    _forget(target.client, {receipts["x.bin"]["upload_id"]})  # then the object is checked by its ETag
+    assert target.publish(receipts, "m", create_pr=False)["url"] == f"s3://{bucket}/o"
+
+
+def test_s3_crc64nvme_upload_checksum(s3_server: str, tmp_path: Path) -> None:
+    crc = pytest.importorskip("awscrt.checksums").crc64nvme
+    settings = StoreSettings(s3_endpoint_url=s3_server, s3_region="us-east-1", s3_upload_checksum="crc64nvme")
+    bucket = _bucket(s3_server)
+    target = open_target(parse_location(f"s3://{bucket}/o", "target", settings), settings, "j")
+    data = os.urandom(11 * MIB)
+    receipts = _stage_all(target, {"a.bin": data}, tmp_path)
+    whole = base64.b64encode(crc(data).to_bytes(8, "big")).decode()
+    assert receipts["a.bin"]["checksum"] == {"ChecksumCRC64NVME": whole}
+    target.publish(receipts, "m", create_pr=False)
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    assert client.get_object(Bucket=bucket, Key="o/a.bin")["Body"].read() == data
 
 
 def test_s3_named_credential_supplies_endpoint_and_never_leaks(
@@ -585,112 +755,175 @@ def test_engine_converts_from_the_hub_like_from_disk(
     _assert_same_conversion(source, ckpt, tmp_path)
 
 
-def _stage_all(target, files: dict[str, bytes], work: Path) -> list[str]:
-    _files(work, files)
-    for name in files:
-        target.stage_file(name, work / name)
-    return list(files)
+def _commits(hub: HubServer, repo: str) -> int:
+    return len(hub.repos[repo].commits)
 
 
-def test_hub_target_publishes_one_commit(
+def test_hub_workers_preupload_and_finalize_commits_once_from_receipts(
     hub_server: HubServer, hub_settings: StoreSettings, tmp_path: Path
 ) -> None:
     repo = _repo_id("out")
     first = hub_server.add_repo(repo, _files(tmp_path / "readme", {"README.md": b"# out\n"}))
-    target = open_target(parse_location(f"hf://{repo}", "target", hub_settings), hub_settings, "job-7")
-    assert isinstance(target, HubTarget) and target.is_empty()
-    files = {
-        "model-00001-of-00001.safetensors": os.urandom(4096),
-        "config.json": b"{}",
-        INDEX: b'{"weight_map": {}}',
-        "recast.json": b'{"format": "native"}',
+    loc = parse_location(f"hf://{repo}", "target", hub_settings)
+    shards = {
+        "model-00001-of-00002.safetensors": os.urandom(4096),
+        "model-00002-of-00002.safetensors": os.urandom(3000),
     }
-    names = _stage_all(target, files, tmp_path / "work")
-    assert target.staging == tmp_path / "scratch" / "hub-staging" / "job-7"
-    assert target.staged().read_range("config.json", 0, 2) == b"{}"
+    meta = {"config.json": b"{}", INDEX: b'{"weight_map": {}}', "recast.json": b'{"format": "native"}'}
+    receipts: dict[str, Receipt] = {}
     start = len(hub_server.log)
-    result = target.publish(names, "Convert with Recast", create_pr=False)
+    for i, (name, data) in enumerate(shards.items()):  # one worker per shard, each its own HubTarget
+        worker = open_target(loc, hub_settings, "job-7")
+        assert isinstance(worker, HubTarget) and worker.is_empty() and worker.local_dir() is None
+        receipts |= _stage_all(worker, {name: data}, tmp_path / f"worker-{i}")
+    receipts |= _stage_all(open_target(loc, hub_settings, "job-7"), meta, tmp_path / "meta")
     uploads = [path for method, path, _ in hub_server.log[start:] if method == "PUT"]
-    assert len(uploads) == 1 and uploads[0].startswith("/lfs-upload/"), "weights go through LFS, JSON inline"
+    assert sorted(uploads) == sorted(f"/lfs-upload/{_sha256(d)}" for d in shards.values())
+    assert hub_server.repos[repo].refs["main"] == first and _commits(hub_server, repo) == 1, "no commit yet"
+    assert all(receipts[n]["lfs"] for n in shards) and not any(receipts[n]["lfs"] for n in meta)
+    shutil.rmtree(tmp_path / "worker-0")
+    shutil.rmtree(tmp_path / "worker-1")
+    shutil.rmtree(tmp_path / "meta")  # finalize publishes from the receipts alone
+
+    finalize = open_target(loc, hub_settings, "job-7")
+    start = len(hub_server.log)
+    result = finalize.publish(receipts, "Convert with Recast", create_pr=False)
+    assert not [p for method, p, _ in hub_server.log[start:] if method == "PUT"], "nothing uploaded again"
     head = hub_server.repos[repo].refs["main"]
     assert head != first and result == {"url": f"hf://{repo}@{head}", "commit": head}
-    assert {k: v for k, v in hub_server.files(repo).items() if k in files} == files
-    assert not target.staging.exists() and not target.is_empty()
+    assert _commits(hub_server, repo) == 2, "one commit"
+    assert {k: v for k, v in hub_server.files(repo).items() if k != ".gitattributes"} == {
+        "README.md": b"# out\n",
+        **shards,
+        **meta,
+    }
+    assert not finalize.is_empty()
     reread = open_source(parse_location(result["url"], "source", hub_settings), hub_settings)
     assert (
-        reread.read_range("model-00001-of-00001.safetensors", 0, 4096)
-        == files["model-00001-of-00001.safetensors"]
+        reread.read_range("model-00002-of-00002.safetensors", 0, 3000)
+        == shards["model-00002-of-00002.safetensors"]
     )
 
+    # A finalize that died after committing runs again, with recast.json written anew: no second commit.
+    retried = {**receipts, "recast.json": {**receipts["recast.json"], "content": "e30="}}
+    assert open_target(loc, hub_settings, "job-7").publish(retried, "Convert with Recast", False) == result
+    assert _commits(hub_server, repo) == 2
 
-def test_hub_target_pull_request_and_access(
-    hub_server: HubServer, small_dir: Path, creds_file: Path, tmp_path: Path
+
+def test_hub_target_pull_request_once_and_access(
+    hub_server: HubServer, creds_file: Path, tmp_path: Path
 ) -> None:
     repo = _repo_id("pr")
     base = hub_server.add_repo(repo, private=True, token=HF_TOKEN)
-    settings = StoreSettings(
-        hf_endpoint=hub_server.endpoint, credentials_file=creds_file, scratch=tmp_path / "s"
-    )
+    settings = StoreSettings(hf_endpoint=hub_server.endpoint, credentials_file=creds_file)
     loc = parse_location(f"hf://{repo}", "target", settings)
-    denied = open_target(loc, settings, "j", credential="wrong-hub")
+    denied = open_target(loc, settings, "j", credential="wrong-hub", create_pr=True)
     with pytest.raises(RecastError, match="create it on the Hub first") as info:
         denied.is_empty()
     assert HF_TOKEN not in str(info.value)
-    target = open_target(loc, settings, "j", credential="hub")
-    names = _stage_all(target, {"a.safetensors": b"\x00" * 64, INDEX: b"{}"}, tmp_path / "w")
-    result = target.publish(names, "Recast PR", create_pr=True)
+    target = open_target(loc, settings, "j", credential="hub", create_pr=True)
+    receipts = _stage_all(target, {"a.safetensors": b"\x00" * 64, INDEX: b"{}"}, tmp_path / "w")
+    assert HF_TOKEN not in json.dumps(receipts)
+    result = target.publish(receipts, "Recast PR", create_pr=True)
     assert result["pr_url"] == f"{hub_server.endpoint}/{repo}/discussions/1"
     assert hub_server.repos[repo].refs["main"] == base, "a pull request leaves main alone"
     assert hub_server.repos[repo].refs["refs/pr/1"] == result["commit"]
     assert target.is_empty(), "main still has no weights"
+    again = open_target(loc, settings, "j", credential="hub", create_pr=True)
+    assert again.publish(receipts, "Recast PR", create_pr=True) == result
+    assert hub_server.repos[repo].pulls == 1, "no second pull request"
 
     missing = open_target(parse_location("hf://org/not-created", "target", settings), settings, "j2")
     with pytest.raises(RecastError, match="create it on the Hub first"):
         missing.is_empty()
-    other = open_target(loc, settings, "j3", credential="hub")
-    _stage_all(other, {"b.bin": b"1"}, tmp_path / "w3")
-    other.discard()
-    other.discard()
-    assert not other.staging.exists()
+    target.discard(receipts)
+    target.discard()
+
+
+def test_hub_calls_time_out_and_a_lost_commit_is_not_made_twice(
+    hub_server: HubServer, small_dir: Path, tmp_path: Path
+) -> None:
+    repo = _repo_id("stall")
+    sha = hub_server.add_repo(repo, small_dir)
+    settings = StoreSettings(hf_endpoint=hub_server.endpoint, hf_timeout_s=0.5)
+    try:
+        source = open_source(parse_location(f"hf://{repo}@{sha}", "source", settings), settings)
+        hub_server.stalls[f"/{repo}/resolve/{sha}/config.json"] = 2.0
+        started = time.monotonic()
+        with pytest.raises(TransientStorageError, match="cannot reach the Hub"):
+            source.read_range("config.json", 0, 4)
+        assert time.monotonic() - started < 1.5
+
+        out = _repo_id("stall-out")
+        hub_server.add_repo(out)
+        target = open_target(parse_location(f"hf://{out}", "target", settings), settings, "j")
+        receipts = _stage_all(target, {"a.safetensors": os.urandom(100), INDEX: b"{}"}, tmp_path)
+        hub_server.stalls[f"/api/models/{out}/commit/main"] = 2.0  # the Hub commits, but answers late
+        started = time.monotonic()
+        with pytest.raises(
+            TransientStorageError, match=rf"^hf://{out}: cannot reach the Hub \(ReadTimeout\)"
+        ):
+            target.publish(receipts, "m", create_pr=False)
+        assert time.monotonic() - started < 1.5
+        hub_server.stalls.clear()
+        time.sleep(2.0)  # the stalled commit lands
+        assert _commits(hub_server, out) == 2
+        result = target.publish(receipts, "m", create_pr=False)
+        assert result["commit"] == hub_server.repos[out].refs["main"] and _commits(hub_server, out) == 2
+    finally:
+        hub_server.stalls.clear()
 
 
 # -- local directories -------------------------------------------------------------------------------
 
 
-def test_file_target_renames_into_place(tmp_path: Path) -> None:
+def test_file_target_writes_in_place_and_publishes_by_one_rename(tmp_path: Path) -> None:
     root = tmp_path / "models"
     root.mkdir()
     settings = StoreSettings(file_roots=(root,))
-    target = open_target(parse_location(f"file://{root}/out", "target", settings), settings, "j1")
+    loc = parse_location(f"file://{root}/out", "target", settings)
+    target = open_target(loc, settings, "j1")
     assert isinstance(target, FileTarget) and target.is_empty()
-    assert target.staging == root / ".out.recast-j1"
-    names = _stage_all(
-        target, {"a.safetensors": b"abc", "sub/b.json": b"{}", INDEX: b"{}"}, tmp_path / "work"
-    )
-    assert not (tmp_path / "work" / "a.safetensors").exists(), "same filesystem: moved, not copied"
-    assert target.staged().list() == sorted(names) and target.is_empty()
-    (target.staging / "leftover.tmp").write_bytes(b"x")
-    assert target.publish(names, "m", create_pr=False) == {"url": (root / "out").as_uri()}
-    assert sorted(
-        p.relative_to(root / "out").as_posix() for p in (root / "out").rglob("*") if p.is_file()
-    ) == sorted(names)
-    assert not target.staging.exists() and not target.is_empty()
-    assert (
-        open_source(parse_location(f"file://{root}/out", "source", settings), settings).read_range(
-            "a.safetensors", 1, 3
-        )
-        == b"bc"
-    )
+    staging = target.local_dir()
+    assert staging == root / ".out.recast-j1" and staging.stat().st_dev == root.stat().st_dev
+    written = _files(staging, {"a.safetensors": b"abc", "sub/b.json": b"{}"})
+    inodes = {n: (written / n).stat().st_ino for n in ("a.safetensors", "sub/b.json")}
+    receipts = {n: target.stage_file(n, staging / n, _sha256((staging / n).read_bytes())) for n in inodes}
+    assert {n: (staging / n).stat().st_ino for n in inodes} == inodes, "staged in place: nothing moved"
+    receipts |= _stage_all(target, {INDEX: b"{}"}, tmp_path / "scratch")
+    assert not (tmp_path / "scratch" / INDEX).exists(), "a file from elsewhere is moved in"
+    assert receipts["a.safetensors"] == {
+        "size": 3,
+        "sha256": _sha256(b"abc"),
+        "inode": inodes["a.safetensors"],
+    }
+    (staging / ".a.safetensors.partial").write_bytes(b"a dead worker's")
+    assert target.is_empty()
 
-    again = open_target(parse_location(f"file://{root}/out", "target", settings), settings, "j2")
-    _stage_all(again, {"a.safetensors": b"new"}, tmp_path / "work2")
+    finalize = open_target(loc, settings, "j1")
+    assert finalize.publish(receipts, "m", create_pr=False) == {"url": (root / "out").as_uri()}
+    assert {p.relative_to(root / "out").as_posix() for p in (root / "out").rglob("*") if p.is_file()} == set(
+        receipts
+    )
+    assert (root / "out" / "a.safetensors").stat().st_ino == inodes["a.safetensors"], "renamed, not copied"
+    assert not staging.exists() and not target.is_empty()
+    assert finalize.publish(receipts, "m", create_pr=False) == {"url": (root / "out").as_uri()}, "idempotent"
+    source = open_source(parse_location(f"file://{root}/out", "source", settings), settings)
+    assert source.read_range("a.safetensors", 1, 3) == b"bc"
+
+    again = open_target(loc, settings, "j2")
+    other = _stage_all(again, {"a.safetensors": b"new"}, tmp_path / "work2")
     with pytest.raises(TargetExistsError):
-        again.publish(["a.safetensors"], "m", create_pr=False)
-    again.discard()
+        again.publish(other, "m", create_pr=False)
+    with pytest.raises(RecastError, match=r"not the size its receipt says: a.safetensors"):
+        again.publish({"a.safetensors": {**other["a.safetensors"], "size": 4}}, "m", create_pr=False)
+    again.discard(other)
     again.discard()
     assert not again.staging.exists() and (root / "out" / "a.safetensors").read_bytes() == b"abc"
+    with pytest.raises(RecastError, match="cannot publish, the staging directory is gone"):
+        again.publish(other, "m", create_pr=False)
     with pytest.raises(RecastError, match="job id"):
-        open_target(parse_location(f"file://{root}/out", "target", settings), settings, "../escape")
+        open_target(loc, settings, "../escape")
 
 
 def test_file_target_copies_across_filesystems(tmp_path: Path) -> None:
@@ -701,8 +934,13 @@ def test_file_target_copies_across_filesystems(tmp_path: Path) -> None:
     source.write_bytes(b"payload")
     try:
         target = FileTarget(tmp_path / "out", "j")
-        target.stage_file("x.bin", source)
-        assert (target.staging / "x.bin").read_bytes() == b"payload"
+        receipt = target.stage_file("x.bin", source, _sha256(b"payload"))
+        assert receipt == {
+            "size": 7,
+            "sha256": _sha256(b"payload"),
+            "inode": (target.staging / "x.bin").stat().st_ino,
+        }
+        assert (target.staging / "x.bin").read_bytes() == b"payload" and not source.exists()
         assert sorted(p.name for p in target.staging.iterdir()) == ["x.bin"], "no partial file is left"
     finally:
         source.unlink(missing_ok=True)

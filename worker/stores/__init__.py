@@ -1,10 +1,16 @@
 """Remote sources and targets for the conversion engine: local directories, S3 and the Hugging Face Hub.
 
-The engine reads through ``Source`` (worker/engine/storage.py); job workers write through ``Target``:
-stage finished files, let verification read them back from the staging area, then publish them in
-one step, so readers of the final location never see a half-written checkpoint. Failures that may
-succeed on retry (network, throttling, 5xx) raise ``TransientStorageError`` for the job layer to back
-off and retry; everything else is a ``RecastError`` that names the location and what to do.
+The engine reads through ``Source`` (worker/engine/storage.py); job workers write through ``Target``, and
+every output byte moves once. A shard is written where it will live (``file://``: the target's own
+staging directory) or uploaded once, straight to its final place but not yet visible (``s3://``: an
+uncompleted multipart upload of the final key; ``hf://``: an LFS object that no commit references yet).
+``stage_file`` returns a small JSON receipt, which the job records in its ledger; ``publish``, on any
+machine and from the receipts alone, makes everything visible in one step where the store has one (a
+rename, a commit) and index-last where it does not (S3), so readers of the final location never see a
+half-written checkpoint, and it can be run again after dying halfway. ``discard`` removes what a failed
+job left. Failures that may succeed on retry (network, throttling, 5xx, timeouts) raise
+``TransientStorageError`` for the job layer to back off and retry; everything else is a ``RecastError``
+that names the location and what to do.
 
 The S3 and Hub back ends are imported on first use: the API process parses locations but should not
 pay for importing boto3 or huggingface_hub.
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from worker.engine.errors import CheckpointError, RecastError
 from worker.engine.storage import LocalSource, Source
@@ -35,8 +41,12 @@ class TransientStorageError(RecastError):
     code = "storage_unavailable"
 
 
+# What stage_file returns and publish/discard take back: JSON, no secrets; every one has "size" and "sha256".
+Receipt = dict[str, Any]
+
+
 class Target(Protocol):
-    """Where a job's output goes: a private staging area first, the final location only on ``publish``."""
+    """Where a job's output goes: each file to its final place once, visible only after ``publish``."""
 
     description: str
 
@@ -44,23 +54,24 @@ class Target(Protocol):
         """Nothing is at the final location yet (a job refuses to write over an existing checkpoint)."""
         ...
 
-    def stage_file(self, name: str, path: Path) -> None:
-        """Put the finished local file ``path`` into staging as ``name``; ``path`` may be moved away."""
+    def local_dir(self) -> Path | None:
+        """A directory on the target's own filesystem to write output files into directly (file://),
+        or None: write them to local scratch and hand each to stage_file, which uploads it."""
         ...
 
-    def staged(self) -> Source:
-        """A read-only view of the staging area, which verification reads the output back through."""
+    def stage_file(self, name: str, path: Path, sha256: str) -> Receipt:
+        """Make the finished local file ``path`` (its SHA-256 already known) ready to publish as ``name``
+        without its bytes moving again; returns a JSON-serialisable receipt (recorded in the job's ledger,
+        possibly by another process) that ``publish`` and ``discard`` take back. May delete ``path``."""
         ...
 
-    def publish(self, names: list[str], commit_message: str, create_pr: bool) -> dict[str, str]:
-        """Make the staged ``names`` final (index and recast.json last), then drop the staging area.
-
-        Returns ``{"url": ...}``, plus ``"commit"`` and ``"pr_url"`` where the store has them.
-        """
+    def publish(self, staged: dict[str, Receipt], commit_message: str, create_pr: bool) -> dict[str, str]:
+        """Make every staged name final from its receipt, index and recast.json last; idempotent.
+        Returns {"url": ...} plus "commit"/"pr_url" where the store has them."""
         ...
 
-    def discard(self) -> None:
-        """Remove the staging area and anything partial; safe to call twice."""
+    def discard(self, staged: dict[str, Receipt] | None = None) -> None:
+        """Remove everything this job wrote or started (staging dir, multipart uploads); safe twice."""
         ...
 
 
@@ -108,8 +119,18 @@ def pin_revision(loc: Location, settings: StoreSettings, credential: str | None 
     return Location("hf", f"hf://{loc.root}@{sha}", loc.root, revision=sha)
 
 
-def open_target(loc: Location, settings: StoreSettings, job_id: str, credential: str | None = None) -> Target:
-    """The ``Target`` for job ``job_id`` writing to ``loc``."""
+def open_target(
+    loc: Location,
+    settings: StoreSettings,
+    job_id: str,
+    credential: str | None = None,
+    create_pr: bool = False,
+) -> Target:
+    """The ``Target`` for job ``job_id`` writing to ``loc``.
+
+    ``create_pr`` says the job will publish as a Hub pull request: its uploads then ask only for the right
+    to open one, not to push to the branch.
+    """
     check_job_id(job_id)
     if loc.scheme == "file":
         from .local import FileTarget
@@ -121,11 +142,12 @@ def open_target(loc: Location, settings: StoreSettings, job_id: str, credential:
         return S3Target(loc, settings, job_id, credential)
     from .hub import HubTarget
 
-    return HubTarget(loc, settings, job_id, credential)
+    return HubTarget(loc, settings, job_id, credential, create_pr)
 
 
 __all__ = [
     "Location",
+    "Receipt",
     "StoreSettings",
     "Target",
     "TransientStorageError",

@@ -5,18 +5,41 @@ during a conversion cannot mix two versions of a checkpoint. Bytes come from the
 with HTTP ``Range`` requests on one httpx2 client (the HTTP stack huggingface_hub itself uses), which
 follows the Hub's redirects to its CDN and drops the token when leaving the Hub's origin.
 
-A target publishes everything in a single commit (optionally a pull request) because the Hub
-rate-limits commits and a commit is atomic: nobody sees half an upload.
+The commit protocol of a target, which moves every output byte once and makes one commit:
+
+1. ``stage_file``, on the worker that wrote the shard, uploads it as an LFS (or Xet) object through
+   ``HfApi.preupload_lfs_files``; its receipt is the object's SHA-256 and size. A small file the Hub
+   keeps as a regular git blob (config, index, recast.json, SHA256SUMS) is not uploaded: its receipt
+   carries its content.
+2. ``publish``, on any machine and without the files, makes the one commit (or pull request) from the
+   receipts: an ``lfsFile`` line per uploaded object, the regular files' content inline.
+
+What a reader sees: the branch before the commit, then the branch with the whole output (a commit is
+atomic); uploaded objects are in no commit, so nobody sees them. What a dead worker leaves: an uploaded
+object no commit refers to, which the retried shard uploads again as a no-op (same SHA-256). There is
+nothing for ``discard`` to remove: the Hub deletes LFS objects only with ``permanently_delete_lfs_files``,
+which would also cut the content out of any commit that happens to share it. A finalize that dies after
+the commit but before recording it finds, when run again, the branch head (or a pull request) already
+holding every uploaded object, and returns that instead of committing twice. The Hub rate-limits commits,
+which is one more reason to make exactly one.
+
+Every request has a timeout (``RECAST_HF_TIMEOUT_S``): huggingface_hub's shared client has none (and
+its tree listings pass ``timeout=None``), so a stalled Hub would hold a worker forever.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, HfApi, set_client_factory
+from huggingface_hub import __version__ as hf_version
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -25,18 +48,23 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.lfs import UploadInfo
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+from huggingface_hub.utils._http import default_client_factory
 
 from worker.engine.errors import CheckpointError, RecastError
 from worker.engine.storage import check_relative
 
-from . import TransientStorageError, check_range, publish_order
+from . import Receipt, TransientStorageError, check_range, publish_order
 from .listed import ListedSource
-from .local import LocalStaging, keep_only, remove_tree
 from .locations import Location
 from .settings import StoreSettings
 
-_TIMEOUT = 60.0  # seconds without progress before a Hub request counts as failed (and retryable)
+_CONNECT_TIMEOUT = 10.0
+# What preupload_lfs_files sets on the CommitOperationAdd it uploaded, and create_commit reads (2.4.0).
+_PREUPLOAD_MARKS = frozenset({"_upload_mode", "_should_ignore", "_is_uploaded"})
+_client_timeout: float | None = None
+_client_lock = threading.Lock()
 _TARGET_HINT = "; Recast does not create repositories or branches, so create it on the Hub first"
 
 
@@ -99,7 +127,42 @@ def _translated(
         raise error from exc
 
 
+def _timeout(seconds: float) -> httpx2.Timeout:
+    return httpx2.Timeout(seconds, connect=min(seconds, _CONNECT_TIMEOUT))
+
+
+def _bound_requests(seconds: float) -> None:
+    """Give every request on huggingface_hub's shared client a timeout of ``seconds`` (once per process).
+
+    A client default is not enough: huggingface_hub passes ``timeout=None`` explicitly on tree listings,
+    which httpx2 takes as "wait forever", so a request hook fills in every phase left unbounded. Calls that
+    huggingface_hub retries itself (tree listings, preupload, LFS transfers: 5 retries with backoff) then
+    take at most six timeouts plus 23 s of backoff; a commit is never retried, so it fails after one.
+    """
+    global _client_timeout
+    with _client_lock:
+        if _client_timeout == seconds:
+            return
+        bounded = _timeout(seconds).as_dict()
+
+        def bound(request: httpx2.Request) -> None:
+            given = request.extensions.get("timeout", {})
+            request.extensions = {
+                **request.extensions,
+                "timeout": {k: v if given.get(k) is None else given[k] for k, v in bounded.items()},
+            }
+
+        def factory() -> httpx2.Client:
+            client = default_client_factory()
+            client.event_hooks["request"].append(bound)
+            return client
+
+        set_client_factory(factory)
+        _client_timeout = seconds
+
+
 def _api(settings: StoreSettings, credential: str | None) -> tuple[HfApi, str | None]:
+    _bound_requests(settings.hf_timeout_s)
     token = settings.credential(credential, "hf").get("token")
     return HfApi(endpoint=settings.hf_endpoint, token=token), token
 
@@ -108,7 +171,7 @@ def resolve_commit(loc: Location, settings: StoreSettings, credential: str | Non
     """The commit SHA that ``loc``'s revision (default ``main``) points at now."""
     api, _ = _api(settings, credential)
     with _translated(loc.url, credential, CheckpointError):
-        info = api.model_info(loc.root, revision=loc.revision or "main", timeout=_TIMEOUT)
+        info = api.model_info(loc.root, revision=loc.revision or "main")
     if not info.sha:
         raise RecastError(f"{loc.url}: the Hub did not report a commit for this revision")
     return info.sha
@@ -130,7 +193,7 @@ class HubSource(ListedSource):
         self.client = httpx2.Client(
             headers=build_hf_headers(token=token),
             follow_redirects=True,
-            timeout=httpx2.Timeout(_TIMEOUT, connect=10.0),
+            timeout=_timeout(settings.hf_timeout_s),
         )
         self._sizes: dict[str, int] | None = None
 
@@ -177,18 +240,45 @@ class HubSource(ListedSource):
         return bytes(data[:want])
 
 
-class HubTarget(LocalStaging):
-    """A model repo (branch ``main`` unless the URL names one), written in one commit.
+def preuploaded(name: str, sha256: str, size: int) -> CommitOperationAdd:
+    """A ``CommitOperationAdd`` for an LFS object that another process uploaded, built without its file.
 
-    The staged output stays on this worker's local disk, under ``<scratch>/hub-staging/<job_id>``, until
-    the single commit uploads it, so the scratch volume needs room for the whole converted checkpoint.
+    huggingface_hub 2.x has no public way to do this: ``preupload_lfs_files`` marks the very operation
+    object it uploaded (``_upload_mode="lfs"``, ``_is_uploaded=True``; ``upload_info`` holds the SHA-256 and
+    size), and ``create_commit`` then skips the upload and sends only an ``lfsFile`` line with path,
+    SHA-256 and size. Those marks are set here by hand, on an operation whose content is empty; checked
+    against huggingface_hub 2.4.0, and refused if a later version renames them.
     """
+    if missing := _PREUPLOAD_MARKS - {f.name for f in dataclasses.fields(CommitOperationAdd)}:
+        raise RecastError(
+            f"huggingface_hub {hf_version} changed CommitOperationAdd (no {', '.join(sorted(missing))}), "
+            "through which Recast commits preuploaded files; install huggingface_hub 2.4"
+        )
+    operation = CommitOperationAdd(path_in_repo=name, path_or_fileobj=b"")
+    operation.upload_info = UploadInfo(size=size, sample=b"", sha256=bytes.fromhex(sha256))
+    operation._upload_mode = "lfs"
+    operation._should_ignore = False
+    operation._is_uploaded = True
+    return operation
 
-    def __init__(self, loc: Location, settings: StoreSettings, job_id: str, credential: str | None = None):
+
+class HubTarget:
+    """A model repo (branch ``main`` unless the URL names one), written in one commit or pull request."""
+
+    def __init__(
+        self,
+        loc: Location,
+        settings: StoreSettings,
+        job_id: str,
+        credential: str | None = None,
+        create_pr: bool = False,
+    ):
         self.api, _ = _api(settings, credential)
         self.repo = loc.root
         self.revision = loc.revision or "main"
-        self.staging = settings.scratch / "hub-staging" / job_id
+        self.endpoint = settings.hf_endpoint
+        self.job_id = job_id
+        self.create_pr = create_pr
         self.description = loc.url
         self.credential = credential
 
@@ -203,26 +293,92 @@ class HubTarget(LocalStaging):
                     return False
         return True
 
-    def publish(self, names: list[str], commit_message: str, create_pr: bool) -> dict[str, str]:
-        """One commit adding every staged file (a pull request if ``create_pr``), then drop staging."""
-        keep_only(self.staging, names)
-        operations = [
-            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(self.staging / name))
-            for name in publish_order(names)
-        ]
+    def local_dir(self) -> None:
+        """The Hub has no local filesystem: files are written to scratch and uploaded by ``stage_file``."""
+        return None
+
+    def stage_file(self, name: str, path: Path, sha256: str) -> Receipt:
+        """Upload ``path`` as an LFS object (no commit yet), or keep a regular file's content in the receipt."""
+        operation = CommitOperationAdd(
+            path_in_repo=check_relative(name, self.description), path_or_fileobj=str(path)
+        )
+        operation.upload_info.sha256 = bytes.fromhex(sha256)  # known already: not read again to hash it
         with self._errors():
+            self.api.preupload_lfs_files(
+                self.repo, [operation], revision=self.revision, create_pr=self.create_pr
+            )
+        if operation._should_ignore:
+            raise RecastError(
+                f"{self.description}: the repository's .gitignore excludes {name}; remove that rule first"
+            )
+        receipt: Receipt = {
+            "lfs": operation._upload_mode == "lfs",
+            "sha256": sha256,
+            "size": operation.upload_info.size,
+        }
+        if not receipt["lfs"]:
+            receipt["content"] = base64.b64encode(path.read_bytes()).decode("ascii")
+        return receipt
+
+    def publish(self, staged: dict[str, Receipt], commit_message: str, create_pr: bool) -> dict[str, str]:
+        """One commit (a pull request if ``create_pr``) from the receipts alone; none if it was made already."""
+        with self._errors():
+            if (done := self._published(staged, create_pr)) is not None:
+                return done
+            operations = [
+                preuploaded(name, staged[name]["sha256"], staged[name]["size"])
+                if staged[name]["lfs"]
+                else CommitOperationAdd(
+                    path_in_repo=name, path_or_fileobj=base64.b64decode(staged[name]["content"])
+                )
+                for name in publish_order(list(staged))
+            ]
             info = self.api.create_commit(
                 self.repo,
                 operations,
                 commit_message=commit_message,
+                commit_description=f"Converted by Recast, job {self.job_id}.",
                 revision=self.revision,
                 create_pr=create_pr,
             )
-        self.discard()
         result = {"url": f"hf://{self.repo}@{info.oid}", "commit": info.oid}
         if info.pr_url:
             result["pr_url"] = info.pr_url
         return result
 
-    def discard(self) -> None:
-        remove_tree(self.staging)
+    def _published(self, staged: dict[str, Receipt], create_pr: bool) -> dict[str, str] | None:
+        """The result of an earlier publish of these receipts, found on the Hub, or None.
+
+        The uploaded objects' SHA-256s identify the output: a revision holding every staged name, with each
+        LFS file's SHA-256 as its receipt says, is that commit (regular files may differ, as a retried
+        finalize writes recast.json anew). Without LFS files there is nothing to recognise, and for a
+        branch huggingface_hub already drops files that did not change.
+        """
+        lfs = {name: r["sha256"] for name, r in staged.items() if r["lfs"]}
+        if not lfs:
+            return None
+
+        def holds(revision: str) -> bool:
+            tree = self.api.list_repo_tree(self.repo, revision=revision, recursive=True)
+            files = {e.path: e for e in tree if isinstance(e, RepoFile)}
+            return staged.keys() <= files.keys() and all(
+                (lfs_info := files[name].lfs) is not None and lfs_info.sha256 == sha
+                for name, sha in lfs.items()
+            )
+
+        if not create_pr:
+            head = self.api.model_info(self.repo, revision=self.revision).sha
+            return {"url": f"hf://{self.repo}@{head}", "commit": head} if head and holds(head) else None
+        pulls = self.api.list_repo_refs(self.repo, include_pull_requests=True).pull_requests or []
+        for ref in sorted(pulls, key=lambda r: int(r.ref.rsplit("/", 1)[-1]), reverse=True):
+            if holds(ref.target_commit):
+                number = ref.ref.rsplit("/", 1)[-1]
+                return {
+                    "url": f"hf://{self.repo}@{ref.target_commit}",
+                    "commit": ref.target_commit,
+                    "pr_url": f"{self.endpoint}/{self.repo}/discussions/{number}",
+                }
+        return None
+
+    def discard(self, staged: dict[str, Receipt] | None = None) -> None:
+        """Nothing to remove: uploaded objects are in no commit (see the module docstring)."""

@@ -1,7 +1,15 @@
-"""Local-directory targets (``file://``), and the staging helpers the Hub target shares.
+"""Local-directory targets (``file://``).
 
-The staging directory is a hidden sibling of the target, so it is on the same filesystem and publishing
-is one ``rename``: the target directory appears complete or not at all.
+The commit protocol: workers write each output file straight into ``local_dir()``, a hidden sibling of
+the target (``<parent>/.<name>.recast-<job_id>``), so it is on the target's filesystem and staging a file
+already there moves nothing (a file written elsewhere is moved in, or copied across filesystems via a
+temporary name). ``publish`` is one ``rename`` of that directory onto the target.
+
+What a reader sees: no target directory (or an empty one) until the rename, then the complete output;
+readers ignore hidden siblings. What a dead worker leaves: a partial file in the staging directory, which
+the retried shard overwrites and ``publish`` drops because no receipt names it; a job that never
+finishes leaves the staging directory until ``discard``. A finalize that dies after the rename finds the
+staging directory gone and the target complete when run again, and reports success.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ import shutil
 from pathlib import Path
 
 from worker.engine.errors import RecastError, TargetExistsError
-from worker.engine.storage import LocalSource, Source, check_relative
+from worker.engine.storage import check_relative
+
+from . import Receipt
 
 
 def place_file(src: Path, dest: Path) -> None:
@@ -31,6 +41,7 @@ def place_file(src: Path, dest: Path) -> None:
                 os.replace(partial, dest)
             finally:
                 partial.unlink(missing_ok=True)
+            src.unlink()
     except OSError as exc:
         raise RecastError(f"{dest}: cannot stage {src.name} ({exc.strerror or exc})") from exc
 
@@ -41,31 +52,34 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def keep_only(directory: Path, names: list[str]) -> None:
-    """Check every one of ``names`` is staged and drop any other staged file, so exactly ``names`` publish."""
-    staged = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()}
-    if missing := sorted(set(names) - staged):
-        raise RecastError(f"{directory}: cannot publish, not staged: {', '.join(missing)}")
-    for extra in staged - set(names):
-        (directory / extra).unlink()
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except FileNotFoundError:
+        return False
 
 
-class LocalStaging:
-    """A target that stages in a local directory until it publishes."""
-
-    description: str
-    staging: Path
-
-    def stage_file(self, name: str, path: Path) -> None:
-        place_file(path, self.staging / check_relative(name, self.description))
-
-    def staged(self) -> Source:
-        self.staging.mkdir(parents=True, exist_ok=True)
-        return LocalSource(self.staging)
+def _sizes(directory: Path) -> dict[str, int]:
+    """Every file under ``directory`` by relative name, with its size."""
+    return {
+        p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if not p.is_dir()
+    }
 
 
-class FileTarget(LocalStaging):
-    """A local directory; staged in ``<parent>/.<name>.recast-<job_id>`` and renamed into place."""
+def _is_published(path: Path, staged: dict[str, Receipt]) -> bool:
+    """``path`` holds the very files of the receipts: a rename keeps each file's inode."""
+    for name, receipt in staged.items():
+        try:
+            stat = (path / name).stat()
+        except FileNotFoundError:
+            return False
+        if (stat.st_ino, stat.st_size) != (receipt["inode"], receipt["size"]):
+            return False
+    return True
+
+
+class FileTarget:
+    """A local directory; written in ``<parent>/.<name>.recast-<job_id>`` and renamed into place."""
 
     def __init__(self, path: Path, job_id: str):
         self.path = path
@@ -75,9 +89,43 @@ class FileTarget(LocalStaging):
     def is_empty(self) -> bool:
         return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
 
-    def publish(self, names: list[str], commit_message: str, create_pr: bool) -> dict[str, str]:
-        """Rename the staging directory into place (``commit_message`` and ``create_pr`` are Hub-only)."""
-        keep_only(self.staging, names)
+    def local_dir(self) -> Path:
+        """The staging directory, created on first use: workers write output files straight into it."""
+        try:
+            self.staging.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RecastError(
+                f"{self.staging}: cannot create the staging directory ({exc.strerror})"
+            ) from exc
+        return self.staging
+
+    def stage_file(self, name: str, path: Path, sha256: str) -> Receipt:
+        """Nothing to do for a file already written into ``local_dir()``; anything else is moved in."""
+        dest = self.local_dir() / check_relative(name, self.description)
+        if not _same_file(path, dest):
+            place_file(path, dest)
+        stat = dest.stat()
+        return {"size": stat.st_size, "sha256": sha256, "inode": stat.st_ino}
+
+    def publish(self, staged: dict[str, Receipt], commit_message: str, create_pr: bool) -> dict[str, str]:
+        """Rename the staging directory into place (``commit_message`` and ``create_pr`` are Hub-only).
+
+        Files in staging that no receipt names (partial writes of a dead worker) are dropped first. If the
+        staging directory is gone and the target holds the receipts' files (same inodes), an earlier call
+        got as far as the rename, and this one succeeds without doing anything.
+        """
+        if not self.staging.is_dir():
+            if _is_published(self.path, staged):
+                return {"url": self.path.as_uri()}
+            raise RecastError(f"{self.staging}: cannot publish, the staging directory is gone")
+        want = {name: receipt["size"] for name, receipt in staged.items()}
+        have = _sizes(self.staging)
+        if wrong := sorted(name for name, size in want.items() if have.get(name) != size):
+            raise RecastError(
+                f"{self.staging}: cannot publish, missing or not the size its receipt says: {', '.join(wrong)}"
+            )
+        for extra in have.keys() - want.keys():
+            (self.staging / extra).unlink()
         if not self.is_empty():
             raise TargetExistsError(f"{self.path}: already exists and is not empty; choose another target")
         if self.path.is_dir():
@@ -88,5 +136,6 @@ class FileTarget(LocalStaging):
             raise RecastError(f"{self.path}: cannot publish ({exc.strerror or exc})") from exc
         return {"url": self.path.as_uri()}
 
-    def discard(self) -> None:
+    def discard(self, staged: dict[str, Receipt] | None = None) -> None:
+        """Remove the staging directory; a published target is left alone (it no longer is staging)."""
         remove_tree(self.staging)

@@ -1,22 +1,44 @@
 """S3 (and S3-compatible) sources and targets.
 
 Reads are ranged GETs, so the engine fetches shard headers and tensor slices without downloading whole
-shards. A target stages under ``<prefix>/.recast-staging/<job_id>/`` and publishes by server-side copy,
-index and recast.json last, because S3 has no atomic rename: a reader that finds the index finds every
-shard it names. Checksum behaviour is configurable because boto3 >= 1.36 sends CRC checksums that several
-S3-compatible stores reject. Multipart uploads abandoned by a crashed worker are aborted by ``discard``;
-a bucket lifecycle rule for incomplete uploads is still worth having.
+shards. Checksum behaviour of requests is configurable because boto3 >= 1.36 sends CRC checksums that
+several S3-compatible stores reject.
+
+The commit protocol of a target, which moves every output byte once:
+
+1. ``stage_file`` writes an empty marker ``<prefix>/.recast-staging/<job_id>/<name>``, then uploads the
+   file as a multipart upload of its *final* key ``<prefix>/<name>``, each part with a checksum that S3
+   verifies on arrival (SHA-256 per part, or CRC64-NVME over the whole object), and does not complete it.
+   The receipt names the upload and its parts' ETags and checksums.
+2. ``publish`` completes each upload from its receipt, index and recast.json last, then aborts any other
+   upload of a marked key (an earlier attempt of a shard) and deletes the markers.
+3. ``discard`` aborts the receipts' uploads and every upload of a marked key, deletes the markers, and
+   deletes final objects a partial publish completed for this job (same size and checksum as the receipt).
+
+What a reader sees: until publish, no final key exists (an uncompleted upload is invisible, and readers
+ignore hidden keys such as the markers); during publish, shards appear one by one, and the index only
+after every shard it names. S3 has no atomic multi-object commit, so index-last is the guarantee: a reader
+that finds the index finds a complete checkpoint. What a dead worker leaves: an uncompleted upload (and
+its marker), found through the marker by ``publish`` or ``discard``; a bucket lifecycle rule that aborts
+incomplete uploads after some days is still worth having for uploads whose job record itself is lost. A
+finalize that dies halfway through publishing is run again with the same receipts: an upload that no
+longer exists but whose final object has the receipt's size and checksum counts as done.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import boto3
 from boto3.exceptions import Boto3Error
-from boto3.s3.transfer import TransferConfig
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import (
@@ -31,13 +53,15 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from worker.engine.errors import CheckpointError, RecastError
 from worker.engine.storage import check_relative
 
-from . import TransientStorageError, check_range, publish_order
+from . import Receipt, TransientStorageError, check_range, publish_order
 from .listed import ListedSource
 from .locations import Location
 from .settings import StoreSettings
 
 STAGING = ".recast-staging"
 MAX_PARTS = 10_000
+# Parts of one file in flight at once: each holds a part in memory, (threads + 1) x part size in all.
+UPLOAD_THREADS = 4
 _MIB = 1 << 20
 _TRANSIENT_CODES = frozenset(
     {
@@ -89,10 +113,6 @@ def part_size(size: int, chunk: int) -> int:
     """Part size for a ``size``-byte upload: ``chunk``, grown in whole MiB to stay within 10,000 parts."""
     needed = -(-size // MAX_PARTS)
     return chunk if needed <= chunk else -(-needed // _MIB) * _MIB
-
-
-def transfer_config(size: int, chunk: int) -> TransferConfig:
-    return TransferConfig(multipart_threshold=chunk, multipart_chunksize=part_size(size, chunk))
 
 
 def storage_error(
@@ -206,18 +226,87 @@ class S3Source(ListedSource):
         return data
 
 
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def multipart_etag(parts: list[dict[str, Any]]) -> str | None:
+    """The ETag S3 gives the completed upload (MD5 of the parts' binary ETags, then ``-<count>``).
+
+    None where a part's ETag is not hex, as on stores that do not follow S3's scheme.
+    """
+    try:
+        joined = b"".join(binascii.unhexlify(p["ETag"].strip('"')) for p in parts)
+    except (binascii.Error, ValueError):
+        return None
+    return f'"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(parts)}"'
+
+
+class _Checksums:
+    """The checksum S3 verifies each part against (``RECAST_S3_UPLOAD_CHECKSUM``), and the whole object's."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self._crc64: Any = None
+        if mode == "crc64nvme":
+            try:
+                from awscrt.checksums import crc64nvme
+            except ImportError:
+                raise RecastError(
+                    "RECAST_S3_UPLOAD_CHECKSUM=crc64nvme needs the awscrt package (pip install 'botocore[crt]'); "
+                    "or use sha256"
+                ) from None
+            self._crc64 = crc64nvme
+
+    def create_args(self) -> dict[str, str]:
+        """Arguments to create_multipart_upload: which checksum every part must carry."""
+        if self.mode == "sha256":
+            return {"ChecksumAlgorithm": "SHA256"}
+        if self.mode == "crc64nvme":
+            return {"ChecksumAlgorithm": "CRC64NVME", "ChecksumType": "FULL_OBJECT"}
+        return {}
+
+    def part(self, data: bytes) -> dict[str, str]:
+        """The checksum argument of upload_part for ``data`` (S3 refuses the part if it does not match)."""
+        if self.mode == "sha256":
+            return {"ChecksumSHA256": _b64(hashlib.sha256(data).digest())}
+        if self.mode == "crc64nvme":
+            return {"ChecksumCRC64NVME": _b64(self._crc64(data).to_bytes(8, "big"))}
+        return {}
+
+    def running(self, data: bytes, crc: int) -> int:
+        """The whole object's CRC64-NVME so far, with ``data`` appended (0 in the other modes)."""
+        return self._crc64(data, crc) if self._crc64 is not None else 0
+
+    def whole(self, parts: list[dict[str, Any]], crc: int) -> dict[str, str]:
+        """The object's checksum as S3 reports it once complete: composite SHA-256, or full CRC64-NVME."""
+        if self.mode == "sha256":
+            digests = b"".join(base64.b64decode(p["ChecksumSHA256"]) for p in parts)
+            return {"ChecksumSHA256": f"{_b64(hashlib.sha256(digests).digest())}-{len(parts)}"}
+        if self.mode == "crc64nvme":
+            return {"ChecksumCRC64NVME": _b64(crc.to_bytes(8, "big"))}
+        return {}
+
+
 class S3Target:
-    """Output under ``s3://bucket/prefix``, staged in ``<prefix>/.recast-staging/<job_id>/``."""
+    """Output under ``s3://bucket/prefix``, uploaded once to the final keys and completed on ``publish``."""
 
     def __init__(self, loc: Location, settings: StoreSettings, job_id: str, credential: str | None = None):
         self.client = make_client(settings, credential)
         self.bucket = loc.root
         self.base = f"{loc.prefix}/" if loc.prefix else ""
-        self.staging_prefix = f"{self.base}{STAGING}/{job_id}"
+        self.markers = f"{self.base}{STAGING}/{job_id}/"
         self.description = loc.url
         self.chunk = settings.s3_multipart_chunk_bytes
-        self.credential = credential
+        self.checksums = _Checksums(settings.s3_upload_checksum)
         self._errors = _Errors(credential, RecastError)
+
+    def _url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
 
     def is_empty(self) -> bool:
         """No object under the prefix other than staging areas (one delimited listing page, usually)."""
@@ -232,55 +321,176 @@ class S3Target:
                     return False
         return True
 
-    def stage_file(self, name: str, path: Path) -> None:
-        key = f"{self.staging_prefix}/{check_relative(name, self.description)}"
-        config = transfer_config(path.stat().st_size, self.chunk)
-        with self._errors.about(f"s3://{self.bucket}/{key}"):
-            self.client.upload_file(str(path), self.bucket, key, Config=config)
+    def local_dir(self) -> None:
+        """S3 has no local filesystem: files are written to scratch and uploaded by ``stage_file``."""
+        return None
 
-    def staged(self) -> S3Source:
-        return S3Source(self.client, self.bucket, self.staging_prefix, self.credential)
+    def stage_file(self, name: str, path: Path, sha256: str) -> Receipt:
+        """Upload ``path`` to its final key as a multipart upload left uncompleted; ``path`` is kept."""
+        key = self.base + check_relative(name, self.description)
+        size = path.stat().st_size
+        with self._errors.about(self._url(key)):
+            # The marker comes first, so that a worker dying at any later point leaves an upload that
+            # publish and discard can find.
+            self.client.put_object(Bucket=self.bucket, Key=self.markers + name, Body=b"")
+            upload_id = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, **self.checksums.create_args()
+            )["UploadId"]
+            try:
+                parts, crc = self._upload_parts(key, upload_id, path, part_size(size, self.chunk))
+            except BaseException:
+                with suppress(ClientError, BotoCoreError):  # the marker still leads discard to it
+                    self._abort(key, upload_id)
+                raise
+        return {
+            "key": key,
+            "upload_id": upload_id,
+            "size": size,
+            "sha256": sha256,
+            "parts": parts,
+            "checksum": self.checksums.whole(parts, crc),
+        }
 
-    def publish(self, names: list[str], commit_message: str, create_pr: bool) -> dict[str, str]:
-        """Server-side copy each staged file into place, index and recast.json last, then drop staging.
+    def _upload_parts(
+        self, key: str, upload_id: str, path: Path, part_bytes: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Read ``path`` once, in order, and upload its parts ``UPLOAD_THREADS`` at a time.
 
-        ``commit_message`` and ``create_pr`` only mean something on the Hub.
+        Returns the parts as complete_multipart_upload wants them, and the running CRC64-NVME.
         """
-        staged = self.staged().sizes()
-        if missing := sorted(set(names) - set(staged)):
-            raise RecastError(f"{self.description}: cannot publish, not staged: {', '.join(missing)}")
-        for name in publish_order(names):
-            source = {"Bucket": self.bucket, "Key": f"{self.staging_prefix}/{name}"}
-            with self._errors.about(f"s3://{self.bucket}/{self.base}{name}"):
-                self.client.copy(
-                    source, self.bucket, self.base + name, Config=transfer_config(staged[name], self.chunk)
-                )
-        self.discard()
+        parts: list[dict[str, Any]] = []
+        crc = 0
+        with path.open("rb") as file, ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            pending: deque[Future[dict[str, Any]]] = deque()
+            number = 0
+            while True:
+                data = file.read(part_bytes)
+                if not data and number:  # the size was a whole number of parts
+                    break
+                number += 1
+                crc = self.checksums.running(data, crc)
+                if len(pending) >= UPLOAD_THREADS:
+                    parts.append(pending.popleft().result())
+                pending.append(pool.submit(self._upload_part, key, upload_id, number, data))
+                if len(data) < part_bytes:
+                    break
+            parts += [future.result() for future in pending]
+        return parts, crc
+
+    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+        checksum = self.checksums.part(data)
+        response = self.client.upload_part(
+            Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, **checksum
+        )
+        return {"PartNumber": number, "ETag": response["ETag"], **checksum}
+
+    def _abort(self, key: str, upload_id: str) -> bool:
+        """Abort one upload; False if it no longer exists (completed or aborted already)."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except ClientError as exc:
+            if _code(exc) != "NoSuchUpload":
+                raise
+            return False
+        return True
+
+    def _check_receipt(self, name: str, receipt: Receipt) -> str:
+        key = self.base + check_relative(name, self.description)
+        if receipt.get("key") != key:
+            raise RecastError(
+                f"{self._url(key)}: the receipt for {name} names another key; not this target's"
+            )
+        return key
+
+    def _is_published(self, key: str, receipt: Receipt) -> bool:
+        """The final object exists and is the receipt's: same size and checksum (ETag without one)."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return False
+            raise
+        if head["ContentLength"] != receipt["size"]:
+            return False
+        # S3 reports a composite checksum as "<b64>-<parts>", some stores without the suffix.
+        checked = [k for k in receipt["checksum"] if head.get(k)]
+        if checked:
+            return all(head[k].split("-")[0] == receipt["checksum"][k].split("-")[0] for k in checked)
+        return head.get("ETag") == multipart_etag(receipt["parts"])
+
+    def publish(self, staged: dict[str, Receipt], commit_message: str, create_pr: bool) -> dict[str, str]:
+        """Complete every upload, index and recast.json last, then clear the job's other uploads and markers.
+
+        ``commit_message`` and ``create_pr`` only mean something on the Hub. Safe to run again after a crash:
+        an upload that is gone counts as done if its final object is the receipt's.
+        """
+        for name in publish_order(list(staged)):
+            receipt = staged[name]
+            key = self._check_receipt(name, receipt)
+            extra = {}
+            if "ChecksumCRC64NVME" in receipt["checksum"]:  # S3 checks the whole object's CRC against it
+                extra = {**receipt["checksum"], "ChecksumType": "FULL_OBJECT"}
+            with self._errors.about(self._url(key)):
+                try:
+                    self.client.complete_multipart_upload(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=receipt["upload_id"],
+                        MultipartUpload={"Parts": receipt["parts"]},
+                        **extra,
+                    )
+                except ClientError as exc:
+                    if _code(exc) != "NoSuchUpload":
+                        raise
+                    if not self._is_published(key, receipt):
+                        raise RecastError(
+                            f"{self._url(key)}: its upload is gone and the object there is not this job's "
+                            "output (size or checksum differ); run the job again"
+                        ) from None
+        self._clear_marked()
         return {"url": self.description}
 
-    def discard(self) -> None:
-        """Delete the staging objects and abort unfinished multipart uploads into staging."""
-        prefix = f"{self.staging_prefix}/"
-        with self._errors.about(f"s3://{self.bucket}/{prefix}"):
+    def discard(self, staged: dict[str, Receipt] | None = None) -> None:
+        """Abort this job's uploads and delete its markers, and any final object a partial publish left.
+
+        Never call it for a job that succeeded: the published objects match their receipts and would go.
+        """
+        for name, receipt in (staged or {}).items():
+            key = self._check_receipt(name, receipt)
+            with self._errors.about(self._url(key)):
+                if not self._abort(key, receipt["upload_id"]) and self._is_published(key, receipt):
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
+        self._clear_marked()
+
+    def _clear_marked(self) -> None:
+        """Abort every unfinished upload of a key this job marked, then delete the markers.
+
+        After publish these are earlier attempts of a shard (its receipt's upload is complete by then);
+        after a failure, also uploads whose worker died before its receipt was recorded.
+        """
+        with self._errors.about(self._url(self.markers)):
+            marked: list[str] = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.markers
+            ):
+                marked += [obj["Key"] for obj in page.get("Contents", [])]
+            if not marked:
+                return
+            keys = {self.base + m[len(self.markers) :] for m in marked}
             for page in self.client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=prefix
+                Bucket=self.bucket, Prefix=self.base
             ):
                 for upload in page.get("Uploads", []):
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix
-            ):
-                keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
-                if not keys:
-                    continue
+                    if upload["Key"] in keys:
+                        self._abort(upload["Key"], upload["UploadId"])
+            for start in range(0, len(marked), 1000):  # delete_objects takes at most 1,000 keys
+                batch = [{"Key": k} for k in marked[start : start + 1000]]
                 response = self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True}
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
                 )
                 if errors := response.get("Errors"):
                     first = errors[0]
                     raise RecastError(
-                        f"s3://{self.bucket}/{first.get('Key')}: cannot delete staged object "
-                        f"({first.get('Code')}); {len(errors)} staged objects remain"
+                        f"{self._url(first.get('Key', self.markers))}: cannot delete the job's marker "
+                        f"({first.get('Code')}); {len(errors)} markers remain"
                     )

@@ -18,6 +18,10 @@ from worker.engine.errors import RecastError
 
 ADDRESSING_STYLES = ("auto", "path", "virtual")
 CHECKSUM_MODES = ("when_supported", "when_required")
+# What S3 verifies each uploaded part against: a SHA-256 per part, one CRC64-NVME over the whole object
+# (needs awscrt, ``botocore[crt]``), or nothing, for S3-compatible stores that support neither (which
+# usually also want RECAST_S3_CHECKSUM=when_required).
+UPLOAD_CHECKSUMS = ("sha256", "crc64nvme", "none")
 MIN_PART_BYTES = 5 << 20  # S3 rejects multipart parts below 5 MiB (except the last)
 
 # Which fields each credential type accepts, and which of them it needs.
@@ -52,7 +56,9 @@ class StoreSettings:
     s3_addressing_style: str = "auto"
     s3_checksum: str = "when_supported"
     s3_multipart_chunk_bytes: int = 64 << 20
+    s3_upload_checksum: str = "sha256"
     hf_endpoint: str = "https://huggingface.co"
+    hf_timeout_s: float = 60.0
     credentials_file: Path | None = None
 
     def __post_init__(self) -> None:
@@ -66,10 +72,19 @@ class StoreSettings:
                 f"RECAST_S3_CHECKSUM must be one of {', '.join(CHECKSUM_MODES)}; got {self.s3_checksum!r} "
                 "(use when_required for S3-compatible stores that reject CRC checksums)"
             )
+        if self.s3_upload_checksum not in UPLOAD_CHECKSUMS:
+            raise RecastError(
+                f"RECAST_S3_UPLOAD_CHECKSUM must be one of {', '.join(UPLOAD_CHECKSUMS)}; "
+                f"got {self.s3_upload_checksum!r} (none for S3-compatible stores without upload checksums)"
+            )
         if self.s3_multipart_chunk_bytes < MIN_PART_BYTES:
             raise RecastError(
                 f"RECAST_S3_MULTIPART_CHUNK_MB must be at least 5 (S3's smallest part); "
                 f"got {self.s3_multipart_chunk_bytes / (1 << 20):g}"
+            )
+        if not self.hf_timeout_s > 0:
+            raise RecastError(
+                f"RECAST_HF_TIMEOUT_S must be a positive number of seconds; got {self.hf_timeout_s!r}"
             )
         if not self.hf_endpoint.startswith(("http://", "https://")):
             raise RecastError(f"RECAST_HF_ENDPOINT must be an http(s) URL; got {self.hf_endpoint!r}")
@@ -99,6 +114,13 @@ class StoreSettings:
                 raise RecastError(
                     f"RECAST_S3_MULTIPART_CHUNK_MB must be a whole number; got {chunk!r}"
                 ) from None
+        if timeout := get("RECAST_HF_TIMEOUT_S"):
+            try:
+                kwargs["hf_timeout_s"] = float(timeout)
+            except ValueError:
+                raise RecastError(
+                    f"RECAST_HF_TIMEOUT_S must be a number of seconds; got {timeout!r}"
+                ) from None
         if credentials := get("RECAST_CREDENTIALS_FILE"):
             kwargs["credentials_file"] = Path(credentials)
         for field, var in (
@@ -106,6 +128,7 @@ class StoreSettings:
             ("s3_region", "RECAST_S3_REGION"),
             ("s3_addressing_style", "RECAST_S3_ADDRESSING_STYLE"),
             ("s3_checksum", "RECAST_S3_CHECKSUM"),
+            ("s3_upload_checksum", "RECAST_S3_UPLOAD_CHECKSUM"),
             ("hf_endpoint", "RECAST_HF_ENDPOINT"),
         ):
             if (value := get(var)) is not None:
