@@ -111,3 +111,29 @@ def test_a_job_recorded_but_never_queued_is_swept_up(paced: Service, cli_native,
         done = wait(c, orphan, timeout=180)
     assert done["state"] == "succeeded", done["error"]
     _same_weights(tmp_path / "out", want)
+
+
+def test_each_shard_verifies_itself_and_finalize_merges(paced: Service, cli_native, tmp_path: Path) -> None:
+    """The ledger holds each shard's hash, receipt and per-tensor checks; the report merges them."""
+    import json
+
+    import redis
+
+    src, want = cli_native
+    with paced.client() as c:
+        job = submit(c, {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"})
+        done = wait(c, job["id"], timeout=180)
+        assert done["state"] == "succeeded", done["error"]
+        report = c.get(f"/v1/jobs/{job['id']}/report").json()
+    ledger = redis.Redis.from_url(paced.redis.url, decode_responses=True).hgetall(
+        f"recast:job:{job['id']}:shards"
+    )
+    entries = {name: json.loads(v) for name, v in ledger.items()}
+    checked = set()
+    for name, entry in entries.items():
+        assert entry["receipt"] and entry["verification"], name
+        checked |= set(entry["verification"])
+    cli = json.loads((want / SIDECAR).read_text())["verification"]
+    assert report["summary"]["passed"] and report["summary"]["tensors_checked"] == cli["tensors_checked"]
+    assert len(checked) + report["summary"]["accounting"]["scales"] == cli["tensors_checked"]
+    _same_weights(tmp_path / "out", want)

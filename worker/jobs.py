@@ -20,12 +20,12 @@ from typing import Any
 from service import metrics
 from service.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
 from service.settings import Settings
-from worker.engine.checkpoint import MANIFEST, SIDECAR
+from worker.engine.checkpoint import SIDECAR
 from worker.engine.convert import Conversion, plan_conversion
 from worker.engine.errors import RecastError, VerificationError
 from worker.engine.options import Options
 from worker.engine.publish import file_sha256, finish_sidecar
-from worker.engine.storage import Source, read_all
+from worker.engine.storage import Source
 from worker.stores import Target, TransientStorageError, open_source, open_target, parse_location
 from worker.throttle import ThrottledSource
 
@@ -78,7 +78,9 @@ def _source(ctx: Context, job: dict[str, Any]) -> Source:
 def _target(ctx: Context, job: dict[str, Any]) -> Target:
     req = job["request"]
     loc = parse_location(req["target"], "target", ctx.settings.stores)
-    return open_target(loc, ctx.settings.stores, job["id"], req.get("target_credential"))
+    return open_target(
+        loc, ctx.settings.stores, job["id"], req.get("target_credential"), bool(req.get("create_pr"))
+    )
 
 
 def _conversion(ctx: Context, job: dict[str, Any]) -> Conversion:
@@ -110,7 +112,8 @@ def _discard(ctx: Context, job_id: str) -> None:
     job = ctx.store.get(job_id)
     if job is not None:
         try:
-            _target(ctx, job).discard()
+            staged = {n: e["receipt"] for n, e in ctx.store.ledger(job_id).items() if e.get("receipt")}
+            _target(ctx, job).discard(staged)
         except RecastError as exc:
             log.warning("job %s: could not remove staged output: %s", job_id, exc)
     shutil.rmtree(ctx.settings.stores.scratch / job_id, ignore_errors=True)
@@ -206,12 +209,16 @@ def plan_job(ctx: Context, job_id: str) -> None:
 
 
 def run_shard(ctx: Context, job_id: str, name: str) -> None:
+    """Convert one output shard, verify it in flight and stage it with the target; the ledger entry
+    carries its SHA-256, the target's receipt and its per-tensor verification for finalize."""
+
     def body(job: dict[str, Any]) -> None:
         if ctx.store.shard_done(job_id, name):
             if len(ctx.store.ledger(job_id)) == job["shards_total"]:
                 ctx.enqueue_finalize(job_id)
             return
         conv = _conversion(ctx, job)
+        target = _target(ctx, job)
         started = time.monotonic()
         pending = {"bytes": 0, "at": started, "total": 0}
 
@@ -223,14 +230,21 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
                 ctx.store.progress(job_id, step=f"converting {name}", bytes_in=pending["bytes"])
                 pending.update(bytes=0, at=time.monotonic())
 
-        path = conv.write_shard(name, _scratch(ctx, job_id, "shard"), progress)
+        checks = conv.new_checks() if conv.opts.verify else None
+        directory = target.local_dir() or _scratch(ctx, job_id, "shard")
+        path = conv.write_shard(name, directory, progress, checks)
         sha, size = conv.hashes[name], path.stat().st_size
+        if checks is not None and checks.failed:
+            path.unlink(missing_ok=True)
+            metrics.count(ctx.store.r, "verification_failures")
+            bad = "; ".join(f"{k}: {checks.acc(k).detail}" for k in checks.failed[:3])
+            raise VerificationError(f"verification failed in {name}: {bad}; nothing was published")
         _check_cancel(ctx, job_id)
-        _target(ctx, job).stage_file(name, path)
-        path.unlink(missing_ok=True)
+        receipt = target.stage_file(name, path, sha)
         complete = ctx.store.progress(
-            job_id, step=f"converted {name}", bytes_in=pending["bytes"], shard=name, sha256=sha, size=size
-        )
+            job_id, step=f"converted {name}", bytes_in=pending["bytes"], shard=name, sha256=sha, size=size,
+            receipt=receipt, verification=checks.export() if checks is not None else None,
+        )  # fmt: skip
         metrics.record_shard(ctx.store.r, time.monotonic() - started, pending["total"], size)
         if complete:
             ctx.enqueue_finalize(job_id)
@@ -239,6 +253,13 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
 
 
 def finalize(ctx: Context, job_id: str) -> None:
+    """Merge the shards' ledger into the report, write the metadata, publish: O(metadata), not O(model).
+
+    Every shard was verified and hashed by the task that wrote it; finalize checks the ledger is
+    complete and consistent with the plan (each shard at its planned size, every source tensor checked
+    in full, the scales sidecar equal to the source's), and publishes only if all of it passed.
+    """
+
     def body(job: dict[str, Any]) -> None:
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
@@ -249,29 +270,31 @@ def finalize(ctx: Context, job_id: str) -> None:
         ctx.store.transition(job_id, ACTIVE, "verifying", step="writing index and config")
         meta = _scratch(ctx, job_id, "meta")
         names = conv.write_metadata(meta)
-        files = {n: e["sha256"] for n, e in ledger.items()} | {n: file_sha256(meta / n) for n in names}
-        for name in names:
-            target.stage_file(name, meta / name)
         report = conv.new_report()
         if conv.opts.verify:
-            ctx.store.progress(job_id, step="verifying the round trip")
-            conv.verify(target.staged(), report)
+            checks = conv.new_checks()
+            for entry in ledger.values():
+                checks.load(entry.get("verification") or {})
+            conv.settle(checks, report, meta, {n: e["size"] for n, e in ledger.items()})
         report.bytes_in = conv.ckpt.total_bytes
         report.bytes_out = conv.layout.total_bytes()
         report.seconds = time.time() - float(job.get("started_at") or job["created_at"])
         _check_cancel(ctx, job_id)
-        (meta / SIDECAR).write_bytes(read_all(target.staged(), SIDECAR))
-        files.pop(SIDECAR, None)
-        for name in finish_sidecar(meta, report, files):
-            target.stage_file(name, meta / name)
+        files = {n: e["sha256"] for n, e in ledger.items()} | {
+            n: file_sha256(meta / n) for n in names if n != SIDECAR
+        }
+        names = [n for n in names if n != SIDECAR] + finish_sidecar(meta, report, files)
         ctx.store.save_report(job_id, report.to_json())
         if conv.opts.verify and not report.passed:
             metrics.count(ctx.store.r, "verification_failures")
             raise VerificationError(f"verification failed: {report.failure_summary()}; nothing was published")
-        ctx.store.transition(job_id, ("verifying",), "uploading", step="publishing")
+        staged = {n: e["receipt"] for n, e in ledger.items()}
+        for name in names:
+            staged[name] = target.stage_file(name, meta / name, file_sha256(meta / name))
+        ctx.store.transition(job_id, ("verifying", "uploading"), "uploading", step="publishing")
         req = job["request"]
         result = target.publish(
-            [*conv.shard_names(), *names, MANIFEST],
+            staged,
             req.get("commit_message") or f"Recast: {report.direction} conversion with {report.adapter}",
             bool(req.get("create_pr")),
         )

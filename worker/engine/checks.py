@@ -129,10 +129,7 @@ class Checks:
     def export(self) -> dict[str, dict[str, Any]]:
         """The results so far as JSON-able data: a shard's worker records them, finalize ``load``s them."""
         with self._lock:
-            return {
-                k: {f: v for f, v in asdict(acc).items() if math.isfinite(v) or not isinstance(v, float)}
-                for k, acc in self._accs.items()
-            }
+            return {k: asdict(acc) for k, acc in self._accs.items()}
 
     def load(self, exported: dict[str, dict[str, Any]]) -> None:
         """Merge results exported elsewhere (another worker's shard)."""
