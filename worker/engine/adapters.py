@@ -93,11 +93,10 @@ class Adapter:
     model_types: tuple[str, ...] = ()
     layouts: tuple[tuple[str, str], ...] = field(default=())
     needs_evidence: bool = False
-    # The NeMo AutoModel 0.7.0 state-dict adapter whose from_hf this family reproduces (None: NeMo loads
-    # the hf keys unchanged), and what the tests compare the output with: "nemo" (that adapter's from_hf,
-    # bit for bit) or "reference" (tests/reference.py, where NeMo has no adapter or a wrong one).
+    # The NeMo AutoModel 0.7.0 state-dict adapter (``module.Class`` under nemo_automodel.components.models)
+    # whose from_hf output is this family's native layout; None where NeMo's model uses the hf names.
+    # tests/test_nemo_oracle.py compares with it bit for bit.
     nemo: str | None = None
-    verified: str = "reference"
 
     def to_native(self, key: str) -> str:
         for r in self.renames:
