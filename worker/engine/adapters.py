@@ -136,6 +136,27 @@ class Adapter:
         """The prefix that keeps ``hf_key`` out of quantization; config.json names the module by it."""
         return next((p for p in self.not_quantized_prefixes if p in hf_key), None)
 
+    def describe(self) -> dict[str, Any]:
+        """The family and its detection rules, for ``GET /v1/adapters``, ``recast adapters`` and inspect."""
+        named = [f"architectures {' / '.join(self.architectures)}"]
+        if self.model_types:
+            named.append(f"model_type {' / '.join(self.model_types)}")
+        rule = " or ".join(named)
+        if self.needs_evidence:
+            rule += f", with text_config.model_type {' / '.join(self.model_types)} or its expert keys"
+        return {
+            "name": self.name,
+            "description": self.description,
+            "architectures": list(self.architectures),
+            "model_types": list(self.model_types),
+            "expert_keys": [
+                r.hf + (f"{{{','.join(r.parts)}}}.weight" if r.parts else "") for r in self.experts
+            ],
+            "detection": rule
+            + "; not where an architecture, model type or expert keys of another family appear",
+            "nemo_adapter": self.nemo,
+        }
+
     def layout(self, hf_keys: list[str]) -> str:
         """Name the key layout the checkpoint uses, decided from its keys."""
         for name, prefix in self.layouts:
@@ -324,14 +345,17 @@ def expert_owner(key: str) -> Adapter | None:
 def fits(adapter: Adapter, config: dict[str, Any], keys: list[str]) -> bool:
     """Whether the checkpoint can be ``adapter``'s: its config names the family and nothing contradicts it.
 
-    Contradictions are a model type (top level or ``text_config``) that another family claims, and keys
-    that another adapter's expert rules take but this adapter's do not (they would pass through
-    unconverted).
+    Contradictions are an architecture or a model type (top level or ``text_config``) that only other
+    families claim, and keys that another adapter's expert rules take but this adapter's do not (they
+    would pass through unconverted).
     """
     text_type = (config.get("text_config") or {}).get("model_type")
     types = {config.get("model_type"), text_type} - {None}
-    named = set(config.get("architectures") or ()) & set(adapter.architectures)
+    architectures = set(config.get("architectures") or ())
+    named = architectures & set(adapter.architectures)
     if not named and config.get("model_type") not in adapter.model_types:
+        return False
+    if not named and architectures & {n for a in ADAPTERS.values() for n in a.architectures}:
         return False
     known_types = {t for a in ADAPTERS.values() for t in a.model_types}
     if types & (known_types - set(adapter.model_types)):
