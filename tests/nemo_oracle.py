@@ -96,10 +96,11 @@ def adapter_class(spec: str) -> type:
 
 
 def moe_config(config: dict[str, Any], dtype: torch.dtype) -> Any:
-    """The ``MoEConfig`` NeMo's model would build from this hf config; the adapters read the expert count,
-    the expert width (to split ``gate_and_up_projs``) and the activation (gated or not)."""
+    """The ``MoEConfig`` NeMo's model would build from this hf config (its ``text_config`` for a VLM); the
+    adapters read the expert count, the expert width (to split ``gate_and_up_projs``) and the activation."""
     from nemo_automodel.components.moe.config import MoEConfig
 
+    config = config.get("text_config") or config
     experts = next(config[k] for k in ("n_routed_experts", "num_experts", "num_local_experts") if k in config)
     return MoEConfig(
         n_routed_experts=experts,

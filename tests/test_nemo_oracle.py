@@ -88,8 +88,7 @@ def _nemo_adapter(case: Case, cfg: dict[str, Any]) -> Any:
     cls = nemo_oracle.adapter_class(case.nemo)
     if hasattr(cls, "for_causal_lm"):  # Mistral 3: one factory per model class
         return cls.for_vlm_full(cfg) if "text_config" in cfg else cls.for_causal_lm(cfg)
-    text = cfg.get("text_config") or cfg
-    return nemo_oracle.moe_adapter(case.nemo, {**text, "architectures": cfg["architectures"]}, torch.bfloat16)
+    return nemo_oracle.moe_adapter(case.nemo, cfg, torch.bfloat16)
 
 
 def _nemo_native(case: Case, sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
