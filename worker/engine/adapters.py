@@ -137,7 +137,7 @@ class Adapter:
         return next((p for p in self.not_quantized_prefixes if p in hf_key), None)
 
     def describe(self) -> dict[str, Any]:
-        """The family and its detection rules, for ``GET /v1/adapters``, ``recast adapters`` and inspect."""
+        """The family and its detection rules, for ``GET /v1/adapters`` and ``recast inspect``."""
         named = [f"architectures {' / '.join(self.architectures)}"]
         if self.model_types:
             named.append(f"model_type {' / '.join(self.model_types)}")
