@@ -239,8 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/adapters", response_model=list[Adapter], dependencies=auth, tags=["checkpoints"])
     def adapters() -> list[Adapter]:
-        return [Adapter(name=a.name, description=a.description, architectures=list(a.architectures))
-                for a in ADAPTERS.values()]  # fmt: skip
+        return [Adapter(**a.describe()) for a in ADAPTERS.values()]
 
     schedules = ScheduleStore(store, celery)
 

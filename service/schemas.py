@@ -135,9 +135,16 @@ class JobPage(BaseModel):
 
 
 class Adapter(BaseModel):
+    """A model family and how detection recognises it (``worker.engine.adapters.Adapter.describe``)."""
+
     name: str
     description: str
     architectures: list[str]
+    model_types: list[str]
+    expert_keys: list[str]
+    detection: str
+    # NeMo AutoModel 0.7.0's state-dict adapter whose layout native follows; null: NeMo uses the hf names.
+    nemo_adapter: str | None
 
 
 class ScheduleTemplate(JobRequest):

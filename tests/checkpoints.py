@@ -21,6 +21,7 @@ import math
 import re
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = 128
 
-FAMILIES: tuple[str, ...] = ("mistral4", "mistral4-vlm", "mistral3-fp8", "deepseek-v3")
 SCHEMES: tuple[str, ...] = ("per-tensor", "per-expert", "block")
-LAYOUTS: dict[str, tuple[str, ...]] = {
-    "mistral4": ("default", "prefixed"),
-    "mistral4-vlm": ("default",),
-    "mistral3-fp8": ("default", "identity", "causal"),
-    "deepseek-v3": ("default",),
-}
 # Per-expert scales only exist for the aggregated 3-D expert tensors of Mistral 4.
 _PER_EXPERT_FAMILIES = ("mistral4", "mistral4-vlm")
 
@@ -87,6 +81,82 @@ TINY_PIXTRAL: dict[str, Any] = {
 }
 
 
+@dataclass(frozen=True)
+class TinyFamily:
+    """A family whose vendor checkpoint is one transformers class with a tiny config (the newer ones).
+
+    ``keep`` names weights the vendor leaves in bf16 beyond ``reference.NON_QUANTIZED_PATTERNS`` (the
+    patterns of the family's NeMo adapter, e.g. DeepSeek-V3.2's indexer ``weights_proj``).
+    """
+
+    model: str
+    config: dict[str, Any]
+    keep: tuple[str, ...] = ()
+    model_type: str | None = None  # config.json's, where the vendor's differs from the class's own
+
+
+# Two layers (the first dense where the family has dense layers), four experts, widths 160 / 200 / 96
+# and head dims 40 / 32: partial 128-blocks on both axes and 2-D weights with <= 128 rows.
+_TINY_DENSE: dict[str, Any] = {**TINY_MINISTRAL3_TEXT, "num_attention_heads": 2, "num_key_value_heads": 1}
+_TINY_MOE: dict[str, Any] = {
+    **_TINY_DENSE,
+    "moe_intermediate_size": 96,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+}
+_TINY_MLA: dict[str, Any] = {
+    **{k: v for k, v in TINY_MOE_TEXT.items() if k != "first_k_dense_replace"},
+    "num_hidden_layers": 2,
+    "mlp_layer_types": ["dense", "sparse"],
+}
+_TINY_INDEXER: dict[str, Any] = {"index_n_heads": 2, "index_head_dim": 32, "index_topk": 4}
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "qwen3-moe": TinyFamily(
+        "Qwen3MoeForCausalLM",
+        {**_TINY_MOE, "num_experts": 4, "mlp_only_layers": [0], "decoder_sparse_step": 1},
+    ),
+    "glm4-moe": TinyFamily(
+        "Glm4MoeForCausalLM",
+        {
+            **_TINY_MOE,
+            "n_routed_experts": 4,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "attention_bias": True,
+        },
+    ),
+    "glm4-moe-lite": TinyFamily("Glm4MoeLiteForCausalLM", _TINY_MLA),
+    "kimi-k2": TinyFamily(
+        "DeepseekV3ForCausalLM", {**_TINY_MLA, "first_k_dense_replace": 1}, model_type="kimi_k2"
+    ),
+    "deepseek-v32": TinyFamily(
+        "DeepseekV32ForCausalLM", {**_TINY_MLA, **_TINY_INDEXER}, keep=("indexer.weights_proj.weight",)
+    ),
+    "glm-moe-dsa": TinyFamily(
+        "GlmMoeDsaForCausalLM", {**_TINY_MLA, **_TINY_INDEXER}, keep=("indexer.weights_proj.weight",)
+    ),
+    "minimax-m2": TinyFamily(
+        "MiniMaxM2ForCausalLM",
+        {**_TINY_DENSE, "intermediate_size": 96, "num_local_experts": 4, "num_experts_per_tok": 2},
+        keep=("block_sparse_moe.gate.weight",),
+    ),
+    "qwen3": TinyFamily("Qwen3ForCausalLM", _TINY_DENSE),
+    "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),
+    "mistral": TinyFamily("MistralForCausalLM", _TINY_DENSE),
+}
+
+FAMILIES: tuple[str, ...] = ("mistral4", "mistral4-vlm", "mistral3-fp8", "deepseek-v3", *TINY_FAMILIES)
+LAYOUTS: dict[str, tuple[str, ...]] = {
+    "mistral4": ("default", "prefixed"),
+    "mistral4-vlm": ("default",),
+    "mistral3-fp8": ("default", "identity", "causal"),
+    "deepseek-v3": ("default",),
+    **dict.fromkeys(TINY_FAMILIES, ("default",)),
+}
+
+
 # --------------------------------------------------------------------------------------------------
 # Key rules
 # --------------------------------------------------------------------------------------------------
@@ -118,6 +188,11 @@ def _make_model(family: str, layout: str, tied: bool) -> torch.nn.Module:
     """Instantiate the transformers class a vendor checkpoint of this family is saved from."""
     import transformers as tf
 
+    if family in TINY_FAMILIES:
+        spec = TINY_FAMILIES[family]
+        model_cls = getattr(tf, spec.model)
+        config = model_cls.config_class(**spec.config, tie_word_embeddings=tied)
+        return model_cls(config)
     if family == "mistral4":
         return tf.Mistral4ForCausalLM(tf.Mistral4Config(**TINY_MOE_TEXT, tie_word_embeddings=tied))
     if family == "deepseek-v3":
@@ -191,13 +266,18 @@ def _saved_model(
         for f in sorted(Path(tmp).glob("*.safetensors")):
             raw.update(load_file(f))
         config = json.loads((Path(tmp) / "config.json").read_text())
+        if family in TINY_FAMILIES and TINY_FAMILIES[family].model_type:
+            config["model_type"] = TINY_FAMILIES[family].model_type
         gen_path = Path(tmp) / "generation_config.json"
         gen_config = json.loads(gen_path.read_text()) if gen_path.exists() else {}
     sd = {_rename_for_layout(k, family, layout): raw[k] for k in sorted(raw, key=_natural_key)}
-    if family == "deepseek-v3":
-        # DeepSeek ships the router bias in fp32 (their inference code keeps it fp32); .to(bf16) did not.
+    if family == "deepseek-v3" or family in TINY_FAMILIES:
+        # DeepSeek ships the router bias in fp32 (their inference code keeps it fp32), and so do the MoE
+        # families that took its router (MiniMax's sits at block_sparse_moe.); .to(bf16) did not.
         for k in sd:
-            if k.endswith("mlp.gate.e_score_correction_bias"):
+            if k.endswith(
+                "mlp.gate.e_score_correction_bias" if family == "deepseek-v3" else "e_score_correction_bias"
+            ):
                 sd[k] = sd[k].float()
     _make_distinct(sd, gen)
     _plant_zero_blocks(sd)
@@ -244,7 +324,15 @@ def _quantize(
     return q, scale.to(torch.float32).contiguous()
 
 
-def _quantization_config(scheme: str, keys: list[str], sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _vendor_quantizes(family: str, key: str) -> bool:
+    """Whether the vendor of ``family`` stores ``key`` as FP8."""
+    keep = TINY_FAMILIES[family].keep if family in TINY_FAMILIES else ()
+    return is_quantizable(key) and not any(p in key for p in keep)
+
+
+def _quantization_config(
+    scheme: str, keys: list[str], sd: dict[str, torch.Tensor], family: str
+) -> dict[str, Any]:
     """The config block vendors write; modules_to_not_convert lists what stayed high precision."""
     not_converted: set[str] = set()
     for k in keys:
@@ -253,7 +341,7 @@ def _quantization_config(scheme: str, keys: list[str], sd: dict[str, torch.Tenso
                 not_converted.add(p.rstrip("."))
                 break
         else:
-            if k.endswith(".weight") and sd[k].ndim >= 2 and not is_quantizable(k):
+            if k.endswith(".weight") and sd[k].ndim >= 2 and not _vendor_quantizes(family, k):
                 not_converted.add(k[: -len(".weight")])
     return {
         "quant_method": "fp8",
@@ -275,7 +363,7 @@ def quantize_state_dict(
     gen = torch.Generator().manual_seed(seed + 2)
     out: dict[str, torch.Tensor] = {}
     for key, t in sd.items():
-        if not is_quantizable(key):
+        if not _vendor_quantizes(family, key):
             out[key] = t
             continue
         q, s = _quantize(t, scheme, scalar_shape)
@@ -449,7 +537,7 @@ def build_checkpoint(
     dst = Path(dst)
     plain, config, gen = _saved_model(family, layout, tied, seed)
     sd = quantize_state_dict(plain, family, scheme, seed)
-    qcfg = _quantization_config(scheme, list(sd), sd)
+    qcfg = _quantization_config(scheme, list(sd), sd, family)
     config = dict(config)
     config["quantization_config"] = qcfg
     if "text_config" in config:

@@ -36,6 +36,7 @@ def test_inspect_describes_source_and_conversion(checkpoint, capsys) -> None:
         ("mistral4", "per-expert", "prefixed", "mistral4", "default"),
         ("mistral3-fp8", "per-tensor", "identity", "mistral3-fp8", "identity"),
         ("mistral3-fp8", "per-tensor", "default", "mistral3-fp8", "vlm_full"),
+        ("qwen3-moe", "block", "default", "qwen3-moe", "default"),
     ],
 )
 def test_inspect_detects_adapter_and_scheme(
@@ -45,6 +46,21 @@ def test_inspect_detects_adapter_and_scheme(
     info = _json(capsys)
     assert info["adapter"] == adapter and info["layout"] == expected_layout
     assert scheme in info["quantization"]["schemes"]
+    assert info["detection"].startswith("architectures ")
+
+
+def test_inspect_lists_the_families_and_their_detection_rules(capsys) -> None:
+    assert main(["inspect", "--adapters", "--json"]) == 0
+    families = {f["name"]: f for f in _json(capsys)}
+    new = {"qwen3-moe", "glm4-moe", "kimi-k2", "deepseek-v32", "minimax-m2", "llama", "qwen3"}
+    assert new <= set(families)
+    kimi = families["kimi-k2"]
+    assert kimi["architectures"] == ["DeepseekV3ForCausalLM"] and kimi["model_types"] == ["kimi_k2"]
+    assert "model_type kimi_k2" in kimi["detection"]
+    assert families["minimax-m2"]["expert_keys"][0] == "block_sparse_moe.experts.{e}.{w1,w3}.weight"
+    assert main(["inspect", "--adapters"]) == 0
+    assert "detected by architectures Qwen3MoeForCausalLM" in capsys.readouterr().out
+    assert main(["inspect"]) == 2 and "--adapters" in capsys.readouterr().err
 
 
 def test_convert_json_report_and_verify(checkpoint, tmp_path: Path, capsys) -> None:

@@ -254,7 +254,9 @@ def test_listing_filters_and_pages(client, cli_outputs, tmp_path):
 
 def test_adapters_and_inspect(client, cli_outputs):
     src, _, _ = cli_outputs("mistral4")
-    assert "deepseek-v3" in {a["name"] for a in client.get("/v1/adapters").json()}
+    families = {a["name"]: a for a in client.get("/v1/adapters").json()}
+    assert "deepseek-v3" in families and families["qwen3-moe"]["model_types"] == ["qwen3_moe"]
+    assert families["qwen3-moe"]["detection"].startswith("architectures Qwen3MoeForCausalLM")
     info = client.post("/v1/inspect", json={"source": f"file://{src}"}).json()
     assert info["adapter"] == "mistral4" and info["shards"] == 3
 

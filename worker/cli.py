@@ -26,6 +26,7 @@ def _print_inspect(info: dict[str, Any]) -> None:
     conv = info["conversion"]
     print(f"source        {info['source']}")
     print(f"format        {info['format']}  adapter {info['adapter']}  layout {info['layout']}")
+    print(f"detection     {info['detection']}")
     print(
         f"quantization  {', '.join(q['schemes']) or 'none'}  activation {q['activation_scheme'] or '-'}"
         f"  ({q['quantized_tensors']} FP8 tensors)"
@@ -35,6 +36,14 @@ def _print_inspect(info: dict[str, Any]) -> None:
         f"would write   --to {conv['to']} ({conv['dtype']}): {_human(conv['output_bytes'])} on disk "
         f"(needs {_human(conv['disk_bytes_needed'])} free), peak memory about {_human(conv['peak_host_memory_bytes'])}"
     )
+
+
+def _print_adapters(families: list[dict[str, Any]]) -> None:
+    for f in families:
+        print(f"{f['name']:<14}{f['description']}")
+        print(f"{'':<14}detected by {f['detection']}")
+        if f["expert_keys"]:
+            print(f"{'':<14}experts {', '.join(f['expert_keys'])}")
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -72,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("inspect", help="describe a checkpoint and what converting it needs")
-    i.add_argument("src")
+    i.add_argument("src", nargs="?")
     i.add_argument("--adapter")
+    i.add_argument("--adapters", action="store_true", help="list the model families and how each is detected")
     i.add_argument("--json", action="store_true")
     c = sub.add_parser("convert", help="convert SRC into a new checkpoint at DST, verified")
     c.add_argument("src")
@@ -147,6 +157,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from worker.engine import api
 
+    if args.command == "inspect" and (args.adapters or not args.src):
+        if not args.adapters:
+            raise RecastError("inspect needs a checkpoint SRC, or --adapters to list the model families")
+        families = [a.describe() for a in api.ADAPTERS.values()]
+        print(json.dumps(families, indent=2)) if args.json else _print_adapters(families)
+        return 0
     if args.command == "inspect":
         info = api.inspect(args.src, adapter=args.adapter)
         print(json.dumps(info, indent=2)) if args.json else _print_inspect(info)

@@ -1,12 +1,15 @@
 """Model families as data: key renamings, reversible expert operations, quantization rules.
 
 Each adapter is a value, not code: the generic planner (keymap.py) applies it in both directions.
-Renames are prefix maps tried in order; the way back inverts them, unless the conversion recorded the
-source's own spelling, which then wins (a stripped ``language_model.`` is not guessable).
+Renames are prefix maps tried in order (the first that matches wins) followed by infix maps (every one
+that matches applies); the way back inverts them, unless the conversion recorded the source's own
+spelling, which then wins (a stripped ``language_model.`` is not guessable).
 
 Detection reads the same data: an adapter fits a checkpoint when its config names the adapter's family
-and nothing in the config or the keys points at another family (``fits``). The planner uses it again to
-refuse an override that does not fit, since verification alone cannot tell a wrong adapter apart.
+(an architecture or a model type) and nothing in the config or the keys points at another family
+(``fits``). The planner uses it again to refuse an override that does not fit, since verification alone
+cannot tell a wrong adapter apart. The table follows NeMo AutoModel 0.7.0's state-dict adapters, whose
+``from_hf`` output is the native layout; ``nemo`` names the one each family mirrors.
 """
 
 from __future__ import annotations
@@ -21,11 +24,17 @@ from .errors import UnsupportedModelError
 
 @dataclass(frozen=True)
 class Rename:
-    """``hf`` prefix becomes ``native`` prefix; ``invert`` says whether the way back may guess it."""
+    """``hf`` becomes ``native``: as a key's prefix, or (``infix``) wherever it occurs in the key.
+
+    ``invert`` says whether the way back may guess the hf spelling from the native one. An infix names
+    whole module segments with their dots (``.block_sparse_moe.gate.weight``), so it cannot match
+    part of another name.
+    """
 
     hf: str
     native: str
     invert: bool = True
+    infix: bool = False
 
 
 @dataclass(frozen=True)
@@ -35,7 +44,8 @@ class ExpertRule:
     kind ``transpose``: aggregated ``[E, A, B]`` ↔ ``[E, B, A]`` (Mistral 4); ``hf`` ends the key.
     kind ``stack``: per-expert 2-D weights ``…experts.{e}.{part}.weight`` ↔ one ``[E, …]`` tensor whose
     slice ``e`` is ``cat(part.T for part in parts, -1)`` (DeepSeek-V3); ``hf`` is the expert module with
-    ``{e}`` for its number, followed by one of ``parts`` and ``.weight``.
+    ``{e}`` for its number (``mlp.experts.{e}.``, MiniMax's ``block_sparse_moe.experts.{e}.``), followed
+    by one of ``parts`` and ``.weight``.
     """
 
     kind: str
@@ -55,9 +65,22 @@ class ExpertRule:
         """This rule on a renamed hf key: group ``prefix``, and for ``stack`` also ``e`` and ``part``."""
         return self._hf_pattern.match(renamed)
 
+    def hf_part(self, e: int, part: str) -> str:
+        """The hf key, after ``prefix``, of expert ``e``'s ``part`` (``stack`` only)."""
+        return f"{self.hf.format(e=e)}{part}.weight"
+
 
 @dataclass(frozen=True)
 class Adapter:
+    """One model family: how its keys and experts map, what is never quantized, how it is recognised.
+
+    Detection data: ``architectures`` (config.json ``architectures``) and ``model_types``: a top-level
+    ``model_type`` among them names the family too; one in ``text_config`` (a multimodal wrapper's text
+    model) only contradicts the families that do not list it. ``needs_evidence``: the
+    architectures are shared with another family, so detection takes this adapter only when
+    ``text_config.model_type`` is one of its model types or its expert rules claim keys.
+    """
+
     name: str
     description: str
     architectures: tuple[str, ...]
@@ -67,21 +90,30 @@ class Adapter:
     # Substrings that make a weight non-quantizable, and prefixes never quantized (vision, projector).
     not_quantized: tuple[str, ...] = ()
     not_quantized_prefixes: tuple[str, ...] = ()
-    text_model_types: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()
     layouts: tuple[tuple[str, str], ...] = field(default=())
-    # The architectures are shared with another family: detection takes this adapter only when
-    # text_config.model_type is one of its text model types or its expert rules claim keys.
     needs_evidence: bool = False
+    # The NeMo AutoModel 0.7.0 state-dict adapter (``module.Class`` under nemo_automodel.components.models)
+    # whose from_hf output is this family's native layout; None where NeMo's model uses the hf names.
+    # tests/test_nemo_oracle.py compares with it bit for bit.
+    nemo: str | None = None
 
     def to_native(self, key: str) -> str:
         for r in self.renames:
-            if key.startswith(r.hf):
-                return r.native + key[len(r.hf) :]
+            if not r.infix and key.startswith(r.hf):
+                key = r.native + key[len(r.hf) :]
+                break
+        for r in self.renames:
+            if r.infix and r.hf in key:
+                key = key.replace(r.hf, r.native, 1)
         return key
 
     def to_hf(self, key: str) -> str:
+        for r in reversed(self.renames):
+            if r.infix and r.invert and r.native in key:
+                key = key.replace(r.native, r.hf, 1)
         for r in self.renames:
-            if r.invert and key.startswith(r.native) and r.native:
+            if not r.infix and r.invert and key.startswith(r.native) and r.native:
                 return r.hf + key[len(r.native) :]
         return key
 
@@ -104,6 +136,27 @@ class Adapter:
         """The prefix that keeps ``hf_key`` out of quantization; config.json names the module by it."""
         return next((p for p in self.not_quantized_prefixes if p in hf_key), None)
 
+    def describe(self) -> dict[str, Any]:
+        """The family and its detection rules, for ``GET /v1/adapters`` and ``recast inspect``."""
+        named = [f"architectures {' / '.join(self.architectures)}"]
+        if self.model_types:
+            named.append(f"model_type {' / '.join(self.model_types)}")
+        rule = " or ".join(named)
+        if self.needs_evidence:
+            rule += f", with text_config.model_type {' / '.join(self.model_types)} or its expert keys"
+        return {
+            "name": self.name,
+            "description": self.description,
+            "architectures": list(self.architectures),
+            "model_types": list(self.model_types),
+            "expert_keys": [
+                r.hf + (f"{{{','.join(r.parts)}}}.weight" if r.parts else "") for r in self.experts
+            ],
+            "detection": rule
+            + "; not where an architecture, model type or expert keys of another family appear",
+            "nemo_adapter": self.nemo,
+        }
+
     def layout(self, hf_keys: list[str]) -> str:
         """Name the key layout the checkpoint uses, decided from its keys."""
         for name, prefix in self.layouts:
@@ -125,6 +178,12 @@ _MISTRAL4_EXPERTS = (
     ExpertRule("transpose", "mlp.experts.gate_up_proj", "mlp.experts.gate_and_up_projs"),
     ExpertRule("transpose", "mlp.experts.down_proj", "mlp.experts.down_projs"),
 )
+# Per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight`` stacked into NeMo's grouped tensors: the
+# layout of DeepSeek-V3 and of every family whose NeMo adapter uses MoESplitExpertsStateDictMixin.
+_SPLIT_EXPERTS = (
+    ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.gate_and_up_projs", ("gate_proj", "up_proj")),
+    ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.down_projs", ("down_proj",)),
+)
 
 _MISTRAL4 = Adapter(
     name="mistral4",
@@ -135,7 +194,28 @@ _MISTRAL4 = Adapter(
     inject_gate_bias=True,
     not_quantized=_NORMS_ETC,
     not_quantized_prefixes=_VISION,
-    text_model_types=("mistral4",),
+    model_types=("mistral4",),
+    nemo="mistral4.Mistral4StateDictAdapter",
+)
+_DEEPSEEK_V3 = Adapter(
+    name="deepseek-v3",
+    description="block-wise FP8 DeepSeek-V3 / R1 family",
+    architectures=("DeepseekV3ForCausalLM",),
+    renames=(),
+    experts=_SPLIT_EXPERTS,
+    not_quantized=_NORMS_ETC,
+    model_types=("deepseek_v3",),
+    nemo="deepseek_v3.DeepSeekV3StateDictAdapter",
+)
+# Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
+_DENSE = Adapter(
+    name="llama",
+    description="Llama 2 / 3 dense (LlamaForCausalLM)",
+    architectures=("LlamaForCausalLM",),
+    renames=(),
+    experts=(),
+    not_quantized=_NORMS_ETC,
+    model_types=("llama",),
 )
 
 ADAPTERS: dict[str, Adapter] = {
@@ -154,10 +234,11 @@ ADAPTERS: dict[str, Adapter] = {
                 Rename("multi_modal_projector.", "model.multi_modal_projector."),
             ),
             needs_evidence=True,
+            nemo="mistral4.Mistral4MultimodalStateDictAdapter",
         ),
         Adapter(
             name="mistral3-fp8",
-            description="per-tensor FP8 Mistral 3 family (Mistral-3.5 VLM, Ministral-3, Devstral)",
+            description="per-tensor FP8 Mistral 3 family (Mistral-3.5 VLM, Ministral-3, Devstral), Mistral dense",
             architectures=(
                 "Mistral3ForConditionalGeneration",
                 "Ministral3ForCausalLM",
@@ -172,22 +253,81 @@ ADAPTERS: dict[str, Adapter] = {
             experts=(),
             not_quantized=_NORMS_ETC,
             not_quantized_prefixes=_VISION,
-            text_model_types=("ministral3", "mistral", "ministral"),
+            model_types=("ministral3", "mistral", "ministral"),
             layouts=(("vlm_full", "language_model."), ("vlm_full", "vision_tower.")),
+            nemo="mistral3.Mistral3FP8StateDictAdapter",
         ),
-        Adapter(
-            name="deepseek-v3",
-            description="block-wise FP8 DeepSeek-V3 / R1 family",
-            architectures=("DeepseekV3ForCausalLM",),
-            renames=(),
+        _DEEPSEEK_V3,
+        replace(
+            _DEEPSEEK_V3,
+            name="kimi-k2",
+            description="Kimi K2 (DeepSeek-V3 architecture, model_type kimi_k2), block-wise FP8",
+            model_types=("kimi_k2",),
+        ),
+        replace(
+            _DEEPSEEK_V3,
+            name="deepseek-v32",
+            description="DeepSeek-V3.2 (sparse-attention indexer), block-wise FP8",
+            architectures=("DeepseekV32ForCausalLM",),
+            not_quantized=(*_NORMS_ETC, "indexer.k_norm.weight", "indexer.weights_proj.weight"),
+            model_types=("deepseek_v32",),
+            nemo="deepseek_v32.DeepSeekV32StateDictAdapter",
+        ),
+        replace(
+            _DEEPSEEK_V3,
+            name="glm-moe-dsa",
+            description="GLM-5 (GLM MoE with DeepSeek sparse attention), block-wise FP8",
+            architectures=("GlmMoeDsaForCausalLM",),
+            not_quantized=(*_NORMS_ETC, "eh_proj.weight", "indexer.weights_proj.weight"),
+            model_types=("glm_moe_dsa",),
+            nemo="glm_moe_dsa.GlmMoeDsaStateDictAdapter",
+        ),
+        replace(
+            _DEEPSEEK_V3,
+            name="qwen3-moe",
+            description="Qwen3 MoE (Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder), block-wise FP8",
+            architectures=("Qwen3MoeForCausalLM",),
+            model_types=("qwen3_moe",),
+            nemo="qwen3_moe.Qwen3MoeStateDictAdapter",
+        ),
+        replace(
+            _DEEPSEEK_V3,
+            name="glm4-moe",
+            description="GLM-4.5 / 4.6 / 4.7 MoE and GLM-4.7-Flash (lite), block-wise FP8",
+            architectures=("Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM"),
+            model_types=("glm4_moe", "glm4_moe_lite"),
+            nemo="glm4_moe.Glm4MoeStateDictAdapter",
+        ),
+        replace(
+            _DEEPSEEK_V3,
+            name="minimax-m2",
+            description="MiniMax-M2 / M2.1 (block_sparse_moe experts w1, w3, w2), block-wise FP8",
+            architectures=("MiniMaxM2ForCausalLM",),
+            renames=(
+                Rename(".block_sparse_moe.gate.weight", ".mlp.gate.weight", infix=True),
+                Rename(
+                    ".block_sparse_moe.e_score_correction_bias",
+                    ".mlp.gate.e_score_correction_bias",
+                    infix=True,
+                ),
+            ),
             experts=(
                 ExpertRule(
-                    "stack", "mlp.experts.{e}.", "mlp.experts.gate_and_up_projs", ("gate_proj", "up_proj")
+                    "stack", "block_sparse_moe.experts.{e}.", "mlp.experts.gate_and_up_projs", ("w1", "w3")
                 ),
-                ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.down_projs", ("down_proj",)),
+                ExpertRule("stack", "block_sparse_moe.experts.{e}.", "mlp.experts.down_projs", ("w2",)),
             ),
-            not_quantized=_NORMS_ETC,
-            text_model_types=("deepseek_v3",),
+            not_quantized=(*_NORMS_ETC, "block_sparse_moe.gate.weight"),
+            model_types=("minimax_m2",),
+            nemo="minimax_m2.MiniMaxM2StateDictAdapter",
+        ),
+        _DENSE,
+        replace(
+            _DENSE,
+            name="qwen3",
+            description="Qwen3 dense (Qwen3ForCausalLM), block-wise FP8",
+            architectures=("Qwen3ForCausalLM",),
+            model_types=("qwen3",),
         ),
     )
 }
@@ -205,19 +345,24 @@ def expert_owner(key: str) -> Adapter | None:
 def fits(adapter: Adapter, config: dict[str, Any], keys: list[str]) -> bool:
     """Whether the checkpoint can be ``adapter``'s: its config names the family and nothing contradicts it.
 
-    Contradictions are another family's text model type in ``text_config`` and keys that another
-    adapter's expert rules take but this adapter's do not (they would pass through unconverted).
+    Contradictions are an architecture or a model type (top level or ``text_config``) that only other
+    families claim, and keys that another adapter's expert rules take but this adapter's do not (they
+    would pass through unconverted).
     """
     text_type = (config.get("text_config") or {}).get("model_type")
-    named = set(config.get("architectures") or ()) & set(adapter.architectures)
-    if not named and config.get("model_type") not in adapter.text_model_types:
+    types = {config.get("model_type"), text_type} - {None}
+    architectures = set(config.get("architectures") or ())
+    named = architectures & set(adapter.architectures)
+    if not named and config.get("model_type") not in adapter.model_types:
         return False
-    known_text_types = {t for a in ADAPTERS.values() for t in a.text_model_types}
-    if text_type in known_text_types and text_type not in adapter.text_model_types:
+    if not named and architectures & {n for a in ADAPTERS.values() for n in a.architectures}:
+        return False
+    known_types = {t for a in ADAPTERS.values() for t in a.model_types}
+    if types & (known_types - set(adapter.model_types)):
         return False
     if (
         adapter.needs_evidence
-        and text_type not in adapter.text_model_types
+        and text_type not in adapter.model_types
         and not any(adapter.claims_expert(k) for k in keys)
     ):
         return False

@@ -37,6 +37,7 @@ def inspect(
         "source": ckpt.source.description,
         "format": "native" if native else "hf",
         "adapter": chosen.name,
+        "detection": chosen.describe()["detection"],
         "layout": chosen.layout(list(ckpt.tensors)),
         "architectures": ckpt.config.get("architectures"),
         "quantization": {

@@ -151,7 +151,8 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             missing = [p for p in rule.parts if p not in got]
             if missing:
                 raise CheckpointError(
-                    f"{prefix}mlp.experts: expert {e} of {n} lacks {missing} (experts must be numbered 0..{n - 1})"
+                    f"{prefix}{rule.hf.format(e=e)}: expert {e} of {n} lacks {missing} "
+                    f"(experts must be numbered 0..{n - 1})"
                 )
             parts.extend(got[p] for p in rule.parts)
         out.append(NativeTensor(prefix + rule.native, "stack", parts, experts=n, names=len(rule.parts)))
@@ -191,7 +192,7 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
         )
         if stack and len(info.shape) == 3:
             prefix = adapter.to_hf(key[: -len(stack.native)])
-            parts = [f"{prefix}mlp.experts.{e}.{p}.weight" for e in range(info.shape[0]) for p in stack.parts]
+            parts = [prefix + stack.hf_part(e, p) for e in range(info.shape[0]) for p in stack.parts]
             out.append(NativeTensor(key, "stack", parts, experts=info.shape[0], names=len(stack.parts)))
         elif transpose:
             out.append(

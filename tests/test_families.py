@@ -1,0 +1,116 @@
+"""The families added as data (issue 12): detection from the table alone, overrides, fresh quantization.
+
+Their conversions are compared with NeMo AutoModel's own adapters in test_nemo_oracle.py; this file checks
+what NeMo cannot tell us: which adapter a config and its keys select, that an adapter writing the same
+bytes may be forced while one that would not is refused, and that the dense families quantize bf16
+checkpoints exactly as tests/reference.py says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import reference
+from checkpoints import load_state_dict
+from helpers import assert_state_dicts_identical, config
+
+from worker.engine import api
+from worker.engine.adapters import detect
+from worker.engine.checkpoint import MANIFEST, SIDECAR
+from worker.engine.errors import AdapterMismatchError, UnsupportedModelError
+
+_SPLIT = ["model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.0.down_proj.weight"]
+_DENSE = ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.input_layernorm.weight"]
+_MINIMAX = [
+    "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+    "model.layers.0.block_sparse_moe.gate.weight",
+]
+
+
+@pytest.mark.parametrize(
+    "cfg,keys,expected",
+    [
+        ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}, _SPLIT, "deepseek-v3"),
+        ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2"}, _SPLIT, "kimi-k2"),
+        ({"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"}, _SPLIT, "deepseek-v32"),
+        ({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}, _DENSE + _SPLIT, "qwen3-moe"),
+        ({"model_type": "glm4_moe"}, _SPLIT, "glm4-moe"),
+        ({"architectures": ["Glm4MoeLiteForCausalLM"]}, _SPLIT, "glm4-moe"),
+        ({"architectures": ["GlmMoeDsaForCausalLM"]}, _SPLIT, "glm-moe-dsa"),
+        ({"architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2"}, _MINIMAX, "minimax-m2"),
+        ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, _DENSE, "llama"),
+        ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, _DENSE, "qwen3"),
+        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, _DENSE, "mistral3-fp8"),
+    ],
+)  # fmt: skip
+def test_detection_reads_the_table(cfg, keys, expected) -> None:
+    assert detect(cfg, keys).name == expected
+
+
+@pytest.mark.parametrize(
+    "cfg,keys",
+    [
+        # a dense architecture whose keys hold another family's experts
+        ({"architectures": ["LlamaForCausalLM"]}, _DENSE + _SPLIT),
+        ({"architectures": ["Qwen3MoeForCausalLM"]}, _MINIMAX),
+        # the architecture of one family with the model type of another
+        ({"architectures": ["Qwen3ForCausalLM"], "model_type": "llama"}, _DENSE),
+        ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "qwen3_moe"}, _SPLIT),
+    ],
+)
+def test_contradicting_checkpoints_are_refused(cfg, keys) -> None:
+    with pytest.raises(UnsupportedModelError, match="not supported"):
+        detect(cfg, keys)
+
+
+def test_a_model_type_no_family_claims_contradicts_nothing() -> None:
+    assert detect({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe_v9"}, _SPLIT).name == (
+        "qwen3-moe"
+    )
+
+
+def _files(path: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.iterdir())
+        if p.is_file() and p.name not in (SIDECAR, MANIFEST)
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "glm4-moe", "kimi-k2"])
+def test_deepseek_adapter_writes_what_the_family_adapter_writes(family, checkpoint, tmp_path: Path) -> None:
+    # Before these families were declared, --adapter deepseek-v3 was the workaround; it still works.
+    src = checkpoint(family, scheme="block")
+    api.convert(src, tmp_path / "detected", api.Options(to="native"))
+    report = api.convert(src, tmp_path / "forced", api.Options(to="native", adapter="deepseek-v3"))
+    assert report.passed and _files(tmp_path / "forced") == _files(tmp_path / "detected")
+
+
+def test_an_adapter_with_other_expert_rules_is_refused(checkpoint, tmp_path: Path) -> None:
+    with pytest.raises(AdapterMismatchError, match="minimax-m2"):
+        api.convert(checkpoint("minimax-m2", scheme="block"), tmp_path / "n", api.Options(to="native",
+                    adapter="qwen3-moe"))  # fmt: skip
+    assert not (tmp_path / "n").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3-moe", "minimax-m2"])
+def test_fresh_block_quantization_matches_reference(family, plain_checkpoint, tmp_path: Path) -> None:
+    src = plain_checkpoint(family)
+    out = tmp_path / "fp8"
+    report = api.convert(src, out, api.Options(to="hf", quantize="block"))
+    s = report.summary()
+    assert report.passed and s["bounded"] > 0 and s["bounded_within"] == s["bounded"]
+    want = reference.quantize_state_dict(load_state_dict(src), "block")
+    if family == "minimax-m2":  # its router is named block_sparse_moe.gate, never quantized (NeMo's rule)
+        gates = [k for k in want if k.endswith("block_sparse_moe.gate.weight_scale_inv")]
+        assert gates
+        for scale in gates:
+            del want[scale]
+            want[scale[: -len("_scale_inv")]] = load_state_dict(src)[scale[: -len("_scale_inv")]]
+    assert_state_dicts_identical(load_state_dict(out), want)
+    assert config(out)["quantization_config"]["weight_block_size"] == [128, 128]
+    api.convert(out, tmp_path / "native", api.Options(to="native"))
+    api.convert(tmp_path / "native", tmp_path / "back", api.Options(to="hf"))
+    assert_state_dicts_identical(load_state_dict(tmp_path / "back"), load_state_dict(out))

@@ -1,0 +1,127 @@
+"""Every family's native output equals NeMo AutoModel 0.7.0's own ``from_hf`` on the same weights, bit for bit.
+
+Each case builds a tiny vendor-style FP8 checkpoint from transformers' own model class (tests/checkpoints.py),
+converts it with the engine, and compares the result with what NeMo's state-dict adapter for the family
+makes of the same state dict (NeMo imported as tests/nemo_oracle.py explains); the way back must then
+restore the source byte for byte. Where NeMo has no adapter (dense families: its model classes use the hf
+names) or one that loads bf16 only (Qwen3-MoE, GLM-4.x MoE), the FP8 step is NeMo's own DeepSeek-V3
+``dequantize_from_fp8``, which is what those checkpoints get when loaded through ``deepseek-v3``. Where
+NeMo's adapter is wrong, the case names the error it raises and the output is checked against the
+documented semantics (tests/reference.py) instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nemo_oracle
+import pytest
+import reference
+import torch
+from checkpoints import load_state_dict
+from helpers import assert_state_dicts_identical, config
+
+from worker.engine import api
+from worker.engine.adapters import ADAPTERS
+
+pytestmark = pytest.mark.nemo
+
+
+@dataclass(frozen=True)
+class Case:
+    """One fixture family, the adapter detection must pick for it, and the NeMo adapter it must equal.
+
+    ``nemo``: ``module.Class`` under ``nemo_automodel.components.models`` (None: NeMo loads hf keys as
+    they are). ``dequantizes``: that adapter's ``from_hf`` handles FP8 itself. ``nemo_raises``: NeMo's
+    adapter fails on this checkpoint; tests/reference.py is the yardstick instead.
+    """
+
+    family: str
+    adapter: str
+    nemo: str | None
+    dequantizes: bool = True
+    scheme: str = "block"
+    layout: str = "default"
+    nemo_raises: type[Exception] | None = None
+
+
+_DEEPSEEK = "deepseek_v3.DeepSeekV3StateDictAdapter"
+_MISTRAL3 = "mistral3.Mistral3FP8StateDictAdapter"
+_MISTRAL4 = "mistral4.Mistral4StateDictAdapter"
+_MISTRAL4_VLM = "mistral4.Mistral4MultimodalStateDictAdapter"
+CASES = [
+    Case("qwen3-moe", "qwen3-moe", "qwen3_moe.Qwen3MoeStateDictAdapter", dequantizes=False),
+    Case("glm4-moe", "glm4-moe", "glm4_moe.Glm4MoeStateDictAdapter", dequantizes=False),
+    Case("glm4-moe-lite", "glm4-moe", "glm4_moe.Glm4MoeStateDictAdapter", dequantizes=False),
+    Case("kimi-k2", "kimi-k2", _DEEPSEEK),
+    Case("deepseek-v3", "deepseek-v3", _DEEPSEEK),
+    Case("deepseek-v32", "deepseek-v32", "deepseek_v32.DeepSeekV32StateDictAdapter"),
+    Case("glm-moe-dsa", "glm-moe-dsa", "glm_moe_dsa.GlmMoeDsaStateDictAdapter"),
+    Case("minimax-m2", "minimax-m2", "minimax_m2.MiniMaxM2StateDictAdapter"),
+    Case("qwen3", "qwen3", None),
+    Case("llama", "llama", None),
+    Case("mistral", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),
+    Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor", layout="causal"),
+    Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),
+    Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor", layout="identity"),
+    Case("mistral4", "mistral4", _MISTRAL4, scheme="per-tensor"),
+    Case("mistral4", "mistral4", _MISTRAL4, scheme="per-expert", layout="prefixed"),
+    Case("mistral4-vlm", "mistral4-vlm", _MISTRAL4_VLM, scheme="per-expert"),
+    # NeMo 0.7.0 indexes the 3-D expert block scales as if they were 2-D and raises IndexError.
+    Case("mistral4", "mistral4", _MISTRAL4, nemo_raises=IndexError),
+    Case("mistral4-vlm", "mistral4-vlm", _MISTRAL4_VLM, nemo_raises=IndexError),
+]  # fmt: skip
+
+
+def _id(case: Case) -> str:
+    return "-".join(p for p in (case.family, case.scheme, case.layout) if p != "default")
+
+
+@pytest.fixture(scope="module")
+def nemo() -> None:
+    nemo_oracle.load()
+
+
+def _nemo_adapter(case: Case, cfg: dict[str, Any]) -> Any:
+    cls = nemo_oracle.adapter_class(case.nemo)
+    if hasattr(cls, "for_causal_lm"):  # Mistral 3: one factory per model class
+        return cls.for_vlm_full(cfg) if "text_config" in cfg else cls.for_causal_lm(cfg)
+    return nemo_oracle.moe_adapter(case.nemo, cfg, torch.bfloat16)
+
+
+def _nemo_native(case: Case, sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """What NeMo AutoModel loads from this hf state dict, in its native key space (bf16)."""
+    sd = dict(sd)
+    if case.nemo is None or not case.dequantizes:
+        sd = nemo_oracle.dequantize(sd, torch.bfloat16)
+    if case.nemo is None:
+        return sd
+    return _nemo_adapter(case, cfg).from_hf(sd)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_native_equals_nemo_and_round_trips(case: Case, nemo, checkpoint, tmp_path: Path) -> None:
+    assert ADAPTERS[case.adapter].nemo == case.nemo
+    src = checkpoint(case.family, scheme=case.scheme, layout=case.layout)
+    native = tmp_path / "native"
+    report = api.convert(src, native, api.Options(to="native"))
+    assert report.passed and report.adapter == case.adapter
+    source_sd, cfg = load_state_dict(src), config(src)
+    got = load_state_dict(native)
+
+    if case.nemo_raises:
+        with pytest.raises(case.nemo_raises):
+            _nemo_native(case, source_sd, cfg)
+        want = reference.hf_to_native(source_sd, cfg, case.adapter)
+    else:
+        want = _nemo_native(case, source_sd, cfg)
+    assert_state_dicts_identical(got, want)
+
+    api.convert(native, tmp_path / "back", api.Options(to="hf"))
+    assert_state_dicts_identical(load_state_dict(tmp_path / "back"), source_sd)
+
+
+def test_every_adapter_has_an_oracle_case() -> None:
+    assert {c.adapter for c in CASES} == set(ADAPTERS)
