@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import base64
+import binascii
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointError
-from .safetensors_io import ShardHeader, TensorInfo, parse_header
-from .storage import Source, check_relative, read_all
+from .header_schema import Index, ModelConfig, Sidecar, check, load_json
+from .safetensors_io import DTYPES, MAX_HEADER_BYTES, ShardHeader, TensorInfo, check_header, parse_header
+from .storage import Source, check_relative
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -40,15 +42,44 @@ class Checkpoint:
         return sum(t.nbytes for t in self.headers[name].tensors.values())
 
 
-def _load_json(source: Source, name: str) -> tuple[dict[str, Any], bytes]:
-    raw = read_all(source, name)
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{source.description}/{name}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{source.description}/{name}: expected a JSON object")
+def _load_json(source: Source, name: str, schema: Any) -> tuple[dict[str, Any], bytes]:
+    """Read a small JSON file whole, parse it with bounded depth and check it against ``schema``."""
+    where = f"{source.description}/{name}"
+    size = source.size(name)
+    if size > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{where}: {size} bytes is too large for a JSON file of a checkpoint")
+    raw = source.read_range(name, 0, size)
+    data = load_json(raw, where)
+    check(schema, data, where, DTYPES)
     return data, raw
+
+
+def _check_sidecar(sidecar: dict[str, Any], where: str) -> None:
+    """What recast.json hands back verbatim must itself be valid: recorded headers, index and config."""
+    source = sidecar.get("source", {})
+    for name, encoded in source.get("headers", {}).items():
+        check_relative(name, f"{where} (source.headers)")
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except binascii.Error as exc:
+            raise CheckpointError(
+                f"{where}: field {f'source.headers[{name!r}]'!r} is not base64 ({exc})"
+            ) from None
+        check_header(raw, f"{where} (source.headers[{name!r}])", None)
+    for field_name, schema in (("index", Index), ("config_raw", ModelConfig)):
+        if source.get(field_name):
+            at = f"{where} (source.{field_name})"
+            check(schema, load_json(source[field_name].encode(), at), at, DTYPES)
+
+
+def _shard_exists(source: Source, name: str) -> bool:
+    """Whether an index-named shard is there; a name the OS cannot even look up (too long) is bad input."""
+    try:
+        return source.exists(name)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{source.description}/{INDEX}: names shard {name!r}, which cannot be looked up ({exc.strerror})"
+        ) from None
 
 
 def open_checkpoint(source: Source) -> Checkpoint:
@@ -56,16 +87,12 @@ def open_checkpoint(source: Source) -> Checkpoint:
     where = source.description
     if not source.exists("config.json"):
         raise CheckpointError(f"{where}: no config.json; is this a Hugging Face style checkpoint directory?")
-    config, config_raw = _load_json(source, "config.json")
+    config, config_raw = _load_json(source, "config.json", ModelConfig)
     index_raw = None
     if source.exists(INDEX):
-        index, index_raw = _load_json(source, INDEX)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{where}/{INDEX}: missing or empty 'weight_map'")
+        index, index_raw = _load_json(source, INDEX, Index)
+        weight_map = index["weight_map"]
         for key, name in weight_map.items():
-            if not isinstance(name, str):
-                raise CheckpointError(f"{where}/{INDEX}: weight_map entry for {key!r} is not a file name")
             check_relative(name, f"{where}/{INDEX} (key {key!r})")
         shards = sorted(set(weight_map.values()))
     elif source.exists(SINGLE):
@@ -75,7 +102,7 @@ def open_checkpoint(source: Source) -> Checkpoint:
     headers: dict[str, ShardHeader] = {}
     tensors: dict[str, TensorInfo] = {}
     for name in shards:
-        if not source.exists(name):
+        if not _shard_exists(source, name):
             raise CheckpointError(f"{where}/{INDEX}: names shard {name} which does not exist")
         header = parse_header(source, name)
         headers[name] = header
@@ -94,7 +121,9 @@ def open_checkpoint(source: Source) -> Checkpoint:
         stray = sorted(set(tensors) - set(weight_map))
         if stray:
             raise CheckpointError(f"{where}: tensors {stray[:3]} are in shards but missing from {INDEX}")
-    sidecar = _load_json(source, SIDECAR)[0] if source.exists(SIDECAR) else None
+    sidecar = _load_json(source, SIDECAR, Sidecar)[0] if source.exists(SIDECAR) else None
+    if sidecar is not None:
+        _check_sidecar(sidecar, f"{where}/{SIDECAR}")
     weights = set(shards) | {INDEX, "config.json", SIDECAR, SIDECAR_TENSORS, MANIFEST}
     extra = [n for n in source.list() if n not in weights and not n.endswith(".safetensors")]
     return Checkpoint(source, config, shards, headers, tensors, index_raw, config_raw, sidecar, extra)

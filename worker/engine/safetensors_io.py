@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CheckpointError
+from .header_schema import HeaderMetadata, TensorEntry, TensorTable, check, check_layout, load_json
 from .storage import Source
 
-# Largest header we accept: real shards have a few hundred KB of JSON; anything bigger is corrupt.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Largest header we accept: real shards have a few hundred KB of JSON; anything bigger is corrupt. The
+# safetensors library's own limit, so a header it refuses for size is refused here too.
+MAX_HEADER_BYTES = 100_000_000
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -67,50 +69,43 @@ class ShardHeader:
 
 
 def parse_header(source: Source, name: str) -> ShardHeader:
-    """Read and validate one shard's header; errors name the file and what is wrong."""
+    """Read and validate one shard's header; errors name the file, the tensor and the field."""
     size = source.size(name)
     if size < 8:
         raise CheckpointError(f"{name}: file is {size} bytes, too short to be a safetensors shard")
     length = int.from_bytes(source.read_range(name, 0, 8), "little")
     if length > MAX_HEADER_BYTES or length + 8 > size:
         raise CheckpointError(
-            f"{name}: header length field says {length} bytes but the file holds {size} bytes; "
-            "the shard is truncated or not a safetensors file"
+            f"{name}: header length field says {length} bytes but the file holds {size} bytes "
+            f"(and headers are at most {MAX_HEADER_BYTES}); the shard is truncated or not a safetensors file"
         )
     raw = source.read_range(name, 8, 8 + length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{name}: header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{name}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None)
+    metadata, entries = check_header(raw, name, size - 8 - length)
     base = 8 + length
-    tensors: dict[str, TensorInfo] = {}
-    spans = []
-    for key, entry in header.items():
-        try:
-            dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{name}: header entry for {key!r} is malformed") from None
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{name}: tensor {key!r} has unsupported dtype {dtype}")
-        expected = DTYPES[dtype].itemsize * _numel(shape)
-        if hi - lo != expected or lo < 0:
-            raise CheckpointError(
-                f"{name}: tensor {key!r} spans {hi - lo} bytes but dtype {dtype} shape {list(shape)} "
-                f"needs {expected}"
-            )
-        if base + hi > size:
-            raise CheckpointError(
-                f"{name}: tensor {key!r} ends at byte {base + hi} but the file has {size} bytes; "
-                "the shard is truncated"
-            )
-        tensors[key] = TensorInfo(key, name, dtype, shape, base + lo, base + hi)
-        spans.append((lo, hi))
-    if base + max((hi for _, hi in spans), default=0) != size:
-        raise CheckpointError(f"{name}: file size {size} does not match its header; the shard is damaged")
+    tensors = {
+        key: TensorInfo(
+            key, name, e.dtype, tuple(e.shape), base + e.data_offsets[0], base + e.data_offsets[1]
+        )
+        for key, e in entries.items()
+    }
     return ShardHeader(name, raw, metadata, tensors)
+
+
+def check_header(
+    raw: bytes, where: str, data_bytes: int | None
+) -> tuple[dict[str, str] | None, dict[str, TensorEntry]]:
+    """Validate header JSON against the schema and its offsets against ``data_bytes`` of tensor data.
+
+    Also used for headers recorded in recast.json, which have no file behind them (``data_bytes`` None).
+    """
+    header = load_json(raw, where)
+    dtypes = DTYPES.keys()
+    metadata = None
+    if isinstance(header, dict) and "__metadata__" in header:
+        metadata = check(HeaderMetadata, {"__metadata__": header.pop("__metadata__")}, where, dtypes).metadata
+    entries = check(TensorTable, header, where, dtypes, first="tensor")
+    check_layout(where, entries, {k: v.itemsize for k, v in DTYPES.items()}, data_bytes)
+    return metadata, entries
 
 
 def _numel(shape: Iterable[int]) -> int:
