@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -93,6 +94,7 @@ class HubServer:
         self.lfs: dict[str, bytes] = {}
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
         self.faults: dict[str, int] = {}  # path -> HTTP status to answer instead (e.g. 503)
+        self.delays: dict[str, float] = {}  # path -> seconds to wait before answering (a slow store)
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
@@ -183,6 +185,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 hub.log.append((self.command, url.path, self.headers.get("Authorization")))
             # Read the whole request body first: on a kept-alive connection the next request follows it.
             self.payload = self._body() if self.command in ("POST", "PUT") else b""
+            time.sleep(hub.delays.get(url.path, 0))
             try:
                 if (status := hub.faults.get(url.path)) is not None:
                     raise _Reply(status, None, "injected fault")
