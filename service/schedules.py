@@ -31,13 +31,18 @@ from worker.stores.newest import newest_checkpoint
 
 FIRINGS_KEPT = 200
 TASK = "recast.fire_schedule"
+# Without a source_pattern, every checkpoint directory under a prefix counts; hidden ones (a target's
+# staging area beside its final directory) never do.
+EVERY_DIRECTORY = "[!.]*"
 
 
 def parse_cron(expr: str) -> crontab:
     """Five fields: minute hour day-of-month month day-of-week, as in crontab(5)."""
     fields = expr.split()
     if len(fields) != 5:
-        raise RecastError(f"cron: expected 5 fields (minute hour day month weekday), got {len(fields)} in {expr!r}")
+        raise RecastError(
+            f"cron: expected 5 fields (minute hour day month weekday), got {len(fields)} in {expr!r}"
+        )
     try:
         return crontab(*fields[:2], day_of_month=fields[2], month_of_year=fields[3], day_of_week=fields[4])
     except (ValueError, TypeError) as exc:
@@ -130,27 +135,33 @@ class ScheduleStore:
         metrics.count(self.r, f"firings_{outcome}")
         return firing
 
-    def fire(self, sid: str, settings: Settings, send_task: SendTask, manual: bool = False) -> dict[str, Any] | None:
+    def fire(
+        self, sid: str, settings: Settings, send_task: SendTask, manual: bool = False
+    ) -> dict[str, Any] | None:
         """Resolve the newest source and submit a job, unless that revision was converted already."""
         rec = self.get_raw(sid)
         if rec is None:
             return None
         at = datetime.now(UTC).isoformat()
         firing: dict[str, Any] = {"at": at, "manual": manual, "job_id": None, "skipped_reason": None,
-                                  "source": None, "source_revision": None, "error": None}  # fmt: skip
+                                  "source": None, "source_revision": None, "error": None,
+                                  "error_code": None}  # fmt: skip
         if rec["paused"] and not manual:
             return self._record(sid, {**firing, "skipped_reason": "paused"})
         tpl = ScheduleTemplate.model_validate(rec["template"])
         try:
             loc = parse_location(tpl.source, "template.source", settings.stores)
-            newest = newest_checkpoint(loc, tpl.source_pattern, settings.stores, tpl.source_credential)
+            pattern = tpl.source_pattern or EVERY_DIRECTORY
+            newest = newest_checkpoint(loc, pattern, settings.stores, tpl.source_credential)
             firing.update(source=newest.url, source_revision=newest.revision)
             target = tpl.target.format(name=newest.name, revision=_short(newest.revision))
             fields = tpl.model_dump(exclude={"source_pattern"})
             fields.update(source=newest.url, target=target, labels={**tpl.labels, "schedule": sid})
             body = JobRequest.model_validate(fields)
             options = {k: v for k, v in body.model_dump().items() if k not in ("source", "labels")}
-            digest = hashlib.sha256(json.dumps([newest.url, newest.revision, options], sort_keys=True).encode())
+            digest = hashlib.sha256(
+                json.dumps([newest.url, newest.revision, options], sort_keys=True).encode()
+            )
             converted = self.key(sid, "converted")
             previous = self.r.hget(converted, digest.hexdigest())
             if previous and self._still_counts(previous):
@@ -159,8 +170,8 @@ class ScheduleStore:
             job = create_job(self.store, settings, send_task, body)
             self.r.hset(converted, digest.hexdigest(), job["id"])
             return self._record(sid, {**firing, "job_id": job["id"]})
-        except RecastError as exc:
-            return self._record(sid, {**firing, "error": str(exc)})
+        except RecastError as exc:  # refusals too: a firing is refused for what a submission would be
+            return self._record(sid, {**firing, "error": str(exc), "error_code": exc.code})
 
     def _still_counts(self, job_id: str) -> bool:
         """A conversion that failed or was cancelled does not count: the next firing tries again."""

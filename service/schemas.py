@@ -1,50 +1,66 @@
-"""Request and response bodies of the /v1 API. Unknown fields are rejected, so a credential pasted into
-a request body is refused instead of stored; credentials are referenced by name only."""
+"""Request and response bodies of the /v1 API, each a named schema so generated clients get typed models.
+
+Unknown request fields are rejected, so a secret pasted into a request body is refused instead of stored.
+What needs the server's configuration (credential names, adapters, whether a source exists) is checked
+by ``service.submission`` rather than here, so those refusals carry their own problem codes.
+"""
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 
+from service.jobstore import STATES
 from worker.engine.adapters import ADAPTERS
+from worker.engine.encode import QUANTIZE_MODES
+from worker.engine.options import DTYPE_ARGS
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+
+# Choices spelled once, by the job store and the engine; enums here, so a generated client gets one named
+# type for each instead of one per field that uses it.
+JobState = StrEnum("JobState", [(s, s) for s in STATES])
+Dtype = StrEnum("Dtype", [(d, d) for d in DTYPE_ARGS])
+Quantize = StrEnum("Quantize", [(q, q) for q in QUANTIZE_MODES])
 
 
-def _adapter(v: str | None) -> str | None:
-    if v is not None and v not in ADAPTERS:
-        raise ValueError(f"unknown adapter {v!r}; GET /v1/adapters lists them")
-    return v
+class Format(StrEnum):
+    """A checkpoint's layout: Hugging Face safetensors, or NeMo AutoModel's native one."""
+
+    NATIVE = "native"
+    HF = "hf"
 
 
-def _credential(v: str | None) -> str | None:
-    if v is not None and not _NAME.match(v):
-        raise ValueError("a credential is referenced by its configured name (letters, digits, . _ -)")
-    return v
+_ADAPTER = (
+    f"model family, one of {', '.join(ADAPTERS)} (GET /v1/adapters); detected from the config when omitted"
+)
+_CREDENTIAL = "the name of a credential configured on the server (RECAST_CREDENTIALS_FILE), never a secret"
 
 
 class JobRequest(BaseModel):
+    """A conversion to run: where from, where to, which way, and how."""
+
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="file:///…, s3://bucket/prefix or hf://org/repo[@revision]")
-    target: str = Field(description="where the converted checkpoint goes; must be empty")
-    to: Literal["native", "hf"]
-    adapter: str | None = Field(None, description="model family; detected from the config when omitted")
-    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
-    quantize: Literal["keep", "none", "per-tensor", "block"] = "keep"
+    source: str = Field(description="a checkpoint: file:///…, s3://bucket/prefix or hf://org/repo[@revision]")
+    target: str = Field(
+        description="where the converted checkpoint goes; must be empty unless overwrite is set"
+    )
+    to: Format = Field(description="the layout to convert to")
+    adapter: str | None = Field(None, description=_ADAPTER)
+    dtype: Dtype = Field(Dtype.bf16, description="the dtype dequantized weights are written in")
+    quantize: Quantize = Field(Quantize.keep, description="how FP8 weights are written, converting to hf")
     verify: bool = True
+    overwrite: bool = Field(False, description="replace what the target holds when the job publishes")
     labels: dict[str, str] = Field(default_factory=dict)
     commit_message: str | None = Field(None, max_length=1000)
     create_pr: bool = False
-    source_credential: str | None = Field(None, description="name of a configured credential")
-    target_credential: str | None = Field(None, description="name of a configured credential")
-
-    _check_adapter = field_validator("adapter")(_adapter)
-    _check_credentials = field_validator("source_credential", "target_credential")(_credential)
+    source_credential: str | None = Field(None, description=_CREDENTIAL)
+    target_credential: str | None = Field(None, description=_CREDENTIAL)
 
     @field_validator("labels")
     @classmethod
@@ -58,15 +74,14 @@ class JobRequest(BaseModel):
 
 
 class InspectRequest(BaseModel):
+    """A checkpoint to preflight from its headers."""
+
     model_config = ConfigDict(extra="forbid")
 
     source: str
-    adapter: str | None = None
-    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
-    source_credential: str | None = None
-
-    _check_adapter = field_validator("adapter")(_adapter)
-    _check_credentials = field_validator("source_credential")(_credential)
+    adapter: str | None = Field(None, description=_ADAPTER)
+    dtype: Dtype = Dtype.bf16
+    source_credential: str | None = Field(None, description=_CREDENTIAL)
 
 
 class Progress(BaseModel):
@@ -83,10 +98,29 @@ class JobError(BaseModel):
     message: str
 
 
+class JobResult(BaseModel):
+    """Where the published checkpoint is; ``commit`` and ``pr_url`` for Hub targets."""
+
+    url: str
+    commit: str | None = None
+    pr_url: str | None = None
+
+
+class JobLinks(BaseModel):
+    # ``self`` is the usual name of the link, but not a usable attribute name; by alias also in the event
+    # stream, which serializes without FastAPI's response handling.
+    model_config = ConfigDict(validate_by_name=True, serialize_by_alias=True)
+
+    self_: str = Field(alias="self")
+    events: str
+    report: str
+    cancel: str
+
+
 class Job(BaseModel):
     id: str
-    state: str
-    request: dict[str, Any]
+    state: JobState
+    request: JobRequest = Field(description="the request the job was submitted with")
     labels: dict[str, str]
     adapter: str | None
     source_revision: str | None
@@ -96,8 +130,8 @@ class Job(BaseModel):
     finished_at: datetime | None
     updated_at: datetime
     error: JobError | None
-    result: dict[str, Any] | None
-    links: dict[str, str]
+    result: JobResult | None
+    links: JobLinks
 
     @classmethod
     def of(cls, rec: dict[str, Any]) -> Job:
@@ -106,16 +140,20 @@ class Job(BaseModel):
             return datetime.fromtimestamp(float(raw), UTC) if raw else None
 
         base = f"/v1/jobs/{rec['id']}"
+        labels = rec.get("labels") or {}
         return cls(
             id=rec["id"],
             state=rec["state"],
-            request=rec["request"],
-            labels=rec.get("labels") or {},
+            request=JobRequest.model_validate({**rec["request"], "labels": labels}),
+            labels=labels,
             adapter=rec.get("adapter") or None,
             source_revision=rec.get("source_revision") or None,
             progress=Progress(
                 step=rec.get("step", ""),
-                **{f: rec.get(f, 0) for f in ("shards_total", "shards_done", "bytes_total", "bytes_in", "bytes_out")},
+                **{
+                    f: rec.get(f, 0)
+                    for f in ("shards_total", "shards_done", "bytes_total", "bytes_in", "bytes_out")
+                },
             ),
             created_at=when("created_at"),
             started_at=when("started_at"),
@@ -125,13 +163,19 @@ class Job(BaseModel):
             if rec.get("error_code")
             else None,
             result=rec.get("result") or None,
-            links={"self": base, "events": f"{base}/events", "report": f"{base}/report", "cancel": f"{base}/cancel"},
+            links=JobLinks(
+                self_=base, events=f"{base}/events", report=f"{base}/report", cancel=f"{base}/cancel"
+            ),
         )
 
 
 class JobPage(BaseModel):
     jobs: list[Job]
-    next_cursor: str | None
+    next_cursor: str | None = Field(description="pass back as cursor for the next page; null on the last")
+
+
+class JobReport(RootModel[dict[str, Any]]):
+    """The verification report: per-tensor checks, the accounting of every source key, bytes and seconds."""
 
 
 class Adapter(BaseModel):
@@ -147,12 +191,46 @@ class Adapter(BaseModel):
     nemo_adapter: str | None
 
 
+class QuantizationInfo(BaseModel):
+    quantized_tensors: int
+    schemes: list[str]
+    block_size: list[int] | None
+    activation_scheme: str | None
+
+
+class ConversionEstimate(BaseModel):
+    to: Format
+    dtype: Dtype
+    output_bytes: int | None
+    disk_bytes_needed: int
+    peak_host_memory_bytes: int
+
+
+class CheckpointInfo(BaseModel):
+    """What a checkpoint is and what converting it would write and need, read from its headers."""
+
+    source: str
+    format: Format
+    adapter: str
+    layout: str
+    architectures: list[str] | None
+    quantization: QuantizationInfo
+    shards: int
+    tensors: int
+    bytes: int
+    largest_shard_bytes: int
+    carried_files: list[str]
+    conversion: ConversionEstimate
+
+
 class ScheduleTemplate(JobRequest):
     """A job request whose source is a place to look for the newest checkpoint, not a checkpoint."""
 
-    source: str = Field(description="hf://org/repo (its newest revision), or an s3:// or file:// prefix "
-                        "searched with source_pattern")  # fmt: skip
-    source_pattern: str | None = Field(None, description="glob on checkpoint directory names, e.g. 'step-*'")
+    source: str = Field(description="hf://org/repo (its newest revision), or an s3:// or file:// prefix whose "
+                        "checkpoint directories source_pattern selects")  # fmt: skip
+    source_pattern: str | None = Field(
+        None, description="glob on checkpoint directory names, e.g. 'step-*'; every directory when omitted"
+    )
     target: str = Field(description="where each firing writes; must contain {name} or {revision}")
 
     @field_validator("target")
@@ -179,3 +257,68 @@ class SchedulePatch(BaseModel):
     cron: str | None = None
     template: ScheduleTemplate | None = None
     paused: bool | None = None
+
+
+class Schedule(BaseModel):
+    id: str
+    name: str
+    cron: str
+    template: ScheduleTemplate
+    paused: bool
+    created_at: datetime
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+
+
+class ScheduleList(BaseModel):
+    schedules: list[Schedule]
+
+
+class Firing(BaseModel):
+    """One firing of a schedule: the job it submitted, or why it skipped or failed."""
+
+    at: datetime
+    manual: bool
+    job_id: str | None
+    skipped_reason: str | None
+    source: str | None
+    source_revision: str | None
+    error: str | None
+    error_code: str | None = None
+
+
+class FiringList(BaseModel):
+    firings: list[Firing]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadinessChecks(BaseModel):
+    redis: str = Field(description="ok, or why Redis is unreachable")
+    workers: int = Field(0, description="workers with a heartbeat in the last 30 s")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: ReadinessChecks
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """An error (RFC 9457 problem details); clients branch on ``code``."""
+
+    type: str
+    title: str
+    status: int
+    detail: str = Field(description="what was wrong, naming the field, file or key, and what to do")
+    code: str = Field(description="stable machine-readable reason, e.g. source_not_found")
+    errors: list[FieldError] | None = Field(None, description="every invalid field, for invalid_request")
+    allowed: list[str] | None = Field(
+        None, description="the accepted values, where a name was not one of them"
+    )

@@ -123,11 +123,12 @@ def submit(client: httpx.Client, body: dict[str, Any], **headers: str) -> dict[s
 
 
 def events(
-    client: httpx.Client, job_id: str, last_event_id: str | None = None
+    client: httpx.Client, job_id: str, last_event_id: str | None = None, timeout: float = 300
 ) -> Iterator[tuple[str, str, dict]]:
-    """(id, type, job) of every server-sent event until the job ends."""
+    """(id, type, job) of every server-sent event until the stream ends; ``timeout`` bounds each wait for
+    bytes, so a stream that neither sends nor ends fails the caller."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=300) as r:
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         event: dict[str, str] = {}

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import filecmp
 import json
+import logging
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +21,7 @@ import redis
 from harness import ROOT, TOKEN, Service, events, submit, wait
 from servers import AWS_TEST_ENV, HubServer, upload_directory
 
+from service.jobstore import JobStore
 from worker.engine import api
 from worker.engine.checkpoint import MANIFEST, SIDECAR
 
@@ -42,9 +46,21 @@ def _env(roots: Path, s3: str, hub: HubServer, **extra: str) -> dict[str, str]:
     }
 
 
+# Configured credentials: jobs may name these, and nothing else.
+CREDENTIALS = {
+    "models-s3": {"type": "s3", "aws_access_key_id": "testing", "aws_secret_access_key": "testing"},
+    "hub-bot": {"type": "hf", "token": "hf_0123456789"},
+}
+CHECK_S = 3  # RECAST_SUBMIT_CHECK_S: how long submission waits for a store's answer
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, roots, s3_server, hub_server) -> Iterator[Service]:
-    svc = Service(tmp_path_factory.mktemp("svc"), _env(roots, s3_server, hub_server))
+    credentials = tmp_path_factory.mktemp("credentials") / "credentials.json"
+    credentials.write_text(json.dumps(CREDENTIALS))
+    env = _env(roots, s3_server, hub_server, RECAST_CREDENTIALS_FILE=str(credentials),
+               RECAST_SUBMIT_CHECK_S=str(CHECK_S))  # fmt: skip
+    svc = Service(tmp_path_factory.mktemp("svc"), env)
     try:
         yield svc.start(workers=2)
     finally:
@@ -259,6 +275,288 @@ def test_adapters_and_inspect(client, cli_outputs):
     assert families["qwen3-moe"]["detection"].startswith("architectures Qwen3MoeForCausalLM")
     info = client.post("/v1/inspect", json={"source": f"file://{src}"}).json()
     assert info["adapter"] == "mistral4" and info["shards"] == 3
+
+
+# ------------------------------------------------------------------------- refused at submit, not later
+
+
+def _refused(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    problem = r.json()
+    assert problem["code"] == code and problem["status"] == status, problem
+    return problem
+
+
+def test_submit_refuses_what_cannot_work(client, cli_outputs, tmp_path):
+    src, _, _ = cli_outputs("mistral4")
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text("{}")
+    bad_shard = tmp_path / "bad-shard"
+    bad_shard.mkdir()
+    (bad_shard / "config.json").write_text("{}")
+    (bad_shard / "model.safetensors").write_bytes(b"\xff" * 64)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "model.safetensors").write_bytes(b"something already here")
+    body = {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native",
+            "labels": {"case": "refused"}}  # fmt: skip
+    cases = [
+        ({"source": f"file://{tmp_path}/missing"}, 422, "source_not_found", "source"),
+        ({"source": "s3://nowhere/at/all"}, 422, "source_not_found", "source"),
+        ({"source": "hf://team/never-created"}, 422, "source_not_found", "source"),
+        ({"source": f"file://{config_only}"}, 422, "not_a_checkpoint", "model.safetensors"),
+        ({"source": f"file://{bad_shard}"}, 422, "not_a_checkpoint", "model.safetensors"),
+        ({"source": f"file://{src}/config.json"}, 422, "source_not_found", "source"),
+        ({"target": f"file://{full}"}, 409, "target_not_empty", "overwrite"),
+        ({"adapter": "gpt9"}, 422, "adapter_unknown", "adapter"),
+        ({"source": "ftp://x/y"}, 422, "invalid_location", "source"),
+        ({"target_credential": "nobody"}, 422, "credential_unknown", "target_credential"),
+        ({"source": "s3://models/any", "source_credential": "hub-bot"}, 422, "credential_invalid", "hub-bot"),
+    ]
+    for change, status, code, word in cases:
+        started = time.monotonic()
+        problem = _refused(client.post("/v1/jobs", json={**body, **change}), status, code)
+        assert word in problem["detail"], problem
+        assert time.monotonic() - started < CHECK_S, f"{code}: the check took too long"
+    assert client.get("/v1/jobs", params={"label": "case=refused"}).json()["jobs"] == []
+    assert _refused(client.post("/v1/jobs", json={**body, "adapter": "gpt9"}), 422, "adapter_unknown")[
+        "allowed"
+    ]
+    # With overwrite, a non-empty target is accepted: the job replaces it when it publishes.
+    accepted = submit(client, {**body, "target": f"file://{full}", "overwrite": True, "labels": {}})
+    assert accepted["request"]["overwrite"] is True
+    client.post(f"/v1/jobs/{accepted['id']}/cancel")
+
+
+def test_a_slow_store_leaves_the_check_to_the_worker(client, cli_outputs, hub_server, tmp_path):
+    src, _, _ = cli_outputs("mistral3-fp8")
+    sha = hub_server.add_repo("team/slow-listing", src)
+    hub_server.stalls[f"/api/models/team/slow-listing/tree/{sha}"] = CHECK_S + 5
+    started = time.monotonic()
+    try:
+        job = submit(
+            client, {"source": "hf://team/slow-listing", "target": f"file://{tmp_path}/out", "to": "native"}
+        )
+    finally:
+        hub_server.stalls.clear()
+    assert CHECK_S - 0.5 < time.monotonic() - started < CHECK_S + 3
+    done = wait(client, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+
+
+def test_inspect_answers_with_specific_codes(client, tmp_path):
+    _refused(
+        client.post("/v1/inspect", json={"source": f"file://{tmp_path}/missing"}), 422, "source_not_found"
+    )
+    (tmp_path / "config.json").write_text("{}")
+    _refused(client.post("/v1/inspect", json={"source": f"file://{tmp_path}"}), 422, "not_a_checkpoint")
+    _refused(client.post("/v1/inspect", json={"source": "ftp://x"}), 422, "invalid_location")
+
+
+def test_schedule_over_a_prefix_without_a_pattern_converts_the_newest(client, cli_outputs, tmp_path):
+    src, cli_native, _ = cli_outputs("mistral4")
+    shutil.copytree(src, tmp_path / "runs" / "step-1")
+    template = {
+        "source": f"file://{tmp_path}/runs",
+        "target": f"file://{tmp_path}/served/{{name}}",
+        "to": "native",
+    }
+    bad = {**template, "source_credential": "AKIAIOSFODNN7EXAMPLE"}
+    r = client.post("/v1/schedules", json={"name": "bad", "cron": "0 3 * * *", "template": bad})
+    assert "template.source_credential" in _refused(r, 422, "credential_unknown")["detail"]
+    assert "AKIAIOSFODNN7EXAMPLE" not in r.text
+    sched = client.post(
+        "/v1/schedules", json={"name": "no-pattern", "cron": "0 3 * * *", "template": template}
+    )
+    assert sched.status_code == 201, sched.text
+    firing = client.post(f"/v1/schedules/{sched.json()['id']}/run").json()
+    assert firing["error"] is None and firing["source"] == f"file://{tmp_path}/runs/step-1", firing
+    done = wait(client, firing["job_id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert_same_files(tmp_path / "served" / "step-1", cli_native)
+    client.delete(f"/v1/schedules/{sched.json()['id']}")
+
+
+# ---------------------------------------------------------------------------------- credentials by name
+
+
+SECRET = "AKIAIOSFODNN7EXAMPLE"
+SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+class _Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def api_logs() -> Iterator[_Captured]:
+    """Everything the API in this process logs, at every level (uvicorn's loggers do not propagate)."""
+    handler = _Captured()
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "uvicorn.access")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
+def _redis_contents(r: redis.Redis) -> str:
+    """Every key and value in Redis, whatever its type, as text."""
+    out = []
+    for key in r.scan_iter("*"):
+        kind = r.type(key)
+        value = {
+            b"string": lambda k: r.get(k),
+            b"hash": lambda k: r.hgetall(k),
+            b"list": lambda k: r.lrange(k, 0, -1),
+            b"set": lambda k: r.smembers(k),
+            b"zset": lambda k: r.zrange(k, 0, -1, withscores=True),
+            b"stream": lambda k: r.xrange(k),
+        }[kind](key)
+        out.append(f"{key!r} {value!r}")
+    return "\n".join(out)
+
+
+def test_credentials_are_names_never_values(service, client, cli_outputs, tmp_path, api_logs):
+    src, _, _ = cli_outputs("mistral4")
+    body = {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"}
+    for field, value in (("source_credential", SECRET), ("target_credential", SECRET_KEY)):
+        r = client.post(
+            "/v1/jobs", json={**body, field: value}, headers={"Idempotency-Key": f"creds-{field}"}
+        )
+        problem = _refused(r, 422, "credential_unknown")
+        assert field in problem["detail"] and "hub-bot, models-s3" in problem["detail"]
+        assert problem["allowed"] == ["hub-bot", "models-s3"]
+        assert value not in r.text
+    r = client.post("/v1/inspect", json={"source": f"file://{src}", "source_credential": SECRET})
+    assert SECRET not in _refused(r, 422, "credential_unknown")["detail"] and SECRET not in r.text
+    listed = client.get("/v1/jobs", params={"limit": 200}).text
+    assert SECRET not in listed and SECRET_KEY not in listed
+    contents = _redis_contents(redis.Redis.from_url(service.redis.url))
+    assert SECRET not in contents and SECRET_KEY not in contents
+    aof = b"".join(p.read_bytes() for p in service.redis.data_dir.rglob("*") if p.is_file())
+    assert SECRET.encode() not in aof and SECRET_KEY.encode() not in aof
+    logged = "\n".join(api_logs.lines)
+    assert "/v1/inspect" in logged, "the access log was not captured"
+    assert SECRET not in logged and SECRET_KEY not in logged
+    # A configured name is accepted, and it is all that is stored.
+    job = submit(client, {**body, "source_credential": "models-s3"})
+    assert job["request"]["source_credential"] == "models-s3"
+    assert wait(client, job["id"])["state"] == "succeeded"
+
+
+# ----------------------------------------------------------------------------------- event streams end
+
+
+def test_event_stream_of_a_finished_job_ends(service, client, cli_outputs, tmp_path):
+    src, _, _ = cli_outputs("mistral4")
+    job = submit(client, {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"})
+    seen = list(events(client, job["id"]))
+    assert seen[-1][2]["state"] == "succeeded"
+    # Resumed at, or after, the last event: nothing more will come, so the stream ends at once (a stream
+    # that only sends keepalives times out here: the first one would come after 15 s).
+    for after in (seen[-1][0], "99999999999999-0"):
+        started = time.monotonic()
+        assert list(events(client, job["id"], last_event_id=after, timeout=5)) == []
+        assert time.monotonic() - started < 3
+    r = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "not-an-id"})
+    _refused(r, 422, "invalid_request")
+
+
+def test_event_stream_ends_when_the_job_is_deleted(service, client):
+    store = JobStore.connect(service.redis.url)
+    rec = store.create(
+        {"source": "file:///x", "target": "file:///y", "to": "native"}, {}, None
+    )  # never queued
+    deleted = threading.Timer(1, store.r.delete, [JobStore.key(rec["id"]), JobStore.key(rec["id"], "events")])
+    deleted.start()
+    try:
+        assert [e[2]["state"] for e in events(client, rec["id"], timeout=5)] == ["queued"]
+    finally:
+        deleted.cancel()
+        store.r.zrem("recast:jobs:all", rec["id"])
+        store.r.zrem("recast:jobs:state:queued", rec["id"])
+    _refused(client.get(f"/v1/jobs/{rec['id']}/events"), 404, "job_not_found")
+
+
+# ------------------------------------------------------------------------- a client generated from the schema
+
+
+OPERATIONS = {
+    ("post", "/v1/jobs"): "submit_job", ("get", "/v1/jobs"): "list_jobs", ("get", "/v1/jobs/{job_id}"): "get_job",
+    ("post", "/v1/jobs/{job_id}/cancel"): "cancel_job", ("get", "/v1/jobs/{job_id}/report"): "get_job_report",
+    ("get", "/v1/jobs/{job_id}/events"): "job_events", ("post", "/v1/inspect"): "inspect_checkpoint",
+    ("get", "/v1/adapters"): "list_adapters", ("post", "/v1/schedules"): "create_schedule",
+}  # fmt: skip
+
+
+def test_a_generated_client_submits_follows_and_lists(service, cli_outputs, tmp_path, monkeypatch):
+    spec = httpx.get(f"{service.url}/openapi.json").json()
+    for (method, path), name in OPERATIONS.items():
+        assert spec["paths"][path][method]["operationId"] == name
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path, operations in spec["paths"].items():
+        for op in operations.values():
+            assert not path.startswith("/v1/") or "401" in op["responses"], op["operationId"]
+            for status, answer in op["responses"].items():
+                assert not status.startswith("4") or answer["content"] == problem, (op["operationId"], status)
+    (tmp_path / "openapi.json").write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, "-m", "openapi_python_client", "generate", "--path", "openapi.json", "--output-path",
+         "recast_client", "--meta", "none"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "warning" not in said.lower() and "error" not in said.lower(), said
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from recast_client import AuthenticatedClient
+    from recast_client.api.jobs import get_job, list_jobs, submit_job
+    from recast_client.models import (
+        Format,
+        Job,
+        JobPage,
+        JobRequest,
+        JobRequestLabels,
+        JobResult,
+        JobState,
+        Problem,
+    )
+
+    src, _, _ = cli_outputs("mistral4")
+    labels = JobRequestLabels()
+    labels["client"] = "generated"
+    request = JobRequest(
+        source=f"file://{src}", target=f"file://{tmp_path}/out", to=Format.NATIVE, labels=labels
+    )
+    with AuthenticatedClient(base_url=service.url, token=TOKEN, raise_on_unexpected_status=True) as api:
+        job = submit_job.sync(client=api, body=request)
+        assert isinstance(job, Job) and job.state == JobState.QUEUED, job
+        deadline = time.monotonic() + 240
+        while job.state not in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+            job = get_job.sync(client=api, job_id=job.id)
+            assert isinstance(job, Job)
+        assert job.state == JobState.SUCCEEDED and isinstance(job.result, JobResult), job.error
+        assert job.request.to == Format.NATIVE and job.progress.shards_done == 3
+        page = list_jobs.sync(client=api, label="client=generated")
+        assert isinstance(page, JobPage) and [j.id for j in page.jobs] == [job.id]
+        assert all(isinstance(j, Job) for j in page.jobs)
+        refused = submit_job.sync(client=api, body=JobRequest(source=f"file://{tmp_path}/none", target=request.target,
+                                                             to=Format.NATIVE))  # fmt: skip
+        assert isinstance(refused, Problem) and refused.code == "source_not_found"
 
 
 # --------------------------------------------------------------------------- slow workers: mid-job events

@@ -22,7 +22,7 @@ from service.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
 from service.settings import Settings
 from worker.engine.checkpoint import SIDECAR
 from worker.engine.convert import Conversion, plan_conversion
-from worker.engine.errors import RecastError, VerificationError
+from worker.engine.errors import RecastError, TargetExistsError, VerificationError
 from worker.engine.options import Options
 from worker.engine.publish import file_sha256, finish_sidecar
 from worker.engine.storage import Source
@@ -194,7 +194,9 @@ def plan_job(ctx: Context, job_id: str) -> None:
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
         if not target.is_empty():
-            raise RecastError(f"target: {target.description} already holds files; choose an empty location")
+            raise TargetExistsError(
+                f"target: {target.description} already holds files; choose an empty location"
+            )
         names = conv.shard_names()
         ctx.store.set_fields(
             job_id, shard_names=names, shards_total=len(names), bytes_total=conv.ckpt.total_bytes,

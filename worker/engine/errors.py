@@ -32,7 +32,7 @@ class AdapterMismatchError(RecastError):
 class TargetExistsError(RecastError):
     """The destination already holds a checkpoint and --overwrite was not given."""
 
-    code = "target_exists"
+    code = "target_not_empty"
 
 
 class VerificationError(RecastError):

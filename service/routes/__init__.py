@@ -1,0 +1,1 @@
+"""The /v1 API and the health endpoints, one router per resource."""
