@@ -35,7 +35,7 @@ def test_recast_up_runs_a_job_and_stops_cleanly(checkpoint, tmp_path):
         family = psutil.Process(proc.pid).children(recursive=True)
         assert any("redis-server" in " ".join(p.cmdline()) for p in family)
         with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}, timeout=60
         ) as c:
             deadline = time.monotonic() + 90
             while c.get("/readyz").status_code != 200:
