@@ -179,6 +179,24 @@ def test_hub_source_is_pinned_and_matches_the_cli(client, cli_outputs, hub_serve
     assert sidecar["source"]["revision"] == sha
 
 
+def test_a_store_that_fails_for_a_while_is_retried_end_to_end(client, cli_outputs, hub_server, tmp_path):
+    """The Hub answers 503 for one shard for a few seconds: the shard task backs off, retries, succeeds."""
+    import threading
+
+    src, cli_native, _ = cli_outputs("mistral4")
+    sha = hub_server.add_repo("team/flaky", src)
+    shard = f"/team/flaky/resolve/{sha}/model-00002-of-00003.safetensors"
+    hub_server.faults[shard] = 503
+    threading.Timer(4.0, lambda: hub_server.faults.pop(shard, None)).start()
+    job = submit(client, {"source": "hf://team/flaky", "target": f"file://{tmp_path}/out", "to": "native"})
+    done = wait(client, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert any(method == "GET" and path == shard for method, path, _ in hub_server.log), (
+        "the fault was never hit"
+    )
+    assert_same_files(tmp_path / "out", cli_native)
+
+
 def test_idempotency_key(client, cli_outputs, tmp_path):
     src, _, _ = cli_outputs("mistral4")
     body = {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"}
