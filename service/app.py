@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 
 from service import problems
 from service.dashboard import install as install_dashboard
@@ -59,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await events.aclose()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their scripts served from the package, not a CDN
         lifespan=lifespan,
         title="Recast",
         version="1",
