@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import redis.asyncio as aredis
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 
 from service import problems
 from service.dashboard import install as install_dashboard
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await services.events.aclose()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their scripts served from the package, not a CDN
         lifespan=lifespan,
         title="Recast",
         version="1",

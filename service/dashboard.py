@@ -267,7 +267,7 @@ def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: 
   <h1>Job <code id="job-id">{e(job_id)}</code> <span id="state" class="badge">…</span></h1>
   <div class="actions">
     <span id="live" class="live muted" title="live updates from the event stream">connecting…</span>
-    <button type="button" id="cancel" class="danger" disabled>Cancel job</button>
+    <button type="button" id="cancel" class="danger" hidden>Cancel job</button>
   </div>
 </div>
 <div id="error" class="alert error" role="alert" hidden></div>
@@ -328,7 +328,7 @@ def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: 
 <h1>Schedules</h1>
 <div id="error" class="alert error" role="alert" hidden></div>
 <table class="schedules" id="schedules">
-  <thead><tr><th>Name</th><th>Cron</th><th>Source → target</th><th>State</th><th>Next run</th>
+  <thead><tr><th>Name</th><th>Cron (UTC)</th><th>Source → target</th><th>State</th><th>Next run</th>
   <th>Last run</th><th></th></tr></thead>
   <tbody></tbody>
 </table>

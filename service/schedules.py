@@ -50,8 +50,10 @@ def parse_cron(expr: str) -> crontab:
 
 
 def next_run(expr: str, now: datetime | None = None) -> datetime:
-    now = now or datetime.now(UTC)
-    return now + parse_cron(expr).remaining_estimate(now)
+    """The next fire time after ``now``, exactly. Not ``now + remaining_estimate(now)``: that subtracts
+    celery's own clock, read a moment later, and showed a 03:00 cron as due at 02:59:59."""
+    start, ends_in, _ = parse_cron(expr).remaining_delta(now or datetime.now(UTC))
+    return start + ends_in
 
 
 @dataclass

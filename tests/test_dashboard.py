@@ -1,7 +1,8 @@
 """The dashboard. Without a browser: the pages, sign-in and cookie, the guard and the escaping, on a bare
 app. In a real browser (headless Chromium driven by Playwright) against the real service: sign in,
 submit through the form after a preflight preview, follow the job live to the end, read its report,
-and cancel a running job. Screenshots go to ``$RECAST_ARTIFACTS/dashboard``."""
+and cancel a running job; pending shards, times with their zone, exact cron times, long paths; the API
+docs with no network beyond the service. Screenshots go to ``$RECAST_ARTIFACTS/dashboard``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -37,6 +40,9 @@ needs_browser = pytest.mark.skipif(bool(_NO_BROWSER), reason=_NO_BROWSER)
 
 ARTIFACTS = Path(os.environ.get("RECAST_ARTIFACTS", "test-artifacts")) / "dashboard"
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+# The browser's zone is not UTC, so a time shown without its zone, or in the wrong one, is caught.
+BROWSER_ZONE = "America/New_York"
+LOCAL_TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d E[SD]T$")
 
 
 def _ensure_dashboard(svc: Service) -> None:
@@ -146,7 +152,9 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def page(browser: Browser, service: Service) -> Iterator[Page]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    context = browser.new_context(base_url=service.url, viewport={"width": 1360, "height": 900})
+    context = browser.new_context(
+        base_url=service.url, viewport={"width": 1360, "height": 900}, timezone_id=BROWSER_ZONE
+    )
     context.set_default_timeout(20_000)
     pg = context.new_page()
     errors: list[str] = []
@@ -160,6 +168,16 @@ def page(browser: Browser, service: Service) -> Iterator[Page]:
 
 def shot(page: Page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def expect_cut_path(node, full: str) -> None:
+    """A location shown on one line, cut with an ellipsis, the whole of it on hover."""
+    expect(node).to_have_attribute("title", full)
+    cut = node.evaluate(
+        "n => getComputedStyle(n).textOverflow === 'ellipsis' && getComputedStyle(n).whiteSpace === 'nowrap'"
+        " && n.scrollWidth > n.clientWidth"
+    )
+    assert cut, f"{full} is not cut with an ellipsis"
 
 
 def sign_in(page: Page) -> None:
@@ -210,8 +228,9 @@ def test_submit_follow_report_and_cancel(page: Page, service: Service, checkpoin
     assert page.locator("#preview-error b").count() == 0
 
     # The preflight preview: adapter, quantization, size and what the output will be.
+    target = f"file://{tmp_path}/{'a-rather-long-directory-name-' * 6}/native"
     page.fill("#source", f"file://{src}")
-    page.fill("#target", f"file://{tmp_path}/native")
+    page.fill("#target", target)
     page.fill("#labels", "team=dashboard, run=1")
     page.click("#preview-button")
     expect(page.locator("#preview-adapter")).to_have_text("mistral4")
@@ -235,9 +254,12 @@ def test_submit_follow_report_and_cancel(page: Page, service: Service, checkpoin
     assert page.locator("#shards tbody tr[data-shard^='model-0000']").count() == 3
     for state in ("queued", "running", "verifying", "uploading", "succeeded"):
         expect(page.locator(f"#timeline li[data-state={state}]")).to_have_count(1)
-    expect(page.locator("#target-location")).to_have_text(f"file://{tmp_path}/native")
-    expect(page.locator("#cancel")).to_be_disabled()
+    expect(page.locator("#target-location")).to_have_text(target)
+    expect_cut_path(page.locator("#target-location"), target)
+    expect(page.locator("#cancel")).to_be_hidden()  # a finished job has no Cancel button
     expect(page.locator("#error-panel")).to_be_hidden()
+    for when in page.locator("#facts time").all() + page.locator("#timeline time").all():
+        expect(when).to_have_text(LOCAL_TIME)
 
     # The verification report.
     expect(page.locator("#report-verdict")).to_have_text("passed")
@@ -257,6 +279,8 @@ def test_submit_follow_report_and_cancel(page: Page, service: Service, checkpoin
     row = page.locator(f"#jobs tbody tr[data-job='{job_id}']")
     expect(row).to_contain_text("succeeded")
     expect(row).to_contain_text("mistral4")
+    expect(row.locator("time")).to_have_text(LOCAL_TIME)
+    expect_cut_path(row.locator(".locations .path").nth(1), target)
     shot(page, "jobs")
     page.goto("/?label=team%3Ddashboard")
     expect(page.locator(f"#jobs tbody tr[data-job='{job_id}']")).to_be_visible()
@@ -271,6 +295,13 @@ def test_submit_follow_report_and_cancel(page: Page, service: Service, checkpoin
         )
     page.goto(f"/jobs/{slow['id']}")
     expect(page.locator("#shards tbody tr[data-status=converting]").first).to_be_visible(timeout=30_000)
+    # Shards not started yet are counted as pending, never given made-up names.
+    pending = page.locator("#shards tbody tr[data-status=pending]")
+    expect(pending).to_have_count(1)
+    expect(pending).to_contain_text(re.compile(r"\d shards? not started\s*pending"))
+    assert all(n.startswith("model-") for n in page.locator("#shards tbody tr[data-shard]").evaluate_all(
+        "rows => rows.map(r => r.dataset.shard)"))  # fmt: skip
+    shot(page, "job-pending-shards")
     cancel = page.locator("#cancel")
     expect(cancel).to_be_enabled()
     cancel.click()
@@ -278,6 +309,56 @@ def test_submit_follow_report_and_cancel(page: Page, service: Service, checkpoin
     cancel.click()
     expect(page.locator("#state")).to_have_text("cancelled", timeout=30_000)
     expect(page.locator("#timeline li[data-state=cancelling]")).to_have_count(1)
-    expect(cancel).to_be_disabled()
+    expect(cancel).to_be_hidden()
     shot(page, "job-cancelled")
     assert not (tmp_path / "cancelled").exists()
+
+
+def _next_3am_utc(now: datetime) -> datetime:
+    today = now.replace(hour=3, minute=0, second=0, microsecond=0)
+    return today if today > now else today + timedelta(days=1)
+
+
+@needs_browser
+def test_schedule_times_are_exact_and_in_utc(page: Page, service: Service, tmp_path: Path) -> None:
+    template = {"source": f"file://{tmp_path}", "source_pattern": "step-*",
+                "target": f"file://{tmp_path}/{'converted-checkpoints-' * 8}/{{name}}", "to": "native"}  # fmt: skip
+    with service.client() as c:
+        r = c.post("/v1/schedules", json={"name": "nightly", "cron": "0 3 * * *", "template": template})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        want = _next_3am_utc(datetime.now(UTC))
+        assert datetime.fromisoformat(r.json()["next_run_at"]) == want  # exactly 03:00, not 02:59:59.99
+    sign_in(page)
+    page.goto("/schedules")
+    row = page.locator(f"#schedules tbody tr[data-schedule='{sid}']")
+    expect(row.locator(".next-run")).to_have_text(want.strftime("%Y-%m-%d 03:00:00 UTC"))
+    expect_cut_path(row.locator(".locations .path").nth(1), template["target"])
+    row.get_by_role("button", name="Run now").click()
+    firing = page.locator(f"tr.firings[data-firings='{sid}'] tbody tr").first
+    expect(firing.locator("time")).to_have_text(re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$"))
+    expect(row.locator(".last-run")).to_have_text(re.compile(r" UTC$"))
+    shot(page, "schedules")
+    with service.client() as c:
+        assert c.delete(f"/v1/schedules/{sid}").status_code == 204
+
+
+@needs_browser
+def test_api_docs_work_offline(page: Page, service: Service) -> None:
+    """/docs loads Swagger UI from the service itself: every request off the service's host is refused."""
+    here = urlsplit(service.url).netloc
+    elsewhere: list[str] = []
+
+    def only_here(route) -> None:
+        if urlsplit(route.request.url).netloc == here:
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_here)
+    page.goto("/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("Recast")
+    expect(page.locator(".opblock-summary-path", has_text="/v1/jobs").first).to_be_visible()
+    assert not elsewhere, f"/docs reached beyond the service: {elsewhere}"
+    shot(page, "api-docs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from worker.engine.errors import RecastError, VerificationError
@@ -105,14 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=8000)
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--file-root", action="append", help="directory file:// jobs may use (default: here)")
+    u.add_argument("--data-dir", type=Path, help="where the embedded Redis and the development token live "
+                   "(default: one directory per project under ~/.local/share/recast/projects)")  # fmt: skip
+    t = sub.add_parser("token", help="print the development token `recast up` uses in this directory")
+    t.add_argument("--data-dir", type=Path, help="the data directory given to `recast up --data-dir`")
+    s = sub.add_parser("sample", help="write a small FP8 checkpoint with random weights to try Recast on")
+    s.add_argument("dst")
+    s.add_argument("--family", default="deepseek-v3", help="deepseek-v3 (128x128 block scales, the default) "
+                   "or mistral4 (per-tensor scales, static activation scales, 3-D experts)")  # fmt: skip
+    s.add_argument("--seed", type=int, default=0)
     a = sub.add_parser("api", help="run the HTTP API (RECAST_REDIS_URL and RECAST_API_TOKENS required)")
     a.add_argument("--port", type=int, default=8000)
     a.add_argument("--host", default="127.0.0.1")
     w = sub.add_parser("worker", help="run a job worker: one process per visible GPU, or one on the CPU")
     w.add_argument("--gpu", type=int, help="serve only this GPU (the parent sets CUDA_VISIBLE_DEVICES)")
     w.add_argument("--loglevel", default="INFO")
+    w.add_argument("--quiet", action="store_true", help="no start-up banner")
     b = sub.add_parser("beat", help="run the scheduler (celery-redbeat; several may run, one fires)")
     b.add_argument("--loglevel", default="INFO")
+    b.add_argument("--quiet", action="store_true", help="no start-up banner")
     return p
 
 
@@ -140,7 +152,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         from service.up import up
 
-        return up(args.port, args.host, args.file_root)
+        return up(args.port, args.host, args.file_root, args.data_dir)
+    if args.command == "token":
+        from service.up import dev_token, project_data_dir
+
+        print(dev_token(args.data_dir or project_data_dir(Path.cwd())))
+        return 0
+    if args.command == "sample":
+        from worker.sample import write_sample
+
+        made = write_sample(Path(args.dst), args.family, args.seed)
+        print(f"wrote a {made['family']} sample FP8 checkpoint ({made['tensors']} tensors, "
+              f"{_human(made['bytes'])}, random weights) to {made['path']}")  # fmt: skip
+        return 0
     if args.command == "api":
         import uvicorn
 
@@ -149,11 +173,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "worker":
         from worker.run import run_worker
 
-        return run_worker(args.gpu, args.loglevel)
+        return run_worker(args.gpu, args.loglevel, args.quiet)
     if args.command == "beat":
         from worker.celery_app import app
 
-        app.start(["beat", "--loglevel", args.loglevel])
+        app.start([*(["--quiet"] if args.quiet else []), "beat", "--loglevel", args.loglevel])
         return 0
     from worker.engine import api
 

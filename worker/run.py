@@ -21,15 +21,15 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()  # NVML-based: does not initialise CUDA in this parent process
 
 
-def worker_argv(name: str, loglevel: str) -> list[str]:
+def worker_argv(name: str, loglevel: str, quiet: bool = False) -> list[str]:
     return [
-        "worker", "--queues", "recast", "--pool", "prefork", "--concurrency", "1",
-        "--hostname", f"{name}@{socket.gethostname()}", "--loglevel", loglevel, "--without-gossip",
-        "--without-mingle",
+        *(["--quiet"] if quiet else []), "worker", "--queues", "recast", "--pool", "prefork",
+        "--concurrency", "1", "--hostname", f"{name}@{socket.gethostname()}", "--loglevel", loglevel,
+        "--without-gossip", "--without-mingle",
     ]  # fmt: skip
 
 
-def run_worker(gpu: int | None = None, loglevel: str = "INFO") -> int:
+def run_worker(gpu: int | None = None, loglevel: str = "INFO", quiet: bool = False) -> int:
     """Run in this process for one device; fan out one child per GPU when several are visible."""
     gpus = _gpu_count() if gpu is None else 1
     if gpu is None and gpus > 1:
@@ -37,6 +37,7 @@ def run_worker(gpu: int | None = None, loglevel: str = "INFO") -> int:
         for i in range(gpus):
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))
             cmd = [sys.executable, "-m", "worker.cli", "worker", "--gpu", str(i), "--loglevel", loglevel]
+            cmd += ["--quiet"] if quiet else []
             children.append(subprocess.Popen(cmd, env=env))
         signal.signal(signal.SIGTERM, lambda *_: [c.terminate() for c in children])
         try:
@@ -48,5 +49,5 @@ def run_worker(gpu: int | None = None, loglevel: str = "INFO") -> int:
     from worker.celery_app import app
 
     name = f"recast-gpu{gpu}" if gpu is not None else ("recast-gpu0" if gpus else "recast-cpu")
-    app.worker_main(worker_argv(f"{name}-{os.getpid()}", loglevel))
+    app.worker_main(worker_argv(f"{name}-{os.getpid()}", loglevel, quiet))
     return 0

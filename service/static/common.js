@@ -95,10 +95,29 @@ const Recast = (() => {
     return (i === 0 ? String(v) : v.toFixed(v < 10 ? 2 : v < 100 ? 1 : 0)) + " " + units[i];
   }
 
-  function when(iso) {
+  // "2026-12-03 03:00:00 UTC": a time always names its zone. Schedules' crons are UTC, so their times are
+  // shown in UTC (zone "UTC"); the rest in the browser's own zone (zone undefined).
+  function when(iso, zone) {
     if (!iso) return "—";
     const d = new Date(iso);
-    return isNaN(d) ? String(iso) : d.toLocaleString();
+    if (isNaN(d)) return String(iso);
+    const fmt = new Intl.DateTimeFormat("en-US", {
+      timeZone: zone, year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit",
+      second: "2-digit", hourCycle: "h23", timeZoneName: "short",
+    });
+    const p = Object.fromEntries(fmt.formatToParts(d).map((part) => [part.type, part.value]));
+    return p.year + "-" + p.month + "-" + p.day + " " + p.hour + ":" + p.minute + ":" + p.second + " " + p.timeZoneName;
+  }
+
+  // A <time> showing when(iso, zone), with the exact instant on hover.
+  function timeEl(iso, zone, attrs) {
+    return el("time", { ...(attrs || {}), datetime: iso || null, title: iso || null, text: when(iso, zone) });
+  }
+
+  // A location (file://, s3://, hf://) on one line, cut with an ellipsis when long; the whole on hover.
+  function pathEl(location, attrs) {
+    const text = location || "—";
+    return el("span", { ...(attrs || {}), class: "path mono", title: location || null, text });
   }
 
   function duration(seconds) {
@@ -209,7 +228,7 @@ const Recast = (() => {
   }
 
   return {
-    TERMINAL, CANCELLABLE, ApiError, api, problemText, el, showError, bytes, when, duration, jobSeconds,
-    stateBadge, progressOf, setBar, progressBar, parseLabels, labelTags, randomKey, fillAdapters, confirmClick,
+    TERMINAL, CANCELLABLE, ApiError, api, problemText, el, showError, bytes, when, timeEl, pathEl, duration,
+    jobSeconds, stateBadge, progressOf, setBar, progressBar, parseLabels, labelTags, randomKey, fillAdapters, confirmClick,
   };
 })();

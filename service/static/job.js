@@ -26,24 +26,24 @@
     const req = job.request || {};
     const dl = $("facts");
     dl.replaceChildren();
-    fact(dl, "Source", el("span", { class: "mono", text: req.source || "—" }));
-    if (job.source_revision) fact(dl, "Source revision", el("span", { class: "mono", text: job.source_revision }));
-    fact(dl, "Target", el("span", { class: "mono", id: "target-location", text: req.target || "—" }));
+    fact(dl, "Source", R.pathEl(req.source, { id: "source-location" }));
+    if (job.source_revision) fact(dl, "Source revision", R.pathEl(job.source_revision));
+    fact(dl, "Target", R.pathEl(req.target, { id: "target-location" }));
     const result = job.result || {};
     for (const [k, v] of Object.entries(result)) {
       const value = String(v);
       const node = /^https?:\/\//.test(value)
-        ? el("a", { href: value, rel: "noopener noreferrer", class: "mono", text: value })
-        : el("span", { class: "mono", text: value });
+        ? el("a", { href: value, rel: "noopener noreferrer", class: "path mono", title: value, text: value })
+        : R.pathEl(value);
       fact(dl, "Result " + k, node);
     }
     fact(dl, "Conversion", "to " + (req.to || "?") + " · dtype " + (req.dtype || "bf16") +
       (req.to === "hf" ? " · quantize " + (req.quantize || "keep") : "") + (req.verify === false ? " · not verified" : ""));
     fact(dl, "Adapter", job.adapter || req.adapter || "detected when planned");
     fact(dl, "Labels", R.labelTags(job.labels).length ? el("span", {}, R.labelTags(job.labels)) : "—");
-    fact(dl, "Created", R.when(job.created_at));
-    fact(dl, "Started", R.when(job.started_at));
-    fact(dl, "Finished", R.when(job.finished_at));
+    fact(dl, "Created", R.timeEl(job.created_at));
+    fact(dl, "Started", job.started_at ? R.timeEl(job.started_at) : "—");
+    fact(dl, "Finished", job.finished_at ? R.timeEl(job.finished_at) : "—");
     fact(dl, "Duration", el("span", { id: "duration", text: durationText() }));
     const p = job.progress || {};
     fact(dl, "Read", R.bytes(p.bytes_in) + " of " + R.bytes(p.bytes_total));
@@ -58,8 +58,10 @@
     const badge = $("state");
     badge.replaceWith(Object.assign(stateBadge(job.state), { id: "state" }));
     document.title = "Job " + jobId + " (" + job.state + ") · Recast";
+    // Only a job that can still be cancelled has the button; a finished one has none.
     const cancel = $("cancel");
-    cancel.disabled = !CANCELLABLE.includes(job.state);
+    cancel.hidden = !CANCELLABLE.includes(job.state);
+    cancel.disabled = cancel.hidden;
     const panel = $("error-panel");
     if (job.error) {
       $("error-code").textContent = job.error.code;
@@ -79,31 +81,28 @@
     tbody.replaceChildren();
     const named = [...shards.keys()].sort();
     const total = Math.max(p.shards_total || 0, named.length);
-    // Shards named in the stream first; the rest are waiting (their names come with their first event).
-    const converted = named.filter((n) => shards.get(n) === "converted").length;
-    const finishedUnknown = Math.max(0, (p.shards_done || 0) - converted);
-    let unnamed = 0;
-    for (let i = 0; i < total; i++) {
-      let name;
-      let status;
-      if (i < named.length) {
-        name = named[i];
-        status = shards.get(name);
-      } else {
-        name = "shard " + (i + 1);
-        status = unnamed < finishedUnknown ? "converted" : "waiting";
-        unnamed++;
-      }
+    const finished = TERMINAL.includes(job.state);
+    const row = (name, status, nameCell) => {
       if (job.state === "succeeded" || (status === "converting" && p.shards_done === total && total)) status = "converted";
-      if (status === "converting" && TERMINAL.includes(job.state)) status = "stopped";
-      if (status === "waiting" && TERMINAL.includes(job.state)) status = "not converted";
+      if (status === "converting" && finished) status = "stopped";
+      if (status === "pending" && finished) status = "not converted";
       const bar = el("div", { class: "bar" }, el("div", { class: "fill" }));
       bar.classList.toggle("done", status === "converted");
       bar.classList.toggle("busy", status === "converting");
       bar.firstElementChild.style.width = status === "converted" || status === "converting" ? "100%" : "0";
-      tbody.append(el("tr", { dataset: { shard: name, status } },
-        el("td", { class: "key", text: name }), el("td", { text: status }), el("td", {}, bar)));
-    }
+      tbody.append(el("tr", { dataset: name ? { shard: name, status } : { status } },
+        nameCell || el("td", { class: "key", text: name }), el("td", { text: status }), el("td", {}, bar)));
+    };
+    for (const name of named) row(name, shards.get(name));
+    // A shard's name arrives with its first event: the others are counted, not named. Those the job
+    // counts as done but the stream never named (its history expired) are converted; the rest pending.
+    const unnamed = total - named.length;
+    const convertedNamed = named.filter((n) => shards.get(n) === "converted").length;
+    const doneUnnamed = Math.min(unnamed, Math.max(0, (p.shards_done || 0) - convertedNamed));
+    const count = (n, what) => el("td", { class: "muted", title: "shards are named when a worker starts them",
+      text: n + (n === 1 ? " shard" : " shards") + " " + what });
+    if (doneUnnamed) row("", "converted", count(doneUnnamed, "done"));
+    if (unnamed - doneUnnamed) row("", "pending", count(unnamed - doneUnnamed, "not started"));
     if (!total) tbody.append(el("tr", {}, el("td", { colspan: 3, class: "muted", text: "not planned yet" })));
   }
 
@@ -114,7 +113,7 @@
       const next = timeline[i + 1];
       const spent = next ? (Date.parse(next.at) - Date.parse(t.at)) / 1000 : null;
       ol.append(el("li", { class: "state-" + t.state.replace(/[^a-z]/g, ""), dataset: { state: t.state } },
-        el("strong", { text: t.state }), el("span", { class: "when", text: R.when(t.at) }),
+        el("strong", { text: t.state }), R.timeEl(t.at, undefined, { class: "when" }),
         spent !== null ? el("span", { class: "when", text: "(" + R.duration(spent) + ")" }) : null));
     }
   }

@@ -2,7 +2,8 @@
 "use strict";
 
 (() => {
-  const { api, el, showError, stateBadge, progressBar, duration, jobSeconds, labelTags, when, TERMINAL } = Recast;
+  const { api, el, showError, stateBadge, progressBar, duration, jobSeconds, labelTags, when, timeEl, pathEl, TERMINAL } =
+    Recast;
   const params = new URLSearchParams(location.search);
   const tbody = document.querySelector("#jobs tbody");
   const errorBox = document.getElementById("error");
@@ -26,12 +27,11 @@
     const req = job.request || {};
     const link = el("a", { href: "/jobs/" + encodeURIComponent(job.id), class: "mono", text: job.id });
     return el("tr", { dataset: { job: job.id, state: job.state } },
-      el("td", {}, link, el("span", { class: "sub", text: when(job.created_at) })),
+      el("td", {}, link, timeEl(job.created_at, undefined, { class: "sub" })),
       el("td", {}, stateBadge(job.state),
         job.error ? el("span", { class: "sub", title: job.error.message, text: job.error.code }) : null),
       el("td", { class: "locations" },
-        el("span", { text: req.source || "" }), el("span", { class: "arrow", text: "→" }),
-        el("span", { text: req.target || "" }),
+        pathEl(req.source), el("span", { class: "to" }, el("span", { class: "arrow", text: "→" }), pathEl(req.target)),
         el("span", { class: "sub", text: "to " + (req.to || "?") + (req.dtype ? " · " + req.dtype : "") })),
       el("td", { text: job.adapter || req.adapter || "—" }),
       el("td", {}, progressBar(job)),
@@ -48,7 +48,7 @@
       cursor = page.next_cursor;
       more.hidden = !cursor;
       empty.hidden = tbody.children.length > 0;
-      refreshed.textContent = "updated " + new Date().toLocaleTimeString();
+      refreshed.textContent = "updated " + when(new Date().toISOString());
       schedule(page.jobs);
     } catch (err) {
       showError(errorBox, err);

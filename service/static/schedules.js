@@ -45,9 +45,10 @@
         el("thead", {}, el("tr", {}, el("th", { text: "At" }), el("th", { text: "Outcome" }),
           el("th", { text: "Source" }), el("th", { text: "Source revision" }))),
         el("tbody", {}, firings.map((f) => el("tr", { dataset: { outcome: outcome(f) } },
-          el("td", {}, R.when(f.at), f.manual ? el("span", { class: "sub", text: "run by hand" }) : null),
+          el("td", { class: "nowrap" }, R.timeEl(f.at, "UTC"),
+            f.manual ? el("span", { class: "sub", text: "run by hand" }) : null),
           el("td", {}, outcomeNode(f)),
-          el("td", { class: "key", text: f.source || "—" }),
+          el("td", { class: "locations" }, R.pathEl(f.source)),
           el("td", { class: "key", text: f.source_revision || "—" }))))));
     }).catch((err) => {
       cell.replaceChildren(el("div", { class: "alert error", text: R.problemText(err) }));
@@ -100,13 +101,13 @@
       el("td", {}, el("strong", { text: s.name || s.id }), el("span", { class: "sub mono", text: s.id })),
       el("td", { class: "mono nowrap", text: s.cron || "" }),
       el("td", { class: "locations" },
-        el("span", { text: t.source || "" }), el("span", { class: "arrow", text: "→" }), el("span", { text: t.target || "" }),
+        R.pathEl(t.source), el("span", { class: "to" }, el("span", { class: "arrow", text: "→" }), R.pathEl(t.target)),
         el("span", { class: "sub", text: (t.source_pattern ? "newest " + t.source_pattern + " · " : "") + "to " +
           (t.to || "?") + (t.adapter ? " · " + t.adapter : "") }),
         R.labelTags(t.labels)),
       el("td", {}, el("span", { class: "badge " + (s.paused ? "warn" : "ok"), text: s.paused ? "paused" : "active" })),
-      el("td", { text: s.paused ? "—" : R.when(s.next_run_at) }),
-      el("td", { text: R.when(s.last_run_at) }),
+      el("td", { class: "nowrap next-run" }, s.paused || !s.next_run_at ? "—" : R.timeEl(s.next_run_at, "UTC")),
+      el("td", { class: "nowrap last-run" }, s.last_run_at ? R.timeEl(s.last_run_at, "UTC") : "—"),
       el("td", {}, el("div", { class: "actions" }, toggle, run, pause, del)));
     toggle.addEventListener("click", () => {
       const open = tr.nextElementSibling && tr.nextElementSibling.classList.contains("firings")
