@@ -165,6 +165,24 @@ def test_s3_to_s3_matches_the_cli(client, cli_outputs, s3_server, tmp_path):
     assert_same_files(tmp_path / "got", cli_native)
 
 
+def test_overwrite_replaces_what_the_target_held(client, cli_outputs, s3_server, tmp_path):
+    """``overwrite``: the output replaces an earlier checkpoint, stale files included (file and S3)."""
+    src, cli_native, _ = cli_outputs("mistral4")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.safetensors").write_bytes(b"old")
+    upload_directory(s3_server, cli_native, "models", "over/native")
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.put_object(Bucket="models", Key="over/native/stale.bin", Body=b"old")
+    for target in (f"file://{tmp_path}/out", "s3://models/over/native"):
+        body = {"source": f"file://{src}", "target": target, "to": "native"}
+        assert client.post("/v1/jobs", json=body).status_code == 409
+        done = wait(client, submit(client, {**body, "overwrite": True})["id"])
+        assert done["state"] == "succeeded", done["error"]
+    assert_same_files(tmp_path / "out", cli_native)
+    _download(s3_server, "models", "over/native", tmp_path / "got")
+    assert_same_files(tmp_path / "got", cli_native)
+
+
 def test_hub_source_is_pinned_and_matches_the_cli(client, cli_outputs, hub_server, tmp_path):
     src, cli_native, _ = cli_outputs("mistral3-fp8")
     sha = hub_server.add_repo("mistralai/tiny-fp8", src)

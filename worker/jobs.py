@@ -193,7 +193,7 @@ def plan_job(ctx: Context, job_id: str) -> None:
             ctx.store.transition(job_id, ("queued",), "running", step="planning")
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
-        if not target.is_empty():
+        if not job["request"].get("overwrite") and not target.is_empty():
             raise TargetExistsError(
                 f"target: {target.description} already holds files; choose an empty location"
             )
@@ -299,6 +299,7 @@ def finalize(ctx: Context, job_id: str) -> None:
             staged,
             req.get("commit_message") or f"Recast: {report.direction} conversion with {report.adapter}",
             bool(req.get("create_pr")),
+            bool(req.get("overwrite")),
         )
         ctx.store.transition(
             job_id, ("uploading",), "succeeded", step="done", result=result, bytes_in=conv.ckpt.total_bytes

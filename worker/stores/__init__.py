@@ -65,9 +65,12 @@ class Target(Protocol):
         possibly by another process) that ``publish`` and ``discard`` take back. May delete ``path``."""
         ...
 
-    def publish(self, staged: dict[str, Receipt], commit_message: str, create_pr: bool) -> dict[str, str]:
+    def publish(
+        self, staged: dict[str, Receipt], commit_message: str, create_pr: bool, replace: bool = False
+    ) -> dict[str, str]:
         """Make every staged name final from its receipt, index and recast.json last; idempotent.
-        Returns {"url": ...} plus "commit"/"pr_url" where the store has them."""
+        With ``replace`` (a job's ``overwrite``), whatever the target held before and the output does not
+        is removed. Returns {"url": ...} plus "commit"/"pr_url" where the store has them."""
         ...
 
     def discard(self, staged: dict[str, Receipt] | None = None) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi, set_client_factory
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, set_client_factory
 from huggingface_hub import __version__ as hf_version
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -320,11 +320,22 @@ class HubTarget:
             receipt["content"] = base64.b64encode(path.read_bytes()).decode("ascii")
         return receipt
 
-    def publish(self, staged: dict[str, Receipt], commit_message: str, create_pr: bool) -> dict[str, str]:
-        """One commit (a pull request if ``create_pr``) from the receipts alone; none if it was made already."""
+    def publish(
+        self, staged: dict[str, Receipt], commit_message: str, create_pr: bool, replace: bool = False
+    ) -> dict[str, str]:
+        """One commit (a pull request if ``create_pr``) from the receipts alone; none if it was made already.
+        With ``replace`` the same commit deletes the files the revision holds that the output does not."""
         with self._errors():
             if (done := self._published(staged, create_pr)) is not None:
                 return done
+            stale = []
+            if replace:
+                tree = self.api.list_repo_tree(self.repo, revision=self.revision, recursive=True)
+                stale = [
+                    CommitOperationDelete(path_in_repo=e.path)
+                    for e in tree
+                    if isinstance(e, RepoFile) and e.path not in staged and e.path != ".gitattributes"
+                ]
             operations = [
                 preuploaded(name, staged[name]["sha256"], staged[name]["size"])
                 if staged[name]["lfs"]
@@ -332,7 +343,7 @@ class HubTarget:
                     path_in_repo=name, path_or_fileobj=base64.b64decode(staged[name]["content"])
                 )
                 for name in publish_order(list(staged))
-            ]
+            ] + stale
             info = self.api.create_commit(
                 self.repo,
                 operations,

@@ -107,7 +107,9 @@ class FileTarget:
         stat = dest.stat()
         return {"size": stat.st_size, "sha256": sha256, "inode": stat.st_ino}
 
-    def publish(self, staged: dict[str, Receipt], commit_message: str, create_pr: bool) -> dict[str, str]:
+    def publish(
+        self, staged: dict[str, Receipt], commit_message: str, create_pr: bool, replace: bool = False
+    ) -> dict[str, str]:
         """Rename the staging directory into place (``commit_message`` and ``create_pr`` are Hub-only).
 
         Files in staging that no receipt names (partial writes of a dead worker) are dropped first. If the
@@ -126,14 +128,22 @@ class FileTarget:
             )
         for extra in have.keys() - want.keys():
             (self.staging / extra).unlink()
+        old = None
         if not self.is_empty():
-            raise TargetExistsError(f"{self.path}: already exists and is not empty; choose another target")
-        if self.path.is_dir():
+            if not replace:
+                raise TargetExistsError(
+                    f"{self.path}: already exists and is not empty; choose another target"
+                )
+            old = self.staging.with_name(self.staging.name + ".replaced")
+            os.rename(self.path, old)  # the old checkpoint goes only once the new one is in place
+        elif self.path.is_dir():
             self.path.rmdir()
         try:
             os.rename(self.staging, self.path)
         except OSError as exc:
             raise RecastError(f"{self.path}: cannot publish ({exc.strerror or exc})") from exc
+        if old is not None:
+            remove_tree(old)
         return {"url": self.path.as_uri()}
 
     def discard(self, staged: dict[str, Receipt] | None = None) -> None:

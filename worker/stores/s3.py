@@ -418,7 +418,9 @@ class S3Target:
             return all(head[k].split("-")[0] == receipt["checksum"][k].split("-")[0] for k in checked)
         return head.get("ETag") == multipart_etag(receipt["parts"])
 
-    def publish(self, staged: dict[str, Receipt], commit_message: str, create_pr: bool) -> dict[str, str]:
+    def publish(
+        self, staged: dict[str, Receipt], commit_message: str, create_pr: bool, replace: bool = False
+    ) -> dict[str, str]:
         """Complete every upload, index and recast.json last, then clear the job's other uploads and markers.
 
         ``commit_message`` and ``create_pr`` only mean something on the Hub. Safe to run again after a crash:
@@ -448,7 +450,24 @@ class S3Target:
                             "output (size or checksum differ); run the job again"
                         ) from None
         self._clear_marked()
+        if replace:
+            self._remove_others(set(staged))
         return {"url": self.description}
+
+    def _remove_others(self, names: set[str]) -> None:
+        """Delete the objects under the prefix that are not this output (an overwritten checkpoint's)."""
+        staging = f"{self.base}{STAGING}/"
+        with self._errors.about(self.description):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.base
+            ):
+                stale = [
+                    {"Key": obj["Key"]}
+                    for obj in page.get("Contents", [])
+                    if not obj["Key"].startswith(staging) and obj["Key"][len(self.base) :] not in names
+                ]
+                if stale:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": stale, "Quiet": True})
 
     def discard(self, staged: dict[str, Receipt] | None = None) -> None:
         """Abort this job's uploads and delete its markers, and any final object a partial publish left.
