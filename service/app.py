@@ -15,14 +15,14 @@ from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 
+from core.jobstore import JobStore
+from core.metrics import Metrics
+from core.settings import Settings
 from service import problems
 from service.dashboard import install as install_dashboard
 from service.deps import SESSION_COOKIE, Services
-from service.jobstore import JobStore
-from service.metrics import Metrics
 from service.routes import checkpoints, health, jobs, schedules
 from service.schedules import ScheduleStore
-from service.settings import Settings
 from worker.engine.errors import RecastError
 
 
@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     if not settings.api_tokens:
         raise RecastError("RECAST_API_TOKENS is empty: set at least one token (comma-separated)")
-    from worker.celery_app import make_app
+    from core.queue import make_app
 
     store = JobStore.from_settings(settings)
     celery = make_app(settings)

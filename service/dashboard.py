@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from service.jobstore import STATES
+from core.jobstore import STATES
 
 STATIC = Path(__file__).resolve().parent / "static"
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")

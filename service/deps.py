@@ -12,11 +12,11 @@ from celery import Celery
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.jobstore import JobStore
-from service.metrics import Metrics
+from core.jobstore import JobStore
+from core.metrics import Metrics
+from core.settings import Settings
 from service.problems import HTTPProblem, declared
 from service.schedules import ScheduleStore
-from service.settings import Settings
 
 SESSION_COOKIE = "recast_session"
 # Ids become Redis key components: only plain ones reach the store.

@@ -20,10 +20,10 @@ from celery import Celery
 from celery.schedules import crontab
 from redbeat import RedBeatSchedulerEntry
 
-from service import metrics
-from service.jobstore import PREFIX, JobStore
+from core import metrics
+from core.jobstore import PREFIX, JobStore
+from core.settings import Settings
 from service.schemas import JobRequest, ScheduleTemplate
-from service.settings import Settings
 from service.submission import SendTask, create_job
 from worker.engine.errors import RecastError
 from worker.stores import parse_location

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 
-from service.jobstore import STATES
+from core.jobstore import STATES
 from worker.engine.adapters import ADAPTERS
 from worker.engine.encode import QUANTIZE_MODES
 from worker.engine.options import DTYPE_ARGS

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from service.jobstore import JobStore
+from core.jobstore import JobStore
+from core.settings import Settings
 from service.problems import HTTPProblem, recoded
 from service.schemas import JobRequest, ScheduleTemplate
-from service.settings import Settings
 from worker.engine.adapters import ADAPTERS
 from worker.engine.checkpoint import INDEX, SINGLE
 from worker.engine.errors import CheckpointError, RecastError

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import uvicorn
 
-from service.embedded import EmbeddedRedis
+from core.embedded import EmbeddedRedis
 from worker.engine.errors import RecastError
 
 WORKER_GRACE_S = 30

@@ -19,7 +19,7 @@ import httpx
 import psutil
 import uvicorn
 
-from service.embedded import EmbeddedRedis
+from core.embedded import EmbeddedRedis
 
 TOKEN = "test-token-0123456789"
 ROOT = Path(__file__).resolve().parent.parent

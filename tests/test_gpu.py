@@ -43,10 +43,10 @@ def test_gpu_worker_writes_the_cpu_bits(checkpoint, tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from service.embedded import EmbeddedRedis
-    from service.jobstore import JobStore
-    from service.settings import Settings
-    from worker.celery_app import make_app
+    from core.embedded import EmbeddedRedis
+    from core.jobstore import JobStore
+    from core.queue import make_app
+    from core.settings import Settings
 
     root = Path(__file__).resolve().parent.parent
     src = checkpoint("deepseek-v3", scheme="block")

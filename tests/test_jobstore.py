@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from service.embedded import EmbeddedRedis
-from service.jobstore import Conflict, JobStore
-from service.settings import Settings
+from core.embedded import EmbeddedRedis
+from core.jobstore import Conflict, JobStore
+from core.settings import Settings
 from worker import jobs
 
 

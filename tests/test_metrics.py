@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from harness import ROOT
 
-from service.embedded import EmbeddedRedis
-from service.jobstore import JobStore
-from service.metrics import UNACKED, Metrics, running_units
-from service.settings import Settings
-from worker.celery_app import make_app
+from core.embedded import EmbeddedRedis
+from core.jobstore import JobStore
+from core.metrics import UNACKED, Metrics, running_units
+from core.queue import make_app
+from core.settings import Settings
 
 # A worker that takes every task on the queue and dies (SIGKILL) before acknowledging any.
 _HOLDER = """

@@ -91,10 +91,10 @@ def test_workers_killed_mid_shard_again_and_again(paced: Service, cli_native, tm
 
 def test_a_job_recorded_but_never_queued_is_swept_up(paced: Service, cli_native, tmp_path: Path) -> None:
     """The API died between recording the job and queueing it: the beat's sweep queues it."""
-    from service.jobstore import JobStore
-    from service.settings import Settings
+    from core.jobstore import JobStore
+    from core.queue import make_app
+    from core.settings import Settings
     from worker import jobs
-    from worker.celery_app import make_app
 
     src, want = cli_native
     store = JobStore.connect(paced.redis.url)

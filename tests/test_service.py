@@ -21,7 +21,7 @@ import redis
 from harness import ROOT, TOKEN, Service, events, submit, wait
 from servers import AWS_TEST_ENV, HubServer, upload_directory
 
-from service.jobstore import JobStore
+from core.jobstore import JobStore
 from worker.engine import api
 from worker.engine.checkpoint import MANIFEST, SIDECAR
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service import metrics
-from service.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
-from service.settings import Settings
+from core import metrics
+from core.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
+from core.settings import Settings
 from worker.engine.checkpoint import SIDECAR
 from worker.engine.convert import Conversion, plan_conversion
 from worker.engine.errors import RecastError, TargetExistsError, VerificationError

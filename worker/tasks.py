@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from service.jobstore import JobStore
-from service.settings import Settings
+from core.jobstore import JobStore
+from core.settings import Settings
 from worker import jobs
 from worker.celery_app import app
 
@@ -55,14 +55,3 @@ def finalize(self, job_id: str) -> None:
 def sweep() -> None:
     """Sent by the beat every minute: queue the jobs that were recorded but never queued."""
     jobs.sweep(_ctx(), lambda job_id: plan.delay(job_id))
-
-
-@app.task(name="recast.fire_schedule")
-def fire_schedule(schedule_id: str) -> None:
-    """Sent by the beat (celery-redbeat) at each cron time, with the schedule id only."""
-    from service.schedules import ScheduleStore
-
-    ctx = _ctx()
-    ScheduleStore(ctx.store, app).fire(
-        schedule_id, ctx.settings, lambda name, args: app.send_task(name, args=args)
-    )

@@ -6,8 +6,8 @@ import redis
 from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 
+from core.metrics import alive_workers
 from service.deps import ServicesDep
-from service.metrics import alive_workers
 from service.schemas import Health, Readiness, ReadinessChecks
 
 router = APIRouter(tags=["health"])

@@ -10,8 +10,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from core.jobstore import TERMINAL, Conflict, JobStore, decode
 from service.deps import SIGNED_IN, UNAUTHORIZED, JobRecord, ServicesDep
-from service.jobstore import TERMINAL, Conflict, JobStore, decode
 from service.problems import HTTPProblem, declared
 from service.schemas import Job, JobPage, JobReport, JobRequest, JobState
 from service.submission import create_job

@@ -12,8 +12,8 @@ import redis
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from service.jobstore import PREFIX, TERMINAL, WORKERS_KEY, JobStore
-from service.settings import QUEUE
+from core.jobstore import PREFIX, TERMINAL, WORKERS_KEY, JobStore
+from core.settings import QUEUE
 
 ALIVE_S = 30
 COUNTERS = f"{PREFIX}metrics:counters"

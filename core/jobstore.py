@@ -21,7 +21,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from service.settings import Settings
+from core.settings import Settings
 
 PREFIX = "recast:"
 STATES = ("queued", "running", "verifying", "uploading", "succeeded", "failed", "cancelling", "cancelled")
