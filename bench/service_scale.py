@@ -468,7 +468,7 @@ class Service:
     """Embedded Redis, the API and ``workers`` worker processes, all children of this process."""
 
     def __init__(self, work: Path, workers: int, s3_endpoint: str | None):
-        from service.embedded import EmbeddedRedis
+        from core.embedded import EmbeddedRedis
 
         self.dir = work / f"service-{workers}w"
         shutil.rmtree(self.dir, ignore_errors=True)
