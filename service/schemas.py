@@ -18,6 +18,7 @@ from core.jobstore import STATES
 from worker.engine.adapters import ADAPTERS
 from worker.engine.encode import QUANTIZE_MODES
 from worker.engine.options import DTYPE_ARGS
+from worker.engine.qformat import FORMAT_NAMES
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
 
@@ -26,6 +27,7 @@ _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
 JobState = StrEnum("JobState", [(s, s) for s in STATES])
 Dtype = StrEnum("Dtype", [(d, d) for d in DTYPE_ARGS])
 Quantize = StrEnum("Quantize", [(q, q) for q in QUANTIZE_MODES])
+QuantFormatName = StrEnum("QuantFormatName", [(f, f) for f in FORMAT_NAMES])
 
 
 class Format(StrEnum):
@@ -54,6 +56,9 @@ class JobRequest(BaseModel):
     adapter: str | None = Field(None, description=_ADAPTER)
     dtype: Dtype = Field(Dtype.bf16, description="the dtype dequantized weights are written in")
     quantize: Quantize = Field(Quantize.keep, description="how FP8 weights are written, converting to hf")
+    format: QuantFormatName | None = Field(
+        None, description="how quantized hf output is spelled; default: the source's, fp8 if none is recorded"
+    )
     verify: bool = True
     overwrite: bool = Field(False, description="replace what the target holds when the job publishes")
     labels: dict[str, str] = Field(default_factory=dict)
@@ -191,11 +196,29 @@ class Adapter(BaseModel):
     nemo_adapter: str | None
 
 
+class QuantGroup(BaseModel):
+    """One scheme of the source's quantization_config (compressed-tensors: a config group)."""
+
+    group: str
+    targets: list[str]
+    weights: str
+    block_structure: list[int] | None
+    input_activations: str | None
+
+
+class OutputFormat(BaseModel):
+    keep: bool = Field(description="whether quantize=keep can write the source's FP8 bytes in this format")
+    quantize: list[str] = Field(description="the fresh quantize schemes this format takes")
+
+
 class QuantizationInfo(BaseModel):
     quantized_tensors: int
     schemes: list[str]
     block_size: list[int] | None
     activation_scheme: str | None
+    format: QuantFormatName = Field(description="how the source spells FP8 (for native: its recorded source)")
+    groups: list[QuantGroup]
+    output_formats: dict[str, OutputFormat]
 
 
 class ConversionEstimate(BaseModel):

@@ -34,7 +34,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = 128
 
-SCHEMES: tuple[str, ...] = ("per-tensor", "per-expert", "block")
+SCHEMES: tuple[str, ...] = ("per-tensor", "per-expert", "per-channel", "block")
 # Per-expert scales only exist for the aggregated 3-D expert tensors of Mistral 4.
 _PER_EXPERT_FAMILIES = ("mistral4", "mistral4-vlm")
 
@@ -317,6 +317,8 @@ def _quantize(
         full = _expand_blocks(scale, w.shape)
     elif scheme == "per-expert" and w.ndim == 3:
         scale = full = _safe_scale(w32.abs().amax(dim=(1, 2), keepdim=True))
+    elif scheme == "per-channel":  # one scale per output row: [R, 1], [E, R, 1] for 3-D experts
+        scale = full = _safe_scale(w32.abs().amax(dim=-1, keepdim=True))
     else:
         full = _safe_scale(w32.abs().amax())
         scale = full.reshape(scalar_shape)
@@ -497,6 +499,7 @@ def _finish(
     gen: dict[str, Any],
     shards: int,
     mutate_assign: Callable[[dict[str, int]], None] | None,
+    rename: Callable[[str], str] | None = None,
 ) -> Path:
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
@@ -504,6 +507,9 @@ def _finish(
     assign = _assign_shards(sd, shards)
     if mutate_assign is not None:
         mutate_assign(assign)
+    if rename is not None:
+        sd = {rename(k): t for k, t in sd.items()}
+        assign = {rename(k): i for k, i in assign.items()}
     _write_shards(dst, sd, assign, shards)
     _write_side_files(dst, family, seed, config, gen)
     return dst
@@ -547,6 +553,94 @@ def build_checkpoint(
         _split_work_units(sd, assign, shards)
 
     return _finish(dst, family, seed, sd, config, gen, shards, split if split_scales else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# compressed-tensors (llm-compressor's spelling of the same FP8 numbers)
+# --------------------------------------------------------------------------------------------------
+
+
+def _ct_rename(sd: dict[str, torch.Tensor]) -> Callable[[str], str]:
+    """Vendor names → compressed-tensors names: ``K_scale_inv`` → ``K_scale``, activation scales →
+    ``X.input_scale`` / ``K_input_scale``; the values are the same dequantization multipliers."""
+    acts = {activation_scale_key(k): k for k in sd if activation_scale_key(k) in sd}
+
+    def rename(key: str) -> str:
+        if key.endswith("_scale_inv"):
+            return key[: -len("_inv")]
+        if key in acts:
+            w = acts[key]
+            return w[: -len(".weight")] + ".input_scale" if w.endswith(".weight") else w + "_input_scale"
+        return key
+
+    return rename
+
+
+def _ct_args(strategy: str, dynamic: bool, **extra: Any) -> dict[str, Any]:
+    args = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": dynamic}
+    return {**args, "group_size": None, "block_structure": None, "actorder": None, **extra}
+
+
+def ct_quantization_config(scheme: str, ignore: list[str]) -> dict[str, Any]:
+    """What llm-compressor writes for FP8 (static), FP8_DYNAMIC and FP8_BLOCK."""
+    weights = {
+        "per-tensor": _ct_args("tensor", False),
+        "per-channel": _ct_args("channel", False),
+        "block": _ct_args("block", False, block_structure=[BLOCK, BLOCK]),
+    }[scheme]
+    acts = {
+        "per-tensor": _ct_args("tensor", False),
+        "per-channel": _ct_args("token", True),
+        "block": _ct_args("group", True, group_size=BLOCK),
+    }[scheme]
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts, "format": None}
+        },
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+    }
+
+
+def build_compressed_tensors(
+    dst: Path,
+    family: str,
+    *,
+    scheme: str = "per-tensor",
+    zero_points: bool = False,
+    seed: int = 0,
+    shards: int = 3,
+) -> Path:
+    """The model of ``build_checkpoint`` (same seed, same FP8 bytes and scale values) in the
+    compressed-tensors layout. Per-tensor scales are stored ``[1]``; ``zero_points`` adds the all-zero
+    ``weight_zero_point`` tensors some writers emit for symmetric schemes."""
+    _check_args(family, "default", scheme)
+    if scheme == "per-expert":
+        raise ValueError("compressed-tensors has no per-expert strategy")
+    dst = Path(dst)
+    plain, config, gen = _saved_model(family, "default", False, seed)
+    sd = quantize_state_dict(plain, family, scheme, seed)
+    for k in list(sd):
+        if k.endswith("_scale_inv") and sd[k].dim() == 0:
+            sd[k] = sd[k].reshape(1)
+    if zero_points:
+        for k in [k for k in sd if k.endswith("_scale_inv")]:
+            sd[k[: -len("_scale_inv")] + "_zero_point"] = torch.zeros(sd[k].shape, dtype=FP8_DTYPE)
+    ignore = _quantization_config(scheme, list(sd), sd, family)["modules_to_not_convert"]
+    qcfg = ct_quantization_config(scheme, ignore)
+    config = {**config, "quantization_config": qcfg}
+    if "text_config" in config:
+        config["text_config"] = {**config["text_config"], "quantization_config": qcfg}
+
+    def split(assign: dict[str, int]) -> None:
+        for k in [k for k in assign if k.endswith("_zero_point")]:
+            assign[k] = assign[k[: -len("_zero_point")]]
+        _split_work_units(sd, assign, shards)
+
+    return _finish(dst, family, seed, sd, config, gen, shards, split, _ct_rename(sd))
 
 
 def build_plain(

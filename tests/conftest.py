@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import build_checkpoint, build_plain
+from checkpoints import build_checkpoint, build_compressed_tensors, build_plain
 
 pytest_plugins = ["servers"]
 
@@ -42,5 +42,22 @@ def plain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., 
         if family not in cache:
             cache[family] = build_plain(tmp_path_factory.mktemp(f"plain-{family}") / "ckpt", family)
         return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ct_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``ct_checkpoint(family, scheme=..., zero_points=...)``: the same model in compressed-tensors form."""
+    cache: dict[tuple, Path] = {}
+
+    def get(family: str, scheme: str = "per-tensor", zero_points: bool = False) -> Path:
+        key = (family, scheme, zero_points)
+        if key not in cache:
+            dst = tmp_path_factory.mktemp(f"ct-{family}-{scheme}{'-zp' if zero_points else ''}")
+            cache[key] = build_compressed_tensors(
+                dst / "ckpt", family, scheme=scheme, zero_points=zero_points
+            )
+        return cache[key]
 
     return get

@@ -29,9 +29,18 @@ def _print_inspect(info: dict[str, Any]) -> None:
     print(f"format        {info['format']}  adapter {info['adapter']}  layout {info['layout']}")
     print(f"detection     {info['detection']}")
     print(
-        f"quantization  {', '.join(q['schemes']) or 'none'}  activation {q['activation_scheme'] or '-'}"
-        f"  ({q['quantized_tensors']} FP8 tensors)"
+        f"quantization  {q['format']}: {', '.join(q['schemes']) or 'none'}  activation "
+        f"{q['activation_scheme'] or '-'}  ({q['quantized_tensors']} FP8 tensors)"
     )
+    for g in q["groups"]:
+        print(
+            f"{'':<14}{g['group']}: weights {g['weights']}, input activations {g['input_activations'] or '-'}"
+        )
+    outs = [
+        f"{name} (keep{'' if o['keep'] else ' impossible'}; {', '.join(o['quantize'])})"
+        for name, o in q["output_formats"].items()
+    ]
+    print(f"output        --format {' or '.join(outs)}")
     print(f"shards        {info['shards']}  tensors {info['tensors']}  bytes {_human(info['bytes'])}")
     print(
         f"would write   --to {conv['to']} ({conv['dtype']}): {_human(conv['output_bytes'])} on disk "
@@ -92,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=("native", "hf"), required=True)
     c.add_argument("--adapter")
     c.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16")
-    c.add_argument("--quantize", choices=("keep", "none", "per-tensor", "block"), default="keep")
+    c.add_argument(
+        "--quantize", choices=("keep", "none", "per-tensor", "per-channel", "block"), default="keep"
+    )
+    c.add_argument(
+        "--format",
+        choices=("fp8", "compressed-tensors"),
+        help="how quantized hf output is spelled (default: the source's)",
+    )
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     c.add_argument("--no-verify", dest="verify", action="store_false")
     c.add_argument("--overwrite", action="store_true")
@@ -197,6 +213,7 @@ def _run(args: argparse.Namespace) -> int:
             adapter=args.adapter,
             dtype=args.dtype,
             quantize=args.quantize,
+            format=args.format,
             device=args.device,
             verify=args.verify,
             overwrite=args.overwrite,

@@ -60,6 +60,7 @@ def _options(job: dict[str, Any]) -> Options:
         adapter=req.get("adapter"),
         dtype=req.get("dtype", "bf16"),
         quantize=req.get("quantize", "keep"),
+        format=req.get("format"),
         verify=req.get("verify", True),
         source_location=req["source"],
         source_revision=job.get("source_revision") or None,

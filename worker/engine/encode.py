@@ -10,17 +10,21 @@ import torch
 from .adapters import Adapter
 from .fp8 import ScaleKind, expand_scale, fresh_scale, quantize, scale_from_amax, scale_shape
 from .keymap import Quant
+from .qformat import FP8_FORMAT, QuantFormat, Scheme
 from .safetensors_io import DTYPES
 
-QUANTIZE_MODES = ("keep", "none", "per-tensor", "block")
+QUANTIZE_MODES = ("keep", "none", "per-tensor", "per-channel", "block")
+# Fresh scales per mode; a per-channel or block scale is computed from the rows it covers alone.
+FRESH = {"per-tensor": ScaleKind.PER_TENSOR, "per-channel": ScaleKind.PER_CHANNEL, "block": ScaleKind.BLOCK}
 
 
 @dataclass(frozen=True)
 class Encoding:
-    """What hf tensor ``key`` becomes on disk.
+    """What hf tensor ``key`` becomes on disk, in format ``fmt``.
 
     ``mode`` None writes ``dtype`` as is; ``keep`` re-quantizes with the recorded scale ``keep``;
-    ``per-tensor``/``block`` compute fresh scales. ``activation`` is carried verbatim when static.
+    ``per-tensor``/``per-channel``/``block`` compute fresh scales. ``activation`` (a source key) is
+    carried verbatim when static, written as ``activation_out``; so is ``zero_point`` (same format only).
     """
 
     key: str
@@ -28,16 +32,20 @@ class Encoding:
     mode: str | None = None
     keep: Quant | None = None
     activation: str | None = None
+    fmt: QuantFormat = FP8_FORMAT
+    activation_out: str | None = None
+    zero_point: str | None = None
+    renamed: bool = False  # keep across formats: the scale is re-spelled (and a per-tensor one re-shaped)
 
     @property
     def scale_key(self) -> str:
-        return self.key + "_scale_inv"
+        return self.fmt.scale_key(self.key)
 
     @property
     def scale_kind(self) -> ScaleKind | None:
         if self.mode == "keep":
             return self.keep.kind
-        return {"per-tensor": ScaleKind.PER_TENSOR, "block": ScaleKind.BLOCK}.get(self.mode or "")
+        return FRESH.get(self.mode or "")
 
 
 def choose(
@@ -47,15 +55,24 @@ def choose(
     recorded: dict[str, Quant],
     source_dtypes: dict[str, str],
     adapter: Adapter,
+    fmt: QuantFormat = FP8_FORMAT,
+    source_fmt: QuantFormat = FP8_FORMAT,
 ) -> Encoding:
-    """Decide one hf tensor's encoding from the requested mode and what the source had."""
+    """Decide one hf tensor's encoding from the requested mode and format and what the source had."""
     original = source_dtypes.get(key, value_dtype)
     plain = value_dtype if original.startswith("F8") else original
     q = recorded.get(key)
+    same = fmt is source_fmt
+    act = q.activation if q else None
+    act_out = act if same else (fmt.activation_keys(key)[0] if act else None)
     if quantize_mode == "keep" and q is not None:
-        return Encoding(key, "F8_E4M3", "keep", q, q.activation)
-    if quantize_mode in ("per-tensor", "block") and adapter.quantizable(key):
-        return Encoding(key, "F8_E4M3", quantize_mode, None, q.activation if q else None)
+        fmt.check_kind(key, q.kind)
+        return Encoding(
+            key, "F8_E4M3", "keep", q, act, fmt, act_out, q.zero_point if same else None, not same
+        )
+    if quantize_mode in FRESH and adapter.quantizable(key):
+        fmt.check_kind(key, FRESH[quantize_mode])
+        return Encoding(key, "F8_E4M3", quantize_mode, None, act, fmt, act_out)
     return Encoding(key, plain)
 
 
@@ -68,8 +85,10 @@ class Encoder:
         self._scale: torch.Tensor | None = None
         if enc.mode == "keep":
             self._scale = scales(enc.keep.scale)
+            if enc.renamed and enc.keep.kind is ScaleKind.PER_TENSOR:
+                self._scale = self._scale.reshape(enc.fmt.tensor_scale_shape)
         elif enc.mode == "per-tensor" and amax is not None:
-            self._scale = scale_from_amax(amax).reshape(())
+            self._scale = scale_from_amax(amax).reshape(enc.fmt.tensor_scale_shape)
 
     @property
     def needs_amax(self) -> bool:
@@ -77,7 +96,7 @@ class Encoder:
         return self.enc.mode == "per-tensor" and self._scale is None
 
     def set_amax(self, amax: torch.Tensor) -> None:
-        self._scale = scale_from_amax(amax).reshape(())
+        self._scale = scale_from_amax(amax).reshape(self.enc.fmt.tensor_scale_shape)
 
     def rows(self, x: torch.Tensor, r0: int) -> list[tuple[str, int, torch.Tensor]]:
         """Encode rows ``r0…`` of the value; returns (key, row, tensor) pieces to write."""
@@ -85,10 +104,10 @@ class Encoder:
         if enc.mode is None:
             return [(enc.key, r0, x.to(_torch(enc.dtype)))]
         rows = slice(r0, r0 + (x.shape[0] if x.dim() else 1))
-        if enc.mode == "block":
-            s = fresh_scale(ScaleKind.BLOCK, x)
-            q = quantize(x, expand_scale(ScaleKind.BLOCK, s, slice(0, rows.stop - r0), tuple(x.shape)))
-            srow = r0 // 128 if len(self.shape) == 2 else r0
+        if enc.mode in ("block", "per-channel"):
+            s = fresh_scale(self.kind, x)
+            q = quantize(x, expand_scale(self.kind, s, slice(0, rows.stop - r0), tuple(x.shape)))
+            srow = r0 // 128 if len(self.shape) == 2 and enc.mode == "block" else r0
             return [(enc.key, r0, q), (enc.scale_key, srow, s)]
         scale = self._scale.to(x.device)
         return [(enc.key, r0, quantize(x, expand_scale(self.kind, scale, rows, self.shape)))]
@@ -98,9 +117,15 @@ class Encoder:
         out = []
         if self.enc.mode in ("keep", "per-tensor"):
             out.append((self.enc.scale_key, 0, self._scale))
-        if self.enc.activation:
-            out.append((self.enc.activation, 0, self._scales(self.enc.activation)))
+        for src, dst in self._carried():
+            out.append((dst, 0, self._scales(src)))
         return out
+
+    def _carried(self) -> list[tuple[str, str]]:
+        """(source key, output key) of the companions carried verbatim."""
+        enc = self.enc
+        pairs = [(enc.activation, enc.activation_out), (enc.zero_point, enc.zero_point)]
+        return [(a, b) for a, b in pairs if a and b]
 
     def planned(self, scales_info) -> list[tuple[str, str, tuple[int, ...]]]:
         """(key, dtype, shape) of everything this tensor writes, for the shard layout."""
@@ -108,12 +133,16 @@ class Encoder:
         out = [(enc.key, enc.dtype, self.shape)]
         if enc.mode == "keep":
             info = scales_info(enc.keep.scale)
-            out.append((enc.scale_key, info.dtype, info.shape))
-        elif enc.mode in ("per-tensor", "block"):
-            out.append((enc.scale_key, "F32", scale_shape(self.kind, self.shape)))
-        if enc.activation:
-            info = scales_info(enc.activation)
-            out.append((enc.activation, info.dtype, info.shape))
+            shape = tuple(self._scale.shape) if enc.renamed else info.shape
+            out.append((enc.scale_key, info.dtype, shape))
+        elif enc.mode in FRESH:
+            shape = enc.fmt.tensor_scale_shape if self.kind is ScaleKind.PER_TENSOR else None
+            out.append(
+                (enc.scale_key, "F32", shape if shape is not None else scale_shape(self.kind, self.shape))
+            )
+        for src, dst in self._carried():
+            info = scales_info(src)
+            out.append((dst, info.dtype, info.shape))
         return out
 
 
@@ -121,8 +150,10 @@ def _torch(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def quantization_config(encodings: list[Encoding], adapter: Adapter, mode: str) -> dict[str, Any] | None:
-    """The config.json entry for freshly quantized output (DESIGN §4)."""
+def quantization_config(
+    encodings: list[Encoding], adapter: Adapter, fmt: QuantFormat
+) -> dict[str, Any] | None:
+    """The config.json entry for freshly quantized output (DESIGN §4), in ``fmt``'s spelling."""
     quantized = [e for e in encodings if e.mode]
     if not quantized:
         return None
@@ -133,9 +164,5 @@ def quantization_config(encodings: list[Encoding], adapter: Adapter, mode: str) 
             continue
         prefix = next((p for p in adapter.not_quantized_prefixes if p in e.key), None)
         skipped.add(e.key[: e.key.index(prefix) + len(prefix) - 1] if prefix else e.key[: -len(".weight")])
-    return {
-        "quant_method": "fp8",
-        "activation_scheme": "static" if static else "dynamic",
-        "weight_block_size": [128, 128] if mode == "block" else None,
-        "modules_to_not_convert": sorted(skipped),
-    }
+    kinds = frozenset(e.scale_kind for e in quantized)
+    return fmt.write_config(Scheme(kinds, static, sorted(skipped)))

@@ -23,7 +23,14 @@ BLOCK = 128
 class ScaleKind(StrEnum):
     PER_TENSOR = "per-tensor"
     PER_EXPERT = "per-expert"
+    PER_CHANNEL = "per-channel"
     BLOCK = "block"
+
+    @property
+    def tabulated(self) -> bool:
+        """One scale per dim-0 slice (or one in all): the CPU tables apply, and the scale still fits a
+        view whose last two dims are swapped. Per-channel and block scales vary within a slice."""
+        return self in (ScaleKind.PER_TENSOR, ScaleKind.PER_EXPERT)
 
 
 def classify_scale(key: str, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> ScaleKind:
@@ -38,6 +45,9 @@ def classify_scale(key: str, weight_shape: tuple[int, ...], scale_shape: tuple[i
         and (len(scale_shape) in (1, 3))
     ):
         return ScaleKind.PER_EXPERT
+    # One scale per output row: [R, 1], or [E, R, 1] for 3-D experts (compressed-tensors' channel strategy).
+    if len(weight_shape) in (2, 3) and tuple(scale_shape) == (*weight_shape[:-1], 1) and weight_shape[-2] > 1:
+        return ScaleKind.PER_CHANNEL
     # Block scales are checked unsqueezed: a [1, N] scale of a weight with <= 128 rows is still 2-D.
     if len(scale_shape) == len(weight_shape) and len(weight_shape) in (2, 3):
         blocks = tuple(-(-d // BLOCK) for d in weight_shape[-2:])
@@ -46,8 +56,8 @@ def classify_scale(key: str, weight_shape: tuple[int, ...], scale_shape: tuple[i
         ):
             return ScaleKind.BLOCK
     raise CheckpointError(
-        f"scale of {key!r} has shape {list(scale_shape)} which fits neither per-tensor, per-expert nor "
-        f"128x128 blocks of its weight shape {list(weight_shape)}"
+        f"scale of {key!r} has shape {list(scale_shape)} which fits neither per-tensor, per-expert, "
+        f"per-channel ([rows, 1]) nor 128x128 blocks of its weight shape {list(weight_shape)}"
     )
 
 
@@ -58,6 +68,8 @@ def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple
         return s.reshape(())
     if kind is ScaleKind.PER_EXPERT:
         return s.reshape(-1)[rows].reshape(-1, 1, 1)
+    if kind is ScaleKind.PER_CHANNEL:
+        return s[rows]
     r, c = shape[-2], shape[-1]
     if len(shape) == 2:
         lo, hi = rows.start, rows.stop
@@ -80,10 +92,13 @@ def quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fresh_scale(kind: ScaleKind, w: torch.Tensor) -> torch.Tensor:
-    """amax / 448 per tensor or per 128x128 block (per expert for 3-D); an all-zero group gets 1."""
+    """amax / 448 per tensor, per output row or per 128x128 block (per expert for 3-D); an all-zero
+    group gets 1."""
     a = w.float().abs()
     if kind is ScaleKind.PER_TENSOR:
         amax = a.max() if a.numel() else torch.zeros((), device=a.device)
+    elif kind is ScaleKind.PER_CHANNEL:
+        amax = a.amax(dim=-1, keepdim=True)
     else:
         r, c = a.shape[-2], a.shape[-1]
         rb, cb = -(-r // BLOCK), -(-c // BLOCK)
@@ -107,6 +122,8 @@ def scale_shape(kind: ScaleKind, shape: tuple[int, ...]) -> tuple[int, ...]:
         return ()
     if kind is ScaleKind.PER_EXPERT:
         return (shape[0], 1, 1)
+    if kind is ScaleKind.PER_CHANNEL:
+        return (*shape[:-1], 1)
     return (*shape[:-2], -(-shape[-2] // BLOCK), -(-shape[-1] // BLOCK))
 
 
@@ -157,10 +174,10 @@ def decode(
 ) -> torch.Tensor:
     """Dequantized rows ``rows`` of a tensor of ``shape``: table lookups on the CPU where they pay.
 
-    ``q`` may be a view with its last two dims swapped (the experts' transpose) unless block-scaled.
+    ``q`` may be a view with its last two dims swapped (the experts' transpose) if ``kind.tabulated``.
     """
     groups = 1 if kind is ScaleKind.PER_TENSOR else rows.stop - rows.start
-    if kind is not ScaleKind.BLOCK and lut.applies(q, groups, lut.MIN_DECODE):
+    if kind.tabulated and lut.applies(q, groups, lut.MIN_DECODE):
         s = scale.float().reshape(-1)
         return lut.decode(q, s if kind is ScaleKind.PER_TENSOR else s[rows], dtype, dequantize)
     return dequantize(q, expand_scale(kind, scale, rows, shape), dtype)
@@ -172,7 +189,7 @@ def encode(
     """``quantize`` with a recorded scale over rows ``rows``; tables on the CPU for 16-bit values."""
     groups = 1 if kind is ScaleKind.PER_TENSOR else rows.stop - rows.start
     if (
-        kind is not ScaleKind.BLOCK
+        kind.tabulated
         and w.element_size() == 2
         and w.is_floating_point()
         and lut.applies(w, groups, lut.MIN_ENCODE)
@@ -189,7 +206,7 @@ def exact_codes(
     where none), by table on the CPU; None where tables do not apply (then check both directions)."""
     groups = 1 if kind is ScaleKind.PER_TENSOR else rows.stop - rows.start
     if (
-        kind is ScaleKind.BLOCK
+        not kind.tabulated
         or w.element_size() != 2
         or not w.is_floating_point()
         or not lut.applies(w, groups, lut.MIN_ENCODE)

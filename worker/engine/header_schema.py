@@ -198,6 +198,7 @@ class RecordedQuant(_Closed):
     # Lax for this one field only: a JSON string may name an enum member.
     kind: ScaleKind = Field(strict=False, description=f"one of {', '.join(ScaleKind)}")
     activation: str | None = Field(description="a string or null")
+    zero_point: str | None = Field(None, description="a string or null")
 
 
 class RecordedPlan(_Closed):

@@ -7,10 +7,12 @@ from typing import Any
 
 from .adapters import detect
 from .checkpoint import open_checkpoint
+from .encode import FRESH
 from .formats import is_native
 from .fp8 import ScaleKind
 from .keymap import find_quant
 from .options import DTYPE_ARGS, STEP_BYTES
+from .qformat import FORMATS, describe, source_format
 from .safetensors_io import DTYPES
 from .storage import Source, open_source
 
@@ -21,8 +23,13 @@ def inspect(
     ckpt = open_checkpoint(open_source(src))
     chosen = detect(ckpt.config, list(ckpt.tensors), adapter or (ckpt.sidecar or {}).get("adapter"))
     native = is_native(ckpt)
-    quant, companions = ({}, []) if native else find_quant(ckpt.tensors)
-    kinds = sorted({q.kind.value for q in quant.values()})
+    # A native checkpoint's quantization is its recorded source's, which the way back restores.
+    recorded = (ckpt.sidecar or {}).get("plan") or {}
+    config = (ckpt.sidecar or {}).get("source", {}).get("config") if native else ckpt.config
+    quant, companions = ({}, []) if native else find_quant(ckpt.tensors, source_format(config))
+    kinds = sorted(
+        {q.kind.value for q in quant.values()} or {q["kind"] for q in recorded.get("quant", {}).values()}
+    )
     activation = "static" if any(q.activation for q in quant.values()) else ("dynamic" if quant else None)
     shard_sizes = [ckpt.shard_bytes(n) for n in ckpt.shards]
     itemsize = DTYPES[DTYPE_ARGS[dtype]].itemsize
@@ -45,6 +52,8 @@ def inspect(
             "schemes": kinds,
             "block_size": [128, 128] if ScaleKind.BLOCK.value in kinds else None,
             "activation_scheme": activation,
+            **describe(config),
+            "output_formats": _output_formats(kinds),
         },
         "shards": len(ckpt.shards),
         "tensors": len(ckpt.tensors),
@@ -58,4 +67,16 @@ def inspect(
             "disk_bytes_needed": out_bytes if not native else ckpt.total_bytes,
             "peak_host_memory_bytes": 3 * largest_out + 2 * STEP_BYTES["cpu"] * 4,
         },
+    }
+
+
+def _output_formats(kinds: list[str]) -> dict[str, dict[str, Any]]:
+    """Per output format: whether ``--quantize keep`` can spell these scales in it (the FP8 bytes then
+    stay as they are), and the fresh ``--quantize`` schemes it can take."""
+    return {
+        name: {
+            "keep": all(ScaleKind(k) in fmt.kinds for k in kinds),
+            "quantize": [mode for mode, kind in FRESH.items() if kind in fmt.kinds],
+        }
+        for name, fmt in FORMATS.items()
     }

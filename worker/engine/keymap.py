@@ -16,18 +16,23 @@ from .adapters import ADAPTERS, Adapter, describe_config, detected, expert_owner
 from .checkpoint import Checkpoint
 from .errors import AdapterMismatchError, CheckpointError
 from .fp8 import ScaleKind, classify_scale
+from .qformat import FP8_FORMAT, QuantFormat, source_format
 from .safetensors_io import TensorInfo
-
-SCALE_SUFFIX = "_scale_inv"
 
 
 @dataclass(frozen=True)
 class Quant:
-    """An hf tensor's FP8 companions: its scale and, for static activation schemes, an activation scale."""
+    """An hf tensor's FP8 companions: its scale, for static activation schemes an activation scale, and
+    (compressed-tensors) a zero point, which is all zeros for the symmetric FP8 Recast reads."""
 
     scale: str
     kind: ScaleKind
     activation: str | None = None
+    zero_point: str | None = None
+
+    @property
+    def companions(self) -> list[str]:
+        return [k for k in (self.scale, self.activation, self.zero_point) if k]
 
 
 @dataclass
@@ -68,6 +73,7 @@ class KeyPlan:
             "tensors": [asdict(t) for t in self.tensors],
             "quant": {
                 k: {"scale": q.scale, "kind": q.kind.value, "activation": q.activation}
+                | ({"zero_point": q.zero_point} if q.zero_point else {})
                 for k, q in self.quant.items()
             },
         }
@@ -76,43 +82,45 @@ class KeyPlan:
     def from_json(cls, data: dict[str, Any]) -> KeyPlan:
         return cls(
             [NativeTensor(**t) for t in data["tensors"]],
-            {k: Quant(v["scale"], ScaleKind(v["kind"]), v["activation"]) for k, v in data["quant"].items()},
+            {
+                k: Quant(v["scale"], ScaleKind(v["kind"]), v["activation"], v.get("zero_point"))
+                for k, v in data["quant"].items()
+            },
         )
 
 
-def find_quant(tensors: dict[str, TensorInfo]) -> tuple[dict[str, Quant], list[str]]:
-    """Pair every FP8 tensor with its scale (looked up across shards); error on a missing one."""
+def find_quant(
+    tensors: dict[str, TensorInfo], fmt: QuantFormat = FP8_FORMAT
+) -> tuple[dict[str, Quant], list[str]]:
+    """Pair every FP8 tensor with its scale (looked up across shards), named as ``fmt`` names them;
+    error on a missing one, and on a companion that belongs to no quantized tensor."""
     quant: dict[str, Quant] = {}
     companions: set[str] = set()
     for key, info in tensors.items():
-        if key.endswith(SCALE_SUFFIX):
-            base = key[: -len(SCALE_SUFFIX)]
+        if fmt.companion_name(key):
+            continue
+        if key.endswith(fmt.scale_suffix):
+            base = key[: -len(fmt.scale_suffix)]
             if base not in tensors:
                 raise CheckpointError(f"scale {key!r} (in {info.file}) has no weight {base!r}")
             continue
-        if key.endswith("activation_scale"):
-            continue
-        scale = key + SCALE_SUFFIX
+        scale = fmt.scale_key(key)
         if scale in tensors:
             kind = classify_scale(key, info.shape, tensors[scale].shape)
-            activation = _activation_key(key, tensors)
-            quant[key] = Quant(scale, kind, activation)
-            companions.update({scale, activation} - {None})
+            activation = next((c for c in fmt.activation_keys(key) if c in tensors), None)
+            zero_point = fmt.zero_point_key(key)
+            q = Quant(scale, kind, activation, zero_point if zero_point in tensors else None)
+            quant[key] = q
+            companions.update(q.companions)
         elif info.dtype.startswith("F8"):
             raise CheckpointError(
                 f"{key!r} in {info.file} is {info.dtype} but its scale {scale!r} is missing from the checkpoint"
+                f" ({fmt.name} layout, from config.json)"
             )
-    strays = [k for k in tensors if k.endswith("activation_scale") and k not in companions]
+    strays = [k for k in tensors if fmt.companion_name(k) and k not in companions]
     if strays:
-        raise CheckpointError(f"activation scale {strays[0]!r} belongs to no quantized weight")
+        raise CheckpointError(f"{strays[0]!r} belongs to no quantized weight")
     return quant, sorted(companions)
-
-
-def _activation_key(key: str, tensors: dict[str, TensorInfo]) -> str | None:
-    candidates = [key + "_activation_scale"]
-    if key.endswith(".weight"):
-        candidates.insert(0, key[: -len(".weight")] + ".activation_scale")
-    return next((c for c in candidates if c in tensors), None)
 
 
 def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
@@ -124,7 +132,7 @@ def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
 
 
 def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
-    quant, companions = find_quant(ckpt.tensors)
+    quant, companions = find_quant(ckpt.tensors, source_format(ckpt.config))
     skip = set(companions)
     out: list[NativeTensor] = []
     stacks: dict[tuple[str, int], dict[int, dict[str, str]]] = {}

@@ -10,6 +10,7 @@ import torch
 
 from .encode import QUANTIZE_MODES
 from .errors import RecastError
+from .qformat import FORMAT_NAMES
 
 DTYPE_ARGS = {"bf16": "BF16", "fp32": "F32", "fp16": "F16"}
 DEVICES = ("auto", "cpu", "cuda")
@@ -28,6 +29,7 @@ class Options:
     adapter: str | None = None
     dtype: str = "bf16"
     quantize: str = "keep"
+    format: str | None = None  # how quantized hf output is spelled; None: the source's (fp8 if unknown)
     device: str = "auto"
     verify: bool = True
     overwrite: bool = False
@@ -41,6 +43,8 @@ class Options:
             raise RecastError(f"--dtype must be one of {', '.join(DTYPE_ARGS)}, not {self.dtype!r}")
         if self.quantize not in QUANTIZE_MODES:
             raise RecastError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, not {self.quantize!r}")
+        if self.format is not None and self.format not in FORMAT_NAMES:
+            raise RecastError(f"--format must be one of {', '.join(FORMAT_NAMES)}, not {self.format!r}")
         if self.device not in DEVICES:
             raise RecastError(f"--device must be auto, cpu or cuda, not {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -112,7 +112,7 @@ def hf_value(
 
     ``fetched`` holds bytes already read by ``fetch`` (keyed like its requests); others are read now.
     ``transposed`` swaps the last two dims, before dequantizing where the scale allows (a table
-    lookup then writes the transposed layout in the same pass), after it for block scales.
+    lookup then writes the transposed layout in the same pass), after it for per-channel and block scales.
     """
     fetched = fetched or {}
     info = src.info(key)
@@ -123,7 +123,7 @@ def hf_value(
     if r0 is None or not info.shape:
         r0, r1 = 0, info.shape[0] if info.shape else 1
     q = quant.get(key)
-    early = transposed and (q is None or q.kind is not ScaleKind.BLOCK)
+    early = transposed and (q is None or q.kind.tabulated)
     if early:
         x = x.transpose(-1, -2)
     if q is not None:

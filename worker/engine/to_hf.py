@@ -31,6 +31,7 @@ from .keymap import KeyPlan, NativeTensor, find_quant, plan_from_native
 from .layout import Layout
 from .options import DTYPE_ARGS, STEP_BYTES, Options
 from .pipeline import Fetched, Piece, Unit
+from .qformat import FORMATS, QuantFormat, source_format
 from .report import Report, TensorResult
 from .safetensors_io import DTYPES, PlannedTensor
 from .tensors import TensorSource, fetch, hf_align, hf_shapes, hf_value, inverse_views, row_chunks
@@ -54,6 +55,9 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
     plan: KeyPlan | None = None
     companions: list[str] = []
     items: list[HfItem] = []
+    source_fmt = source_format(sidecar.get("source", {}).get("config") if native_src else src.config)
+    fmt = FORMATS[opts.format] if opts.format else source_fmt
+    formats = {"fmt": fmt, "source_fmt": source_fmt}
     if native_src:
         plan = plan_from_native(src, adapter)
         recorded, source_dtypes = plan.quant, sidecar.get("source", {}).get("dtypes", {})
@@ -64,20 +68,20 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
             for k, shape in hf_shapes(t, info).items():
                 items.append(
                     HfItem(
-                        choose(k, info.dtype, opts.quantize, recorded, source_dtypes, adapter),
+                        choose(k, info.dtype, opts.quantize, recorded, source_dtypes, adapter, **formats),
                         shape,
                         t,
                         info.dtype,
                     )
                 )
     else:
-        recorded, companions = find_quant(src.tensors)
+        recorded, companions = find_quant(src.tensors, source_fmt)
         source_dtypes = {k: v.dtype for k, v in src.tensors.items()}
         for k, info in src.tensors.items():
-            if k in companions or k.endswith("_scale_inv"):
+            if k in companions:
                 continue
             value_dtype = DTYPE_ARGS[opts.dtype] if k in recorded else info.dtype
-            enc = choose(k, value_dtype, opts.quantize, recorded, source_dtypes, adapter)
+            enc = choose(k, value_dtype, opts.quantize, recorded, source_dtypes, adapter, **formats)
             items.append(HfItem(enc, info.shape, None, value_dtype))
     read_quant = {} if native_src else recorded
     encoders = {it.enc.key: Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev)) for it in items}
@@ -106,7 +110,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
         w = mine[enc.key].to(dev)
         if enc.mode is None:
             return w, None
-        if enc.mode == "block":
+        if enc.mode in ("block", "per-channel"):
             scale, rows, shape = mine[enc.scale_key].to(dev), slice(0, n), tuple(w.shape)
         else:
             scale, rows, shape = encoder._scale.to(dev), slice(r0, r0 + n), it.shape
@@ -250,7 +254,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
     return Direction(
         plan=plan,
         layout=layout,
-        config=_hf_config(src, sidecar, items, adapter, opts, native_src),
+        config=_hf_config(src, sidecar, items, adapter, opts, native_src, fmt, source_fmt),
         units=units,
         fetch=lambda reads: fetch(ts, read_quant, reads, pool),
         expected=expected,
@@ -262,7 +266,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
 def _tail_keys(enc: Encoding) -> list[str]:
     """What ``Encoder.finish`` writes once per tensor: a kept or per-tensor scale, an activation scale."""
     keys = [enc.scale_key] if enc.mode in ("keep", "per-tensor") else []
-    return keys + ([enc.activation] if enc.activation else [])
+    return keys + [k for k in (enc.activation_out, enc.zero_point) if k]
 
 
 def _read_bytes(ts: TensorSource, reads: list) -> int:
@@ -293,18 +297,21 @@ def _restorable(sidecar: dict[str, Any], produces: dict[str, list], opts: Option
     return raw if recorded == produced else None
 
 
-def _hf_config(src, sidecar, items, adapter, opts, native_src) -> dict[str, Any]:
+def _hf_config(
+    src, sidecar, items, adapter, opts, native_src, fmt: QuantFormat, source_fmt: QuantFormat
+) -> dict[str, Any]:
     config = copy.deepcopy(src.config)
     original = sidecar.get("source", {}).get("config") if native_src else src.config
     for c in (config, config.get("text_config")):
         if isinstance(c, dict):
             c.pop("quantization_config", None)
-    if opts.quantize == "keep" and any(it.enc.mode == "keep" for it in items) and original:
+    kept = opts.quantize == "keep" and any(it.enc.mode == "keep" for it in items)
+    if kept and original and fmt is source_fmt:
         for c, o in ((config, original), (config.get("text_config"), original.get("text_config"))):
             if isinstance(c, dict) and isinstance(o, dict) and "quantization_config" in o:
                 c["quantization_config"] = o["quantization_config"]
         return config
-    qc = quantization_config([it.enc for it in items], adapter, opts.quantize)
+    qc = quantization_config([it.enc for it in items], adapter, fmt)
     if qc:
         config["quantization_config"] = qc
         if isinstance(config.get("text_config"), dict):

@@ -94,6 +94,9 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
             else:
                 ok = same_bits(encode(piece, q.kind, scale, rows, info.shape), raw)
                 ok = ok and same_bits(decode(raw, q.kind, scale, rows, info.shape, piece.dtype), piece)
+            if q.zero_point is not None and bool(ts.rows(q.zero_point).float().any()):
+                checks.bitwise(key, n, False, f"zero point {q.zero_point!r} is not zero (asymmetric FP8)")
+                continue
             checks.bitwise(key, n, ok)
 
     def units(name: str, checks: Checks | None) -> Iterator[Unit]:
@@ -159,7 +162,7 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
 
 
 def _companions(plan: KeyPlan) -> list[str]:
-    return sorted({k for q in plan.quant.values() for k in (q.scale, q.activation) if k})
+    return sorted({k for q in plan.quant.values() for k in q.companions})
 
 
 def _account(src: Checkpoint, plan: KeyPlan, report: Report) -> None:

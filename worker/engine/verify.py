@@ -18,6 +18,7 @@ from .formats import is_native, sidecar_tensors
 from .fp8 import dequantize, expand_scale, quantize
 from .keymap import KeyPlan, find_quant, plan_from_native
 from .options import DTYPE_ARGS
+from .qformat import source_format
 from .report import Report, TensorResult
 from .safetensors_io import DTYPES
 from .storage import Source
@@ -49,7 +50,7 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
     plan = KeyPlan.from_json(dst.sidecar["plan"])
     sts = TensorSource.of(src)
     dts = TensorSource.of(dst, sidecar_tensors(dst))
-    quant, companions = find_quant(src.tensors)
+    quant, companions = find_quant(src.tensors, source_format(src.config))
     expected_keys = {t.key for t in plan.tensors}
     if set(dst.tensors) != expected_keys:
         extra, missing = set(dst.tensors) - expected_keys, expected_keys - set(dst.tensors)
@@ -106,7 +107,7 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
 
 def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.device) -> None:
     """→ hf: dequantize the written tensors and rebuild each source tensor from them."""
-    dquant, _ = find_quant(dst.tensors)
+    dquant, _ = find_quant(dst.tensors, source_format(dst.config))
     dts = TensorSource.of(dst)
     lossy_ok = options.get("quantize") != "none"
     dtype = DTYPES[DTYPE_ARGS[options.get("dtype", "bf16")]]
@@ -160,10 +161,10 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
             report.accounting["mapped"].append(t.key)
         _account(src, report)
         return
-    squant, companions = find_quant(src.tensors)
+    squant, companions = find_quant(src.tensors, source_format(src.config))
     sts = TensorSource.of(src)
     for key, info in src.tensors.items():
-        if key in companions or key.endswith("_scale_inv"):
+        if key in companions:
             continue
         if key not in dst.tensors:
             report.add(TensorResult(key, "bitwise", False, None, "missing from the output"))

@@ -1,0 +1,237 @@
+"""The ways an hf checkpoint spells FP8: one row of data per format, read and written by the same code.
+
+Both formats store ``float8_e4m3fn`` weights beside a dequantization multiplier (``w = q * s``); they
+differ only in names, in the shape of a per-tensor scale and in their ``quantization_config``:
+
+- ``fp8`` (the vendors' layout, transformers' ``quant_method: fp8``): ``K_scale_inv``, activation scales
+  ``X.activation_scale`` / ``K_activation_scale``.
+- ``compressed-tensors`` (llm-compressor, vLLM): ``K_scale``, ``X.input_scale`` / ``K_input_scale``, an
+  optional all-zero ``K_zero_point``; ``config_groups`` of ``weights`` / ``input_activations`` schemes
+  and an ``ignore`` list. Its config is read and written here, by hand: the ``compressed-tensors``
+  package imports transformers (27 s, and a dependency the engine does not otherwise have), so the
+  engine does not import it; the tests validate what this writes with the package's own schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CheckpointError, RecastError
+from .fp8 import BLOCK, ScaleKind
+
+FORMAT_NAMES = ("fp8", "compressed-tensors")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What a quantized output holds, for its config: the scale kinds, static activations, skipped modules."""
+
+    kinds: frozenset[ScaleKind]
+    static: bool
+    skipped: list[str]
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str
+    quant_method: str
+    scale_suffix: str  # K + scale_suffix is K's dequantization multiplier
+    activation: str  # X.<activation> beside X.weight, K_<activation> beside an expert tensor K
+    zero_point_suffix: str | None
+    tensor_scale_shape: tuple[int, ...]  # how a freshly written per-tensor scale is stored
+    kinds: frozenset[ScaleKind]  # the scale kinds its consumers read
+    write_config: Callable[[Scheme], dict[str, Any]]
+    read_config: Callable[[dict[str, Any]], list[dict[str, Any]]]
+
+    def scale_key(self, key: str) -> str:
+        return key + self.scale_suffix
+
+    def activation_keys(self, key: str) -> list[str]:
+        """Where ``key``'s activation scale may be, the name this format writes first."""
+        found = [f"{key}_{self.activation}"]
+        if key.endswith(".weight"):
+            found.insert(0, f"{key[: -len('.weight')]}.{self.activation}")
+        return found
+
+    def zero_point_key(self, key: str) -> str | None:
+        return key + self.zero_point_suffix if self.zero_point_suffix else None
+
+    def companion_name(self, key: str) -> bool:
+        """Activation scales and zero points: tensors that belong to a weight without a scale suffix."""
+        return key.endswith(self.activation) or bool(
+            self.zero_point_suffix and key.endswith(self.zero_point_suffix)
+        )
+
+    def check_kind(self, key: str, kind: ScaleKind) -> None:
+        if kind not in self.kinds:
+            others = [f.name for f in FORMATS.values() if kind in f.kinds]
+            raise RecastError(
+                f"{key!r} would be written with {kind.value} scales, which the {self.name} format has no "
+                f"scheme for (it has {', '.join(sorted(k.value for k in self.kinds))}); choose "
+                f"--format {' or '.join(others)}, or another --quantize scheme"
+            )
+
+
+def _fp8_config(s: Scheme) -> dict[str, Any]:
+    return {
+        "quant_method": "fp8",
+        "activation_scheme": "static" if s.static else "dynamic",
+        "weight_block_size": [BLOCK, BLOCK] if ScaleKind.BLOCK in s.kinds else None,
+        "modules_to_not_convert": s.skipped,
+    }
+
+
+def _fp8_read(qc: dict[str, Any]) -> list[dict[str, Any]]:
+    block = qc.get("weight_block_size")
+    return [
+        {
+            "group": "all",
+            "targets": ["Linear"],
+            "weights": "block" if block else "tensor",
+            "block_structure": block,
+            "input_activations": qc.get("activation_scheme", "dynamic"),
+        }
+    ]
+
+
+_CT_STRATEGY = {ScaleKind.PER_TENSOR: "tensor", ScaleKind.PER_CHANNEL: "channel", ScaleKind.BLOCK: "block"}
+
+
+def _ct_args(strategy: str, dynamic: bool, block: list[int] | None = None, group: int | None = None):
+    return {
+        "num_bits": 8,
+        "type": "float",
+        "symmetric": True,
+        "strategy": strategy,
+        "dynamic": dynamic,
+        "group_size": group,
+        "block_structure": block,
+        "actorder": None,
+        "observer": None if dynamic else "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def _ct_config(s: Scheme) -> dict[str, Any]:
+    """One config group per weight strategy (llm-compressor's FP8, FP8_DYNAMIC and FP8_BLOCK schemes)."""
+    groups = {}
+    for i, kind in enumerate(sorted(s.kinds, key=list(_CT_STRATEGY).index)):
+        block = kind is ScaleKind.BLOCK
+        if s.static:
+            act = _ct_args("tensor", False)
+        else:
+            act = _ct_args("group" if block else "token", True, group=BLOCK if block else None)
+        groups[f"group_{i}"] = {
+            "targets": ["Linear"],
+            "weights": _ct_args(_CT_STRATEGY[kind], False, [BLOCK, BLOCK] if block else None),
+            "input_activations": act,
+            "output_activations": None,
+            "format": "float-quantized",
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": s.skipped,
+        "kv_cache_scheme": None,
+    }
+
+
+def _ct_read(qc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each config group's FP8 scheme; anything Recast cannot convert exactly is refused here."""
+    if qc.get("format", "float-quantized") not in ("float-quantized", "naive-quantized"):
+        raise CheckpointError(
+            f"compressed-tensors format {qc.get('format')!r} is not FP8 (float-quantized); not supported"
+        )
+    if qc.get("kv_cache_scheme"):
+        raise CheckpointError("compressed-tensors kv_cache_scheme (k_scale / v_scale) is not supported")
+    out = []
+    for name, group in (qc.get("config_groups") or {}).items():
+        w, act = group.get("weights") or {}, group.get("input_activations")
+        if (w.get("num_bits"), w.get("type")) != (8, "float") or not w.get("symmetric", True):
+            raise CheckpointError(
+                f"compressed-tensors group {name!r}: weights are {w.get('num_bits')}-bit {w.get('type')}"
+                f"{'' if w.get('symmetric', True) else ' asymmetric'}; only symmetric FP8 (8-bit float) is read"
+            )
+        if w.get("strategy") not in ("tensor", "channel", "block"):
+            raise CheckpointError(
+                f"compressed-tensors group {name!r}: weight strategy {w.get('strategy')!r} is not supported "
+                "(tensor, channel or block)"
+            )
+        block = w.get("block_structure")
+        if w.get("strategy") == "block" and list(block or []) != [BLOCK, BLOCK]:
+            raise CheckpointError(
+                f"compressed-tensors group {name!r}: block_structure {block} is not supported ([128, 128])"
+            )
+        out.append(
+            {
+                "group": name,
+                "targets": group.get("targets", []),
+                "weights": w["strategy"],
+                "block_structure": block,
+                "input_activations": None if act is None else ("dynamic" if act.get("dynamic") else "static"),
+            }
+        )
+    return out
+
+
+FORMATS: dict[str, QuantFormat] = {
+    f.name: f
+    for f in (
+        QuantFormat(
+            "fp8",
+            "fp8",
+            "_scale_inv",
+            "activation_scale",
+            None,
+            (),
+            frozenset({ScaleKind.PER_TENSOR, ScaleKind.PER_EXPERT, ScaleKind.BLOCK}),
+            _fp8_config,
+            _fp8_read,
+        ),
+        QuantFormat(
+            "compressed-tensors",
+            "compressed-tensors",
+            "_scale",
+            "input_scale",
+            "_zero_point",
+            (1,),
+            frozenset({ScaleKind.PER_TENSOR, ScaleKind.PER_CHANNEL, ScaleKind.BLOCK}),
+            _ct_config,
+            _ct_read,
+        ),
+    )
+}
+FP8_FORMAT = FORMATS["fp8"]
+
+
+def quantization_config_of(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``quantization_config`` at the top level, else the one inside ``text_config``."""
+    config = config or {}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return config.get("quantization_config") or text.get("quantization_config") or None
+
+
+def source_format(config: dict[str, Any] | None) -> QuantFormat:
+    """The format a checkpoint's config declares (vendor fp8 where it declares none)."""
+    qc = quantization_config_of(config)
+    method = (qc or {}).get("quant_method", "fp8")
+    fmt = next((f for f in FORMATS.values() if f.quant_method == method), None)
+    if fmt is None:
+        raise CheckpointError(
+            f"config.json quantization_config.quant_method {method!r} is not supported "
+            f"(supported: {', '.join(f.quant_method for f in FORMATS.values())})"
+        )
+    if qc:
+        fmt.read_config(qc)  # refuses schemes Recast cannot convert exactly
+    return fmt
+
+
+def describe(config: dict[str, Any] | None) -> dict[str, Any]:
+    """For inspect: the source format and its scheme per config group."""
+    qc = quantization_config_of(config)
+    fmt = source_format(config)
+    return {"format": fmt.name, "groups": fmt.read_config(qc) if qc else []}
