@@ -35,6 +35,7 @@ class Settings:
     max_attempts: int = 3
     read_limit_bytes_s: int | None = None
     check_timeout_s: float = 5.0
+    session_ttl_s: int = 12 * 3600
     stores: StoreSettings = field(default_factory=StoreSettings)
 
     @classmethod
@@ -61,6 +62,7 @@ class Settings:
             max_attempts=_int(env, "RECAST_MAX_ATTEMPTS", cls.max_attempts),
             read_limit_bytes_s=read_limit or None,
             check_timeout_s=check_timeout,
+            session_ttl_s=_int(env, "RECAST_SESSION_TTL_S", cls.session_ttl_s),
             stores=StoreSettings.from_env(env),
         )
 

@@ -17,10 +17,11 @@ from fastapi_offline import FastAPIOffline
 
 from core.jobstore import JobStore
 from core.metrics import Metrics
+from core.sessions import Sessions
 from core.settings import Settings
 from service import problems
 from service.dashboard import install as install_dashboard
-from service.deps import SESSION_COOKIE, Services
+from service.deps import Services
 from service.routes import checkpoints, health, jobs, schedules
 from service.schedules import ScheduleStore
 from worker.engine.errors import RecastError
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery=celery,
         schedules=ScheduleStore(store, celery),
         metrics=Metrics(store),
+        sessions=Sessions(store.r, settings.api_tokens, settings.session_ttl_s),
     )
 
     @contextlib.asynccontextmanager
@@ -63,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     problems.install(app)
-    install_dashboard(app, valid_token=services.valid_token, cookie=SESSION_COOKIE)
+    install_dashboard(app, services.sessions)
     for module in (jobs, checkpoints, schedules, health):
         app.include_router(module.router)
 

@@ -1,8 +1,10 @@
 """The internal dashboard: a few server-rendered pages over the /v1 API, behind the same tokens.
 
-A person signs in with an API token, which is kept in an HttpOnly, SameSite=Strict cookie; the API
-accepts that cookie as well as a bearer token, so the pages' JavaScript calls the JSON API with plain
-``fetch`` and follows a job live with ``EventSource`` (which cannot send headers). The server renders
+A person signs in with an API token, checked once: the browser gets a session (``core.sessions``), an
+opaque id in an HttpOnly, SameSite=Strict cookie that expires with it, never the token. The API accepts
+that cookie as well as a bearer token, so the pages' JavaScript calls the JSON API with plain ``fetch``
+and follows a job live with ``EventSource`` (which cannot send headers); what the cookie asks to change
+must come from these pages (``service.deps.same_origin``). The server renders
 only the frame of each page (header, forms, empty tables); the data comes from the API in the browser,
 written with ``textContent`` only. Everything the server itself puts into a page is escaped. No build
 step: the scripts and the stylesheet are plain files under ``service/static``.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import html
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -22,6 +24,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from core.jobstore import STATES
+from core.sessions import Sessions
+from service.deps import SESSION_COOKIE, same_origin
 
 STATIC = Path(__file__).resolve().parent / "static"
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
@@ -60,18 +64,7 @@ def _safe_next(raw: str | None) -> str:
     return raw
 
 
-def _same_origin(request: Request) -> bool:
-    """A form post from another site is refused (belt and braces over SameSite=Strict). Behind a proxy
-    the host the browser saw must reach us as ``Host`` or ``X-Forwarded-Host``."""
-    origin = request.headers.get("origin")
-    if origin is None:
-        return True  # not sent by every client; SameSite=Strict still keeps the cookie off cross-site posts
-    hosts = {request.headers.get("host", "")}
-    hosts.update(h.strip() for h in request.headers.get("x-forwarded-host", "").split(",") if h.strip())
-    return urlsplit(origin).netloc in hosts
-
-
-def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: str) -> None:
+def install(app: FastAPI, sessions: Sessions) -> None:
     """Add the dashboard's pages, its sign-in and the static files to ``app``."""
     version = _static_version()
 
@@ -116,7 +109,7 @@ def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: 
         return HTMLResponse(doc, status_code=status, headers=_SECURITY_HEADERS)
 
     def signed_in(request: Request) -> bool:
-        return valid_token(request.cookies.get(cookie))
+        return sessions.check(request.cookies.get(SESSION_COOKIE))
 
     def to_login(request: Request) -> RedirectResponse:
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -150,7 +143,9 @@ def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: 
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        if not _same_origin(request):
+        # A request without Origin or Sec-Fetch-Site (not a browser) carries the token itself: nothing to
+        # forge. A browser's, from another site, is refused.
+        if not same_origin(request, unstated=True):
             return login_form("/", "This sign-in came from another site and was refused (behind a proxy, "
                               "pass the original Host header on).", 403)  # fmt: skip
         raw = b""
@@ -161,19 +156,21 @@ def install(app: FastAPI, *, valid_token: Callable[[str | None], bool], cookie: 
         form = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True)
         token = (form.get("token") or [""])[0].strip()
         next_path = _safe_next((form.get("next") or [""])[0])
-        if not token or not valid_token(token):
+        session_id = sessions.start(token) if token else None
+        if session_id is None:
             return login_form(next_path, "That token is not valid.", 401)
+        sessions.end(request.cookies.get(SESSION_COOKIE))  # a browser holds one session at a time
         resp = RedirectResponse(next_path, status_code=303, headers={"Cache-Control": "no-store"})
-        resp.set_cookie(
-            cookie, token, httponly=True, samesite="strict", path="/", secure=request.url.scheme == "https"
-        )
+        resp.set_cookie(SESSION_COOKIE, session_id, max_age=sessions.ttl_s, httponly=True, samesite="strict",
+                        path="/", secure=request.url.scheme == "https")  # fmt: skip
         return resp
 
     @app.post("/logout", include_in_schema=False)
     def logout(request: Request) -> Response:
         resp = RedirectResponse("/login", status_code=303, headers={"Cache-Control": "no-store"})
-        if _same_origin(request):
-            resp.delete_cookie(cookie, path="/", httponly=True, samesite="strict",
+        if same_origin(request, unstated=True):
+            sessions.end(request.cookies.get(SESSION_COOKIE))
+            resp.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
                                secure=request.url.scheme == "https")  # fmt: skip
         return resp
 

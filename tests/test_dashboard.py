@@ -1,12 +1,13 @@
-"""The dashboard. Without a browser: the pages, sign-in and cookie, the guard and the escaping, on a bare
-app. In a real browser (headless Chromium driven by Playwright) against the real service: sign in,
-submit through the form after a preflight preview, follow the job live to the end, read its report,
-and cancel a running job; pending shards, times with their zone, exact cron times, long paths; the API
-docs with no network beyond the service. Screenshots go to ``$RECAST_ARTIFACTS/dashboard``."""
+"""The dashboard. Without a browser: the pages, sign-in and its session cookie, the guard and the
+escaping, on a bare app. In a real browser (headless Chromium driven by Playwright) against the real
+service: sign in (a session, ended at sign-out), submit through the form after a preflight preview,
+follow the job live to the end, read its report, and cancel a running job; a page on another port of
+the same host cannot use the session; pending shards, times with their zone, exact cron times, long
+paths; the API docs with no network beyond the service. Screenshots go to
+``$RECAST_ARTIFACTS/dashboard``."""
 
 from __future__ import annotations
 
-import hmac
 import os
 import re
 import shutil
@@ -21,8 +22,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from harness import TOKEN, Service, submit
 
+from core.embedded import EmbeddedRedis
+from core.jobstore import JobStore
+from core.sessions import Sessions
 from service import dashboard
-from service.app import SESSION_COOKIE as COOKIE
+from service.deps import SESSION_COOKIE as COOKIE
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 try:
@@ -45,30 +49,25 @@ BROWSER_ZONE = "America/New_York"
 LOCAL_TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d E[SD]T$")
 
 
-def _ensure_dashboard(svc: Service) -> None:
-    """The app installs the dashboard itself once wired in; until then the test adds it (only then)."""
-    app = svc._server.config.app if svc._server else None
-    if app is None or any(getattr(r, "path", None) == "/login" for r in app.routes):
-        return
-    tokens = [t.strip() for t in svc.env["RECAST_API_TOKENS"].split(",") if t.strip()]
-
-    def valid_token(given: str | None) -> bool:
-        ok = False
-        for t in tokens:
-            ok |= hmac.compare_digest((given or "").encode(), t.encode())
-        return ok
-
-    dashboard.install(app, valid_token=valid_token, cookie=COOKIE)
-
-
 # ------------------------------------------------------------------------------------ without a browser
 
 
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sessions]:
+    with EmbeddedRedis(tmp_path_factory.mktemp("dashboard-redis")) as r:
+        yield Sessions(JobStore.connect(r.url).r, [TOKEN], 3600)
+
+
 @pytest.fixture
-def bare() -> TestClient:
+def bare(sessions: Sessions) -> TestClient:
     app = FastAPI()
-    dashboard.install(app, valid_token=lambda t: t == TOKEN, cookie=COOKIE)
+    dashboard.install(app, sessions)
     return TestClient(app, base_url="http://dash.test", follow_redirects=False)
+
+
+def _sign_in(client: TestClient) -> None:
+    r = client.post("/login", data={"token": TOKEN})
+    assert r.status_code == 303, r.text
 
 
 def test_pages_need_the_cookie(bare: TestClient) -> None:
@@ -84,21 +83,29 @@ def test_pages_need_the_cookie(bare: TestClient) -> None:
     assert bare.get("/static/common.js").status_code == 200  # assets need no session
 
 
-def test_login_sets_a_strict_http_only_cookie(bare: TestClient) -> None:
+def test_login_sets_a_strict_http_only_session_cookie(bare: TestClient, sessions: Sessions) -> None:
     bad = bare.post("/login", data={"token": "nope"})
     assert bad.status_code == 401 and "not valid" in bad.text and COOKIE not in bad.cookies
     r = bare.post("/login", data={"token": TOKEN})
     assert r.status_code == 303 and r.headers["location"] == "/"
     cookie = r.headers["set-cookie"]
-    assert cookie.startswith(f"{COOKIE}={TOKEN};")
-    assert all(a in cookie.lower() for a in ("httponly", "samesite=strict", "path=/")), cookie
+    session_id = r.cookies[COOKIE]
+    assert TOKEN not in cookie and len(session_id) >= 43  # an opaque id, never the token
+    assert all(a in cookie.lower() for a in ("httponly", "samesite=strict", "path=/", "max-age=3600")), cookie
     assert "secure" not in cookie.lower()  # plain http here; https sets Secure
+    assert sessions.check(session_id)
     page = bare.get("/")
     assert page.status_code == 200 and "Content-Security-Policy" in page.headers
     assert "script-src 'self'" in page.headers["Content-Security-Policy"]
     out = bare.post("/logout")
     assert out.status_code == 303 and out.headers["location"] == "/login"
     assert f'{COOKIE}=""' in out.headers["set-cookie"] and "max-age=0" in out.headers["set-cookie"].lower()
+    # Signing out ends the session on the server: the old cookie, kept or copied, opens nothing.
+    assert not sessions.check(session_id)
+    bare.cookies.set(COOKIE, session_id)
+    assert bare.get("/").status_code == 303
+    bare.cookies.set(COOKIE, TOKEN)  # nor does the token itself in the cookie
+    assert bare.get("/").status_code == 303
 
 
 def test_login_returns_only_to_local_pages(bare: TestClient) -> None:
@@ -106,14 +113,16 @@ def test_login_returns_only_to_local_pages(bare: TestClient) -> None:
                       ("/\\evil.example", "/"), ("", "/")]:  # fmt: skip
         r = bare.post("/login", data={"token": TOKEN, "next": nxt})
         assert r.headers["location"] == want, nxt
-    cross = bare.post("/login", data={"token": TOKEN}, headers={"Origin": "https://evil.example"})
-    assert cross.status_code == 403 and "set-cookie" not in cross.headers
+    for header, value in [("Origin", "https://evil.example"), ("Sec-Fetch-Site", "cross-site"),
+                          ("Sec-Fetch-Site", "same-site"), ("Origin", "null")]:  # fmt: skip
+        cross = bare.post("/login", data={"token": TOKEN}, headers={header: value})
+        assert cross.status_code == 403 and "set-cookie" not in cross.headers, (header, value)
     same = bare.post("/login", data={"token": TOKEN}, headers={"Origin": "http://dash.test"})
     assert same.status_code == 303
 
 
 def test_what_the_server_writes_is_escaped(bare: TestClient) -> None:
-    bare.cookies.set(COOKIE, TOKEN)
+    _sign_in(bare)
     evil = '"><script>alert(1)</script>'
     page = bare.get("/", params={"label": evil})
     assert evil not in page.text and "&quot;&gt;&lt;script&gt;" in page.text
@@ -132,9 +141,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     env = {"RECAST_FILE_ROOTS": str(tmp_path_factory.getbasetemp()), "RECAST_READ_LIMIT_MB_S": "0.15"}
     svc = Service(tmp_path_factory.mktemp("dashboard-svc"), env)
     try:
-        svc.start(workers=1)
-        _ensure_dashboard(svc)
-        yield svc
+        yield svc.start(workers=1)
     finally:
         svc.stop()
 
@@ -206,10 +213,16 @@ def test_sign_in_and_page_guard(page: Page, service: Service) -> None:
     expect(page).to_have_url(re.compile(r"/schedules$"))  # back where the guard sent us from
     cookie = next(c for c in page.context.cookies() if c["name"] == COOKIE)
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+    assert cookie["value"] != TOKEN  # a session, not the token
+    hours_left = (cookie["expires"] - datetime.now(UTC).timestamp()) / 3600
+    assert 11.9 < hours_left <= 12, hours_left
+    session = {COOKIE: cookie["value"]}
+    assert httpx.get(service.url + "/v1/jobs", cookies=session).status_code == 200
 
     page.click("header .logout button")
     expect(page).to_have_url(re.compile(r"/login$"))
     assert not [c for c in page.context.cookies() if c["name"] == COOKIE]
+    assert httpx.get(service.url + "/v1/jobs", cookies=session).status_code == 401  # ended on the server
     page.goto("/")
     expect(page).to_have_url(re.compile(r"/login$"))
 
@@ -312,6 +325,36 @@ def test_submit_follow_report_and_cancel(page: Page, service: Service, checkpoin
     expect(cancel).to_be_hidden()
     shot(page, "job-cancelled")
     assert not (tmp_path / "cancelled").exists()
+
+
+@needs_browser
+def test_a_page_on_another_port_cannot_use_the_session(page: Page, service: Service, tmp_path: Path) -> None:
+    """SameSite=Strict does not stop it: the same host on another port is the same site, so the browser
+    sends the cookie along. The API refuses the request because the browser says it is not same-origin."""
+    template = {"source": f"file://{tmp_path}", "source_pattern": "step-*",
+                "target": f"file://{tmp_path}/out/{{name}}", "to": "native"}  # fmt: skip
+    with service.client() as c:
+        r = c.post(
+            "/v1/schedules", json={"name": "csrf", "cron": "0 3 * * *", "template": template, "paused": True}
+        )
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+    run = f"{service.url}/v1/schedules/{sid}/run"
+    elsewhere = re.sub(r":\d+$", ":9", service.url) + "/elsewhere"  # nothing listens: the route answers
+    page.route(elsewhere, lambda route: route.fulfill(content_type="text/html", body=(
+        f'<form id="f" method="post" action="{run}"></form>'
+        "<script>document.getElementById('f').submit()</script>")))  # fmt: skip
+    sign_in(page)
+    page.goto(elsewhere)
+    expect(page.locator("body")).to_contain_text("cross_site_request")
+    with service.client() as c:
+        assert c.get(f"/v1/schedules/{sid}/firings").json()["firings"] == []
+    # From the dashboard's own page the same request, with the same cookie, is accepted.
+    page.goto("/schedules")
+    assert page.evaluate(f"fetch('/v1/schedules/{sid}/run', {{method: 'POST'}}).then(r => r.status)") == 202
+    with service.client() as c:
+        assert len(c.get(f"/v1/schedules/{sid}/firings").json()["firings"]) == 1
+        assert c.delete(f"/v1/schedules/{sid}").status_code == 204
 
 
 def _next_3am_utc(now: datetime) -> datetime:

@@ -8,8 +8,9 @@ implement the same four methods, so planning reads headers only and never downlo
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Protocol
+from urllib.parse import unquote
 
 from .errors import CheckpointError
 
@@ -29,15 +30,31 @@ class Source(Protocol):
 
 
 def check_relative(name: str, where: str) -> str:
-    """Reject names that would escape the checkpoint directory (absolute, ``..``, backslashes)."""
-    p = PurePosixPath(name)
-    if not name or p.is_absolute() or ".." in p.parts or "\\" in name:
-        raise CheckpointError(f"{where}: file name {name!r} points outside the checkpoint directory")
+    """Accept only plain relative names: ``a/b.safetensors``, never ``/abs``, ``..`` or ``a//b``.
+
+    Names come from an untrusted index (or a store's listing) and become paths, object keys and URL
+    paths, so anything that could leave the checkpoint directory there is refused here, once for every
+    store: absolute paths, ``..`` and ``.`` segments (also percent-encoded, as a URL path may decode
+    them), empty segments, backslashes and control characters (a NUL would otherwise surface as a bare
+    ``ValueError`` from the OS layer).
+    """
+    if not name or any(ord(c) < 0x20 or c == "\x7f" for c in name):
+        raise CheckpointError(f"{where}: file name {name!r} is empty or holds control characters")
+    if "\\" in name or any(unquote(s) in ("", ".", "..") for s in name.split("/")):
+        raise CheckpointError(
+            f"{where}: file name {name!r} points outside the checkpoint directory (absolute, '..', '.' or "
+            "empty segments, backslashes)"
+        )
     return name
 
 
 class LocalSource:
-    """A checkpoint in a local directory."""
+    """A checkpoint in a local directory.
+
+    Every read stays inside it: a symlink may point elsewhere in the directory, but one that leads out
+    (a shard, or a directory a shard name goes through) is refused, since the service confines jobs to
+    ``RECAST_FILE_ROOTS`` and a symlink placed under a root must not carry a read past them.
+    """
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).resolve()
@@ -49,7 +66,9 @@ class LocalSource:
         check_relative(name, self.description)
         path = (self.root / name).resolve()
         if not path.is_relative_to(self.root):
-            raise CheckpointError(f"{self.description}: {name!r} resolves outside the checkpoint directory")
+            raise CheckpointError(
+                f"{self.description}: {name!r} leads outside the checkpoint directory through a symlink"
+            )
         return path
 
     def list(self) -> list[str]:

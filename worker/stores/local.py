@@ -52,6 +52,16 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def _no_symlink(path: Path) -> Path:
+    """Refuse ``path`` if it is, or lies under, a symlink. The target was checked against the file roots
+    when the job was submitted and again when it was planned; a symlink placed since (on the staging
+    directory's predictable name, say, or in place of the target's parent) must not carry the job's
+    writes, or the rename that publishes them, outside the roots."""
+    if os.path.realpath(path) != os.path.abspath(path):
+        raise RecastError(f"{path}: is a symlink or lies under one; refusing to write through it")
+    return path
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -82,7 +92,7 @@ class FileTarget:
     """A local directory; written in ``<parent>/.<name>.recast-<job_id>`` and renamed into place."""
 
     def __init__(self, path: Path, job_id: str):
-        self.path = path
+        self.path = path  # resolved by parse_location: no symlink on the way, at that moment
         self.staging = path.parent / f".{path.name}.recast-{job_id}"
         self.description = str(path)
 
@@ -91,13 +101,14 @@ class FileTarget:
 
     def local_dir(self) -> Path:
         """The staging directory, created on first use: workers write output files straight into it."""
+        _no_symlink(self.path.parent)
         try:
             self.staging.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RecastError(
                 f"{self.staging}: cannot create the staging directory ({exc.strerror})"
             ) from exc
-        return self.staging
+        return _no_symlink(self.staging)
 
     def stage_file(self, name: str, path: Path, sha256: str) -> Receipt:
         """Nothing to do for a file already written into ``local_dir()``; anything else is moved in."""
@@ -116,7 +127,8 @@ class FileTarget:
         staging directory is gone and the target holds the receipts' files (same inodes), an earlier call
         got as far as the rename, and this one succeeds without doing anything.
         """
-        if not self.staging.is_dir():
+        _no_symlink(self.path)
+        if not _no_symlink(self.staging).is_dir():
             if _is_published(self.path, staged):
                 return {"url": self.path.as_uri()}
             raise RecastError(f"{self.staging}: cannot publish, the staging directory is gone")
