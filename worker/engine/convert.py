@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from .publish import file_sha256, finish_sidecar, publish_dir, write_metadata
 from .report import Report
 from .safetensors_io import TensorInfo, parse_header
 from .storage import LocalSource, Source, open_source
-from .tensors import TensorSource
+from .tensors import TensorSource, read_many
 from .timings import Timings
 from .to_hf import to_hf
 from .to_native import to_native
@@ -102,11 +103,18 @@ class Conversion:
 
     def write_metadata(self, directory: Path) -> list[str]:
         """Scales sidecar, config, carried files, index and recast.json; returns the names written."""
-        return write_metadata(self.ckpt, directory, self.direction, self.adapter, self.opts)
+        return write_metadata(
+            self.ckpt, directory, self.direction, self.adapter, self.opts, self.source_scales
+        )
 
     def new_report(self) -> Report:
         plan = self.direction.plan
         return Report.start(self.adapter, self.opts, is_native(self.ckpt), plan.passthrough if plan else None)
+
+    @cached_property
+    def source_scales(self) -> dict[str, torch.Tensor]:
+        """The source's scales a native output keeps beside its weights, read once (concurrently)."""
+        return read_many(TensorSource.of(self.ckpt), self.direction.sidecar_scales)
 
     def planned_size(self, name: str) -> int:
         """Bytes of output shard ``name``: its 8-byte length, header and data, all fixed by the plan."""
@@ -124,9 +132,8 @@ class Conversion:
         if self.direction.sidecar_scales:
             written = LocalSource(metadata)
             kept = TensorSource(written, {}, _sidecar_infos(written))
-            source = TensorSource.of(self.ckpt)
             for key in self.direction.sidecar_scales:
-                ok = key in kept.extra and same_bits(kept.rows(key), source.rows(key))
+                ok = key in kept.extra and same_bits(kept.rows(key), self.source_scales[key])
                 checks.bitwise(key, 1, ok, "recorded scale differs from the source")
         checks.fill(report)
         self.direction.account(report)

@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .adapters import Adapter
 from .checkpoint import INDEX, MANIFEST, SIDECAR, SIDECAR_TENSORS, Checkpoint
 from .direction import Direction
@@ -23,13 +25,18 @@ from .options import Options
 from .report import Report
 from .safetensors_io import PlannedTensor
 from .shard_stream import ShardStream, planned_header, slots_of
-from .tensors import TensorSource
 
 
 def write_metadata(
-    ckpt: Checkpoint, stage: Path, direction: Direction, adapter: Adapter, opts: Options
+    ckpt: Checkpoint,
+    stage: Path,
+    direction: Direction,
+    adapter: Adapter,
+    opts: Options,
+    scales: dict[str, torch.Tensor],
 ) -> list[str]:
-    """Sidecar scales, config, carried files, index (last of the weights), then recast.json."""
+    """Sidecar scales (``scales``: the source's, read once), config, carried files, index (last of the
+    weights), then recast.json."""
     source = ckpt.source
     layout, plan = direction.layout, direction.plan
     written = [*ckpt.extra_files, "config.json", INDEX, SIDECAR]
@@ -48,14 +55,13 @@ def write_metadata(
     prev = ckpt.sidecar or {}
     if native_out:
         if direction.sidecar_scales:
-            ts = TensorSource.of(ckpt)
             tensors = [
                 PlannedTensor(k, ckpt.tensors[k].dtype, ckpt.tensors[k].shape)
                 for k in direction.sidecar_scales
             ]
             stream = ShardStream(stage / SIDECAR_TENSORS, planned_header(tensors), slots_of(tensors))
             for k in direction.sidecar_scales:
-                stream.put(k, 0, ts.rows(k))
+                stream.put(k, 0, scales[k])
             stream.close()
             written.insert(0, SIDECAR_TENSORS)
         sidecar["plan"] = plan.to_json()

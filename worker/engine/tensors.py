@@ -6,6 +6,7 @@ of a matrix, experts of a 3-D tensor), so no tensor is ever materialised whole u
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,17 @@ class TensorSource:
         buf = pool.take(end - start) if pool is not None else torch.empty(end - start, dtype=torch.uint8)
         read_into(info.file, start, memoryview(buf.numpy()))
         return tensor_from_bytes(where, buf)
+
+
+# Concurrent small reads: a remote store answers each in tens of milliseconds, so a checkpoint's hundreds
+# of scales or headers read one after another would take seconds.
+READERS = 16
+
+
+def read_many(src: TensorSource, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Whole tensors ``keys`` (small ones: scales), read concurrently."""
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        return dict(zip(keys, pool.map(src.rows, keys), strict=True))
 
 
 def fetch(
