@@ -16,13 +16,21 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from service.schemas import Problem
+from service.schemas import MAX_BODY_BYTES, Problem
 from worker.engine.errors import RecastError
 from worker.stores import TransientStorageError
 
 MEDIA_TYPE = "application/problem+json"
 _PROBLEM_REF = f"#/components/schemas/{Problem.__name__}"
+# Starlette's own refusals, by status: 400 and 413 come from reading a request body (not UTF-8; larger
+# than the limit), so every operation that takes one declares them.
+_HTTP_CODES = {400: "malformed_body", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "payload_too_large"}  # fmt: skip
+BODY_PROBLEMS = {400: ("malformed_body",), 413: ("payload_too_large",)}
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+TOO_LARGE = f"the body is larger than {MAX_BODY_BYTES} bytes, the most the API accepts"
 
 
 class HTTPProblem(RecastError):
@@ -59,9 +67,12 @@ def recoded(codes: Mapping[type[RecastError], str], field: str = "") -> Iterator
 def declared(problems: Mapping[int, tuple[str, ...]]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` for the problems a route can answer with, by status, naming their codes."""
     return {
-        status: {"model": Problem, "description": "Problem codes: " + ", ".join(f"`{c}`" for c in codes)}
-        for status, codes in problems.items()
+        status: {"model": Problem, "description": _described(codes)} for status, codes in problems.items()
     }
+
+
+def _described(codes: tuple[str, ...]) -> str:
+    return "Problem codes: " + ", ".join(f"`{c}`" for c in codes)
 
 
 def response(
@@ -100,23 +111,40 @@ def install(app: FastAPI) -> None:
         return response(422, exc.code, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, "http_error"
-        )
-        return response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette's Allow names the methods of the first route that matched the path; each method is
+            # a route of its own here, so the answer must name all of them.
+            def serves(method: str) -> bool:
+                return any(
+                    r.matches({**request.scope, "method": method})[0] is Match.FULL for r in app.routes
+                )
+
+            headers = {**(headers or {}), "Allow": ", ".join(filter(serves, _METHODS))}
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        detail = TOO_LARGE if exc.status_code == 413 else str(exc.detail)  # Starlette's: "Content Too Large"
+        return response(exc.status_code, code, detail, headers)
 
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         """FastAPI declares a response model under the route's media type (``application/json``, or
         ``text/event-stream`` for the event stream); problems are ``application/problem+json``, and a
-        client that dispatches on the content type must be told so."""
+        client that dispatches on the content type must be told so. Every operation that takes a body
+        declares the refusals of reading one (``BODY_PROBLEMS``), which no route raises itself."""
         if app.openapi_schema is None:
+            problem = {MEDIA_TYPE: {"schema": {"$ref": _PROBLEM_REF}}}
             for operation in (op for path in generate()["paths"].values() for op in path.values()):
-                for answer in operation.get("responses", {}).values():
+                answers = operation.setdefault("responses", {})
+                for answer in answers.values():
                     if {"schema": {"$ref": _PROBLEM_REF}} in answer.get("content", {}).values():
-                        answer["content"] = {MEDIA_TYPE: {"schema": {"$ref": _PROBLEM_REF}}}
+                        answer["content"] = problem
+                if "requestBody" in operation:
+                    for status, codes in BODY_PROBLEMS.items():
+                        answers.setdefault(
+                            str(status), {"description": _described(codes), "content": problem}
+                        )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

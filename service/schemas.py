@@ -7,12 +7,11 @@ by ``service.submission`` rather than here, so those refusals carry their own pr
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints, field_validator
 
 from core.jobstore import STATES
 from worker.engine.adapters import ADAPTERS
@@ -20,7 +19,24 @@ from worker.engine.encode import QUANTIZE_MODES
 from worker.engine.options import DTYPE_ARGS
 from worker.engine.qformat import FORMAT_NAMES
 
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
+# Limits of a request (README, Limits): no body the API takes comes near 1 MiB, nor headers 16 KiB; every
+# string a client sends is bounded, so what is stored per job and repeated in answers stays small.
+MAX_BODY_BYTES = 1024 * 1024
+MAX_HEAD_BYTES = 16 * 1024
+MAX_LABELS = 32
+MAX_LABEL_VALUE = 256
+MAX_LOCATION = 4096  # PATH_MAX: a file:// path can be that long; S3 keys and Hub repo ids are shorter
+MAX_NAME = 100  # credential and adapter names, a schedule's name
+MAX_PATTERN = 256
+MAX_CRON = 128
+MAX_COMMIT_MESSAGE = 1000
+LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")]
+# Any text without control characters: a value is shown in the dashboard and repeated, never parsed.
+LabelValue = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_LABEL_VALUE, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+Location = Annotated[str, StringConstraints(max_length=MAX_LOCATION)]
+Name = Annotated[str, StringConstraints(max_length=MAX_NAME)]
 
 # Choices spelled once, by the job store and the engine; enums here, so a generated client gets one named
 # type for each instead of one per field that uses it.
@@ -43,17 +59,33 @@ _ADAPTER = (
 _CREDENTIAL = "the name of a credential configured on the server (RECAST_CREDENTIALS_FILE), never a secret"
 
 
+def _labels_schema(schema: dict[str, Any]) -> None:
+    """pydantic writes a constrained key type as ``patternProperties``, which in JSON Schema lets every
+    other key through; ``propertyNames`` says which keys are accepted, and generated clients keep a map."""
+    ((key_pattern, value),) = schema.pop("patternProperties").items()
+    schema.update(propertyNames={"pattern": key_pattern}, additionalProperties=value)
+
+
+def _labels(most: int, note: str = "") -> Any:
+    """The ``labels`` field, bounded: each label is a Redis index and a tag on every page that lists jobs."""
+    return Field(default_factory=dict, max_length=most, json_schema_extra=_labels_schema,
+                 description=f"at most {most} labels; {note}keys are 1-63 of A-Z a-z 0-9 _ . - / (starting with "
+                 f"a letter or digit), values 1-{MAX_LABEL_VALUE} characters, no control characters")  # fmt: skip
+
+
 class JobRequest(BaseModel):
     """A conversion to run: where from, where to, which way, and how."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="a checkpoint: file:///…, s3://bucket/prefix or hf://org/repo[@revision]")
-    target: str = Field(
+    source: Location = Field(
+        description="a checkpoint: file:///…, s3://bucket/prefix or hf://org/repo[@revision]"
+    )
+    target: Location = Field(
         description="where the converted checkpoint goes; must be empty unless overwrite is set"
     )
     to: Format = Field(description="the layout to convert to")
-    adapter: str | None = Field(None, description=_ADAPTER)
+    adapter: Name | None = Field(None, description=_ADAPTER)
     dtype: Dtype = Field(Dtype.bf16, description="the dtype dequantized weights are written in")
     quantize: Quantize = Field(Quantize.keep, description="how FP8 weights are written, converting to hf")
     format: QuantFormatName | None = Field(
@@ -61,21 +93,11 @@ class JobRequest(BaseModel):
     )
     verify: bool = True
     overwrite: bool = Field(False, description="replace what the target holds when the job publishes")
-    labels: dict[str, str] = Field(default_factory=dict)
-    commit_message: str | None = Field(None, max_length=1000)
+    labels: dict[LabelKey, LabelValue] = _labels(MAX_LABELS)
+    commit_message: str | None = Field(None, max_length=MAX_COMMIT_MESSAGE)
     create_pr: bool = False
-    source_credential: str | None = Field(None, description=_CREDENTIAL)
-    target_credential: str | None = Field(None, description=_CREDENTIAL)
-
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
-        if len(v) > 20:
-            raise ValueError("at most 20 labels")
-        for k, val in v.items():
-            if not _LABEL.match(k) or not _LABEL.match(val):
-                raise ValueError(f"label {k!r}={val!r}: keys and values are 1-63 of A-Z a-z 0-9 _ . - /")
-        return v
+    source_credential: Name | None = Field(None, description=_CREDENTIAL)
+    target_credential: Name | None = Field(None, description=_CREDENTIAL)
 
 
 class InspectRequest(BaseModel):
@@ -83,10 +105,10 @@ class InspectRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str
-    adapter: str | None = Field(None, description=_ADAPTER)
+    source: Location
+    adapter: Name | None = Field(None, description=_ADAPTER)
     dtype: Dtype = Dtype.bf16
-    source_credential: str | None = Field(None, description=_CREDENTIAL)
+    source_credential: Name | None = Field(None, description=_CREDENTIAL)
 
 
 class Progress(BaseModel):
@@ -249,12 +271,15 @@ class CheckpointInfo(BaseModel):
 class ScheduleTemplate(JobRequest):
     """A job request whose source is a place to look for the newest checkpoint, not a checkpoint."""
 
-    source: str = Field(description="hf://org/repo (its newest revision), or an s3:// or file:// prefix whose "
-                        "checkpoint directories source_pattern selects")  # fmt: skip
+    source: Location = Field(description="hf://org/repo (its newest revision), or an s3:// or file:// prefix "
+                             "whose checkpoint directories source_pattern selects")  # fmt: skip
     source_pattern: str | None = Field(
-        None, description="glob on checkpoint directory names, e.g. 'step-*'; every directory when omitted"
+        None,
+        max_length=MAX_PATTERN,
+        description="glob on checkpoint directory names, e.g. 'step-*'; every directory when omitted",
     )
-    target: str = Field(description="where each firing writes; must contain {name} or {revision}")
+    target: Location = Field(description="where each firing writes; must contain {name} or {revision}")
+    labels: dict[LabelKey, LabelValue] = _labels(MAX_LABELS - 1, "each firing's job also gets `schedule`; ")
 
     @field_validator("target")
     @classmethod
@@ -267,8 +292,10 @@ class ScheduleTemplate(JobRequest):
 class ScheduleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=100)
-    cron: str = Field(description="five fields, UTC: minute hour day-of-month month day-of-week")
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    cron: str = Field(
+        max_length=MAX_CRON, description="five fields, UTC: minute hour day-of-month month day-of-week"
+    )
     template: ScheduleTemplate
     paused: bool = False
 
@@ -276,8 +303,8 @@ class ScheduleRequest(BaseModel):
 class SchedulePatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, min_length=1, max_length=100)
-    cron: str | None = None
+    name: str | None = Field(None, min_length=1, max_length=MAX_NAME)
+    cron: str | None = Field(None, max_length=MAX_CRON)
     template: ScheduleTemplate | None = None
     paused: bool | None = None
 

@@ -116,7 +116,7 @@ def up(
         for role in ("worker", "beat")
     ]
     try:
-        from service.app import create_app
+        from service.app import SERVER_OPTIONS, create_app
 
         url = f"http://{host}:{listener.getsockname()[1]}"  # the port bound: --port 0 picks a free one
         announce = [
@@ -128,7 +128,7 @@ def up(
             announce.append(f"  token   {token}   (development token from {data / TOKEN_FILE}; "
                             "`recast token` prints it)")  # fmt: skip
         announce.append("Ctrl-C stops everything.")
-        server = _Server(uvicorn.Config(create_app(), log_level="warning"), announce)
+        server = _Server(uvicorn.Config(create_app(), log_level="warning", **SERVER_OPTIONS), announce)
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises Ctrl-C again once it has shut down
             server.run(sockets=[listener])
         started = server.started

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import psutil
 import uvicorn
+from fastapi import FastAPI
 
 from core.embedded import EmbeddedRedis
 
@@ -47,6 +48,7 @@ class Service:
         }
         self.workers: list[subprocess.Popen[bytes]] = []
         self._server: uvicorn.Server | None = None
+        self.app: FastAPI | None = None
         self.url = ""
 
     def start(self, workers: int) -> Service:
@@ -55,14 +57,16 @@ class Service:
         saved = dict(os.environ)
         os.environ.update(self.env)
         try:
-            from service.app import create_app
+            from service.app import SERVER_OPTIONS, create_app
 
-            app = create_app()
+            app = self.app = create_app()
         finally:
             os.environ.clear()
             os.environ.update(saved)
         port = free_port()
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **SERVER_OPTIONS)
+        )
         threading.Thread(target=self._server.run, daemon=True).start()
         self.url = f"http://127.0.0.1:{port}"
         self.wait_ready(workers)
@@ -81,8 +85,8 @@ class Service:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                r = httpx.get(self.url + "/readyz", timeout=5)
-                if r.status_code == 200 and r.json()["checks"]["workers"] >= workers:
+                checks = httpx.get(self.url + "/readyz", timeout=5).json()["checks"]
+                if checks["redis"] == "ok" and checks["workers"] >= workers:  # workers=0: not ready, but up
                     return
             except httpx.HTTPError:
                 pass

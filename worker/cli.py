@@ -184,7 +184,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "api":
         import uvicorn
 
-        uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port)
+        from service.app import SERVER_OPTIONS
+
+        uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, **SERVER_OPTIONS)
         return 0
     if args.command == "worker":
         from worker.run import run_worker

@@ -13,12 +13,13 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from core.jobstore import TERMINAL, Conflict, JobStore, decode
 from service.deps import SIGNED_IN, UNAUTHORIZED, JobRecord, ServicesDep
 from service.problems import HTTPProblem, declared
-from service.schemas import Job, JobPage, JobReport, JobRequest, JobState
+from service.schemas import MAX_LABEL_VALUE, Job, JobPage, JobReport, JobRequest, JobState
 from service.submission import create_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=SIGNED_IN, responses=UNAUTHORIZED)
 
 NOT_FOUND = {404: ("job_not_found",), 422: ("invalid_request",)}
+_LABEL_QUERY = 63 + 1 + MAX_LABEL_VALUE  # key=value
 # What a submission can be refused for; schedule firings record the same codes.
 SUBMIT_PROBLEMS = {
     404: ("job_not_found",),
@@ -71,8 +72,12 @@ def submit_job(
 def list_jobs(
     svc: ServicesDep,
     state: JobState | None = None,
-    label: Annotated[str | None, Query(pattern=r"^[^=]+=", description="key=value")] = None,
-    cursor: str | None = None,
+    label: Annotated[
+        str | None, Query(pattern=r"^[^=]+=", max_length=_LABEL_QUERY, description="key=value")
+    ] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=64, description="next_cursor of the previous page")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
     """Newest first. Pass ``next_cursor`` back as ``cursor`` for the next page."""
@@ -121,7 +126,7 @@ def get_job_report(job: JobRecord, svc: ServicesDep) -> JobReport:
 async def job_events(
     job: JobRecord,
     svc: ServicesDep,
-    last_event_id: Annotated[str | None, Header(pattern=r"^\d+(-\d+)?$")] = None,
+    last_event_id: Annotated[str | None, Header(pattern=r"^\d+(-\d+)?$", max_length=64)] = None,
 ) -> AsyncIterator[Job]:
     """Server-sent events: every state change and progress update, each with the job as it then was.
 
