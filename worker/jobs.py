@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,8 +293,9 @@ def finalize(ctx: Context, job_id: str) -> None:
             metrics.count(ctx.store.r, "verification_failures")
             raise VerificationError(f"verification failed: {report.failure_summary()}; nothing was published")
         staged = {n: e["receipt"] for n, e in ledger.items()}
-        for name in names:
-            staged[name] = target.stage_file(name, meta / name, file_sha256(meta / name))
+        with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:  # a round trip or three each
+            receipts = pool.map(lambda n: target.stage_file(n, meta / n, file_sha256(meta / n)), names)
+            staged |= dict(zip(names, receipts, strict=True))
         ctx.store.transition(job_id, ("verifying", "uploading"), "uploading", step="publishing")
         req = job["request"]
         result = target.publish(

@@ -53,11 +53,12 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from worker.engine.errors import CheckpointError, RecastError
 from worker.engine.storage import check_relative
 
-from . import Receipt, TransientStorageError, check_range, publish_order
+from . import INDEX, SIDECAR, Receipt, TransientStorageError, check_range, publish_order
 from .listed import ListedSource
 from .locations import Location
 from .settings import StoreSettings
 
+COMPLETERS = 16  # uploads completed at once when publishing (each completion is one round trip)
 STAGING = ".recast-staging"
 MAX_PARTS = 10_000
 # Parts of one file in flight at once: each holds a part in memory, (threads + 1) x part size in all.
@@ -426,33 +427,42 @@ class S3Target:
         ``commit_message`` and ``create_pr`` only mean something on the Hub. Safe to run again after a crash:
         an upload that is gone counts as done if its final object is the receipt's.
         """
-        for name in publish_order(list(staged)):
-            receipt = staged[name]
-            key = self._check_receipt(name, receipt)
-            extra = {}
-            if "ChecksumCRC64NVME" in receipt["checksum"]:  # S3 checks the whole object's CRC against it
-                extra = {**receipt["checksum"], "ChecksumType": "FULL_OBJECT"}
-            with self._errors.about(self._url(key)):
-                try:
-                    self.client.complete_multipart_upload(
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=receipt["upload_id"],
-                        MultipartUpload={"Parts": receipt["parts"]},
-                        **extra,
-                    )
-                except ClientError as exc:
-                    if _code(exc) != "NoSuchUpload":
-                        raise
-                    if not self._is_published(key, receipt):
-                        raise RecastError(
-                            f"{self._url(key)}: its upload is gone and the object there is not this job's "
-                            "output (size or checksum differ); run the job again"
-                        ) from None
+        order = publish_order(list(staged))
+        last = [n for n in order if n in (INDEX, SIDECAR)]
+        with ThreadPoolExecutor(max_workers=COMPLETERS) as pool:  # shards at once: each is one round trip
+            list(
+                pool.map(lambda name: self._complete(name, staged[name]), [n for n in order if n not in last])
+            )
+        for name in last:  # then the files that define the checkpoint, in order
+            self._complete(name, staged[name])
         self._clear_marked()
         if replace:
             self._remove_others(set(staged))
         return {"url": self.description}
+
+    def _complete(self, name: str, receipt: Receipt) -> None:
+        """Complete one file's upload, or find it completed by an earlier publish."""
+        key = self._check_receipt(name, receipt)
+        extra = {}
+        if "ChecksumCRC64NVME" in receipt["checksum"]:  # S3 checks the whole object's CRC against it
+            extra = {**receipt["checksum"], "ChecksumType": "FULL_OBJECT"}
+        with self._errors.about(self._url(key)):
+            try:
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=receipt["upload_id"],
+                    MultipartUpload={"Parts": receipt["parts"]},
+                    **extra,
+                )
+            except ClientError as exc:
+                if _code(exc) != "NoSuchUpload":
+                    raise
+                if not self._is_published(key, receipt):
+                    raise RecastError(
+                        f"{self._url(key)}: its upload is gone and the object there is not this job's "
+                        "output (size or checksum differ); run the job again"
+                    ) from None
 
     def _remove_others(self, names: set[str]) -> None:
         """Delete the objects under the prefix that are not this output (an overwritten checkpoint's)."""
