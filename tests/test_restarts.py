@@ -1,5 +1,6 @@
-"""Restart safety through the real service: Redis restarted mid-job, workers killed mid-shard again
-and again; every job finishes with the CLI's bytes, nothing lost."""
+"""The service's data path under failure, through the real service: Redis restarted mid-job, workers
+killed mid-shard again and again, a job the API recorded but never queued; every job finishes with the
+CLI's bytes, nothing lost, and each shard's own verification reaches the report."""
 
 from __future__ import annotations
 

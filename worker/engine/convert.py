@@ -26,6 +26,7 @@ from .checks import Checks, same_bits
 from .direction import Direction
 from .errors import RecastError, TargetExistsError, VerificationError
 from .formats import is_native
+from .layout import Layout
 from .options import STEP_BYTES, Options, Progress
 from .pipeline import lanes, produce_shard, run_lanes
 from .publish import file_sha256, finish_sidecar, publish_dir, write_metadata
@@ -57,7 +58,7 @@ class Conversion:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def layout(self):
+    def layout(self) -> Layout:
         return self.direction.layout
 
     def shard_names(self) -> list[str]:
