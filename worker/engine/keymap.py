@@ -123,6 +123,20 @@ def find_quant(
     return quant, sorted(companions)
 
 
+def _check_stackable(ckpt: Checkpoint, parts: list[str], names: int) -> None:
+    """Experts stack into one ``[E, H, sum(w)]`` tensor only if every expert's parts are 2-D, part ``j``
+    has one shape across experts and all parts share their second dimension; refuse anything else here,
+    naming the tensor, before a byte is written."""
+    first = [ckpt.tensors[k].shape for k in parts[:names]]
+    for i, key in enumerate(parts):
+        shape, want = ckpt.tensors[key].shape, first[i % names]
+        if len(shape) != 2 or shape != want or shape[1] != first[0][1]:
+            raise CheckpointError(
+                f"{ckpt.tensors[key].file}: expert tensor {key!r} has shape {list(shape)}, but stacking "
+                f"needs 2-D parts shaped like {parts[i % names]!r} {list(want)} with {first[0][1]} columns"
+            )
+
+
 def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     """Apply the adapter to an hf checkpoint's keys; refuse it if its rules do not fit them."""
     plan = _hf_plan(ckpt, adapter)
@@ -163,6 +177,7 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
                     f"(experts must be numbered 0..{n - 1})"
                 )
             parts.extend(got[p] for p in rule.parts)
+        _check_stackable(ckpt, parts, len(rule.parts))
         out.append(NativeTensor(prefix + rule.native, "stack", parts, experts=n, names=len(rule.parts)))
     if adapter.inject_gate_bias:
         native = {t.key for t in out}
