@@ -592,6 +592,18 @@ def run_job(
         final: dict[str, Any] | None = None
         at_shards: tuple[float, dict[str, Any]] | None = None  # (monotonic arrival, job) when all shards done
         ended = 0.0
+
+        def observe(job: dict[str, Any], now: float) -> bool:
+            """Note when all shards are done and when the job ends; True once it has ended."""
+            nonlocal at_shards, final, ended
+            if at_shards is None and _all_shards(job):
+                at_shards = (now, job)
+                if on_all_shards:
+                    on_all_shards()
+            if job["state"] in TERMINAL:
+                final, ended = job, now
+            return final is not None
+
         try:
             stream_timeout = httpx.Timeout(30, read=60)
             with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=stream_timeout) as resp:
@@ -600,26 +612,12 @@ def run_job(
                         now = time.monotonic()
                         if now > deadline:
                             break
-                        if job is None:
-                            continue
-                        if at_shards is None and _all_shards(job):
-                            at_shards = (now, job)
-                            if on_all_shards:
-                                on_all_shards()
-                        if job["state"] in TERMINAL:
-                            final, ended = job, now
+                        if job is not None and observe(job, now):
                             break
         except httpx.HTTPError:
             pass  # follow by polling instead
         while final is None and time.monotonic() < deadline:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            now = time.monotonic()
-            if at_shards is None and _all_shards(job):
-                at_shards = (now, job)
-                if on_all_shards:
-                    on_all_shards()
-            if job["state"] in TERMINAL:
-                final, ended = job, now
+            if observe(client.get(f"/v1/jobs/{job_id}").json(), time.monotonic()):
                 break
             time.sleep(POLL_S)
         if final is None:
