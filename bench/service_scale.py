@@ -49,6 +49,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -263,12 +264,24 @@ class Traffic:
     received: Counter[str] = field(default_factory=Counter)  # response body bytes (from S3)
     copies: list[tuple[str, str | None]] = field(default_factory=list)  # (destination path, copy range)
     waited: Counter[str] = field(default_factory=Counter)  # seconds from forwarding to moto's full answer
+    kinds: Counter[str] = field(default_factory=Counter)  # requests by ``request_kind``
 
     def __sub__(self, other: Traffic) -> Traffic:
         return Traffic(
             self.requests - other.requests, self.sent - other.sent, self.received - other.received,
-            self.copies[len(other.copies) :], self.waited - other.waited,
+            self.copies[len(other.copies) :], self.waited - other.waited, self.kinds - other.kinds,
         )  # fmt: skip
+
+
+def request_kind(method: str, path: str, ranged: bool) -> str:
+    """A request named by what it does and which object it touches, without job ids or part numbers: the
+    tail's requests grouped this way say which step of the job sent them."""
+    where, _, query = path.partition("?")
+    params = sorted({q.partition("=")[0] for q in query.split("&") if q})
+    key = where.split("/", 2)[2] if where.count("/") >= 2 else ""
+    obj = key.rsplit("/", 1)[-1] if key else "(bucket)"
+    obj = re.sub(r"\d{5}-of-\d{5}", "N-of-M", obj)
+    return f"{method} {obj}" + (f" ?{','.join(params)}" if params else "") + (" ranged" if ranged else "")
 
 
 def traffic_line(t: Traffic) -> str:
@@ -278,8 +291,11 @@ def traffic_line(t: Traffic) -> str:
     if not methods:
         return "none"
     waited = sum(t.waited.values())
+    kinds = "".join(f"\n        {n:4d}  {k}" for k, n in t.kinds.most_common())
     return (
-        ", ".join(methods) + f"; {len(t.copies)} server-side copies; moto took {waited:.1f} s to answer them"
+        ", ".join(methods)
+        + f"; {len(t.copies)} server-side copies; moto took {waited:.1f} s to answer them"
+        + kinds
     )
 
 
@@ -305,8 +321,9 @@ class CountingProxy:
         with self.lock:
             t = self.traffic
             return Traffic(
-                Counter(t.requests), Counter(t.sent), Counter(t.received), list(t.copies), Counter(t.waited)
-            )
+                Counter(t.requests), Counter(t.sent), Counter(t.received), list(t.copies),
+                Counter(t.waited), Counter(t.kinds),
+            )  # fmt: skip
 
     def take(self) -> Traffic:
         """The traffic since the last call; the counters start again from zero."""
@@ -374,6 +391,7 @@ class CountingProxy:
                     t.sent[self.command] += sent
                     t.received[self.command] += len(payload)
                     t.waited[self.command] += waited
+                    t.kinds[request_kind(self.command, self.path, "Range" in self.headers)] += 1
                     if self.headers.get("x-amz-copy-source"):  # sized later, from its destination
                         t.copies.append((self.path, self.headers.get("x-amz-copy-source-range")))
 

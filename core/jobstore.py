@@ -30,7 +30,7 @@ ACTIVE = ("running", "verifying", "uploading")
 EVENTS_MAXLEN = 10_000
 WORKERS_KEY = f"{PREFIX}workers"  # worker name -> time of its last heartbeat
 _JSON_FIELDS = ("request", "labels", "result", "shard_names")
-_INT_FIELDS = ("shards_total", "shards_done", "bytes_total", "bytes_in", "bytes_out")
+_INT_FIELDS = ("shards_total", "shards_done", "ledger_total", "bytes_total", "bytes_in", "bytes_out")
 # Retries of a Redis command whose connection failed (backoff capped at 2 s: about a minute in all).
 RECONNECT_TRIES = 40
 
@@ -58,8 +58,10 @@ end
 return {1, cur}
 """.replace("MAXLEN_N", str(EVENTS_MAXLEN))
 
-# KEYS: job hash, events. ARGV: step, bytes_in increment, shard name ('' if none), shard json, bytes_out.
-# Progress counts only while the job is active; a shard is counted once however often it is redone.
+# KEYS: job hash, events, ledger. ARGV: step, bytes_in increment, ledger entry name ('' if none), its json,
+# bytes_out, now, '1' if the entry is a shard. Progress counts only while the job is active; a shard is
+# counted once however often it is redone. The ledger is complete at ``ledger_total`` entries (the shards
+# and the metadata), or ``shards_total`` for a job planned before ``ledger_total`` existed (it is 0 then).
 _PROGRESS = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if cur ~= 'running' and cur ~= 'verifying' and cur ~= 'uploading' then return {0, 0} end
@@ -67,11 +69,13 @@ if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[1]) end
 redis.call('HINCRBY', KEYS[1], 'bytes_in', tonumber(ARGV[2]))
 local complete = 0
 if ARGV[3] ~= '' then
-  if redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4]) == 1 then
+  if redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4]) == 1 and ARGV[7] == '1' then
     redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
     redis.call('HINCRBY', KEYS[1], 'bytes_out', tonumber(ARGV[5]))
   end
-  if redis.call('HLEN', KEYS[3]) == tonumber(redis.call('HGET', KEYS[1], 'shards_total')) then complete = 1 end
+  local total = tonumber(redis.call('HGET', KEYS[1], 'ledger_total') or '0')
+  if total == 0 then total = tonumber(redis.call('HGET', KEYS[1], 'shards_total')) end
+  if redis.call('HLEN', KEYS[3]) == total then complete = 1 end
 end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[6])
 local snap = redis.call('HGETALL', KEYS[1])
@@ -190,15 +194,19 @@ class JobStore:
         shard: str = "",
         sha256: str = "",
         size: int = 0,
+        is_shard: bool = True,
         **entry_fields: Any,
     ) -> bool:
-        """Record progress; with ``shard``, mark it done in the ledger (its SHA-256, size, and whatever
-        else finalize needs: the target's receipt, the shard's verification). True when all are done."""
+        """Record progress; with ``shard``, mark that ledger entry done (its SHA-256, size, and whatever
+        else finalize needs: the target's receipt, the verification). ``is_shard=False`` for an entry that
+        is not a weight shard (the metadata), which the shard counters leave out. True when the ledger is
+        complete."""
         keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, "shards")]
         worker = f"{os.uname().nodename}:{os.getpid()}"
         fields = {"sha256": sha256, "size": size, "worker": worker, **entry_fields}
         entry = json.dumps(fields) if shard else ""
-        _, complete = self.r.eval(_PROGRESS, 3, *keys, step, bytes_in, shard, entry, size, _now())
+        flag = "1" if is_shard else "0"
+        _, complete = self.r.eval(_PROGRESS, 3, *keys, step, bytes_in, shard, entry, size, _now(), flag)
         return bool(complete)
 
     def mark_enqueued(self, job_id: str) -> None:

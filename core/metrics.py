@@ -21,7 +21,7 @@ SHARD_SECONDS = f"{PREFIX}metrics:shard_seconds"
 SHARD_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
 UNACKED = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged tasks in this hash
 # The tasks of worker/tasks.py that work on a job: their first argument is its id, a shard's second its name.
-JOB_TASKS = ("recast.plan", "recast.convert_shard", "recast.finalize")
+JOB_TASKS = ("recast.plan", "recast.convert_shard", "recast.metadata", "recast.finalize")
 SHARD_TASK = "recast.convert_shard"
 
 

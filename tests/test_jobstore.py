@@ -65,7 +65,7 @@ def test_shard_ledger_counts_each_shard_once(store):
 def test_a_unit_that_keeps_killing_its_worker_fails_the_job(store, tmp_path):
     settings = replace(Settings(), max_attempts=2)
     queued: list[str] = []
-    ctx = jobs.Context(store, settings, lambda j, n: queued.append(n), queued.append)
+    ctx = jobs.Context(store, settings, lambda j, n: queued.append(n), queued.append, queued.append)
     job = store.create(REQUEST, {}, None)
     store.r.hset(store.key(job["id"], "attempts"), "plan", 2)  # two starts that never ended
     jobs.plan_job(ctx, job["id"])

@@ -1,4 +1,5 @@
-"""A job's life on the workers: plan it, convert its shards (any worker, any order), finalize, publish.
+"""A job's life on the workers: plan it, convert its shards and write its metadata (any worker, any
+order), finalize, publish.
 
 Plain functions over the job store and the engine; ``worker.tasks`` wraps them as Celery tasks. Every
 step is safe to run again: a redelivered shard that the ledger already holds is skipped, the final
@@ -21,7 +22,6 @@ from typing import Any
 from core import metrics
 from core.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
 from core.settings import Settings
-from worker.engine.checkpoint import SIDECAR
 from worker.engine.convert import Conversion, plan_conversion
 from worker.engine.errors import RecastError, TargetExistsError, VerificationError
 from worker.engine.options import Options
@@ -48,6 +48,13 @@ class Context:
     settings: Settings
     enqueue_shard: Callable[[str, str], None]
     enqueue_finalize: Callable[[str], None]
+    enqueue_metadata: Callable[[str], None]
+
+
+# The ledger entry of the metadata files the plan fixes (sidecar scales, carried files, config, index):
+# written by a unit of its own beside the shards, so that finalize waits for no source read. Not a file
+# name: no shard can take it.
+METADATA = "@metadata"
 
 
 # A worker process converts many shards of the same job: plan once per job, not once per shard.
@@ -109,13 +116,23 @@ def _fail(ctx: Context, job_id: str, code: str, message: str) -> None:
     _discard(ctx, job_id)
 
 
+def _receipts(ledger: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The target's receipt of every file the ledger records: the shards' and the metadata's."""
+    staged = {n: e["receipt"] for n, e in ledger.items() if n != METADATA and e.get("receipt")}
+    meta = ledger.get(METADATA, {}).get("files", {})
+    return staged | {n: f["receipt"] for n, f in meta.items()}
+
+
+def _ledger_complete(ctx: Context, job: dict[str, Any]) -> bool:
+    return len(ctx.store.ledger(job["id"])) == (job.get("ledger_total") or job["shards_total"])
+
+
 def _discard(ctx: Context, job_id: str) -> None:
     """Remove staged output and scratch; safe to call from any worker, any number of times."""
     job = ctx.store.get(job_id)
     if job is not None:
         try:
-            staged = {n: e["receipt"] for n, e in ctx.store.ledger(job_id).items() if e.get("receipt")}
-            _target(ctx, job).discard(staged)
+            _target(ctx, job).discard(_receipts(ctx.store.ledger(job_id)))
         except RecastError as exc:
             log.warning("job %s: could not remove staged output: %s", job_id, exc)
     shutil.rmtree(ctx.settings.stores.scratch / job_id, ignore_errors=True)
@@ -201,10 +218,12 @@ def plan_job(ctx: Context, job_id: str) -> None:
             )
         names = conv.shard_names()
         ctx.store.set_fields(
-            job_id, shard_names=names, shards_total=len(names), bytes_total=conv.ckpt.total_bytes,
-            adapter=conv.adapter.name,
+            job_id, shard_names=names, shards_total=len(names), ledger_total=len(names) + 1,
+            bytes_total=conv.ckpt.total_bytes, adapter=conv.adapter.name,
         )  # fmt: skip
         ctx.store.progress(job_id, step=f"converting {len(names)} shards")
+        if not ctx.store.shard_done(job_id, METADATA):  # first: a second worker takes the first shard
+            ctx.enqueue_metadata(job_id)
         for name in names:
             if not ctx.store.shard_done(job_id, name):
                 ctx.enqueue_shard(job_id, name)
@@ -218,7 +237,7 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
 
     def body(job: dict[str, Any]) -> None:
         if ctx.store.shard_done(job_id, name):
-            if len(ctx.store.ledger(job_id)) == job["shards_total"]:
+            if _ledger_complete(ctx, job):
                 ctx.enqueue_finalize(job_id)
             return
         conv = _conversion(ctx, job)
@@ -256,43 +275,82 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
     guarded(ctx, job_id, f"shard {name}", body)
 
 
-def finalize(ctx: Context, job_id: str) -> None:
-    """Merge the shards' ledger into the report, write the metadata, publish: O(metadata), not O(model).
+def write_metadata(ctx: Context, job_id: str) -> None:
+    """Write and stage the metadata files the plan fixes, and check the kept scales against the source,
+    beside the shards: the source reads they need (the scales, carried files) are then off finalize's path.
+    The ledger entry carries each file's SHA-256, size and receipt, and the scales' checks."""
 
-    Every shard was verified and hashed by the task that wrote it; finalize checks the ledger is
-    complete and consistent with the plan (each shard at its planned size, every source tensor checked
-    in full, the scales sidecar equal to the source's), and publishes only if all of it passed.
+    def body(job: dict[str, Any]) -> None:
+        if ctx.store.shard_done(job_id, METADATA):
+            if _ledger_complete(ctx, job):
+                ctx.enqueue_finalize(job_id)
+            return
+        conv = _conversion(ctx, job)
+        target = _target(ctx, job)
+        meta = _scratch(ctx, job_id, "meta")
+        names = conv.write_fixed_metadata(meta)
+        checks = conv.new_checks() if conv.opts.verify else None
+        if checks is not None:
+            conv.check_kept_scales(checks, meta)
+        _check_cancel(ctx, job_id)
+
+        def stage(name: str) -> dict[str, Any]:
+            sha = file_sha256(meta / name)
+            receipt = target.stage_file(name, meta / name, sha)
+            return {"sha256": sha, "size": receipt["size"], "receipt": receipt}
+
+        with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:  # a round trip or three each
+            files = dict(zip(names, pool.map(stage, names), strict=True))
+        complete = ctx.store.progress(
+            job_id, shard=METADATA, is_shard=False, files=files,
+            verification=checks.export() if checks is not None else None,
+        )  # fmt: skip
+        shutil.rmtree(meta, ignore_errors=True)
+        if complete:
+            ctx.enqueue_finalize(job_id)
+
+    guarded(ctx, job_id, "metadata", body)
+
+
+def finalize(ctx: Context, job_id: str) -> None:
+    """Merge the ledger into the report, write recast.json and SHA256SUMS, publish: O(metadata).
+
+    Every shard was verified and hashed by the task that wrote it, and the other metadata files were
+    written, staged and checked by their own unit; finalize checks the ledger is complete and consistent
+    with the plan (each shard at its planned size, every source tensor checked in full, the kept scales
+    included), and publishes only if all of it passed. It reads nothing from the source or the target.
     """
 
     def body(job: dict[str, Any]) -> None:
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
         ledger = ctx.store.ledger(job_id)
-        missing = [n for n in conv.shard_names() if n not in ledger]
+        missing = [n for n in [*conv.shard_names(), METADATA] if n not in ledger]
         if missing:
-            raise RecastError(f"internal: finalize found shards {missing[:3]} not converted")
-        ctx.store.transition(job_id, ACTIVE, "verifying", step="writing index and config")
-        meta = _scratch(ctx, job_id, "meta")
-        names = conv.write_metadata(meta)
+            raise RecastError(f"internal: finalize found {missing[:3]} not done")
+        ctx.store.transition(job_id, ACTIVE, "verifying", step="writing recast.json")
+        shards = {n: e for n, e in ledger.items() if n != METADATA}
         report = conv.new_report()
         if conv.opts.verify:
             checks = conv.new_checks()
             for entry in ledger.values():
                 checks.load(entry.get("verification") or {})
-            conv.settle(checks, report, meta, {n: e["size"] for n, e in ledger.items()})
+            conv.settle(checks, report, {n: e["size"] for n, e in shards.items()})
         report.bytes_in = conv.ckpt.total_bytes
         report.bytes_out = conv.layout.total_bytes()
         report.seconds = time.time() - float(job.get("started_at") or job["created_at"])
         _check_cancel(ctx, job_id)
-        files = {n: e["sha256"] for n, e in ledger.items()} | {
-            n: file_sha256(meta / n) for n in names if n != SIDECAR
+        meta = _scratch(ctx, job_id, "record")
+        conv.write_record(meta)
+        files = {n: e["sha256"] for n, e in shards.items()} | {
+            n: f["sha256"] for n, f in ledger[METADATA]["files"].items()
         }
-        names = [n for n in names if n != SIDECAR] + finish_sidecar(meta, report, files)
+        names = finish_sidecar(meta, report, files)
         ctx.store.save_report(job_id, report.to_json())
         if conv.opts.verify and not report.passed:
             metrics.count(ctx.store.r, "verification_failures")
             raise VerificationError(f"verification failed: {report.failure_summary()}; nothing was published")
-        staged = {n: e["receipt"] for n, e in ledger.items()}
+        staged = _receipts(ledger)
         with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:  # a round trip or three each
             receipts = pool.map(lambda n: target.stage_file(n, meta / n, file_sha256(meta / n)), names)
             staged |= dict(zip(names, receipts, strict=True))

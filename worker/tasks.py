@@ -22,6 +22,7 @@ def _ctx() -> jobs.Context:
         settings,
         enqueue_shard=lambda job_id, name: convert_shard.delay(job_id, name),
         enqueue_finalize=lambda job_id: finalize.apply_async((job_id,), task_id=f"{job_id}-finalize"),
+        enqueue_metadata=lambda job_id: metadata.apply_async((job_id,), task_id=f"{job_id}-metadata"),
     )
 
 
@@ -44,6 +45,11 @@ def plan(self, job_id: str) -> None:
 @app.task(bind=True, name="recast.convert_shard")
 def convert_shard(self, job_id: str, name: str) -> None:
     _retrying(self, jobs.run_shard, job_id, name)
+
+
+@app.task(bind=True, name="recast.metadata")
+def metadata(self, job_id: str) -> None:
+    _retrying(self, jobs.write_metadata, job_id)
 
 
 @app.task(bind=True, name="recast.finalize")
