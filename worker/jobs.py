@@ -88,8 +88,9 @@ def _target(ctx: Context, job: dict[str, Any]) -> Target:
     req = job["request"]
     loc = parse_location(req["target"], "target", ctx.settings.stores)
     return open_target(
-        loc, ctx.settings.stores, job["id"], req.get("target_credential"), bool(req.get("create_pr"))
-    )
+        loc, ctx.settings.stores, job["id"], req.get("target_credential"), bool(req.get("create_pr")),
+        fresh=job.get("fresh_target") == "1",
+    )  # fmt: skip
 
 
 def _conversion(ctx: Context, job: dict[str, Any]) -> Conversion:
@@ -212,14 +213,16 @@ def plan_job(ctx: Context, job_id: str) -> None:
             ctx.store.transition(job_id, ("queued",), "running", step="planning")
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
-        if not job["request"].get("overwrite") and not target.is_empty():
+        # Decided once: an earlier attempt of this plan may have seen shards completed into a fresh target.
+        empty = job["fresh_target"] == "1" if job.get("fresh_target") else target.is_empty()
+        if not job["request"].get("overwrite") and not empty:
             raise TargetExistsError(
                 f"target: {target.description} already holds files; choose an empty location"
             )
         names = conv.shard_names()
         ctx.store.set_fields(
             job_id, shard_names=names, shards_total=len(names), ledger_total=len(names) + 1,
-            bytes_total=conv.ckpt.total_bytes, adapter=conv.adapter.name,
+            bytes_total=conv.ckpt.total_bytes, adapter=conv.adapter.name, fresh_target="1" if empty else "0",
         )  # fmt: skip
         ctx.store.progress(job_id, step=f"converting {len(names)} shards")
         if not ctx.store.shard_done(job_id, METADATA):  # first: a second worker takes the first shard
