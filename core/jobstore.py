@@ -9,6 +9,7 @@ indexes drop expired ids lazily when they meet them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -84,6 +85,14 @@ for i = 1, #snap, 2 do m[snap[i]] = snap[i + 1] end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', MAXLEN_N, '*', 'type', 'progress', 'data', cjson.encode(m))
 return {1, complete}
 """.replace("MAXLEN_N", str(EVENTS_MAXLEN))
+
+
+# KEYS: one key. ARGV: expected value, new value, ttl. Compare-and-set.
+_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+return 1
+"""
 
 
 class Conflict(Exception):
@@ -253,6 +262,35 @@ class JobStore:
 
     def release_idempotency(self, key: str) -> None:
         self.r.delete(f"{PREFIX}idempotency:{key}")
+
+    @staticmethod
+    def _target_key(target: str) -> str:
+        return f"{PREFIX}target:{hashlib.sha256(target.encode()).hexdigest()}"
+
+    def target_holder(self, target: str) -> str | None:
+        """The job writing to ``target`` now, if one is: the last to claim it, while it has not ended."""
+        holder = self.r.get(self._target_key(target))
+        if holder is None:
+            return None
+        rec = self.get(holder)
+        return holder if rec is not None and rec["state"] not in TERMINAL else None
+
+    def claim_target(self, job_id: str, target: str) -> str | None:
+        """Make ``job_id`` the one job writing to ``target`` (its URL); returns the other job that is,
+        if any. Two jobs writing one location would abort each other's uploads and publish a mixture. A
+        claim lasts while its job has not ended: an ended job's claim is taken over, never released."""
+        name = self._target_key(target)
+        while True:
+            if self.r.set(name, job_id, nx=True, ex=self.ttl_s):
+                return None
+            holder = self.r.get(name)
+            if holder is None:
+                continue
+            if holder == job_id or (other := self.target_holder(target)) is None:
+                if self.r.eval(_SWAP, 1, name, holder, job_id, self.ttl_s):
+                    return None
+                continue
+            return other
 
     # ------------------------------------------------------------------------------------------- read
 

@@ -72,3 +72,28 @@ def test_a_unit_that_keeps_killing_its_worker_fails_the_job(store, tmp_path):
     got = store.get(job["id"])
     assert got["state"] == "failed" and got["error_code"] == "attempts_exhausted"
     assert "plan was started 2 times" in got["error_message"] and not queued
+
+
+def test_one_job_at_a_time_writes_a_target(store):
+    """A second job planned onto a target that an unfinished job writes fails with target_busy before
+    it touches the target; once the first has ended, its claim gives way."""
+    first = store.create(REQUEST, {}, None)["id"]
+    store.transition(first, ("queued",), "running")
+    assert store.claim_target(first, REQUEST["target"]) is None
+    assert store.claim_target(first, REQUEST["target"]) is None, "a plan that runs again keeps its claim"
+    assert store.target_holder(REQUEST["target"]) == first
+    assert store.target_holder("file:///nowhere/other") is None
+
+    queued: list[str] = []
+    ctx = jobs.Context(store, Settings(), lambda j, n: queued.append(n), queued.append, queued.append)
+    second = store.create(REQUEST, {}, None)["id"]
+    jobs.plan_job(ctx, second)
+    got = store.get(second)
+    assert got["state"] == "failed" and got["error_code"] == "target_busy" and not queued
+    assert first in got["error_message"] and "file:///nowhere/dst" in got["error_message"]
+
+    store.transition(first, ("running",), "cancelled")
+    assert store.target_holder(REQUEST["target"]) is None
+    third = store.create(REQUEST, {}, None)["id"]
+    assert store.claim_target(third, REQUEST["target"]) is None
+    assert store.target_holder(REQUEST["target"]) == third

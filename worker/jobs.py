@@ -23,7 +23,7 @@ from core import metrics
 from core.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
 from core.settings import Settings
 from worker.engine.convert import Conversion, plan_conversion
-from worker.engine.errors import RecastError, TargetExistsError, VerificationError
+from worker.engine.errors import RecastError, TargetBusyError, TargetExistsError, VerificationError
 from worker.engine.options import Options
 from worker.engine.publish import file_sha256, finish_sidecar
 from worker.engine.storage import Source
@@ -211,6 +211,11 @@ def plan_job(ctx: Context, job_id: str) -> None:
     def body(job: dict[str, Any]) -> None:
         if job["state"] == "queued":
             ctx.store.transition(job_id, ("queued",), "running", step="planning")
+        if other := ctx.store.claim_target(job_id, job["request"]["target"]):
+            raise TargetBusyError(
+                f"target: {job['request']['target']} is being written by job {other}; wait for it to end "
+                "or cancel it, then submit again"
+            )
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
         # Decided once: an earlier attempt of this plan may have seen shards completed into a fresh target.

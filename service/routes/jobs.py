@@ -23,7 +23,7 @@ _LABEL_QUERY = 63 + 1 + MAX_LABEL_VALUE  # key=value
 # What a submission can be refused for; schedule firings record the same codes.
 SUBMIT_PROBLEMS = {
     404: ("job_not_found",),
-    409: ("target_not_empty", "idempotency_key_in_flight"),
+    409: ("target_not_empty", "target_busy", "idempotency_key_in_flight"),
     422: ("invalid_request", "invalid_location", "credential_unknown", "credential_invalid", "adapter_unknown",
           "source_not_found", "source_inaccessible", "not_a_checkpoint", "target_inaccessible",
           "idempotency_key_reused"),
