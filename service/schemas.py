@@ -126,11 +126,16 @@ class JobError(BaseModel):
 
 
 class JobResult(BaseModel):
-    """Where the published checkpoint is; ``commit`` and ``pr_url`` for Hub targets."""
+    """Where the published checkpoint is; ``commit``, ``pr_url`` and ``model_card`` for Hub targets."""
 
     url: str
     commit: str | None = None
     pr_url: str | None = None
+    model_card: bool | None = Field(
+        None,
+        description="Hub targets: true when README.md is Recast's model card, false when the repository's "
+        "own README.md was kept (overwrite not set)",
+    )
 
 
 class JobLinks(BaseModel):

@@ -4,6 +4,7 @@ a loopback Hub. Every output is compared byte for byte with what the CLI's engin
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import logging
 import shutil
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import redis
 from harness import ROOT, TOKEN, Service, events, submit, wait
+from huggingface_hub import ModelCard
 from servers import AWS_TEST_ENV, HubServer, upload_directory
 
 from core.jobstore import JobStore
@@ -673,6 +675,76 @@ def test_hub_target_is_one_pull_request(client, cli_outputs, hub_server):
         if p.name not in RUN_SPECIFIC:
             assert files[p.name] == p.read_bytes(), p.name
     assert {SIDECAR, MANIFEST} <= set(files)
+
+
+def _published_manifest(files: dict[str, bytes]) -> str:
+    """SHA256SUMS as published, after checking it against every published file but the card."""
+    manifest = files[MANIFEST].decode()
+    listed = dict(reversed(line.split("  ", 1)) for line in manifest.splitlines())
+    assert set(listed) == set(files) - {".gitattributes", "README.md", MANIFEST}
+    for name, sha in listed.items():
+        assert hashlib.sha256(files[name]).hexdigest() == sha, name
+    return manifest
+
+
+def test_hub_target_gets_a_model_card(client, cli_outputs, hub_server, tmp_path):
+    """A Hub target's README.md says where the checkpoint came from (the source repo and pinned commit),
+    how it was converted and checked, and lists the manifest; the source's own card is kept below it. A
+    repository's README.md is replaced only with overwrite."""
+    src, _, _ = cli_outputs("mistral4")
+    vendor = tmp_path / "vendor"
+    shutil.copytree(src, vendor)
+    (vendor / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# Tiny FP8\n\nThe vendor's words.\n")
+    sha = hub_server.add_repo("vendor/tiny-fp8", vendor)
+    hub_server.add_repo("team/tiny-card")
+    job = submit(client, {"source": "hf://vendor/tiny-fp8", "target": "hf://team/tiny-card", "to": "native"})
+    done = wait(client, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert done["result"]["model_card"] is True
+    files = hub_server.files("team/tiny-card")
+    card = ModelCard(files["README.md"].decode())
+    # Dequantized from FP8: based on the source, but not a quantization of it.
+    assert card.data.to_dict() == {"base_model": "vendor/tiny-fp8", "tags": ["recast", "native"]}
+    assert f"at commit [`{sha}`]({hub_server.endpoint}/vendor/tiny-fp8/tree/{sha})" in card.text
+    for row in ("| adapter | `mistral4` |", "| direction | hf → native |", "| dtype | bf16 (",
+                "| scheme | none (not quantized) |", "| format | NeMo AutoModel native layout"):  # fmt: skip
+        assert row in card.text, row
+    assert "**Passed**" in card.text and "unaccounted 0" in card.text
+    assert _published_manifest(files) in card.text
+    assert card.text.index("## Original model card") < card.text.index("The vendor's words.")
+    assert "license: apache-2.0" not in card.text  # the vendor's front matter is not ours
+
+    # Back to FP8 from the Hub: now a quantization of the native repo. A README.md there stays...
+    hub_server.add_repo("team/tiny-fp8-again", _readme_only(tmp_path / "theirs", "Our own card.\n"))
+    body = {"source": "hf://team/tiny-card", "target": "hf://team/tiny-fp8-again", "to": "hf"}
+    kept = wait(client, submit(client, body)["id"])
+    assert kept["state"] == "succeeded", kept["error"]
+    assert kept["result"]["model_card"] is False
+    assert hub_server.files("team/tiny-fp8-again")["README.md"] == b"Our own card.\n"
+    # ... unless the job may overwrite (another repo: the same output on the same branch counts as
+    # published already, see HubTarget._published).
+    hub_server.add_repo("team/tiny-fp8-over", _readme_only(tmp_path / "over", "Our own card.\n"))
+    done = wait(
+        client, submit(client, {**body, "target": "hf://team/tiny-fp8-over", "overwrite": True})["id"]
+    )
+    assert done["state"] == "succeeded", done["error"]
+    assert done["result"]["model_card"] is True
+    files = hub_server.files("team/tiny-fp8-over")
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == "team/tiny-card" and card.data.base_model_relation == "quantized"
+    assert card.data.library_name == "transformers" and "fp8" in card.data.tags
+    assert (
+        "| direction | native → hf |" in card.text
+        and "| format | Hugging Face safetensors, `fp8`" in card.text
+    )
+    assert "| scheme | weights per tensor" in card.text
+    assert _published_manifest(files) in card.text
+
+
+def _readme_only(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "README.md").write_text(text)
+    return path
 
 
 # ------------------------------------------------------------------------------------------- schedules

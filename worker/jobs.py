@@ -22,12 +22,15 @@ from typing import Any
 from core import metrics
 from core.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
 from core.settings import Settings
+from worker import model_card
+from worker.engine.checkpoint import MANIFEST
 from worker.engine.convert import Conversion, plan_conversion
 from worker.engine.errors import RecastError, TargetExistsError, VerificationError
 from worker.engine.options import Options
 from worker.engine.publish import file_sha256, finish_sidecar
 from worker.engine.storage import Source
 from worker.stores import Target, TransientStorageError, open_source, open_target, parse_location
+from worker.stores.hub import HubTarget
 from worker.throttle import ThrottledSource
 
 log = logging.getLogger("recast.jobs")
@@ -292,6 +295,7 @@ def write_metadata(ctx: Context, job_id: str) -> None:
         target = _target(ctx, job)
         meta = _scratch(ctx, job_id, "meta")
         names = conv.write_fixed_metadata(meta)
+        card = _card_plan(target, job, meta, names)
         checks = conv.new_checks() if conv.opts.verify else None
         if checks is not None:
             conv.check_kept_scales(checks, meta)
@@ -305,7 +309,7 @@ def write_metadata(ctx: Context, job_id: str) -> None:
         with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:  # a round trip or three each
             files = dict(zip(names, pool.map(stage, names), strict=True))
         complete = ctx.store.progress(
-            job_id, shard=METADATA, is_shard=False, files=files,
+            job_id, shard=METADATA, is_shard=False, files=files, card=card,
             verification=checks.export() if checks is not None else None,
         )  # fmt: skip
         shutil.rmtree(meta, ignore_errors=True)
@@ -349,10 +353,15 @@ def finalize(ctx: Context, job_id: str) -> None:
             n: f["sha256"] for n, f in ledger[METADATA]["files"].items()
         }
         names = finish_sidecar(meta, report, files)
-        ctx.store.save_report(job_id, report.to_json())
+        report_json = report.to_json()
+        ctx.store.save_report(job_id, report_json)
         if conv.opts.verify and not report.passed:
             metrics.count(ctx.store.r, "verification_failures")
             raise VerificationError(f"verification failed: {report.failure_summary()}; nothing was published")
+        card = ledger[METADATA].get("card")
+        if card is not None and card["write"]:
+            (meta / model_card.CARD).write_text(_card(ctx, job, conv, report_json, meta, card["original"]))
+            names.append(model_card.CARD)
         staged = _receipts(ledger)
         with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:  # a round trip or three each
             receipts = pool.map(lambda n: target.stage_file(n, meta / n, file_sha256(meta / n)), names)
@@ -365,6 +374,8 @@ def finalize(ctx: Context, job_id: str) -> None:
             bool(req.get("create_pr")),
             bool(req.get("overwrite")),
         )
+        if card is not None:
+            result["model_card"] = card["write"]
         ctx.store.transition(
             job_id, ("uploading",), "succeeded", step="done", result=result, bytes_in=conv.ckpt.total_bytes
         )
@@ -372,3 +383,41 @@ def finalize(ctx: Context, job_id: str) -> None:
         _plans.pop(job_id, None)
 
     guarded(ctx, job_id, "finalize", body)
+
+
+def _card_plan(target: Target, job: dict[str, Any], meta: Path, names: list[str]) -> dict[str, Any] | None:
+    """For a Hub target, whether finalize publishes a model card (``write``: not over a README.md the repo
+    holds, unless the job may overwrite), and the README.md the source carried (``original``), taken out
+    of ``names``: on the Hub it would pass for a card of the converted checkpoint. None for other targets.
+    Decided here, beside the other reads, so finalize reads nothing from the target."""
+    if not isinstance(target, HubTarget):
+        return None
+    original = None
+    if model_card.CARD in names:
+        original = (meta / model_card.CARD).read_text(errors="replace")
+        names.remove(model_card.CARD)
+    write = bool(job["request"].get("overwrite")) or not target.holds(model_card.CARD)
+    return {"write": write, "original": original}
+
+
+def _card(
+    ctx: Context,
+    job: dict[str, Any],
+    conv: Conversion,
+    report: dict[str, Any],
+    meta: Path,
+    original: str | None,
+) -> str:
+    req = job["request"]
+    return model_card.render(
+        source=parse_location(req["source"], "source", ctx.settings.stores),
+        source_revision=job.get("source_revision") or None,
+        target_repo=parse_location(req["target"], "target", ctx.settings.stores).root,
+        hub_endpoint=ctx.settings.stores.hf_endpoint,
+        report=report,
+        source_config=conv.ckpt.config,
+        output_config=conv.direction.config,
+        manifest=(meta / MANIFEST).read_text(),
+        job_id=job["id"],
+        original=original,
+    )
