@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from core import metrics
+from core.fleet import Fleet
 from core.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
 from core.settings import Settings
 from worker import model_card
@@ -237,11 +240,15 @@ def plan_job(ctx: Context, job_id: str) -> None:
     guarded(ctx, job_id, "plan", body)
 
 
-def run_shard(ctx: Context, job_id: str, name: str) -> None:
+def run_shard(ctx: Context, job_id: str, name: str, worker: str | None = None) -> None:
     """Convert one output shard, verify it in flight and stage it with the target; the ledger entry
-    carries its SHA-256, the target's receipt and its per-tensor verification for finalize."""
+    carries its SHA-256, the target's receipt and its per-tensor verification for finalize. ``worker``
+    (the Celery worker's name) reports what it is doing to the Workers page (``core.fleet``)."""
+    fleet = Fleet(ctx.store.r)
+    converted = False
 
     def body(job: dict[str, Any]) -> None:
+        nonlocal converted
         if ctx.store.shard_done(job_id, name):
             if _ledger_complete(ctx, job):
                 ctx.enqueue_finalize(job_id)
@@ -250,6 +257,9 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
         target = _target(ctx, job)
         started = time.monotonic()
         pending = {"bytes": 0, "at": started, "total": 0}
+        device, wall_started = _device(conv), time.time()
+        if worker:
+            fleet.working(worker, job_id, name, wall_started, 0, device)
 
         def progress(p: dict[str, Any]) -> None:
             pending["bytes"] += p.get("bytes_in", 0)
@@ -257,6 +267,8 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
             if time.monotonic() - pending["at"] >= PROGRESS_EVERY_S:
                 _check_cancel(ctx, job_id)
                 ctx.store.progress(job_id, step=f"converting {name}", bytes_in=pending["bytes"])
+                if worker:
+                    fleet.working(worker, job_id, name, wall_started, pending["total"], device)
                 pending.update(bytes=0, at=time.monotonic())
 
         checks = conv.new_checks() if conv.opts.verify else None
@@ -274,11 +286,23 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
             job_id, step=f"converted {name}", bytes_in=pending["bytes"], shard=name, sha256=sha, size=size,
             receipt=receipt, verification=checks.export() if checks is not None else None,
         )  # fmt: skip
+        converted = True
         metrics.record_shard(ctx.store.r, time.monotonic() - started, pending["total"], size)
         if complete:
             ctx.enqueue_finalize(job_id)
 
-    guarded(ctx, job_id, f"shard {name}", body)
+    try:
+        guarded(ctx, job_id, f"shard {name}", body)
+    finally:
+        if worker:
+            fleet.idle(worker, converted)
+
+
+def _device(conv: Conversion) -> str:
+    """What the Workers page shows for the device converting: the GPU's name, or ``cpu``."""
+    if conv.dev.type == "cuda":
+        return f"{conv.dev} · {torch.cuda.get_device_name(conv.dev)}"
+    return "cpu"
 
 
 def write_metadata(ctx: Context, job_id: str) -> None:
