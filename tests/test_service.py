@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -226,6 +227,34 @@ def test_idempotency_key(client, cli_outputs, tmp_path):
     other = client.post("/v1/jobs", json={**body, "dtype": "fp32"}, headers={"Idempotency-Key": "abc-1"})
     assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
     assert wait(client, first["id"])["state"] == "succeeded"
+
+
+def test_workers_and_a_jobs_throughput_are_reported(service, client, cli_outputs, tmp_path):
+    """GET /v1/workers lists the real worker processes from their own heartbeats: host, pid, device, and
+    the shards each converted; a job's throughput series runs from its start at 0 bytes to the bytes its
+    shards read, with rates between the samples."""
+    src, _, _ = cli_outputs("mistral4")
+    before = {w["name"]: w["shards_done"] for w in client.get("/v1/workers").json()["workers"]}
+    job = submit(client, {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"})
+    done = wait(client, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert done["progress"]["throughput_bytes_s"] is None and done["progress"]["eta_s"] is None  # not running
+    fleet = client.get("/v1/workers").json()
+    pids = {p.pid for w in service.workers for p in service.pool_children(w)} | {
+        w.pid for w in service.workers
+    }
+    alive = [w for w in fleet["workers"] if w["alive"]]
+    assert len(alive) == 2 and all(w["pid"] in pids for w in alive), fleet
+    assert all(w["host"] == socket.gethostname() and w["device"] == "cpu" for w in alive)
+    assert sum(w["shards_done"] - before.get(w["name"], 0) for w in alive) >= done["progress"]["shards_total"]
+    assert all(w["current"] is None for w in alive)  # idle again
+    assert fleet["queue"] == {"jobs_queued": 0, "jobs_active": 0, "work_units_queued": 0}
+    points = client.get(f"/v1/jobs/{job['id']}/throughput").json()["points"]
+    assert len(points) >= 2 and points[0]["bytes_in"] == 0 and points[0]["bytes_per_s"] is None
+    # The shards' progress counts the tensor bytes they read (finalize then records the checkpoint's total).
+    assert 0.99 * done["progress"]["bytes_total"] <= points[-1]["bytes_in"] <= done["progress"]["bytes_total"]
+    assert all(p["bytes_per_s"] is not None and p["bytes_per_s"] >= 0 for p in points[1:])
+    assert client.get("/v1/jobs/nope/throughput").json()["code"] == "job_not_found"
 
 
 def test_auth_problems_and_open_endpoints(service):
@@ -537,6 +566,7 @@ OPERATIONS = {
     ("post", "/v1/jobs/{job_id}/cancel"): "cancel_job", ("get", "/v1/jobs/{job_id}/report"): "get_job_report",
     ("get", "/v1/jobs/{job_id}/events"): "job_events", ("post", "/v1/inspect"): "inspect_checkpoint",
     ("get", "/v1/adapters"): "list_adapters", ("post", "/v1/schedules"): "create_schedule",
+    ("get", "/v1/workers"): "list_workers", ("get", "/v1/jobs/{job_id}/throughput"): "get_job_throughput",
 }  # fmt: skip
 
 
@@ -560,7 +590,8 @@ def test_a_generated_client_submits_follows_and_lists(service, cli_outputs, tmp_
     assert proc.returncode == 0 and "warning" not in said.lower() and "error" not in said.lower(), said
     monkeypatch.syspath_prepend(str(tmp_path))
     from recast_client import AuthenticatedClient
-    from recast_client.api.jobs import get_job, list_jobs, submit_job
+    from recast_client.api.jobs import get_job, get_job_throughput, list_jobs, submit_job
+    from recast_client.api.workers import list_workers
     from recast_client.models import (
         Format,
         Job,
@@ -569,7 +600,9 @@ def test_a_generated_client_submits_follows_and_lists(service, cli_outputs, tmp_
         JobRequestLabels,
         JobResult,
         JobState,
+        JobThroughput,
         Problem,
+        WorkerList,
     )
 
     src, _, _ = cli_outputs("mistral4")
@@ -595,6 +628,11 @@ def test_a_generated_client_submits_follows_and_lists(service, cli_outputs, tmp_
         refused = submit_job.sync(client=api, body=JobRequest(source=f"file://{tmp_path}/none", target=request.target,
                                                              to=Format.NATIVE))  # fmt: skip
         assert isinstance(refused, Problem) and refused.code == "source_not_found"
+        fleet = list_workers.sync(client=api)
+        assert isinstance(fleet, WorkerList) and sum(w.alive for w in fleet.workers) == 2
+        assert fleet.queue.work_units_queued >= 0
+        series = get_job_throughput.sync(client=api, job_id=job.id)
+        assert isinstance(series, JobThroughput) and series.points[0].bytes_in == 0
 
 
 # --------------------------------------------------------------------------- slow workers: mid-job events
