@@ -63,7 +63,7 @@ class Fleet:
         pipe.execute()
 
     def idle(self, name: str, converted: bool) -> None:
-        """The shard is over (``converted``: it was recorded); the worker takes the next task."""
+        """The unit is over (``converted``: a shard, recorded); the worker takes the next task."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hdel(worker_key(name), *_CURRENT)
         if converted:

@@ -410,10 +410,11 @@ class Readiness(BaseModel):
 
 
 class WorkerShard(BaseModel):
-    """The shard a worker is converting."""
+    """The shard (or the metadata) a worker is writing."""
 
     job_id: str
-    shard: str
+    shard: str = Field(description="the output shard, or `metadata` for the unit that writes the index, "
+                       "config and scales sidecar")  # fmt: skip
     started_at: datetime
     bytes_in: int = Field(description="source bytes of this shard read so far")
     throughput_bytes_s: float = Field(description="bytes_in over the time since the shard started")

@@ -305,10 +305,12 @@ def _device(conv: Conversion) -> str:
     return "cpu"
 
 
-def write_metadata(ctx: Context, job_id: str) -> None:
+def write_metadata(ctx: Context, job_id: str, worker: str | None = None) -> None:
     """Write and stage the metadata files the plan fixes, and check the kept scales against the source,
     beside the shards: the source reads they need (the scales, carried files) are then off finalize's path.
-    The ledger entry carries each file's SHA-256, size and receipt, and the scales' checks."""
+    The ledger entry carries each file's SHA-256, size and receipt, and the scales' checks. ``worker``
+    shows the unit on the Workers page, as ``metadata``."""
+    fleet = Fleet(ctx.store.r)
 
     def body(job: dict[str, Any]) -> None:
         if ctx.store.shard_done(job_id, METADATA):
@@ -317,6 +319,8 @@ def write_metadata(ctx: Context, job_id: str) -> None:
             return
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
+        if worker:
+            fleet.working(worker, job_id, "metadata", time.time(), 0, _device(conv))
         meta = _scratch(ctx, job_id, "meta")
         names = conv.write_fixed_metadata(meta)
         card = _card_plan(target, job, meta, names)
@@ -340,7 +344,11 @@ def write_metadata(ctx: Context, job_id: str) -> None:
         if complete:
             ctx.enqueue_finalize(job_id)
 
-    guarded(ctx, job_id, "metadata", body)
+    try:
+        guarded(ctx, job_id, "metadata", body)
+    finally:
+        if worker:
+            fleet.idle(worker, converted=False)
 
 
 def finalize(ctx: Context, job_id: str) -> None:

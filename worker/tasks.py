@@ -49,7 +49,7 @@ def convert_shard(self, job_id: str, name: str) -> None:
 
 @app.task(bind=True, name="recast.metadata")
 def metadata(self, job_id: str) -> None:
-    _retrying(self, jobs.write_metadata, job_id)
+    _retrying(self, partial(jobs.write_metadata, worker=self.request.hostname), job_id)
 
 
 @app.task(bind=True, name="recast.finalize")
