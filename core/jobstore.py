@@ -59,11 +59,20 @@ end
 return {1, cur}
 """.replace("MAXLEN_N", str(EVENTS_MAXLEN))
 
-# KEYS: job hash, events, ledger. ARGV: step, bytes_in increment, ledger entry name ('' if none), its json,
-# bytes_out, now, '1' if the entry is a shard. Progress counts only while the job is active; a shard is
-# counted once however often it is redone. The ledger is complete at ``ledger_total`` entries (the shards
-# and the metadata), or ``shards_total`` for a job planned before ``ledger_total`` existed (it is 0 then).
-_PROGRESS = """
+# Throughput over time: a sample (time, bytes_in) at most every THROUGHPUT_EVERY_S, and when the ledger
+# completes. When a job has more than THROUGHPUT_POINTS samples every other one is dropped and the interval
+# doubled, so a job of any length keeps its whole history in a bounded list; the job hash holds the latest
+# rate.
+THROUGHPUT_EVERY_S = 2
+THROUGHPUT_POINTS = 240
+
+# KEYS: job hash, events, ledger, throughput samples. ARGV: step, bytes_in increment, ledger entry name
+# ('' if none), its json, bytes_out, now, '1' if the entry is a shard. Progress counts only while the job
+# is active; a shard is counted once however often it is redone. The ledger is complete at
+# ``ledger_total`` entries (the shards and the metadata), or ``shards_total`` for a job planned before
+# ``ledger_total`` existed (it is 0 then).
+_PROGRESS = (
+    """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if cur ~= 'running' and cur ~= 'verifying' and cur ~= 'uploading' then return {0, 0} end
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[1]) end
@@ -79,12 +88,40 @@ if ARGV[3] ~= '' then
   if redis.call('HLEN', KEYS[3]) == total then complete = 1 end
 end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[6])
+local now = tonumber(ARGV[6])
+local last = tonumber(redis.call('HGET', KEYS[1], 'throughput_at') or '0')
+local every = tonumber(redis.call('HGET', KEYS[1], 'throughput_every') or 'EVERY_S')
+if complete == 1 or now - last >= every then
+  local read = tonumber(redis.call('HGET', KEYS[1], 'bytes_in'))
+  local before = tonumber(redis.call('HGET', KEYS[1], 'throughput_bytes') or '0')
+  if last == 0 then
+    last = tonumber(redis.call('HGET', KEYS[1], 'started_at') or ARGV[6])
+    redis.call('RPUSH', KEYS[4], tostring(last) .. ' 0')
+  end
+  if now > last then
+    redis.call('HSET', KEYS[1], 'throughput', tostring((read - before) / (now - last)))
+  end
+  redis.call('HSET', KEYS[1], 'throughput_at', ARGV[6], 'throughput_bytes', tostring(read))
+  redis.call('RPUSH', KEYS[4], ARGV[6] .. ' ' .. tostring(read))
+  if redis.call('LLEN', KEYS[4]) > POINTS_N then
+    local all = redis.call('LRANGE', KEYS[4], 0, -1)
+    local keep = {}
+    for i = 1, #all, 2 do keep[#keep + 1] = all[i] end
+    if #all % 2 == 0 then keep[#keep + 1] = all[#all] end
+    redis.call('DEL', KEYS[4])
+    redis.call('RPUSH', KEYS[4], unpack(keep))
+    redis.call('HSET', KEYS[1], 'throughput_every', tostring(every * 2))
+  end
+end
 local snap = redis.call('HGETALL', KEYS[1])
 local m = {}
 for i = 1, #snap, 2 do m[snap[i]] = snap[i + 1] end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', MAXLEN_N, '*', 'type', 'progress', 'data', cjson.encode(m))
 return {1, complete}
 """.replace("MAXLEN_N", str(EVENTS_MAXLEN))
+    .replace("EVERY_S", str(THROUGHPUT_EVERY_S))
+    .replace("POINTS_N", str(THROUGHPUT_POINTS))
+)
 
 
 # KEYS: one key. ARGV: expected value, new value, ttl. Compare-and-set.
@@ -143,7 +180,7 @@ class JobStore:
     def _job_keys(self, job_id: str) -> list[str]:
         k = self.key
         return [k(job_id), k(job_id, "events"), f"{PREFIX}jobs:state:", k(job_id, "shards"),
-                k(job_id, "attempts"), k(job_id, "report")]  # fmt: skip
+                k(job_id, "attempts"), k(job_id, "report"), k(job_id, "throughput")]  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ write
 
@@ -210,12 +247,15 @@ class JobStore:
         else finalize needs: the target's receipt, the verification). ``is_shard=False`` for an entry that
         is not a weight shard (the metadata), which the shard counters leave out. True when the ledger is
         complete."""
-        keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, "shards")]
+        keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, "shards"),
+                self.key(job_id, "throughput")]  # fmt: skip
         worker = f"{os.uname().nodename}:{os.getpid()}"
         fields = {"sha256": sha256, "size": size, "worker": worker, **entry_fields}
         entry = json.dumps(fields) if shard else ""
         flag = "1" if is_shard else "0"
-        _, complete = self.r.eval(_PROGRESS, 3, *keys, step, bytes_in, shard, entry, size, _now(), flag)
+        _, complete = self.r.eval(
+            _PROGRESS, len(keys), *keys, step, bytes_in, shard, entry, size, _now(), flag
+        )
         return bool(complete)
 
     def mark_enqueued(self, job_id: str) -> None:
@@ -296,6 +336,14 @@ class JobStore:
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         return decode(self.r.hgetall(self.key(job_id))) or None
+
+    def throughput(self, job_id: str) -> list[tuple[float, int]]:
+        """The job's (time, source bytes read by then) samples, oldest first (see ``THROUGHPUT_EVERY_S``)."""
+        out = []
+        for raw in self.r.lrange(self.key(job_id, "throughput"), 0, -1):
+            at, total = raw.split()
+            out.append((float(at), int(float(total))))
+        return out
 
     def report(self, job_id: str) -> dict[str, Any] | None:
         raw = self.r.get(self.key(job_id, "report"))

@@ -12,10 +12,10 @@ import redis
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from core.fleet import ALIVE_S
 from core.jobstore import PREFIX, TERMINAL, WORKERS_KEY, JobStore
 from core.settings import QUEUE
 
-ALIVE_S = 30
 COUNTERS = f"{PREFIX}metrics:counters"
 SHARD_SECONDS = f"{PREFIX}metrics:shard_seconds"
 SHARD_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))

@@ -19,15 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from core import metrics
+from core.fleet import Fleet
 from core.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
 from core.settings import Settings
+from worker import model_card
+from worker.engine.checkpoint import MANIFEST
 from worker.engine.convert import Conversion, plan_conversion
 from worker.engine.errors import RecastError, TargetBusyError, TargetExistsError, VerificationError
 from worker.engine.options import Options
 from worker.engine.publish import file_sha256, finish_sidecar
 from worker.engine.storage import Source
 from worker.stores import Target, TransientStorageError, open_source, open_target, parse_location
+from worker.stores.hub import HubTarget
 from worker.throttle import ThrottledSource
 
 log = logging.getLogger("recast.jobs")
@@ -239,11 +245,15 @@ def plan_job(ctx: Context, job_id: str) -> None:
     guarded(ctx, job_id, "plan", body)
 
 
-def run_shard(ctx: Context, job_id: str, name: str) -> None:
+def run_shard(ctx: Context, job_id: str, name: str, worker: str | None = None) -> None:
     """Convert one output shard, verify it in flight and stage it with the target; the ledger entry
-    carries its SHA-256, the target's receipt and its per-tensor verification for finalize."""
+    carries its SHA-256, the target's receipt and its per-tensor verification for finalize. ``worker``
+    (the Celery worker's name) reports what it is doing to the Workers page (``core.fleet``)."""
+    fleet = Fleet(ctx.store.r)
+    converted = False
 
     def body(job: dict[str, Any]) -> None:
+        nonlocal converted
         if ctx.store.shard_done(job_id, name):
             if _ledger_complete(ctx, job):
                 ctx.enqueue_finalize(job_id)
@@ -252,6 +262,9 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
         target = _target(ctx, job)
         started = time.monotonic()
         pending = {"bytes": 0, "at": started, "total": 0}
+        device, wall_started = _device(conv), time.time()
+        if worker:
+            fleet.working(worker, job_id, name, wall_started, 0, device)
 
         def progress(p: dict[str, Any]) -> None:
             pending["bytes"] += p.get("bytes_in", 0)
@@ -259,6 +272,8 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
             if time.monotonic() - pending["at"] >= PROGRESS_EVERY_S:
                 _check_cancel(ctx, job_id)
                 ctx.store.progress(job_id, step=f"converting {name}", bytes_in=pending["bytes"])
+                if worker:
+                    fleet.working(worker, job_id, name, wall_started, pending["total"], device)
                 pending.update(bytes=0, at=time.monotonic())
 
         checks = conv.new_checks() if conv.opts.verify else None
@@ -276,17 +291,31 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
             job_id, step=f"converted {name}", bytes_in=pending["bytes"], shard=name, sha256=sha, size=size,
             receipt=receipt, verification=checks.export() if checks is not None else None,
         )  # fmt: skip
+        converted = True
         metrics.record_shard(ctx.store.r, time.monotonic() - started, pending["total"], size)
         if complete:
             ctx.enqueue_finalize(job_id)
 
-    guarded(ctx, job_id, f"shard {name}", body)
+    try:
+        guarded(ctx, job_id, f"shard {name}", body)
+    finally:
+        if worker:
+            fleet.idle(worker, converted)
 
 
-def write_metadata(ctx: Context, job_id: str) -> None:
+def _device(conv: Conversion) -> str:
+    """What the Workers page shows for the device converting: the GPU's name, or ``cpu``."""
+    if conv.dev.type == "cuda":
+        return f"{conv.dev} · {torch.cuda.get_device_name(conv.dev)}"
+    return "cpu"
+
+
+def write_metadata(ctx: Context, job_id: str, worker: str | None = None) -> None:
     """Write and stage the metadata files the plan fixes, and check the kept scales against the source,
     beside the shards: the source reads they need (the scales, carried files) are then off finalize's path.
-    The ledger entry carries each file's SHA-256, size and receipt, and the scales' checks."""
+    The ledger entry carries each file's SHA-256, size and receipt, and the scales' checks. ``worker``
+    shows the unit on the Workers page, as ``metadata``."""
+    fleet = Fleet(ctx.store.r)
 
     def body(job: dict[str, Any]) -> None:
         if ctx.store.shard_done(job_id, METADATA):
@@ -295,8 +324,11 @@ def write_metadata(ctx: Context, job_id: str) -> None:
             return
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
+        if worker:
+            fleet.working(worker, job_id, "metadata", time.time(), 0, _device(conv))
         meta = _scratch(ctx, job_id, "meta")
         names = conv.write_fixed_metadata(meta)
+        card = _card_plan(target, job, meta, names)
         checks = conv.new_checks() if conv.opts.verify else None
         if checks is not None:
             conv.check_kept_scales(checks, meta)
@@ -310,14 +342,18 @@ def write_metadata(ctx: Context, job_id: str) -> None:
         with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:  # a round trip or three each
             files = dict(zip(names, pool.map(stage, names), strict=True))
         complete = ctx.store.progress(
-            job_id, shard=METADATA, is_shard=False, files=files,
+            job_id, shard=METADATA, is_shard=False, files=files, card=card,
             verification=checks.export() if checks is not None else None,
         )  # fmt: skip
         shutil.rmtree(meta, ignore_errors=True)
         if complete:
             ctx.enqueue_finalize(job_id)
 
-    guarded(ctx, job_id, "metadata", body)
+    try:
+        guarded(ctx, job_id, "metadata", body)
+    finally:
+        if worker:
+            fleet.idle(worker, converted=False)
 
 
 def finalize(ctx: Context, job_id: str) -> None:
@@ -354,10 +390,15 @@ def finalize(ctx: Context, job_id: str) -> None:
             n: f["sha256"] for n, f in ledger[METADATA]["files"].items()
         }
         names = finish_sidecar(meta, report, files)
-        ctx.store.save_report(job_id, report.to_json())
+        report_json = report.to_json()
+        ctx.store.save_report(job_id, report_json)
         if conv.opts.verify and not report.passed:
             metrics.count(ctx.store.r, "verification_failures")
             raise VerificationError(f"verification failed: {report.failure_summary()}; nothing was published")
+        card = ledger[METADATA].get("card")
+        if card is not None and card["write"]:
+            (meta / model_card.CARD).write_text(_card(ctx, job, conv, report_json, meta, card["original"]))
+            names.append(model_card.CARD)
         staged = _receipts(ledger)
         with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:  # a round trip or three each
             receipts = pool.map(lambda n: target.stage_file(n, meta / n, file_sha256(meta / n)), names)
@@ -370,6 +411,8 @@ def finalize(ctx: Context, job_id: str) -> None:
             bool(req.get("create_pr")),
             bool(req.get("overwrite")),
         )
+        if card is not None:
+            result["model_card"] = card["write"]
         ctx.store.transition(
             job_id, ("uploading",), "succeeded", step="done", result=result, bytes_in=conv.ckpt.total_bytes
         )
@@ -377,3 +420,41 @@ def finalize(ctx: Context, job_id: str) -> None:
         _plans.pop(job_id, None)
 
     guarded(ctx, job_id, "finalize", body)
+
+
+def _card_plan(target: Target, job: dict[str, Any], meta: Path, names: list[str]) -> dict[str, Any] | None:
+    """For a Hub target, whether finalize publishes a model card (``write``: not over a README.md the repo
+    holds, unless the job may overwrite), and the README.md the source carried (``original``), taken out
+    of ``names``: on the Hub it would pass for a card of the converted checkpoint. None for other targets.
+    Decided here, beside the other reads, so finalize reads nothing from the target."""
+    if not isinstance(target, HubTarget):
+        return None
+    original = None
+    if model_card.CARD in names:
+        original = (meta / model_card.CARD).read_text(errors="replace")
+        names.remove(model_card.CARD)
+    write = bool(job["request"].get("overwrite")) or not target.holds(model_card.CARD)
+    return {"write": write, "original": original}
+
+
+def _card(
+    ctx: Context,
+    job: dict[str, Any],
+    conv: Conversion,
+    report: dict[str, Any],
+    meta: Path,
+    original: str | None,
+) -> str:
+    req = job["request"]
+    return model_card.render(
+        source=parse_location(req["source"], "source", ctx.settings.stores),
+        source_revision=job.get("source_revision") or None,
+        target_repo=parse_location(req["target"], "target", ctx.settings.stores).root,
+        hub_endpoint=ctx.settings.stores.hf_endpoint,
+        report=report,
+        source_config=conv.ckpt.config,
+        output_config=conv.direction.config,
+        manifest=(meta / MANIFEST).read_text(),
+        job_id=job["id"],
+        original=original,
+    )

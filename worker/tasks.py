@@ -3,7 +3,7 @@ locations' credentials; everything else is read from the job store."""
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, partial
 
 from core.jobstore import JobStore
 from core.settings import Settings
@@ -44,12 +44,12 @@ def plan(self, job_id: str) -> None:
 
 @app.task(bind=True, name="recast.convert_shard")
 def convert_shard(self, job_id: str, name: str) -> None:
-    _retrying(self, jobs.run_shard, job_id, name)
+    _retrying(self, partial(jobs.run_shard, worker=self.request.hostname), job_id, name)
 
 
 @app.task(bind=True, name="recast.metadata")
 def metadata(self, job_id: str) -> None:
-    _retrying(self, jobs.write_metadata, job_id)
+    _retrying(self, partial(jobs.write_metadata, worker=self.request.hostname), job_id)
 
 
 @app.task(bind=True, name="recast.finalize")

@@ -13,7 +13,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from core.jobstore import TERMINAL, Conflict, JobStore, decode
 from service.deps import SIGNED_IN, UNAUTHORIZED, JobRecord, ServicesDep
 from service.problems import HTTPProblem, declared
-from service.schemas import MAX_LABEL_VALUE, Job, JobPage, JobReport, JobRequest, JobState
+from service.schemas import MAX_LABEL_VALUE, Job, JobPage, JobReport, JobRequest, JobState, JobThroughput
 from service.submission import create_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=SIGNED_IN, responses=UNAUTHORIZED)
@@ -120,6 +120,12 @@ def get_job_report(job: JobRecord, svc: ServicesDep) -> JobReport:
         raise HTTPProblem(404, "report_not_ready", f"job {job['id']} is {job['state']}; the report is written "
                           "after verification")  # fmt: skip
     return JobReport(got)
+
+
+@router.get("/{job_id}/throughput", responses=declared(NOT_FOUND))
+def get_job_throughput(job: JobRecord, svc: ServicesDep) -> JobThroughput:
+    """Source bytes read over time, all workers together, with the rate between samples."""
+    return JobThroughput.of(svc.store.throughput(job["id"]))
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse, responses=declared(NOT_FOUND))
