@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,6 @@ from worker.engine.options import Options
 from worker.engine.publish import file_sha256, finish_sidecar
 from worker.engine.storage import Source
 from worker.stores import Target, TransientStorageError, open_source, open_target, parse_location
-from worker.stores.hub import HubTarget
 from worker.throttle import ThrottledSource
 
 log = logging.getLogger("recast.jobs")
@@ -427,7 +427,8 @@ def _card_plan(target: Target, job: dict[str, Any], meta: Path, names: list[str]
     holds, unless the job may overwrite), and the README.md the source carried (``original``), taken out
     of ``names``: on the Hub it would pass for a card of the converted checkpoint. None for other targets.
     Decided here, beside the other reads, so finalize reads nothing from the target."""
-    if not isinstance(target, HubTarget):
+    hub = sys.modules.get("worker.stores.hub")  # not imported yet: the target is not the Hub's
+    if hub is None or not isinstance(target, hub.HubTarget):
         return None
     original = None
     if model_card.CARD in names:
