@@ -163,6 +163,7 @@ def page(browser: Browser, service: Service) -> Iterator[Page]:
         base_url=service.url, viewport={"width": 1360, "height": 900}, timezone_id=BROWSER_ZONE
     )
     context.set_default_timeout(20_000)
+    expect.set_options(timeout=20_000)  # expect() keeps its own 5 s default; a loaded CI host needs more
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
