@@ -93,6 +93,9 @@ class TinyFamily:
     config: dict[str, Any]
     keep: tuple[str, ...] = ()
     model_type: str | None = None  # config.json's, where the vendor's differs from the class's own
+    # A text-only release saved from a VLM class: only ``model.`` / ``lm_head.`` keys kept, config.json
+    # its text_config with this architecture (Step-3.5: transformers has only the Step-3.7 VLM class).
+    text_only: str | None = None
 
 
 # Two layers (the first dense where the family has dense layers), four experts, widths 160 / 200 / 96
@@ -110,6 +113,28 @@ _TINY_MLA: dict[str, Any] = {
     "mlp_layer_types": ["dense", "sparse"],
 }
 _TINY_INDEXER: dict[str, Any] = {"index_n_heads": 2, "index_head_dim": 32, "index_topk": 4}
+# Step-3.7: layer 0 dense, layer 1 MoE; text widths as _TINY_DENSE, a one-block vision tower.
+_TINY_STEP: dict[str, Any] = {
+    "text_config": {
+        **_TINY_DENSE,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 96,
+        "share_expert_dim": 96,
+        "num_sliding_attention_heads": 2,
+        "query_pre_attn_scalar": 40,
+        "mlp_layer_types": ["dense", "sparse"],
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 56,
+        "patch_size": 14,
+    },
+}
+_STEP_KEEP = ("moe.gate.weight", "vision_model.", "vit_large_projector.")
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen3-moe": TinyFamily(
         "Qwen3MoeForCausalLM",
@@ -141,6 +166,10 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         "MiniMaxM2ForCausalLM",
         {**_TINY_DENSE, "intermediate_size": 96, "num_local_experts": 4, "num_experts_per_tok": 2},
         keep=("block_sparse_moe.gate.weight",),
+    ),
+    "step3p7": TinyFamily("Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP),
+    "step3p5": TinyFamily(
+        "Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP, text_only="Step3p5ForCausalLM"
     ),
     "qwen3": TinyFamily("Qwen3ForCausalLM", _TINY_DENSE),
     "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),
@@ -268,6 +297,9 @@ def _saved_model(
         config = json.loads((Path(tmp) / "config.json").read_text())
         if family in TINY_FAMILIES and TINY_FAMILIES[family].model_type:
             config["model_type"] = TINY_FAMILIES[family].model_type
+        if family in TINY_FAMILIES and TINY_FAMILIES[family].text_only:
+            raw = {k: t for k, t in raw.items() if k.startswith(("model.", "lm_head."))}
+            config = {**config["text_config"], "architectures": [TINY_FAMILIES[family].text_only]}
         gen_path = Path(tmp) / "generation_config.json"
         gen_config = json.loads(gen_path.read_text()) if gen_path.exists() else {}
     sd = {_rename_for_layout(k, family, layout): raw[k] for k in sorted(raw, key=_natural_key)}

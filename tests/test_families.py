@@ -23,6 +23,7 @@ from worker.engine.errors import AdapterMismatchError, UnsupportedModelError
 
 _SPLIT = ["model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.0.down_proj.weight"]
 _DENSE = ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.input_layernorm.weight"]
+_STEP = ["model.layers.1.moe.gate_proj.weight", "model.layers.1.moe.down_proj.weight"]
 _MINIMAX = [
     "model.layers.0.block_sparse_moe.experts.0.w1.weight",
     "model.layers.0.block_sparse_moe.gate.weight",
@@ -40,6 +41,10 @@ _MINIMAX = [
         ({"architectures": ["Glm4MoeLiteForCausalLM"]}, _SPLIT, "glm4-moe"),
         ({"architectures": ["GlmMoeDsaForCausalLM"]}, _SPLIT, "glm-moe-dsa"),
         ({"architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2"}, _MINIMAX, "minimax-m2"),
+        ({"architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5"}, _STEP, "step3p5"),
+        ({"architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7",
+          "text_config": {"model_type": "step3p5"}}, _STEP, "step3p7"),
+        ({"model_type": "step3p5"}, _STEP, "step3p5"),
         ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, _DENSE, "llama"),
         ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, _DENSE, "qwen3"),
         ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, _DENSE, "mistral3-fp8"),
@@ -55,6 +60,7 @@ def test_detection_reads_the_table(cfg, keys, expected) -> None:
         # a dense architecture whose keys hold another family's experts
         ({"architectures": ["LlamaForCausalLM"]}, _DENSE + _SPLIT),
         ({"architectures": ["Qwen3MoeForCausalLM"]}, _MINIMAX),
+        ({"architectures": ["Qwen3MoeForCausalLM"]}, _SPLIT + _STEP),
         # the architecture of one family with the model type of another
         ({"architectures": ["Qwen3ForCausalLM"], "model_type": "llama"}, _DENSE),
         ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "qwen3_moe"}, _SPLIT),

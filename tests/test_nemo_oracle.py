@@ -25,6 +25,7 @@ from helpers import assert_state_dicts_identical, config
 
 from worker.engine import api
 from worker.engine.adapters import ADAPTERS
+from worker.engine.checkpoint import SIDECAR
 
 pytestmark = pytest.mark.nemo
 
@@ -60,6 +61,11 @@ CASES = [
     Case("deepseek-v32", "deepseek-v32", "deepseek_v32.DeepSeekV32StateDictAdapter"),
     Case("glm-moe-dsa", "glm-moe-dsa", "glm_moe_dsa.GlmMoeDsaStateDictAdapter"),
     Case("minimax-m2", "minimax-m2", "minimax_m2.MiniMaxM2StateDictAdapter"),
+    # NeMo's Step adapters load bf16 only: Step3p5's has no FP8 path, Step3p7's drops the *_scale_inv
+    # tensors without dequantizing (test_step3p7_nemo_drops_the_scales); the FP8 step is NeMo's own
+    # dequantize_from_fp8, per expert for the aggregated 3-D experts.
+    Case("step3p5", "step3p5", "step3p5.Step3p5StateDictAdapter", dequantizes=False),
+    Case("step3p7", "step3p7", "step3p7.Step3p7StateDictAdapter", dequantizes=False),
     Case("qwen3", "qwen3", None),
     Case("llama", "llama", None),
     Case("mistral", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),
@@ -125,3 +131,36 @@ def test_native_equals_nemo_and_round_trips(case: Case, nemo, checkpoint, tmp_pa
 
 def test_every_adapter_has_an_oracle_case() -> None:
     assert {c.adapter for c in CASES} == set(ADAPTERS)
+
+
+def test_nemo_step_adapters_have_no_fp8_path(nemo, checkpoint) -> None:
+    # Why the Step cases dequantize with NeMo's dequantize_from_fp8 first: fed the FP8 checkpoint itself,
+    # Step3p5StateDictAdapter.from_hf fails, and Step3p7StateDictAdapter.from_hf passes FP8 codes on
+    # unscaled (dense weights stay FP8, experts are cast to bf16 without their scales).
+    src = checkpoint("step3p5", scheme="block")
+    with pytest.raises(RuntimeError, match="Float8"):
+        nemo_oracle.moe_adapter("step3p5.Step3p5StateDictAdapter", config(src), torch.bfloat16).from_hf(
+            load_state_dict(src)
+        )
+    src = checkpoint("step3p7", scheme="block")
+    sd, cfg = load_state_dict(src), config(src)
+    got = nemo_oracle.moe_adapter("step3p7.Step3p7StateDictAdapter", cfg, torch.bfloat16).from_hf(sd)
+    assert got["model.language_model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    experts = "model.language_model.layers.1.moe.experts.down_projs"
+    right = _nemo_native(next(c for c in CASES if c.family == "step3p7"), sd, cfg)[experts]
+    assert not torch.equal(got[experts], right)
+
+
+@pytest.mark.parametrize("family", ["step3p5", "step3p7"])
+def test_native_without_recast_json_goes_back_as_nemo_to_hf(family, nemo, checkpoint, tmp_path: Path) -> None:
+    # A native checkpoint Recast did not write (no recast.json: the plan comes from inverting the adapter,
+    # concat included) goes back to the hf keys and shapes NeMo's own to_hf gives, value for value.
+    case = next(c for c in CASES if c.family == family)
+    src = checkpoint(family, scheme="block")
+    native = tmp_path / "native"
+    api.convert(src, native, api.Options(to="native"))
+    (native / SIDECAR).unlink()
+    report = api.convert(native, tmp_path / "hf", api.Options(to="hf", quantize="none"))
+    assert report.passed and report.adapter == case.adapter
+    want = _nemo_adapter(case, config(src)).to_hf(load_state_dict(native))
+    assert_state_dicts_identical(load_state_dict(tmp_path / "hf"), want)

@@ -46,6 +46,9 @@ class ExpertRule:
     slice ``e`` is ``cat(part.T for part in parts, -1)`` (DeepSeek-V3); ``hf`` is the expert module with
     ``{e}`` for its number (``mlp.experts.{e}.``, MiniMax's ``block_sparse_moe.experts.{e}.``), followed
     by one of ``parts`` and ``.weight``.
+    kind ``concat``: aggregated 3-D parts ``…{hf}{part}.weight`` ``[E, O, I]`` ↔ one ``[E, I, n·O]`` tensor,
+    ``cat(part.transpose(-1, -2) for part in parts, -1)`` (Step-3.5's ``moe.gate_proj`` / ``moe.up_proj``);
+    ``hf`` is the module (``moe.``), without ``{e}``. operations.Concat does the tensor work.
     """
 
     kind: str
@@ -55,18 +58,19 @@ class ExpertRule:
 
     @cached_property
     def _hf_pattern(self) -> re.Pattern[str]:
-        if self.kind == "stack":
+        if self.kind in ("stack", "concat"):
             module = re.escape(self.hf).replace(re.escape("{e}"), r"(?P<e>\d+)")
             parts = "|".join(map(re.escape, self.parts))
             return re.compile(rf"^(?P<prefix>.*\.){module}(?P<part>{parts})\.weight$")
         return re.compile(rf"^(?P<prefix>.*){re.escape(self.hf)}$")
 
     def match_hf(self, renamed: str) -> re.Match[str] | None:
-        """This rule on a renamed hf key: group ``prefix``, and for ``stack`` also ``e`` and ``part``."""
+        """This rule on a renamed hf key: group ``prefix``, for ``stack`` also ``e`` and ``part``, for
+        ``concat`` also ``part``."""
         return self._hf_pattern.match(renamed)
 
     def hf_part(self, e: int, part: str) -> str:
-        """The hf key, after ``prefix``, of expert ``e``'s ``part`` (``stack`` only)."""
+        """The hf key, after ``prefix``, of expert ``e``'s ``part`` (``stack``; ``concat`` ignores ``e``)."""
         return f"{self.hf.format(e=e)}{part}.weight"
 
 
@@ -207,6 +211,21 @@ _DEEPSEEK_V3 = Adapter(
     model_types=("deepseek_v3",),
     nemo="deepseek_v3.DeepSeekV3StateDictAdapter",
 )
+# Step-3.5: aggregated ``moe.{gate,up,down}_proj.weight`` ``[E, out, in]``; gate and up concatenate
+# into NeMo's ``gate_and_up_projs``, down is transposed; the post-sigmoid router bias is renamed.
+_STEP3P5 = Adapter(
+    name="step3p5",
+    description="Step-3.5-Flash (aggregated moe.{gate,up,down}_proj experts), block-wise FP8",
+    architectures=("Step3p5ForCausalLM",),
+    renames=(Rename(".moe.router_bias", ".moe.gate.e_score_correction_bias", infix=True),),
+    experts=(
+        ExpertRule("concat", "moe.", "moe.experts.gate_and_up_projs", ("gate_proj", "up_proj")),
+        ExpertRule("transpose", "moe.down_proj.weight", "moe.experts.down_projs"),
+    ),
+    not_quantized=(*_NORMS_ETC, "moe.gate.weight"),
+    model_types=("step3p5",),
+    nemo="step3p5.Step3p5StateDictAdapter",
+)
 # Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
 _DENSE = Adapter(
     name="llama",
@@ -320,6 +339,23 @@ ADAPTERS: dict[str, Adapter] = {
             not_quantized=(*_NORMS_ETC, "block_sparse_moe.gate.weight"),
             model_types=("minimax_m2",),
             nemo="minimax_m2.MiniMaxM2StateDictAdapter",
+        ),
+        _STEP3P5,
+        replace(
+            _STEP3P5,
+            name="step3p7",
+            description="Step-3.7 VLM (a Step-3.5 text model under model.language_model.), block-wise FP8",
+            architectures=("Step3p7ForConditionalGeneration",),
+            renames=(
+                Rename("model.", "model.language_model."),
+                Rename("vision_model.", "model.vision_model."),
+                Rename("vit_large_projector.", "model.vit_large_projector."),
+                *_STEP3P5.renames,
+            ),
+            not_quantized_prefixes=("vision_model.", "vit_large_projector."),
+            # its text_config.model_type is step3p5
+            model_types=("step3p7", "step3p5"),
+            nemo="step3p7.Step3p7StateDictAdapter",
         ),
         _DENSE,
         replace(

@@ -40,6 +40,7 @@ class NativeTensor:
     """One native tensor and the hf tensors it is made of.
 
     kind ``copy``: one part, same layout. ``transpose``: one aggregated expert part, last two dims swapped.
+    ``concat``: aggregated expert parts, each transposed, concatenated on the last dim (operations.Concat).
     ``stack``: ``parts[e * len(names) + j]`` is expert ``e``'s part ``j``; slice ``e`` is ``cat(part.T)``.
     ``zeros``: injected by Recast (no parts); the way back drops it.
     """
@@ -137,6 +138,18 @@ def _check_stackable(ckpt: Checkpoint, parts: list[str], names: int) -> None:
             )
 
 
+def _check_concatenable(ckpt: Checkpoint, parts: list[str]) -> None:
+    """Aggregated expert parts concatenate (and split back evenly) only if all are 3-D and one shape."""
+    want = ckpt.tensors[parts[0]].shape
+    for key in parts:
+        shape = ckpt.tensors[key].shape
+        if len(shape) != 3 or shape != want:
+            raise CheckpointError(
+                f"{ckpt.tensors[key].file}: expert tensor {key!r} has shape {list(shape)}, but concatenating "
+                f"needs 3-D [experts, out, in] parts shaped like {parts[0]!r} {list(want)}"
+            )
+
+
 def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     """Apply the adapter to an hf checkpoint's keys; refuse it if its rules do not fit them."""
     plan = _hf_plan(ckpt, adapter)
@@ -150,6 +163,7 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     skip = set(companions)
     out: list[NativeTensor] = []
     stacks: dict[tuple[str, int], dict[int, dict[str, str]]] = {}
+    concats: dict[tuple[str, int], dict[str, str]] = {}
     for key in ckpt.tensors:
         if key in skip:
             continue
@@ -162,6 +176,8 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
         rule = adapter.experts[idx]
         if rule.kind == "stack":
             stacks.setdefault((m["prefix"], idx), {}).setdefault(int(m["e"]), {})[m["part"]] = key
+        elif rule.kind == "concat":
+            concats.setdefault((m["prefix"], idx), {})[m["part"]] = key
         else:
             out.append(NativeTensor(m["prefix"] + rule.native, "transpose", [key]))
     for (prefix, idx), experts in sorted(stacks.items()):
@@ -179,6 +195,14 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             parts.extend(got[p] for p in rule.parts)
         _check_stackable(ckpt, parts, len(rule.parts))
         out.append(NativeTensor(prefix + rule.native, "stack", parts, experts=n, names=len(rule.parts)))
+    for (prefix, idx), got in sorted(concats.items()):
+        rule = adapter.experts[idx]
+        missing = [p for p in rule.parts if p not in got]
+        if missing:
+            raise CheckpointError(f"{prefix}{rule.hf}: has {sorted(got)} but lacks {missing}")
+        parts = [got[p] for p in rule.parts]
+        _check_concatenable(ckpt, parts)
+        out.append(NativeTensor(prefix + rule.native, "concat", parts, names=len(parts)))
     if adapter.inject_gate_bias:
         native = {t.key for t in out}
         for t in list(out):
@@ -213,7 +237,12 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
         transpose = next(
             (r for r in adapter.experts if r.kind == "transpose" and key.endswith(r.native)), None
         )
-        if stack and len(info.shape) == 3:
+        concat = next((r for r in adapter.experts if r.kind == "concat" and key.endswith(r.native)), None)
+        if concat and len(info.shape) == 3:
+            prefix = adapter.to_hf(key[: -len(concat.native)])
+            parts = [prefix + concat.hf_part(0, p) for p in concat.parts]
+            out.append(NativeTensor(key, "concat", parts, names=len(parts)))
+        elif stack and len(info.shape) == 3:
             prefix = adapter.to_hf(key[: -len(stack.native)])
             parts = [prefix + stack.hf_part(e, p) for e in range(info.shape[0]) for p in stack.parts]
             out.append(NativeTensor(key, "stack", parts, experts=info.shape[0], names=len(stack.parts)))

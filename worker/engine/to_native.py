@@ -120,8 +120,10 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
             q = plan.quant.get(t.parts[0])
             if t.kind == "stack":  # a row is one expert: all of its 2-D part tensors
                 per_row = sum(src.tensors[p].nbytes for p in t.part_of(0))
+            elif first.shape:  # a row of every part (one part, but for ``concat``)
+                per_row = sum(src.tensors[p].nbytes // max(src.tensors[p].shape[0], 1) for p in t.parts)
             else:
-                per_row = first.nbytes // max(first.shape[0], 1) if first.shape else first.nbytes
+                per_row = first.nbytes
             align = hf_align(q.kind if q else None, first.shape) if t.kind == "copy" else 1
             n = shape[0] if shape else 1
             for e0, e1 in row_chunks((n,), max(per_row, 1), budget, align):
