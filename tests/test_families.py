@@ -9,6 +9,8 @@ checkpoints exactly as tests/reference.py says.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,16 @@ def test_fresh_block_quantization_matches_reference(family, plain_checkpoint, tm
     api.convert(out, tmp_path / "native", api.Options(to="native"))
     api.convert(tmp_path / "native", tmp_path / "back", api.Options(to="hf"))
     assert_state_dicts_identical(load_state_dict(tmp_path / "back"), load_state_dict(out))
+
+
+def test_step3p7_with_mtp_layers_is_refused(checkpoint, tmp_path: Path) -> None:
+    # NeMo's Step3p7 adapter renumbers the MTP layers after num_hidden_layers into mtp.layers.{i}; the
+    # table has no rule for that, so such a checkpoint is refused rather than written under other names.
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("step3p7", scheme="block"), src)
+    cfg = config(src)
+    cfg["text_config"]["num_nextn_predict_layers"] = 1
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"num_nextn_predict_layers=1.*mtp\.layers"):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
+    assert not (tmp_path / "native").exists()

@@ -101,6 +101,18 @@ class Adapter:
     # whose from_hf output is this family's native layout; None where NeMo's model uses the hf names.
     # tests/test_nemo_oracle.py compares with it bit for bit.
     nemo: str | None = None
+    # config.json fields (top level or text_config) that turn on something these rules do not map, with
+    # what NeMo does instead: a checkpoint that sets one is refused while planning.
+    unmapped_config: tuple[tuple[str, str], ...] = ()
+
+    def check_config(self, config: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose config.json turns on what this adapter does not map."""
+        for c in (config, config.get("text_config") or {}):
+            for name, why in self.unmapped_config:
+                if c.get(name):
+                    raise UnsupportedModelError(
+                        f"config.json {name}={c[name]!r}: adapter {self.name!r} does not map this ({why})"
+                    )
 
     def to_native(self, key: str) -> str:
         for r in self.renames:
@@ -356,6 +368,12 @@ ADAPTERS: dict[str, Adapter] = {
             # its text_config.model_type is step3p5
             model_types=("step3p7", "step3p5"),
             nemo="step3p7.Step3p7StateDictAdapter",
+            unmapped_config=(
+                (
+                    "num_nextn_predict_layers",
+                    "NeMo moves the MTP layers that follow num_hidden_layers to mtp.layers.{i}",
+                ),
+            ),
         ),
         _DENSE,
         replace(

@@ -152,6 +152,7 @@ def _check_concatenable(ckpt: Checkpoint, parts: list[str]) -> None:
 
 def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     """Apply the adapter to an hf checkpoint's keys; refuse it if its rules do not fit them."""
+    adapter.check_config(ckpt.config)
     plan = _hf_plan(ckpt, adapter)
     copied = [t.parts[0] for t in plan.tensors if t.kind == "copy"]
     _check_fit(ckpt, adapter, plan, copied, lambda other: _hf_plan(ckpt, other))
@@ -216,6 +217,7 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
 
 def plan_from_native(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     """The way back: the recorded plan when Recast wrote this checkpoint, else the adapter inverted."""
+    adapter.check_config(ckpt.config)
     recorded = (ckpt.sidecar or {}).get("plan")
     if recorded:
         plan = KeyPlan.from_json(recorded)
