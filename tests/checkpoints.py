@@ -96,6 +96,8 @@ class TinyFamily:
     # A text-only release saved from a VLM class: only ``model.`` / ``lm_head.`` keys kept, config.json
     # its text_config with this architecture (Step-3.5: transformers has only the Step-3.7 VLM class).
     text_only: str | None = None
+    # Key endings the vendor stores in fp32 (Qwen3.5's GatedDeltaNet A_log, dt_bias).
+    fp32: tuple[str, ...] = ()
 
 
 # Two layers (the first dense where the family has dense layers), four experts, widths 160 / 200 / 96
@@ -134,6 +136,38 @@ _TINY_STEP: dict[str, Any] = {
         "patch_size": 14,
     },
 }
+# Qwen3.5-MoE: layer 0 GatedDeltaNet (linear attention), layer 1 full attention; both MoE.
+_TINY_QWEN3_5_TEXT: dict[str, Any] = {
+    **_TINY_MOE,
+    "num_experts": 4,
+    "shared_expert_intermediate_size": 96,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 2,
+    "layer_types": ["linear_attention", "full_attention"],
+}
+_TINY_QWEN3_5: dict[str, Any] = {
+    "text_config": _TINY_QWEN3_5_TEXT,
+    "vision_config": {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 160,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+}
+# What the Qwen3.5-MoE fixture's vendor leaves in bf16 beyond norms and routers.
+_QWEN3_5_KEEP = (
+    "shared_expert_gate.weight",
+    "conv1d.weight",
+    "in_proj_a.weight",
+    "in_proj_b.weight",
+    "visual.",
+)
 _STEP_KEEP = ("moe.gate.weight", "vision_model.", "vit_large_projector.")
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen3-moe": TinyFamily(
@@ -170,6 +204,12 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "step3p7": TinyFamily("Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP),
     "step3p5": TinyFamily(
         "Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP, text_only="Step3p5ForCausalLM"
+    ),
+    "qwen3.5-moe": TinyFamily(
+        "Qwen3_5MoeForConditionalGeneration", _TINY_QWEN3_5, keep=_QWEN3_5_KEEP, fp32=("A_log", "dt_bias")
+    ),
+    "qwen3.5-moe-text": TinyFamily(
+        "Qwen3_5MoeForCausalLM", _TINY_QWEN3_5_TEXT, keep=_QWEN3_5_KEEP, fp32=("A_log", "dt_bias")
     ),
     "qwen3": TinyFamily("Qwen3ForCausalLM", _TINY_DENSE),
     "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),
@@ -310,6 +350,10 @@ def _saved_model(
             if k.endswith(
                 "mlp.gate.e_score_correction_bias" if family == "deepseek-v3" else "e_score_correction_bias"
             ):
+                sd[k] = sd[k].float()
+    if family in TINY_FAMILIES:
+        for k in sd:
+            if k.endswith(TINY_FAMILIES[family].fp32 or ("\0",)):
                 sd[k] = sd[k].float()
     _make_distinct(sd, gen)
     _plant_zero_blocks(sd)

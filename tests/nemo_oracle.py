@@ -114,15 +114,16 @@ def moe_config(config: dict[str, Any], dtype: torch.dtype) -> Any:
         score_func="sigmoid",
         route_scale=1.0,
         dim=config["hidden_size"],
-        inter_dim=config["intermediate_size"],
+        inter_dim=config.get("intermediate_size") or config["moe_intermediate_size"],
         moe_inter_dim=config.get("moe_intermediate_size") or config["intermediate_size"],
         norm_topk_prob=True,
         dtype=dtype,
     )
 
 
-def moe_adapter(spec: str, config: dict[str, Any], dtype: torch.dtype) -> Any:
-    """NeMo's MoE adapter ``spec`` as its model class builds it: (hf config, MoEConfig, backend, dtype).
+def moe_adapter(spec: str, config: dict[str, Any], dtype: torch.dtype, **kwargs: Any) -> Any:
+    """NeMo's MoE adapter ``spec`` as its model class builds it: (hf config, MoEConfig, backend, dtype,
+    and the class's own ``kwargs``).
 
     The hf config class is the architecture's, or where transformers has no such class (Step-3.5) the
     one registered for the config's ``model_type``."""
@@ -133,7 +134,7 @@ def moe_adapter(spec: str, config: dict[str, Any], dtype: torch.dtype) -> Any:
     model_class = getattr(transformers, config["architectures"][0], None)
     config_class = model_class.config_class if model_class else CONFIG_MAPPING[config["model_type"]]
     hf_config = config_class.from_dict(config)
-    return adapter_class(spec)(hf_config, moe_config(config, dtype), BackendConfig(), dtype=dtype)
+    return adapter_class(spec)(hf_config, moe_config(config, dtype), BackendConfig(), dtype=dtype, **kwargs)
 
 
 def dequantize(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

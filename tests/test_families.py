@@ -43,6 +43,10 @@ _MINIMAX = [
         ({"architectures": ["Glm4MoeLiteForCausalLM"]}, _SPLIT, "glm4-moe"),
         ({"architectures": ["GlmMoeDsaForCausalLM"]}, _SPLIT, "glm-moe-dsa"),
         ({"architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2"}, _MINIMAX, "minimax-m2"),
+        ({"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+          "text_config": {"model_type": "qwen3_5_moe_text"}}, _SPLIT, "qwen3.5-moe"),
+        ({"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text"}, _SPLIT, "qwen3.5-moe"),
+        ({"model_type": "qwen3_5_moe"}, ["model.layers.1.mlp.experts.gate_up_proj"], "qwen3.5-moe"),
         ({"architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5"}, _STEP, "step3p5"),
         ({"architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7",
           "text_config": {"model_type": "step3p5"}}, _STEP, "step3p7"),
@@ -66,6 +70,7 @@ def test_detection_reads_the_table(cfg, keys, expected) -> None:
         # the architecture of one family with the model type of another
         ({"architectures": ["Qwen3ForCausalLM"], "model_type": "llama"}, _DENSE),
         ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "qwen3_moe"}, _SPLIT),
+        ({"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_moe"}, _SPLIT),
     ],
 )
 def test_contradicting_checkpoints_are_refused(cfg, keys) -> None:

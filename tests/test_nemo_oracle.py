@@ -12,6 +12,7 @@ documented semantics (tests/reference.py) instead.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ class Case:
     """One fixture family, the adapter detection must pick for it, and the NeMo adapter it must equal.
 
     ``nemo``: ``module.Class`` under ``nemo_automodel.components.models`` (None: NeMo loads hf keys as
-    they are). ``dequantizes``: that adapter's ``from_hf`` handles FP8 itself. ``nemo_raises``: NeMo's
+    they are). ``dequantizes``: that adapter's ``from_hf`` handles FP8 itself (``nemo_dequantizes_only``:
+    for these keys only). ``nemo_raises``: NeMo's
     adapter fails on this checkpoint; tests/reference.py is the yardstick instead.
     """
 
@@ -46,12 +48,18 @@ class Case:
     scheme: str = "block"
     layout: str = "default"
     nemo_raises: type[Exception] | None = None
+    # A pattern of the keys that NeMo's from_hf dequantizes itself; the rest are dequantized beforehand.
+    nemo_dequantizes_only: str | None = None
+    # Keyword arguments NeMo's model class passes its adapter (Qwen3.5-MoE's text model: text_only=True).
+    nemo_kwargs: tuple[tuple[str, Any], ...] = ()
 
 
 _DEEPSEEK = "deepseek_v3.DeepSeekV3StateDictAdapter"
 _MISTRAL3 = "mistral3.Mistral3FP8StateDictAdapter"
 _MISTRAL4 = "mistral4.Mistral4StateDictAdapter"
 _MISTRAL4_VLM = "mistral4.Mistral4MultimodalStateDictAdapter"
+_QWEN3_5 = "qwen3_5_moe.Qwen3_5MoeStateDictAdapter"
+_SPLIT_EXPERT = r"\.mlp\.experts\.\d+\."
 CASES = [
     Case("qwen3-moe", "qwen3-moe", "qwen3_moe.Qwen3MoeStateDictAdapter", dequantizes=False),
     Case("glm4-moe", "glm4-moe", "glm4_moe.Glm4MoeStateDictAdapter", dequantizes=False),
@@ -64,6 +72,11 @@ CASES = [
     # NeMo's Step adapters load bf16 only: Step3p5's has no FP8 path, Step3p7's drops the *_scale_inv
     # tensors without dequantizing (test_step3p7_nemo_drops_the_scales); the FP8 step is NeMo's own
     # dequantize_from_fp8, per expert for the aggregated 3-D experts.
+    # NeMo's Qwen3.5-MoE adapter dequantizes the split experts but passes every other FP8 weight on
+    # unscaled (test_nemo_qwen3_5_moe_dequantizes_only_the_experts); those go through dequantize_from_fp8.
+    Case("qwen3.5-moe", "qwen3.5-moe", _QWEN3_5, nemo_dequantizes_only=_SPLIT_EXPERT),
+    Case("qwen3.5-moe-text", "qwen3.5-moe", _QWEN3_5, nemo_dequantizes_only=_SPLIT_EXPERT,
+         nemo_kwargs=(("text_only", True),)),
     Case("step3p5", "step3p5", "step3p5.Step3p5StateDictAdapter", dequantizes=False),
     Case("step3p7", "step3p7", "step3p7.Step3p7StateDictAdapter", dequantizes=False),
     Case("qwen3", "qwen3", None),
@@ -94,7 +107,7 @@ def _nemo_adapter(case: Case, cfg: dict[str, Any]) -> Any:
     cls = nemo_oracle.adapter_class(case.nemo)
     if hasattr(cls, "for_causal_lm"):  # Mistral 3: one factory per model class
         return cls.for_vlm_full(cfg) if "text_config" in cfg else cls.for_causal_lm(cfg)
-    return nemo_oracle.moe_adapter(case.nemo, cfg, torch.bfloat16)
+    return nemo_oracle.moe_adapter(case.nemo, cfg, torch.bfloat16, **dict(case.nemo_kwargs))
 
 
 def _nemo_native(case: Case, sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -102,6 +115,9 @@ def _nemo_native(case: Case, sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -
     sd = dict(sd)
     if case.nemo is None or not case.dequantizes:
         sd = nemo_oracle.dequantize(sd, torch.bfloat16)
+    elif case.nemo_dequantizes_only:
+        own = {k: v for k, v in sd.items() if re.search(case.nemo_dequantizes_only, k)}
+        sd = {**nemo_oracle.dequantize({k: v for k, v in sd.items() if k not in own}, torch.bfloat16), **own}
     if case.nemo is None:
         return sd
     return _nemo_adapter(case, cfg).from_hf(sd)
@@ -164,3 +180,12 @@ def test_native_without_recast_json_goes_back_as_nemo_to_hf(family, nemo, checkp
     assert report.passed and report.adapter == case.adapter
     want = _nemo_adapter(case, config(src)).to_hf(load_state_dict(native))
     assert_state_dicts_identical(load_state_dict(tmp_path / "hf"), want)
+
+
+def test_nemo_qwen3_5_moe_dequantizes_only_the_experts(nemo, checkpoint) -> None:
+    # Why the Qwen3.5-MoE case dequantizes the other weights first: NeMo's from_hf drops their scales.
+    src = checkpoint("qwen3.5-moe", scheme="block")
+    got = nemo_oracle.moe_adapter(_QWEN3_5, config(src), torch.bfloat16).from_hf(load_state_dict(src))
+    assert got["model.language_model.layers.1.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    assert got["model.language_model.layers.1.mlp.experts.down_projs"].dtype == torch.bfloat16
+    assert not [k for k in got if k.endswith("_scale_inv")]

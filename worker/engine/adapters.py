@@ -238,6 +238,35 @@ _STEP3P5 = Adapter(
     model_types=("step3p5",),
     nemo="step3p5.Step3p5StateDictAdapter",
 )
+# Qwen3.5-MoE: the FP8 release splits the experts (stacked as DeepSeek's), the bf16 one aggregates them
+# ``[E, 2I, H]`` (transposed as Mistral 4's); GatedDeltaNet's A_log / dt_bias move into NeMo's fp32
+# holder; the MTP head's fixed names are NeMo's table.
+_QWEN3_5_MOE = Adapter(
+    name="qwen3.5-moe",
+    description="Qwen3.5 MoE, VLM and text (split block-FP8 or aggregated bf16 experts, GatedDeltaNet)",
+    architectures=("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM"),
+    renames=(
+        Rename("model.lm_head.", "lm_head.", invert=False),
+        Rename("mtp.fc.weight", "mtp.layers.0.eh_proj.weight"),
+        Rename("mtp.pre_fc_norm_embedding.weight", "mtp.layers.0.enorm.weight"),
+        Rename("mtp.pre_fc_norm_hidden.weight", "mtp.layers.0.hnorm.weight"),
+        Rename("mtp.norm.weight", "mtp.layers.0.final_layernorm.weight"),
+        Rename(".mlp.shared_expert.", ".mlp.shared_experts.", infix=True),
+        Rename(".linear_attn.A_log", ".linear_attn._fp32_params.A_log", infix=True),
+        Rename(".linear_attn.dt_bias", ".linear_attn._fp32_params.dt_bias", infix=True),
+    ),
+    experts=(*_SPLIT_EXPERTS, *_MISTRAL4_EXPERTS),
+    not_quantized=(
+        *_NORMS_ETC,
+        "shared_expert_gate.weight",
+        "linear_attn.conv1d.weight",
+        "linear_attn.in_proj_a.weight",
+        "linear_attn.in_proj_b.weight",
+    ),
+    not_quantized_prefixes=("model.visual.",),
+    model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+    nemo="qwen3_5_moe.Qwen3_5MoeStateDictAdapter",
+)
 # Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
 _DENSE = Adapter(
     name="llama",
@@ -352,6 +381,7 @@ ADAPTERS: dict[str, Adapter] = {
             model_types=("minimax_m2",),
             nemo="minimax_m2.MiniMaxM2StateDictAdapter",
         ),
+        _QWEN3_5_MOE,
         _STEP3P5,
         replace(
             _STEP3P5,
