@@ -211,6 +211,11 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen3.5-moe-text": TinyFamily(
         "Qwen3_5MoeForCausalLM", _TINY_QWEN3_5_TEXT, keep=_QWEN3_5_KEEP, fp32=("A_log", "dt_bias")
     ),
+    "mimo-v2-flash": TinyFamily(
+        "MiMoV2FlashForCausalLM",
+        {**_TINY_MOE, "n_routed_experts": 4, "v_head_dim": 32, "mlp_layer_types": ["dense", "sparse"]},
+        keep=("self_attn.o_proj.weight",),
+    ),
     "qwen3": TinyFamily("Qwen3ForCausalLM", _TINY_DENSE),
     "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),
     "mistral": TinyFamily("MistralForCausalLM", _TINY_DENSE),

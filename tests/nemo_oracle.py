@@ -121,9 +121,11 @@ def moe_config(config: dict[str, Any], dtype: torch.dtype) -> Any:
     )
 
 
-def moe_adapter(spec: str, config: dict[str, Any], dtype: torch.dtype, **kwargs: Any) -> Any:
+def moe_adapter(
+    spec: str, config: dict[str, Any], dtype: torch.dtype, backend: dict[str, Any] | None = None, **kwargs: Any
+) -> Any:
     """NeMo's MoE adapter ``spec`` as its model class builds it: (hf config, MoEConfig, backend, dtype,
-    and the class's own ``kwargs``).
+    and the class's own ``kwargs``); ``backend`` sets BackendConfig fields where the layout depends on them.
 
     The hf config class is the architecture's, or where transformers has no such class (Step-3.5) the
     one registered for the config's ``model_type``."""
@@ -134,7 +136,9 @@ def moe_adapter(spec: str, config: dict[str, Any], dtype: torch.dtype, **kwargs:
     model_class = getattr(transformers, config["architectures"][0], None)
     config_class = model_class.config_class if model_class else CONFIG_MAPPING[config["model_type"]]
     hf_config = config_class.from_dict(config)
-    return adapter_class(spec)(hf_config, moe_config(config, dtype), BackendConfig(), dtype=dtype, **kwargs)
+    return adapter_class(spec)(
+        hf_config, moe_config(config, dtype), BackendConfig(**(backend or {})), dtype=dtype, **kwargs
+    )
 
 
 def dequantize(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -47,6 +47,7 @@ _MINIMAX = [
           "text_config": {"model_type": "qwen3_5_moe_text"}}, _SPLIT, "qwen3.5-moe"),
         ({"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text"}, _SPLIT, "qwen3.5-moe"),
         ({"model_type": "qwen3_5_moe"}, ["model.layers.1.mlp.experts.gate_up_proj"], "qwen3.5-moe"),
+        ({"architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash"}, _SPLIT, "mimo-v2-flash"),
         ({"architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5"}, _STEP, "step3p5"),
         ({"architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7",
           "text_config": {"model_type": "step3p5"}}, _STEP, "step3p7"),

@@ -52,6 +52,8 @@ class Case:
     nemo_dequantizes_only: str | None = None
     # Keyword arguments NeMo's model class passes its adapter (Qwen3.5-MoE's text model: text_only=True).
     nemo_kwargs: tuple[tuple[str, Any], ...] = ()
+    # BackendConfig fields the native names depend on (MiMo's attention sink under Transformer Engine).
+    nemo_backend: tuple[tuple[str, Any], ...] = ()
 
 
 _DEEPSEEK = "deepseek_v3.DeepSeekV3StateDictAdapter"
@@ -68,6 +70,10 @@ CASES = [
     Case("deepseek-v3", "deepseek-v3", _DEEPSEEK),
     Case("deepseek-v32", "deepseek-v32", "deepseek_v32.DeepSeekV32StateDictAdapter"),
     Case("glm-moe-dsa", "glm-moe-dsa", "glm_moe_dsa.GlmMoeDsaStateDictAdapter"),
+    # NeMo renames MiMo's attention_sink_bias (to attn_module.softmax_offset, fp32) only under Transformer
+    # Engine; Recast writes the other backends' names, so the oracle is asked for sdpa whatever the machine.
+    Case("mimo-v2-flash", "mimo-v2-flash", "mimo_v2_flash.MiMoV2FlashStateDictAdapter",
+         nemo_backend=(("attn", "sdpa"),)),
     Case("minimax-m2", "minimax-m2", "minimax_m2.MiniMaxM2StateDictAdapter"),
     # NeMo's Step adapters load bf16 only: Step3p5's has no FP8 path, Step3p7's drops the *_scale_inv
     # tensors without dequantizing (test_step3p7_nemo_drops_the_scales); the FP8 step is NeMo's own
@@ -107,7 +113,9 @@ def _nemo_adapter(case: Case, cfg: dict[str, Any]) -> Any:
     cls = nemo_oracle.adapter_class(case.nemo)
     if hasattr(cls, "for_causal_lm"):  # Mistral 3: one factory per model class
         return cls.for_vlm_full(cfg) if "text_config" in cfg else cls.for_causal_lm(cfg)
-    return nemo_oracle.moe_adapter(case.nemo, cfg, torch.bfloat16, **dict(case.nemo_kwargs))
+    return nemo_oracle.moe_adapter(
+        case.nemo, cfg, torch.bfloat16, dict(case.nemo_backend), **dict(case.nemo_kwargs)
+    )
 
 
 def _nemo_native(case: Case, sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:

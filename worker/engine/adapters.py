@@ -360,6 +360,16 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         replace(
             _DEEPSEEK_V3,
+            name="mimo-v2-flash",
+            description="MiMo-V2-Flash (split q/k/v, NeMo's non-Transformer-Engine attention names), "
+            "block-wise FP8",
+            architectures=("MiMoV2FlashForCausalLM",),
+            not_quantized=(*_NORMS_ETC, "self_attn.o_proj.weight"),
+            model_types=("mimo_v2_flash",),
+            nemo="mimo_v2_flash.MiMoV2FlashStateDictAdapter",
+        ),
+        replace(
+            _DEEPSEEK_V3,
             name="minimax-m2",
             description="MiniMax-M2 / M2.1 (block_sparse_moe experts w1, w3, w2), block-wise FP8",
             architectures=("MiniMaxM2ForCausalLM",),
