@@ -122,7 +122,11 @@ def moe_config(config: dict[str, Any], dtype: torch.dtype) -> Any:
 
 
 def moe_adapter(
-    spec: str, config: dict[str, Any], dtype: torch.dtype, backend: dict[str, Any] | None = None, **kwargs: Any
+    spec: str,
+    config: dict[str, Any],
+    dtype: torch.dtype,
+    backend: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> Any:
     """NeMo's MoE adapter ``spec`` as its model class builds it: (hf config, MoEConfig, backend, dtype,
     and the class's own ``kwargs``); ``backend`` sets BackendConfig fields where the layout depends on them.
