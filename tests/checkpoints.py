@@ -217,6 +217,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         keep=("self_attn.o_proj.weight",),
     ),
     "qwen3": TinyFamily("Qwen3ForCausalLM", _TINY_DENSE),
+    "gemma3": TinyFamily("Gemma3ForCausalLM", _TINY_DENSE),
     "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),
     "mistral": TinyFamily("MistralForCausalLM", _TINY_DENSE),
 }

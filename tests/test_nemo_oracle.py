@@ -87,6 +87,7 @@ CASES = [
     Case("step3p7", "step3p7", "step3p7.Step3p7StateDictAdapter", dequantizes=False),
     Case("qwen3", "qwen3", None),
     Case("llama", "llama", None),
+    Case("gemma3", "gemma3", None),
     Case("mistral", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),
     Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor", layout="causal"),
     Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),

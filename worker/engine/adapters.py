@@ -418,6 +418,13 @@ ADAPTERS: dict[str, Adapter] = {
         _DENSE,
         replace(
             _DENSE,
+            name="gemma3",
+            description="Gemma 3 text (Gemma3ForCausalLM), block-wise FP8",
+            architectures=("Gemma3ForCausalLM",),
+            model_types=("gemma3_text",),
+        ),
+        replace(
+            _DENSE,
             name="qwen3",
             description="Qwen3 dense (Qwen3ForCausalLM), block-wise FP8",
             architectures=("Qwen3ForCausalLM",),
