@@ -96,7 +96,7 @@ class TinyFamily:
     # A text-only release saved from a VLM class: only ``model.`` / ``lm_head.`` keys kept, config.json
     # its text_config with this architecture (Step-3.5: transformers has only the Step-3.7 VLM class).
     text_only: str | None = None
-    # Key endings the vendor stores in fp32 (Qwen3.5's GatedDeltaNet A_log, dt_bias).
+    # Key endings the vendor stores in fp32 (Qwen3.5's GatedDeltaNet A_log and norm).
     fp32: tuple[str, ...] = ()
 
 
@@ -205,12 +205,14 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "step3p5": TinyFamily(
         "Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP, text_only="Step3p5ForCausalLM"
     ),
+    # Qwen3.5 releases store A_log and the GatedDeltaNet norm in fp32, Qwen3.6 ones in bf16: one of each.
     "qwen3.5-moe": TinyFamily(
-        "Qwen3_5MoeForConditionalGeneration", _TINY_QWEN3_5, keep=_QWEN3_5_KEEP, fp32=("A_log", "dt_bias")
+        "Qwen3_5MoeForConditionalGeneration",
+        _TINY_QWEN3_5,
+        keep=_QWEN3_5_KEEP,
+        fp32=("linear_attn.A_log", "linear_attn.norm.weight"),
     ),
-    "qwen3.5-moe-text": TinyFamily(
-        "Qwen3_5MoeForCausalLM", _TINY_QWEN3_5_TEXT, keep=_QWEN3_5_KEEP, fp32=("A_log", "dt_bias")
-    ),
+    "qwen3.5-moe-text": TinyFamily("Qwen3_5MoeForCausalLM", _TINY_QWEN3_5_TEXT, keep=_QWEN3_5_KEEP),
     "mimo-v2-flash": TinyFamily(
         "MiMoV2FlashForCausalLM",
         {**_TINY_MOE, "n_routed_experts": 4, "v_head_dim": 32, "mlp_layer_types": ["dense", "sparse"]},

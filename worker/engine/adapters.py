@@ -49,6 +49,8 @@ class ExpertRule:
     kind ``concat``: aggregated 3-D parts ``…{hf}{part}.weight`` ``[E, O, I]`` ↔ one ``[E, I, n·O]`` tensor,
     ``cat(part.transpose(-1, -2) for part in parts, -1)`` (Step-3.5's ``moe.gate_proj`` / ``moe.up_proj``);
     ``hf`` is the module (``moe.``), without ``{e}``. operations.Concat does the tensor work.
+    kind ``fp32``: ``hf`` ends the key, as for ``transpose``; the tensor is renamed and held in fp32
+    (NeMo's ``_fp32_params`` holders; operations.Fp32).
     """
 
     kind: str
@@ -240,7 +242,8 @@ _STEP3P5 = Adapter(
 )
 # Qwen3.5-MoE: the FP8 release splits the experts (stacked as DeepSeek's), the bf16 one aggregates them
 # ``[E, 2I, H]`` (transposed as Mistral 4's); GatedDeltaNet's A_log / dt_bias move into NeMo's fp32
-# holder; the MTP head's fixed names are NeMo's table.
+# holder, in fp32 whatever the release stores (Qwen3.5: fp32, Qwen3.6: bf16); the MTP head's fixed names
+# are NeMo's table.
 _QWEN3_5_MOE = Adapter(
     name="qwen3.5-moe",
     description="Qwen3.5 MoE, VLM and text (split block-FP8 or aggregated bf16 experts, GatedDeltaNet)",
@@ -252,10 +255,13 @@ _QWEN3_5_MOE = Adapter(
         Rename("mtp.pre_fc_norm_hidden.weight", "mtp.layers.0.hnorm.weight"),
         Rename("mtp.norm.weight", "mtp.layers.0.final_layernorm.weight"),
         Rename(".mlp.shared_expert.", ".mlp.shared_experts.", infix=True),
-        Rename(".linear_attn.A_log", ".linear_attn._fp32_params.A_log", infix=True),
-        Rename(".linear_attn.dt_bias", ".linear_attn._fp32_params.dt_bias", infix=True),
     ),
-    experts=(*_SPLIT_EXPERTS, *_MISTRAL4_EXPERTS),
+    experts=(
+        *_SPLIT_EXPERTS,
+        *_MISTRAL4_EXPERTS,
+        ExpertRule("fp32", "linear_attn.A_log", "linear_attn._fp32_params.A_log"),
+        ExpertRule("fp32", "linear_attn.dt_bias", "linear_attn._fp32_params.dt_bias"),
+    ),
     not_quantized=(
         *_NORMS_ETC,
         "shared_expert_gate.weight",

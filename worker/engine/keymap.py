@@ -41,6 +41,7 @@ class NativeTensor:
 
     kind ``copy``: one part, same layout. ``transpose``: one aggregated expert part, last two dims swapped.
     ``concat``: aggregated expert parts, each transposed, concatenated on the last dim (operations.Concat).
+    ``fp32``: one part, held in fp32 (operations.Fp32).
     ``stack``: ``parts[e * len(names) + j]`` is expert ``e``'s part ``j``; slice ``e`` is ``cat(part.T)``.
     ``zeros``: injected by Recast (no parts); the way back drops it.
     """
@@ -179,8 +180,8 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             stacks.setdefault((m["prefix"], idx), {}).setdefault(int(m["e"]), {})[m["part"]] = key
         elif rule.kind == "concat":
             concats.setdefault((m["prefix"], idx), {})[m["part"]] = key
-        else:
-            out.append(NativeTensor(m["prefix"] + rule.native, "transpose", [key]))
+        else:  # transpose, fp32: one hf tensor, renamed by the rule
+            out.append(NativeTensor(m["prefix"] + rule.native, rule.kind, [key]))
     for (prefix, idx), experts in sorted(stacks.items()):
         rule = adapter.experts[idx]
         n = len(experts)
@@ -237,7 +238,7 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     for key, info in ckpt.tensors.items():
         stack = next((r for r in adapter.experts if r.kind == "stack" and key.endswith(r.native)), None)
         transpose = next(
-            (r for r in adapter.experts if r.kind == "transpose" and key.endswith(r.native)), None
+            (r for r in adapter.experts if r.kind in ("transpose", "fp32") and key.endswith(r.native)), None
         )
         concat = next((r for r in adapter.experts if r.kind == "concat" and key.endswith(r.native)), None)
         if concat and len(info.shape) == 3:
@@ -250,7 +251,9 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             out.append(NativeTensor(key, "stack", parts, experts=info.shape[0], names=len(stack.parts)))
         elif transpose:
             out.append(
-                NativeTensor(key, "transpose", [adapter.to_hf(key[: -len(transpose.native)]) + transpose.hf])
+                NativeTensor(
+                    key, transpose.kind, [adapter.to_hf(key[: -len(transpose.native)]) + transpose.hf]
+                )
             )
         else:
             out.append(NativeTensor(key, "copy", [adapter.to_hf(key)]))

@@ -1,7 +1,8 @@
 """Reversible tensor operations as classes: each knows its forward, its inverse and its shapes.
 
 The older operations (copy, transpose, stack, zeros) are still if-chains in tensors.py; new ones live
-here, one class each, and tensors.py dispatches to them by ``NativeTensor.kind`` before its chains
+here, one class each, and tensors.py (and to_native.py, for the dtype) dispatches to them by
+``NativeTensor.kind`` before its chains
 (the pattern transformers' ``conversion_mapping`` uses: ``Concatenate`` beside ``MergeModulelist``).
 All work on native rows ``e0:e1`` along dim 0, the axis the pipeline streams by, so an operation never
 needs a whole tensor in memory.
@@ -41,6 +42,9 @@ class Operation(Protocol):
     def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """Each hf part's shape, from the native tensor's."""
 
+    def native_dtype(self) -> str | None:
+        """The native tensor's safetensors dtype where the operation fixes it (None: its parts')."""
+
 
 class Concat:
     """Aggregated 3-D expert parts ``[E, O, I]``, each transposed, concatenated on the last dim:
@@ -72,5 +76,37 @@ class Concat:
         experts, cols, width = shape
         return dict.fromkeys(t.parts, (experts, width // len(t.parts), cols))
 
+    def native_dtype(self) -> str | None:
+        return None
 
-OPERATIONS: dict[str, Operation] = {"concat": Concat()}
+
+class Fp32:
+    """One tensor held in fp32 natively, whatever its hf dtype: NeMo's ``_fp32_params`` holders
+    (Qwen3.5's GatedDeltaNet ``A_log`` / ``dt_bias``), which its ``from_hf`` upcasts.
+
+    Widening is exact, so the way back is a cast to the hf dtype (the source's, recorded in recast.json),
+    which the round-trip checks prove lossless by comparing in fp32.
+    """
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        return [(t.parts[0], e0, e1)]
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        return get(t.parts[0], e0, e1).float()
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        return [(t.parts[0], e0, e0 + (native.shape[0] if native.dim() else 1), native)]
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        return infos[t.parts[0]].shape
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {t.parts[0]: shape}
+
+    def native_dtype(self) -> str | None:
+        return "F32"
+
+
+OPERATIONS: dict[str, Operation] = {"concat": Concat(), "fp32": Fp32()}
