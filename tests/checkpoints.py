@@ -168,6 +168,44 @@ _QWEN3_5_KEEP = (
     "in_proj_b.weight",
     "visual.",
 )
+# GLM-5.3-Flash: layer 0 KDA linear attention with a dense MLP, layer 1 DSA (MLA + indexer) with experts.
+_TINY_GLM5_NEXT: dict[str, Any] = {
+    "text_config": {
+        **{k: v for k, v in _TINY_MLA.items() if k != "mlp_layer_types"},
+        "qk_head_dim": 32,
+        "qk_rope_head_dim": 0,
+        "index_topk": 16,
+        "index_kpool": 4,
+        "index_head_dim": 32,
+        "index_n_heads": 2,
+        "linear_head_dim": 32,
+        "linear_num_heads": 2,
+        "hc_mult": 2,
+        "pad_token_id": 0,
+        "mlp_layer_types": ["dense", "sparse"],
+        "layer_types": ["linear_attention", "indexed_attention"],
+        "indexer_types": ["full", "full"],
+    },
+    "vision_config": {
+        "depth": 1,
+        "hidden_size": 32,
+        "num_heads": 2,
+        "image_size": 56,
+        "patch_size": 14,
+        "out_hidden_size": 160,
+        "intermediate_size": 64,
+        "projection_intermediate_size": 64,
+    },
+}
+# What NeMo's adapter says the release quantizes: MLA projections, MLPs, experts, o_proj of DSA layers.
+_GLM5_NEXT_KEEP = (
+    *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b", "k", "q", "v")),
+    "layers.0.self_attn.o_proj.",
+    "conv1d.",
+    "indexer.",
+    "kv_b_proj.",
+    "visual.",
+)
 _STEP_KEEP = ("moe.gate.weight", "vision_model.", "vit_large_projector.")
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen3-moe": TinyFamily(
@@ -218,6 +256,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         {**_TINY_MOE, "n_routed_experts": 4, "v_head_dim": 32, "mlp_layer_types": ["dense", "sparse"]},
         keep=("self_attn.o_proj.weight",),
     ),
+    "glm5-next": TinyFamily("Glm5NextForConditionalGeneration", _TINY_GLM5_NEXT, keep=_GLM5_NEXT_KEEP),
     "qwen3": TinyFamily("Qwen3ForCausalLM", _TINY_DENSE),
     "gemma3": TinyFamily("Gemma3ForCausalLM", _TINY_DENSE),
     "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),

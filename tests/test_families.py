@@ -48,6 +48,12 @@ _MINIMAX = [
         ({"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text"}, _SPLIT, "qwen3.5-moe"),
         ({"model_type": "qwen3_5_moe"}, ["model.layers.1.mlp.experts.gate_up_proj"], "qwen3.5-moe"),
         ({"architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash"}, _SPLIT, "mimo-v2-flash"),
+        ({"architectures": ["Glm5NextForConditionalGeneration"], "model_type": "glm5_next"},
+         ["model.language_model.layers.1.mlp.experts.0.gate_proj.weight",
+          "model.language_model.layers.0.self_attn.A_log"], "glm5-next"),
+        # another family's router bias and A_log are not claimed by glm5-next's fp32 rules
+        ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"},
+         [*_SPLIT, "model.layers.1.mlp.gate.e_score_correction_bias"], "deepseek-v3"),
         ({"architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5"}, _STEP, "step3p5"),
         ({"architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7",
           "text_config": {"model_type": "step3p5"}}, _STEP, "step3p7"),

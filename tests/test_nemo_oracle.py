@@ -83,6 +83,7 @@ CASES = [
     Case("qwen3.5-moe", "qwen3.5-moe", _QWEN3_5, nemo_dequantizes_only=_SPLIT_EXPERT),
     Case("qwen3.5-moe-text", "qwen3.5-moe", _QWEN3_5, nemo_dequantizes_only=_SPLIT_EXPERT,
          nemo_kwargs=(("text_only", True),)),
+    Case("glm5-next", "glm5-next", "glm5_next.Glm5NextStateDictAdapter"),
     Case("step3p5", "step3p5", "step3p5.Step3p5StateDictAdapter", dequantizes=False),
     Case("step3p7", "step3p7", "step3p7.Step3p7StateDictAdapter", dequantizes=False),
     Case("qwen3", "qwen3", None),

@@ -136,9 +136,10 @@ class Adapter:
         return key
 
     def claims_expert(self, key: str) -> bool:
-        """Whether one of this adapter's expert rules takes ``key``, spelled hf or native."""
+        """Whether one of this adapter's expert rules takes ``key``, spelled hf or native. ``fp32`` rules
+        say how a tensor is held, not a layout another family could mistake, so they claim nothing."""
         renamed = self.to_native(key)
-        return any(r.match_hf(renamed) or key.endswith(r.native) for r in self.experts)
+        return any(r.match_hf(renamed) or key.endswith(r.native) for r in self.experts if r.kind != "fp32")
 
     def quantizable(self, hf_key: str) -> bool:
         """Which tensors a fresh quantization turns into FP8 (DESIGN §3)."""
@@ -273,6 +274,37 @@ _QWEN3_5_MOE = Adapter(
     model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
     nemo="qwen3_5_moe.Qwen3_5MoeStateDictAdapter",
 )
+# GLM-5.3-Flash: DeepSeek-V3 experts under model.language_model., hyper-connection parameters renamed
+# into NeMo's attn_hc / ffn_hc modules (base and scale in its fp32 holder, in their stored dtype), KDA
+# A_log / dt_bias and the router bias held in fp32, as NeMo's from_hf does.
+_HC = tuple(
+    Rename(f".hc_{site}_{name}", f".{site}_hc.{'_fp32_params.' if name != 'fn' else ''}{name}", infix=True)
+    for site in ("attn", "ffn")
+    for name in ("fn", "base", "scale")
+)
+_GLM5_NEXT = replace(
+    _DEEPSEEK_V3,
+    name="glm5-next",
+    description="GLM-5.3-Flash (hyper-connections, KDA linear attention, DSA), block-wise FP8",
+    architectures=("Glm5NextForConditionalGeneration",),
+    renames=_HC,
+    experts=(
+        *_SPLIT_EXPERTS,
+        ExpertRule("fp32", "self_attn.A_log", "self_attn._fp32_params.A_log"),
+        ExpertRule("fp32", "self_attn.dt_bias", "self_attn._fp32_params.dt_bias"),
+        ExpertRule("fp32", "mlp.gate.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),
+    ),
+    not_quantized=(
+        *_NORMS_ETC,
+        *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b", "k", "q", "v")),
+        "conv1d.",
+        "indexer.",
+        "kv_b_proj.",
+    ),
+    not_quantized_prefixes=("model.visual.",),
+    model_types=("glm5_next", "glm5_next_text"),
+    nemo="glm5_next.Glm5NextStateDictAdapter",
+)
 # Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
 _DENSE = Adapter(
     name="llama",
@@ -398,6 +430,7 @@ ADAPTERS: dict[str, Adapter] = {
             nemo="minimax_m2.MiniMaxM2StateDictAdapter",
         ),
         _QWEN3_5_MOE,
+        _GLM5_NEXT,
         _STEP3P5,
         replace(
             _STEP3P5,
