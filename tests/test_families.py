@@ -148,3 +148,13 @@ def test_step3p7_with_mtp_layers_is_refused(checkpoint, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match=r"num_nextn_predict_layers=1.*mtp\.layers"):
         api.convert(src, tmp_path / "native", api.Options(to="native"))
     assert not (tmp_path / "native").exists()
+
+
+def test_a_variant_is_never_detected_and_taken_only_on_its_family(checkpoint, tmp_path: Path) -> None:
+    # mimo-v2-flash-te writes NeMo's Transformer Engine names; detection keeps the default layout.
+    mimo = {"architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash"}
+    assert detect(mimo, _SPLIT).name == "mimo-v2-flash"
+    with pytest.raises(AdapterMismatchError, match="deepseek-v3"):
+        api.convert(checkpoint("deepseek-v3", scheme="block"), tmp_path / "n", api.Options(to="native",
+                    adapter="mimo-v2-flash-te"))  # fmt: skip
+    assert not (tmp_path / "n").exists()

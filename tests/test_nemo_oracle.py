@@ -54,6 +54,7 @@ class Case:
     nemo_kwargs: tuple[tuple[str, Any], ...] = ()
     # BackendConfig fields the native names depend on (MiMo's attention sink under Transformer Engine).
     nemo_backend: tuple[tuple[str, Any], ...] = ()
+    override: bool = False  # the adapter is a variant, chosen by --adapter rather than detected
 
 
 _DEEPSEEK = "deepseek_v3.DeepSeekV3StateDictAdapter"
@@ -74,6 +75,8 @@ CASES = [
     # Engine; Recast writes the other backends' names, so the oracle is asked for sdpa whatever the machine.
     Case("mimo-v2-flash", "mimo-v2-flash", "mimo_v2_flash.MiMoV2FlashStateDictAdapter",
          nemo_backend=(("attn", "sdpa"),)),
+    Case("mimo-v2-flash", "mimo-v2-flash-te", "mimo_v2_flash.MiMoV2FlashStateDictAdapter",
+         nemo_backend=(("attn", "te"),), override=True),
     Case("minimax-m2", "minimax-m2", "minimax_m2.MiniMaxM2StateDictAdapter"),
     # NeMo's Step adapters load bf16 only: Step3p5's has no FP8 path, Step3p7's drops the *_scale_inv
     # tensors without dequantizing (test_step3p7_nemo_drops_the_scales); the FP8 step is NeMo's own
@@ -103,7 +106,8 @@ CASES = [
 
 
 def _id(case: Case) -> str:
-    return "-".join(p for p in (case.family, case.scheme, case.layout) if p != "default")
+    parts = (case.family, case.scheme, case.layout, case.adapter if case.override else "default")
+    return "-".join(p for p in parts if p != "default")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +142,9 @@ def test_native_equals_nemo_and_round_trips(case: Case, nemo, checkpoint, tmp_pa
     assert ADAPTERS[case.adapter].nemo == case.nemo
     src = checkpoint(case.family, scheme=case.scheme, layout=case.layout)
     native = tmp_path / "native"
-    report = api.convert(src, native, api.Options(to="native"))
+    report = api.convert(
+        src, native, api.Options(to="native", adapter=case.adapter if case.override else None)
+    )
     assert report.passed and report.adapter == case.adapter
     source_sd, cfg = load_state_dict(src), config(src)
     got = load_state_dict(native)

@@ -106,6 +106,9 @@ class Adapter:
     # config.json fields (top level or text_config) that turn on something these rules do not map, with
     # what NeMo does instead: a checkpoint that sets one is refused while planning.
     unmapped_config: tuple[tuple[str, str], ...] = ()
+    # The detected family this adapter is an alternative native layout of, where NeMo's layout depends on
+    # its configuration (MiMo's attention backend): never detected, taken by --adapter on that family.
+    variant_of: str | None = None
 
     def check_config(self, config: dict[str, Any]) -> None:
         """Refuse a checkpoint whose config.json turns on what this adapter does not map."""
@@ -163,13 +166,17 @@ class Adapter:
         rule = " or ".join(named)
         if self.needs_evidence:
             rule += f", with text_config.model_type {' / '.join(self.model_types)} or its expert keys"
+        if self.variant_of:
+            rule = f"never detected: --adapter {self.name} on a checkpoint detected as {self.variant_of}"
         return {
             "name": self.name,
             "description": self.description,
             "architectures": list(self.architectures),
             "model_types": list(self.model_types),
             "expert_keys": [
-                r.hf + (f"{{{','.join(r.parts)}}}.weight" if r.parts else "") for r in self.experts
+                r.hf + (f"{{{','.join(r.parts)}}}.weight" if r.parts else "")
+                for r in self.experts
+                if r.kind != "fp32"
             ],
             "detection": rule
             + "; not where an architecture, model type or expert keys of another family appear",
@@ -408,6 +415,21 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         replace(
             _DEEPSEEK_V3,
+            name="mimo-v2-flash-te",
+            description="MiMo-V2-Flash for NeMo's Transformer Engine attention: the attention sink "
+            "becomes attn_module.softmax_offset, fp32",
+            architectures=("MiMoV2FlashForCausalLM",),
+            experts=(
+                *_SPLIT_EXPERTS,
+                ExpertRule("fp32", "self_attn.attention_sink_bias", "self_attn.attn_module.softmax_offset"),
+            ),
+            not_quantized=(*_NORMS_ETC, "self_attn.o_proj.weight"),
+            model_types=("mimo_v2_flash",),
+            nemo="mimo_v2_flash.MiMoV2FlashStateDictAdapter",
+            variant_of="mimo-v2-flash",
+        ),
+        replace(
+            _DEEPSEEK_V3,
             name="minimax-m2",
             description="MiniMax-M2 / M2.1 (block_sparse_moe experts w1, w3, w2), block-wise FP8",
             architectures=("MiniMaxM2ForCausalLM",),
@@ -489,6 +511,8 @@ def fits(adapter: Adapter, config: dict[str, Any], keys: list[str]) -> bool:
     families claim, and keys that another adapter's expert rules take but this adapter's do not (they
     would pass through unconverted).
     """
+    if adapter.variant_of:
+        return False
     text_type = (config.get("text_config") or {}).get("model_type")
     types = {config.get("model_type"), text_type} - {None}
     architectures = set(config.get("architectures") or ())

@@ -272,8 +272,9 @@ def _check_fit(
 
     Verification checks the output against this same plan, so it cannot see a wrong adapter. Two tests,
     both read from the adapters' data: no source key that any family's expert rules take may have been
-    ``copied`` unchanged; and the adapter must be the one detection picks, or plan exactly the output
-    that one does (``mistral4-vlm`` on a Mistral 4 text checkpoint, say).
+    ``copied`` unchanged; and the adapter must be the one detection picks, a declared variant of it
+    (``variant_of``), or plan exactly the output that one does (``mistral4-vlm`` on a Mistral 4 text
+    checkpoint, say).
     """
     found = detected(ckpt.config, list(ckpt.tensors))
     left = sorted(k for k in copied if expert_owner(k))
@@ -288,7 +289,11 @@ def _check_fit(
             f"adapter {adapter.name!r} does not fit {ckpt.source.description}: config.json "
             f"{describe_config(ckpt.config)} is not {adapter.description}; supported adapters: {supported()}"
         )
-    if found.name != adapter.name and not _same_output(plan, adapter, replan(found), found):
+    if (
+        found.name != adapter.name
+        and adapter.variant_of != found.name
+        and not _same_output(plan, adapter, replan(found), found)
+    ):
         raise AdapterMismatchError(
             f"adapter {adapter.name!r} does not fit {ckpt.source.description}, which looks like "
             f"{found.name} (config.json {describe_config(ckpt.config)}): {adapter.name} would write "
