@@ -12,7 +12,9 @@ documented semantics (tests/reference.py) instead.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import reference
 import torch
 from checkpoints import load_state_dict
 from helpers import assert_state_dicts_identical, config
+from safetensors.torch import save_file
 
 from worker.engine import api
 from worker.engine.adapters import ADAPTERS
@@ -205,3 +208,28 @@ def test_nemo_qwen3_5_moe_dequantizes_only_the_experts(nemo, checkpoint) -> None
     assert got["model.language_model.layers.1.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
     assert got["model.language_model.layers.1.mlp.experts.down_projs"].dtype == torch.bfloat16
     assert not [k for k in got if k.endswith("_scale_inv")]
+
+
+def test_glm5_next_keeps_the_mtp_layer_nemo_drops(nemo, checkpoint, tmp_path: Path) -> None:
+    # NeMo's from_hf drops layers.{num_hidden_layers} (the MTP layer of GLM-5.3-Flash releases), which no
+    # reversible conversion can do: Recast keeps it, renamed like the other layers, and equals NeMo elsewhere.
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("glm5-next", scheme="block"), src)
+    sd, cfg = load_state_dict(src), config(src)
+    layers = cfg["text_config"]["num_hidden_layers"]
+    last, mtp = f".layers.{layers - 1}.", f".layers.{layers}."
+    extra = {k.replace(last, mtp): t for k, t in sd.items() if last in k}
+    save_file(extra, str(src / "mtp.safetensors"))
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(extra, "mtp.safetensors"))
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    report = api.convert(src, tmp_path / "native", api.Options(to="native"))
+    assert report.passed
+    got = load_state_dict(tmp_path / "native")
+    want = _nemo_native(next(c for c in CASES if c.family == "glm5-next"), load_state_dict(src), cfg)
+    kept = sorted(set(got) - set(want))
+    assert kept and all(mtp in k for k in kept) and not set(want) - set(got)
+    assert_state_dicts_identical({k: got[k] for k in want}, want)
+    api.convert(tmp_path / "native", tmp_path / "back", api.Options(to="hf"))
+    assert_state_dicts_identical(load_state_dict(tmp_path / "back"), load_state_dict(src))
