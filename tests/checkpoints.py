@@ -365,6 +365,9 @@ def _plant_zero_blocks(sd: dict[str, torch.Tensor]) -> None:
             sd[k][2] = 0
         if k.endswith("layers.1.mlp.experts.2.down_proj.weight"):  # DeepSeek: whole tensor → scale 1
             sd[k] = torch.zeros_like(sd[k])
+        if k.endswith("layers.1.moe.up_proj.weight"):  # Step [E, I, H]: expert 1 all zero → scales 1
+            sd[k] = sd[k].clone()
+            sd[k][1] = 0
 
 
 def _saved_model(
