@@ -70,6 +70,14 @@ TINY_MINISTRAL3_TEXT: dict[str, Any] = {
     "num_key_value_heads": 2,
     "head_dim": 40,
 }
+TINY_SIGLIP: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 56,
+    "patch_size": 14,
+}
 TINY_PIXTRAL: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -259,6 +267,10 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "glm5-next": TinyFamily("Glm5NextForConditionalGeneration", _TINY_GLM5_NEXT, keep=_GLM5_NEXT_KEEP),
     "qwen3": TinyFamily("Qwen3ForCausalLM", _TINY_DENSE),
     "gemma3": TinyFamily("Gemma3ForCausalLM", _TINY_DENSE),
+    "gemma3-vlm": TinyFamily(
+        "Gemma3ForConditionalGeneration",
+        {"text_config": _TINY_DENSE, "vision_config": TINY_SIGLIP, "mm_tokens_per_image": 4},
+    ),
     "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),
     "mistral": TinyFamily("MistralForCausalLM", _TINY_DENSE),
 }

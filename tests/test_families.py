@@ -61,6 +61,9 @@ _MINIMAX = [
         ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, _DENSE, "llama"),
         ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, _DENSE, "qwen3"),
         ({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}, _DENSE, "gemma3"),
+        ({"model_type": "gemma3_text"}, _DENSE, "gemma3"),
+        ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+          "text_config": {"model_type": "gemma3_text"}}, _DENSE, "gemma3-vlm"),
         ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, _DENSE, "mistral3-fp8"),
     ],
 )  # fmt: skip
@@ -116,7 +119,7 @@ def test_an_adapter_with_other_expert_rules_is_refused(checkpoint, tmp_path: Pat
     assert not (tmp_path / "n").exists()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "qwen3-moe", "minimax-m2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gemma3-vlm", "qwen3-moe", "minimax-m2"])
 def test_fresh_block_quantization_matches_reference(family, plain_checkpoint, tmp_path: Path) -> None:
     src = plain_checkpoint(family)
     out = tmp_path / "fp8"

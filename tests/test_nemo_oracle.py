@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ class Case:
     # BackendConfig fields the native names depend on (MiMo's attention sink under Transformer Engine).
     nemo_backend: tuple[tuple[str, Any], ...] = ()
     override: bool = False  # the adapter is a variant, chosen by --adapter rather than detected
+    # NeMo loads this family through transformers' own class (from_pretrained), whose renames make the
+    # native names (Gemma 3 VLM); with ``nemo`` None the oracle loads the dequantized checkpoint that way.
+    through_transformers: bool = False
 
 
 _DEEPSEEK = "deepseek_v3.DeepSeekV3StateDictAdapter"
@@ -95,6 +99,7 @@ CASES = [
     Case("qwen3", "qwen3", None),
     Case("llama", "llama", None),
     Case("gemma3", "gemma3", None),
+    Case("gemma3-vlm", "gemma3-vlm", None, through_transformers=True),
     Case("mistral", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),
     Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor", layout="causal"),
     Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),
@@ -135,9 +140,25 @@ def _nemo_native(case: Case, sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -
     elif case.nemo_dequantizes_only:
         own = {k: v for k, v in sd.items() if re.search(case.nemo_dequantizes_only, k)}
         sd = {**nemo_oracle.dequantize({k: v for k, v in sd.items() if k not in own}, torch.bfloat16), **own}
+    if case.through_transformers:
+        return _transformers_state_dict(sd, cfg)
     if case.nemo is None:
         return sd
     return _nemo_adapter(case, cfg).from_hf(sd)
+
+
+def _transformers_state_dict(sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict of transformers' own class loaded with from_pretrained from ``sd`` (bf16)."""
+    import transformers
+
+    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    cfg["text_config"] = {k: v for k, v in cfg.get("text_config", {}).items() if k != "quantization_config"}
+    with tempfile.TemporaryDirectory(prefix="recast-oracle-") as tmp:
+        save_file({k: t.contiguous() for k, t in sd.items()}, str(Path(tmp) / "model.safetensors"))
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        cls = getattr(transformers, cfg["architectures"][0])
+        model = cls.from_pretrained(tmp, dtype=torch.bfloat16)
+    return {k: t.detach().clone() for k, t in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)

@@ -486,6 +486,23 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         replace(
             _DENSE,
+            name="gemma3-vlm",
+            description="Gemma 3 VLM (Gemma3ForConditionalGeneration), block-wise FP8 text model",
+            architectures=("Gemma3ForConditionalGeneration",),
+            # transformers' own renames, which NeMo gets by loading Gemma 3 through its class; a checkpoint
+            # already spelled model.language_model. matches none of them and keeps its keys
+            renames=(
+                Rename("language_model.model.", "model.language_model."),
+                Rename("language_model.lm_head.", "lm_head."),
+                Rename("vision_tower.", "model.vision_tower."),
+                Rename("multi_modal_projector.", "model.multi_modal_projector."),
+            ),
+            not_quantized_prefixes=_VISION,
+            # its text_config.model_type is gemma3_text
+            model_types=("gemma3", "gemma3_text"),
+        ),
+        replace(
+            _DENSE,
             name="qwen3",
             description="Qwen3 dense (Qwen3ForCausalLM), block-wise FP8",
             architectures=("Qwen3ForCausalLM",),
