@@ -106,6 +106,9 @@ class TinyFamily:
     text_only: str | None = None
     # Key endings the vendor stores in fp32 (Qwen3.5's GatedDeltaNet A_log and norm).
     fp32: tuple[str, ...] = ()
+    # Key endings whose last two dims the published layout has the other way round from what this
+    # transformers version saves (Qwen3-VL-MoE's aggregated experts: [E, H, 2I] on the Hub).
+    hub_transpose: tuple[str, ...] = ()
 
 
 # Two layers (the first dense where the family has dense layers), four experts, widths 160 / 200 / 96
@@ -259,6 +262,25 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         fp32=("linear_attn.A_log", "linear_attn.norm.weight"),
     ),
     "qwen3.5-moe-text": TinyFamily("Qwen3_5MoeForCausalLM", _TINY_QWEN3_5_TEXT, keep=_QWEN3_5_KEEP),
+    "qwen3-vl-moe": TinyFamily(
+        "Qwen3VLMoeForConditionalGeneration",
+        {
+            "text_config": {**_TINY_MOE, "num_experts": 4},
+            "vision_config": {
+                "depth": 1,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "out_hidden_size": 160,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "deepstack_visual_indexes": [0],
+            },
+        },
+        keep=("visual.",),
+        hub_transpose=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    ),
     "mimo-v2-flash": TinyFamily(
         "MiMoV2FlashForCausalLM",
         {**_TINY_MOE, "n_routed_experts": 4, "v_head_dim": 32, "mlp_layer_types": ["dense", "sparse"]},
@@ -414,9 +436,12 @@ def _saved_model(
             ):
                 sd[k] = sd[k].float()
     if family in TINY_FAMILIES:
+        spec = TINY_FAMILIES[family]
         for k in sd:
-            if k.endswith(TINY_FAMILIES[family].fp32 or ("\0",)):
+            if k.endswith(spec.fp32 or ("\0",)):
                 sd[k] = sd[k].float()
+            if k.endswith(spec.hub_transpose or ("\0",)):
+                sd[k] = sd[k].transpose(-1, -2).contiguous()
     _make_distinct(sd, gen)
     _plant_zero_blocks(sd)
     return sd, config, gen_config

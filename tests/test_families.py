@@ -48,6 +48,12 @@ _MINIMAX = [
         ({"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text"}, _SPLIT, "qwen3.5-moe"),
         ({"model_type": "qwen3_5_moe"}, ["model.layers.1.mlp.experts.gate_up_proj"], "qwen3.5-moe"),
         ({"architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash"}, _SPLIT, "mimo-v2-flash"),
+        ({"architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+          "text_config": {"model_type": "qwen3_vl_moe_text"}},
+         ["model.language_model.layers.0.mlp.experts.gate_up_proj"], "qwen3-vl-moe"),
+        # Mistral 4's aggregated experts share the hf name; the architecture decides
+        ({"architectures": ["Mistral4ForCausalLM"], "model_type": "mistral4"},
+         ["model.layers.1.mlp.experts.gate_up_proj"], "mistral4"),
         ({"architectures": ["Glm5NextForConditionalGeneration"], "model_type": "glm5_next"},
          ["model.language_model.layers.1.mlp.experts.0.gate_proj.weight",
           "model.language_model.layers.0.self_attn.A_log"], "glm5-next"),

@@ -94,6 +94,9 @@ CASES = [
     Case("qwen3.5-moe-text", "qwen3.5-moe", _QWEN3_5, nemo_dequantizes_only=_SPLIT_EXPERT,
          nemo_kwargs=(("text_only", True),)),
     Case("glm5-next", "glm5-next", "glm5_next.Glm5NextStateDictAdapter"),
+    # NeMo's Qwen3-VL-MoE adapter drops the *_scale_inv tensors without dequantizing
+    # (test_nemo_qwen3_vl_moe_drops_the_scales): dequantize_from_fp8 first, per expert for the 3-D experts.
+    Case("qwen3-vl-moe", "qwen3-vl-moe", "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter", dequantizes=False),
     Case("step3p5", "step3p5", "step3p5.Step3p5StateDictAdapter", dequantizes=False),
     Case("step3p7", "step3p7", "step3p7.Step3p7StateDictAdapter", dequantizes=False),
     Case("qwen3", "qwen3", None),
@@ -254,3 +257,11 @@ def test_glm5_next_keeps_the_mtp_layer_nemo_drops(nemo, checkpoint, tmp_path: Pa
     assert_state_dicts_identical({k: got[k] for k in want}, want)
     api.convert(tmp_path / "native", tmp_path / "back", api.Options(to="hf"))
     assert_state_dicts_identical(load_state_dict(tmp_path / "back"), load_state_dict(src))
+
+
+def test_nemo_qwen3_vl_moe_drops_the_scales(nemo, checkpoint) -> None:
+    src = checkpoint("qwen3-vl-moe", scheme="block")
+    spec = "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter"
+    got = nemo_oracle.moe_adapter(spec, config(src), torch.bfloat16).from_hf(load_state_dict(src))
+    assert not [k for k in got if k.endswith("_scale_inv")]
+    assert got["model.language_model.layers.1.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn

@@ -51,6 +51,8 @@ class ExpertRule:
     ``hf`` is the module (``moe.``), without ``{e}``. operations.Concat does the tensor work.
     kind ``fp32``: ``hf`` ends the key, as for ``transpose``; the tensor is renamed and held in fp32
     (NeMo's ``_fp32_params`` holders; operations.Fp32).
+    kind ``copy``: ``hf`` ends the key; an aggregated expert tensor already in the native layout, renamed
+    only (Qwen3-VL-MoE's ``mlp.experts.gate_up_proj`` ``[E, H, 2I]``).
     """
 
     kind: str
@@ -152,7 +154,7 @@ class Adapter:
             return False
         if hf_key.endswith(".weight"):
             return True
-        return any(hf_key.endswith(r.hf) for r in self.experts if r.kind == "transpose")
+        return any(hf_key.endswith(r.hf) for r in self.experts if r.kind in ("transpose", "copy"))
 
     def never_quantized_prefix(self, hf_key: str) -> str | None:
         """The prefix that keeps ``hf_key`` out of quantization; config.json names the module by it."""
@@ -312,6 +314,21 @@ _GLM5_NEXT = replace(
     model_types=("glm5_next", "glm5_next_text"),
     nemo="glm5_next.Glm5NextStateDictAdapter",
 )
+# Qwen3-VL-MoE: aggregated experts already in NeMo's layout, renamed only (NeMo's adapter does no more).
+_QWEN3_VL_MOE = Adapter(
+    name="qwen3-vl-moe",
+    description="Qwen3-VL MoE (aggregated mlp.experts.gate_up_proj [E, H, 2I]), block-wise FP8",
+    architectures=("Qwen3VLMoeForConditionalGeneration",),
+    renames=(),
+    experts=(
+        ExpertRule("copy", "mlp.experts.gate_up_proj", "mlp.experts.gate_and_up_projs"),
+        ExpertRule("copy", "mlp.experts.down_proj", "mlp.experts.down_projs"),
+    ),
+    not_quantized=_NORMS_ETC,
+    not_quantized_prefixes=("model.visual.",),
+    model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"),
+    nemo="qwen3_vl_moe.Qwen3VLMoeStateDictAdapter",
+)
 # Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
 _DENSE = Adapter(
     name="llama",
@@ -452,6 +469,7 @@ ADAPTERS: dict[str, Adapter] = {
             nemo="minimax_m2.MiniMaxM2StateDictAdapter",
         ),
         _QWEN3_5_MOE,
+        _QWEN3_VL_MOE,
         _GLM5_NEXT,
         _STEP3P5,
         replace(

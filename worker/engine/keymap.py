@@ -180,7 +180,7 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             stacks.setdefault((m["prefix"], idx), {}).setdefault(int(m["e"]), {})[m["part"]] = key
         elif rule.kind == "concat":
             concats.setdefault((m["prefix"], idx), {})[m["part"]] = key
-        else:  # transpose, fp32: one hf tensor, renamed by the rule
+        else:  # transpose, fp32, copy: one hf tensor, renamed by the rule
             out.append(NativeTensor(m["prefix"] + rule.native, rule.kind, [key]))
     for (prefix, idx), experts in sorted(stacks.items()):
         rule = adapter.experts[idx]
@@ -238,7 +238,12 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     for key, info in ckpt.tensors.items():
         stack = next((r for r in adapter.experts if r.kind == "stack" and key.endswith(r.native)), None)
         transpose = next(
-            (r for r in adapter.experts if r.kind in ("transpose", "fp32") and key.endswith(r.native)), None
+            (
+                r
+                for r in adapter.experts
+                if r.kind in ("transpose", "fp32", "copy") and key.endswith(r.native)
+            ),
+            None,
         )
         concat = next((r for r in adapter.experts if r.kind == "concat" and key.endswith(r.native)), None)
         if concat and len(info.shape) == 3:
@@ -277,7 +282,7 @@ def _check_fit(
     checkpoint, say).
     """
     found = detected(ckpt.config, list(ckpt.tensors))
-    left = sorted(k for k in copied if expert_owner(k))
+    left = sorted(k for k in copied if expert_owner(k) and not adapter.claims_expert(k))
     if left:
         family = (found or expert_owner(left[0])).name
         raise AdapterMismatchError(
