@@ -5,9 +5,11 @@ converts it with the engine, and compares the result with what NeMo's state-dict
 makes of the same state dict (NeMo imported as tests/nemo_oracle.py explains); the way back must then
 restore the source byte for byte. Where NeMo has no adapter (dense families: its model classes use the hf
 names) or one that loads bf16 only (Qwen3-MoE, GLM-4.x MoE), the FP8 step is NeMo's own DeepSeek-V3
-``dequantize_from_fp8``, which is what those checkpoints get when loaded through ``deepseek-v3``. Where
-NeMo's adapter is wrong, the case names the error it raises and the output is checked against the
-documented semantics (tests/reference.py) instead.
+``dequantize_from_fp8``, which is what those checkpoints get when loaded through ``deepseek-v3``; the
+same goes for adapters that mishandle FP8 (Step, Qwen3-VL-MoE, Qwen3.5-MoE's non-expert weights), each
+shown by a test of its own. Where NeMo loads a family through transformers' own class (Gemma 3 VLM), the
+oracle is that class's ``from_pretrained``. Where NeMo's adapter raises, the case names the error and
+the output is checked against the documented semantics (tests/reference.py) instead.
 """
 
 from __future__ import annotations
