@@ -70,6 +70,14 @@ TINY_MINISTRAL3_TEXT: dict[str, Any] = {
     "num_key_value_heads": 2,
     "head_dim": 40,
 }
+TINY_SIGLIP: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 56,
+    "patch_size": 14,
+}
 TINY_PIXTRAL: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -93,6 +101,14 @@ class TinyFamily:
     config: dict[str, Any]
     keep: tuple[str, ...] = ()
     model_type: str | None = None  # config.json's, where the vendor's differs from the class's own
+    # A text-only release saved from a VLM class: only ``model.`` / ``lm_head.`` keys kept, config.json
+    # its text_config with this architecture (Step-3.5: transformers has only the Step-3.7 VLM class).
+    text_only: str | None = None
+    # Key endings the vendor stores in fp32 (Qwen3.5's GatedDeltaNet A_log and norm).
+    fp32: tuple[str, ...] = ()
+    # Key endings whose last two dims the published layout has the other way round from what this
+    # transformers version saves (Qwen3-VL-MoE's aggregated experts: [E, H, 2I] on the Hub).
+    hub_transpose: tuple[str, ...] = ()
 
 
 # Two layers (the first dense where the family has dense layers), four experts, widths 160 / 200 / 96
@@ -110,6 +126,98 @@ _TINY_MLA: dict[str, Any] = {
     "mlp_layer_types": ["dense", "sparse"],
 }
 _TINY_INDEXER: dict[str, Any] = {"index_n_heads": 2, "index_head_dim": 32, "index_topk": 4}
+# Step-3.7: layer 0 dense, layer 1 MoE; text widths as _TINY_DENSE, a one-block vision tower.
+_TINY_STEP: dict[str, Any] = {
+    "text_config": {
+        **_TINY_DENSE,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 96,
+        "share_expert_dim": 96,
+        "num_sliding_attention_heads": 2,
+        "query_pre_attn_scalar": 40,
+        "mlp_layer_types": ["dense", "sparse"],
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 56,
+        "patch_size": 14,
+    },
+}
+# Qwen3.5-MoE: layer 0 GatedDeltaNet (linear attention), layer 1 full attention; both MoE.
+_TINY_QWEN3_5_TEXT: dict[str, Any] = {
+    **_TINY_MOE,
+    "num_experts": 4,
+    "shared_expert_intermediate_size": 96,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 2,
+    "layer_types": ["linear_attention", "full_attention"],
+}
+_TINY_QWEN3_5: dict[str, Any] = {
+    "text_config": _TINY_QWEN3_5_TEXT,
+    "vision_config": {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 160,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+}
+# What the Qwen3.5-MoE fixture's vendor leaves in bf16 beyond norms and routers.
+_QWEN3_5_KEEP = (
+    "shared_expert_gate.weight",
+    "conv1d.weight",
+    "in_proj_a.weight",
+    "in_proj_b.weight",
+    "visual.",
+)
+# GLM-5.3-Flash: layer 0 KDA linear attention with a dense MLP, layer 1 DSA (MLA + indexer) with experts.
+_TINY_GLM5_NEXT: dict[str, Any] = {
+    "text_config": {
+        **{k: v for k, v in _TINY_MLA.items() if k != "mlp_layer_types"},
+        "qk_head_dim": 32,
+        "qk_rope_head_dim": 0,
+        "index_topk": 16,
+        "index_kpool": 4,
+        "index_head_dim": 32,
+        "index_n_heads": 2,
+        "linear_head_dim": 32,
+        "linear_num_heads": 2,
+        "hc_mult": 2,
+        "pad_token_id": 0,
+        "mlp_layer_types": ["dense", "sparse"],
+        "layer_types": ["linear_attention", "indexed_attention"],
+        "indexer_types": ["full", "full"],
+    },
+    "vision_config": {
+        "depth": 1,
+        "hidden_size": 32,
+        "num_heads": 2,
+        "image_size": 56,
+        "patch_size": 14,
+        "out_hidden_size": 160,
+        "intermediate_size": 64,
+        "projection_intermediate_size": 64,
+    },
+}
+# What NeMo's adapter says the release quantizes: MLA projections, MLPs, experts, o_proj of DSA layers.
+_GLM5_NEXT_KEEP = (
+    *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b", "k", "q", "v")),
+    "layers.0.self_attn.o_proj.",
+    "conv1d.",
+    "indexer.",
+    "kv_b_proj.",
+    "visual.",
+)
+_STEP_KEEP = ("moe.gate.weight", "vision_model.", "vit_large_projector.")
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen3-moe": TinyFamily(
         "Qwen3MoeForCausalLM",
@@ -142,7 +250,49 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         {**_TINY_DENSE, "intermediate_size": 96, "num_local_experts": 4, "num_experts_per_tok": 2},
         keep=("block_sparse_moe.gate.weight",),
     ),
+    "step3p7": TinyFamily("Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP),
+    "step3p5": TinyFamily(
+        "Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP, text_only="Step3p5ForCausalLM"
+    ),
+    # Qwen3.5 releases store A_log and the GatedDeltaNet norm in fp32, Qwen3.6 ones in bf16: one of each.
+    "qwen3.5-moe": TinyFamily(
+        "Qwen3_5MoeForConditionalGeneration",
+        _TINY_QWEN3_5,
+        keep=_QWEN3_5_KEEP,
+        fp32=("linear_attn.A_log", "linear_attn.norm.weight"),
+    ),
+    "qwen3.5-moe-text": TinyFamily("Qwen3_5MoeForCausalLM", _TINY_QWEN3_5_TEXT, keep=_QWEN3_5_KEEP),
+    "qwen3-vl-moe": TinyFamily(
+        "Qwen3VLMoeForConditionalGeneration",
+        {
+            "text_config": {**_TINY_MOE, "num_experts": 4},
+            "vision_config": {
+                "depth": 1,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "out_hidden_size": 160,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "deepstack_visual_indexes": [0],
+            },
+        },
+        keep=("visual.",),
+        hub_transpose=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    ),
+    "mimo-v2-flash": TinyFamily(
+        "MiMoV2FlashForCausalLM",
+        {**_TINY_MOE, "n_routed_experts": 4, "v_head_dim": 32, "mlp_layer_types": ["dense", "sparse"]},
+        keep=("self_attn.o_proj.weight",),
+    ),
+    "glm5-next": TinyFamily("Glm5NextForConditionalGeneration", _TINY_GLM5_NEXT, keep=_GLM5_NEXT_KEEP),
     "qwen3": TinyFamily("Qwen3ForCausalLM", _TINY_DENSE),
+    "gemma3": TinyFamily("Gemma3ForCausalLM", _TINY_DENSE),
+    "gemma3-vlm": TinyFamily(
+        "Gemma3ForConditionalGeneration",
+        {"text_config": _TINY_DENSE, "vision_config": TINY_SIGLIP, "mm_tokens_per_image": 4},
+    ),
     "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),
     "mistral": TinyFamily("MistralForCausalLM", _TINY_DENSE),
 }
@@ -249,6 +399,9 @@ def _plant_zero_blocks(sd: dict[str, torch.Tensor]) -> None:
             sd[k][2] = 0
         if k.endswith("layers.1.mlp.experts.2.down_proj.weight"):  # DeepSeek: whole tensor → scale 1
             sd[k] = torch.zeros_like(sd[k])
+        if k.endswith("layers.1.moe.up_proj.weight"):  # Step [E, I, H]: expert 1 all zero → scales 1
+            sd[k] = sd[k].clone()
+            sd[k][1] = 0
 
 
 def _saved_model(
@@ -268,6 +421,9 @@ def _saved_model(
         config = json.loads((Path(tmp) / "config.json").read_text())
         if family in TINY_FAMILIES and TINY_FAMILIES[family].model_type:
             config["model_type"] = TINY_FAMILIES[family].model_type
+        if family in TINY_FAMILIES and TINY_FAMILIES[family].text_only:
+            raw = {k: t for k, t in raw.items() if k.startswith(("model.", "lm_head."))}
+            config = {**config["text_config"], "architectures": [TINY_FAMILIES[family].text_only]}
         gen_path = Path(tmp) / "generation_config.json"
         gen_config = json.loads(gen_path.read_text()) if gen_path.exists() else {}
     sd = {_rename_for_layout(k, family, layout): raw[k] for k in sorted(raw, key=_natural_key)}
@@ -279,6 +435,13 @@ def _saved_model(
                 "mlp.gate.e_score_correction_bias" if family == "deepseek-v3" else "e_score_correction_bias"
             ):
                 sd[k] = sd[k].float()
+    if family in TINY_FAMILIES:
+        spec = TINY_FAMILIES[family]
+        for k in sd:
+            if k.endswith(spec.fp32 or ("\0",)):
+                sd[k] = sd[k].float()
+            if k.endswith(spec.hub_transpose or ("\0",)):
+                sd[k] = sd[k].transpose(-1, -2).contiguous()
     _make_distinct(sd, gen)
     _plant_zero_blocks(sd)
     return sd, config, gen_config

@@ -114,31 +114,56 @@ def moe_config(config: dict[str, Any], dtype: torch.dtype) -> Any:
         score_func="sigmoid",
         route_scale=1.0,
         dim=config["hidden_size"],
-        inter_dim=config["intermediate_size"],
+        inter_dim=config.get("intermediate_size") or config["moe_intermediate_size"],
         moe_inter_dim=config.get("moe_intermediate_size") or config["intermediate_size"],
         norm_topk_prob=True,
         dtype=dtype,
     )
 
 
-def moe_adapter(spec: str, config: dict[str, Any], dtype: torch.dtype) -> Any:
-    """NeMo's MoE adapter ``spec`` as its model class builds it: (hf config, MoEConfig, backend, dtype)."""
+def moe_adapter(
+    spec: str,
+    config: dict[str, Any],
+    dtype: torch.dtype,
+    backend: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """NeMo's MoE adapter ``spec`` as its model class builds it: (hf config, MoEConfig, backend, dtype,
+    and the class's own ``kwargs``); ``backend`` sets BackendConfig fields where the layout depends on them.
+
+    The hf config class is the architecture's, or where transformers has no such class (Step-3.5) the
+    one registered for the config's ``model_type``."""
     import transformers
     from nemo_automodel.components.models.common import BackendConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    hf_config = getattr(transformers, config["architectures"][0]).config_class.from_dict(config)
-    return adapter_class(spec)(hf_config, moe_config(config, dtype), BackendConfig(), dtype=dtype)
+    model_class = getattr(transformers, config["architectures"][0], None)
+    config_class = model_class.config_class if model_class else CONFIG_MAPPING[config["model_type"]]
+    hf_config = config_class.from_dict(config)
+    return adapter_class(spec)(
+        hf_config, moe_config(config, dtype), BackendConfig(**(backend or {})), dtype=dtype, **kwargs
+    )
 
 
 def dequantize(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every ``*_scale_inv`` pair dequantized by NeMo's DeepSeek-V3 ``dequantize_from_fp8`` (the FP8 step
-    of every NeMo adapter that has one), scales dropped: what NeMo feeds adapters that load only bf16."""
+    of every NeMo adapter that has one), scales dropped: what NeMo feeds adapters that load only bf16.
+
+    That function is 2-D; an aggregated 3-D expert tensor with ``[E, rows/128, cols/128]`` block scales
+    (Step-3.5) goes through it one expert at a time, which is what those scales mean."""
     from nemo_automodel.components.models.deepseek_v3.state_dict_adapter import dequantize_from_fp8
+
+    def one(t: torch.Tensor, scale: torch.Tensor, key: str) -> torch.Tensor:
+        if t.dim() == 3 and scale.dim() == 3:
+            return torch.stack(
+                [dequantize_from_fp8(t[e], scale[e], dtype=dtype, name=key) for e in range(len(t))]
+            )
+        return dequantize_from_fp8(t, scale, dtype=dtype, name=key)
 
     out = {}
     for key, t in sd.items():
         if key.endswith("_scale_inv"):
             continue
         scale = sd.get(key + "_scale_inv")
-        out[key] = t if scale is None else dequantize_from_fp8(t, scale, dtype=dtype, name=key)
+        out[key] = t if scale is None else one(t, scale, key)
     return out

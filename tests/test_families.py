@@ -9,6 +9,8 @@ checkpoints exactly as tests/reference.py says.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from worker.engine.errors import AdapterMismatchError, UnsupportedModelError
 
 _SPLIT = ["model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.0.down_proj.weight"]
 _DENSE = ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.input_layernorm.weight"]
+_STEP = ["model.layers.1.moe.gate_proj.weight", "model.layers.1.moe.down_proj.weight"]
 _MINIMAX = [
     "model.layers.0.block_sparse_moe.experts.0.w1.weight",
     "model.layers.0.block_sparse_moe.gate.weight",
@@ -40,8 +43,33 @@ _MINIMAX = [
         ({"architectures": ["Glm4MoeLiteForCausalLM"]}, _SPLIT, "glm4-moe"),
         ({"architectures": ["GlmMoeDsaForCausalLM"]}, _SPLIT, "glm-moe-dsa"),
         ({"architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2"}, _MINIMAX, "minimax-m2"),
+        ({"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+          "text_config": {"model_type": "qwen3_5_moe_text"}}, _SPLIT, "qwen3.5-moe"),
+        ({"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text"}, _SPLIT, "qwen3.5-moe"),
+        ({"model_type": "qwen3_5_moe"}, ["model.layers.1.mlp.experts.gate_up_proj"], "qwen3.5-moe"),
+        ({"architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash"}, _SPLIT, "mimo-v2-flash"),
+        ({"architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+          "text_config": {"model_type": "qwen3_vl_moe_text"}},
+         ["model.language_model.layers.0.mlp.experts.gate_up_proj"], "qwen3-vl-moe"),
+        # Mistral 4's aggregated experts share the hf name; the architecture decides
+        ({"architectures": ["Mistral4ForCausalLM"], "model_type": "mistral4"},
+         ["model.layers.1.mlp.experts.gate_up_proj"], "mistral4"),
+        ({"architectures": ["Glm5NextForConditionalGeneration"], "model_type": "glm5_next"},
+         ["model.language_model.layers.1.mlp.experts.0.gate_proj.weight",
+          "model.language_model.layers.0.self_attn.A_log"], "glm5-next"),
+        # another family's router bias and A_log are not claimed by glm5-next's fp32 rules
+        ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"},
+         [*_SPLIT, "model.layers.1.mlp.gate.e_score_correction_bias"], "deepseek-v3"),
+        ({"architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5"}, _STEP, "step3p5"),
+        ({"architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7",
+          "text_config": {"model_type": "step3p5"}}, _STEP, "step3p7"),
+        ({"model_type": "step3p5"}, _STEP, "step3p5"),
         ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, _DENSE, "llama"),
         ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, _DENSE, "qwen3"),
+        ({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}, _DENSE, "gemma3"),
+        ({"model_type": "gemma3_text"}, _DENSE, "gemma3"),
+        ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+          "text_config": {"model_type": "gemma3_text"}}, _DENSE, "gemma3-vlm"),
         ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, _DENSE, "mistral3-fp8"),
     ],
 )  # fmt: skip
@@ -55,9 +83,11 @@ def test_detection_reads_the_table(cfg, keys, expected) -> None:
         # a dense architecture whose keys hold another family's experts
         ({"architectures": ["LlamaForCausalLM"]}, _DENSE + _SPLIT),
         ({"architectures": ["Qwen3MoeForCausalLM"]}, _MINIMAX),
+        ({"architectures": ["Qwen3MoeForCausalLM"]}, _SPLIT + _STEP),
         # the architecture of one family with the model type of another
         ({"architectures": ["Qwen3ForCausalLM"], "model_type": "llama"}, _DENSE),
         ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "qwen3_moe"}, _SPLIT),
+        ({"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_moe"}, _SPLIT),
     ],
 )
 def test_contradicting_checkpoints_are_refused(cfg, keys) -> None:
@@ -95,7 +125,7 @@ def test_an_adapter_with_other_expert_rules_is_refused(checkpoint, tmp_path: Pat
     assert not (tmp_path / "n").exists()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3-moe", "minimax-m2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gemma3-vlm", "qwen3-moe", "minimax-m2"])
 def test_fresh_block_quantization_matches_reference(family, plain_checkpoint, tmp_path: Path) -> None:
     src = plain_checkpoint(family)
     out = tmp_path / "fp8"
@@ -114,3 +144,26 @@ def test_fresh_block_quantization_matches_reference(family, plain_checkpoint, tm
     api.convert(out, tmp_path / "native", api.Options(to="native"))
     api.convert(tmp_path / "native", tmp_path / "back", api.Options(to="hf"))
     assert_state_dicts_identical(load_state_dict(tmp_path / "back"), load_state_dict(out))
+
+
+def test_step3p7_with_mtp_layers_is_refused(checkpoint, tmp_path: Path) -> None:
+    # NeMo's Step3p7 adapter renumbers the MTP layers after num_hidden_layers into mtp.layers.{i}; the
+    # table has no rule for that, so such a checkpoint is refused rather than written under other names.
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("step3p7", scheme="block"), src)
+    cfg = config(src)
+    cfg["text_config"]["num_nextn_predict_layers"] = 1
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"num_nextn_predict_layers=1.*mtp\.layers"):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
+    assert not (tmp_path / "native").exists()
+
+
+def test_a_variant_is_never_detected_and_taken_only_on_its_family(checkpoint, tmp_path: Path) -> None:
+    # mimo-v2-flash-te writes NeMo's Transformer Engine names; detection keeps the default layout.
+    mimo = {"architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash"}
+    assert detect(mimo, _SPLIT).name == "mimo-v2-flash"
+    with pytest.raises(AdapterMismatchError, match="deepseek-v3"):
+        api.convert(checkpoint("deepseek-v3", scheme="block"), tmp_path / "n", api.Options(to="native",
+                    adapter="mimo-v2-flash-te"))  # fmt: skip
+    assert not (tmp_path / "n").exists()

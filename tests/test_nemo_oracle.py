@@ -5,13 +5,19 @@ converts it with the engine, and compares the result with what NeMo's state-dict
 makes of the same state dict (NeMo imported as tests/nemo_oracle.py explains); the way back must then
 restore the source byte for byte. Where NeMo has no adapter (dense families: its model classes use the hf
 names) or one that loads bf16 only (Qwen3-MoE, GLM-4.x MoE), the FP8 step is NeMo's own DeepSeek-V3
-``dequantize_from_fp8``, which is what those checkpoints get when loaded through ``deepseek-v3``. Where
-NeMo's adapter is wrong, the case names the error it raises and the output is checked against the
-documented semantics (tests/reference.py) instead.
+``dequantize_from_fp8``, which is what those checkpoints get when loaded through ``deepseek-v3``; the
+same goes for adapters that mishandle FP8 (Step, Qwen3-VL-MoE, Qwen3.5-MoE's non-expert weights), each
+shown by a test of its own. Where NeMo loads a family through transformers' own class (Gemma 3 VLM), the
+oracle is that class's ``from_pretrained``. Where NeMo's adapter raises, the case names the error and
+the output is checked against the documented semantics (tests/reference.py) instead.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +28,11 @@ import reference
 import torch
 from checkpoints import load_state_dict
 from helpers import assert_state_dicts_identical, config
+from safetensors.torch import save_file
 
 from worker.engine import api
 from worker.engine.adapters import ADAPTERS
+from worker.engine.checkpoint import SIDECAR
 
 pytestmark = pytest.mark.nemo
 
@@ -34,7 +42,8 @@ class Case:
     """One fixture family, the adapter detection must pick for it, and the NeMo adapter it must equal.
 
     ``nemo``: ``module.Class`` under ``nemo_automodel.components.models`` (None: NeMo loads hf keys as
-    they are). ``dequantizes``: that adapter's ``from_hf`` handles FP8 itself. ``nemo_raises``: NeMo's
+    they are). ``dequantizes``: that adapter's ``from_hf`` handles FP8 itself (``nemo_dequantizes_only``:
+    for these keys only). ``nemo_raises``: NeMo's
     adapter fails on this checkpoint; tests/reference.py is the yardstick instead.
     """
 
@@ -45,12 +54,24 @@ class Case:
     scheme: str = "block"
     layout: str = "default"
     nemo_raises: type[Exception] | None = None
+    # A pattern of the keys that NeMo's from_hf dequantizes itself; the rest are dequantized beforehand.
+    nemo_dequantizes_only: str | None = None
+    # Keyword arguments NeMo's model class passes its adapter (Qwen3.5-MoE's text model: text_only=True).
+    nemo_kwargs: tuple[tuple[str, Any], ...] = ()
+    # BackendConfig fields the native names depend on (MiMo's attention sink under Transformer Engine).
+    nemo_backend: tuple[tuple[str, Any], ...] = ()
+    override: bool = False  # the adapter is a variant, chosen by --adapter rather than detected
+    # NeMo loads this family through transformers' own class (from_pretrained), whose renames make the
+    # native names (Gemma 3 VLM); with ``nemo`` None the oracle loads the dequantized checkpoint that way.
+    through_transformers: bool = False
 
 
 _DEEPSEEK = "deepseek_v3.DeepSeekV3StateDictAdapter"
 _MISTRAL3 = "mistral3.Mistral3FP8StateDictAdapter"
 _MISTRAL4 = "mistral4.Mistral4StateDictAdapter"
 _MISTRAL4_VLM = "mistral4.Mistral4MultimodalStateDictAdapter"
+_QWEN3_5 = "qwen3_5_moe.Qwen3_5MoeStateDictAdapter"
+_SPLIT_EXPERT = r"\.mlp\.experts\.\d+\."
 CASES = [
     Case("qwen3-moe", "qwen3-moe", "qwen3_moe.Qwen3MoeStateDictAdapter", dequantizes=False),
     Case("glm4-moe", "glm4-moe", "glm4_moe.Glm4MoeStateDictAdapter", dequantizes=False),
@@ -59,9 +80,31 @@ CASES = [
     Case("deepseek-v3", "deepseek-v3", _DEEPSEEK),
     Case("deepseek-v32", "deepseek-v32", "deepseek_v32.DeepSeekV32StateDictAdapter"),
     Case("glm-moe-dsa", "glm-moe-dsa", "glm_moe_dsa.GlmMoeDsaStateDictAdapter"),
+    # NeMo renames MiMo's attention_sink_bias (to attn_module.softmax_offset, fp32) only under Transformer
+    # Engine; Recast writes the other backends' names, so the oracle is asked for sdpa whatever the machine.
+    Case("mimo-v2-flash", "mimo-v2-flash", "mimo_v2_flash.MiMoV2FlashStateDictAdapter",
+         nemo_backend=(("attn", "sdpa"),)),
+    Case("mimo-v2-flash", "mimo-v2-flash-te", "mimo_v2_flash.MiMoV2FlashStateDictAdapter",
+         nemo_backend=(("attn", "te"),), override=True),
     Case("minimax-m2", "minimax-m2", "minimax_m2.MiniMaxM2StateDictAdapter"),
+    # NeMo's Step adapters load bf16 only: Step3p5's has no FP8 path, Step3p7's drops the *_scale_inv
+    # tensors without dequantizing (test_step3p7_nemo_drops_the_scales); the FP8 step is NeMo's own
+    # dequantize_from_fp8, per expert for the aggregated 3-D experts.
+    # NeMo's Qwen3.5-MoE adapter dequantizes the split experts but passes every other FP8 weight on
+    # unscaled (test_nemo_qwen3_5_moe_dequantizes_only_the_experts); those go through dequantize_from_fp8.
+    Case("qwen3.5-moe", "qwen3.5-moe", _QWEN3_5, nemo_dequantizes_only=_SPLIT_EXPERT),
+    Case("qwen3.5-moe-text", "qwen3.5-moe", _QWEN3_5, nemo_dequantizes_only=_SPLIT_EXPERT,
+         nemo_kwargs=(("text_only", True),)),
+    Case("glm5-next", "glm5-next", "glm5_next.Glm5NextStateDictAdapter"),
+    # NeMo's Qwen3-VL-MoE adapter drops the *_scale_inv tensors without dequantizing
+    # (test_nemo_qwen3_vl_moe_drops_the_scales): dequantize_from_fp8 first, per expert for the 3-D experts.
+    Case("qwen3-vl-moe", "qwen3-vl-moe", "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter", dequantizes=False),
+    Case("step3p5", "step3p5", "step3p5.Step3p5StateDictAdapter", dequantizes=False),
+    Case("step3p7", "step3p7", "step3p7.Step3p7StateDictAdapter", dequantizes=False),
     Case("qwen3", "qwen3", None),
     Case("llama", "llama", None),
+    Case("gemma3", "gemma3", None),
+    Case("gemma3-vlm", "gemma3-vlm", None, through_transformers=True),
     Case("mistral", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),
     Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor", layout="causal"),
     Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),
@@ -76,7 +119,8 @@ CASES = [
 
 
 def _id(case: Case) -> str:
-    return "-".join(p for p in (case.family, case.scheme, case.layout) if p != "default")
+    parts = (case.family, case.scheme, case.layout, case.adapter if case.override else "default")
+    return "-".join(p for p in parts if p != "default")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +132,9 @@ def _nemo_adapter(case: Case, cfg: dict[str, Any]) -> Any:
     cls = nemo_oracle.adapter_class(case.nemo)
     if hasattr(cls, "for_causal_lm"):  # Mistral 3: one factory per model class
         return cls.for_vlm_full(cfg) if "text_config" in cfg else cls.for_causal_lm(cfg)
-    return nemo_oracle.moe_adapter(case.nemo, cfg, torch.bfloat16)
+    return nemo_oracle.moe_adapter(
+        case.nemo, cfg, torch.bfloat16, dict(case.nemo_backend), **dict(case.nemo_kwargs)
+    )
 
 
 def _nemo_native(case: Case, sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -96,9 +142,28 @@ def _nemo_native(case: Case, sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -
     sd = dict(sd)
     if case.nemo is None or not case.dequantizes:
         sd = nemo_oracle.dequantize(sd, torch.bfloat16)
+    elif case.nemo_dequantizes_only:
+        own = {k: v for k, v in sd.items() if re.search(case.nemo_dequantizes_only, k)}
+        sd = {**nemo_oracle.dequantize({k: v for k, v in sd.items() if k not in own}, torch.bfloat16), **own}
+    if case.through_transformers:
+        return _transformers_state_dict(sd, cfg)
     if case.nemo is None:
         return sd
     return _nemo_adapter(case, cfg).from_hf(sd)
+
+
+def _transformers_state_dict(sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict of transformers' own class loaded with from_pretrained from ``sd`` (bf16)."""
+    import transformers
+
+    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    cfg["text_config"] = {k: v for k, v in cfg.get("text_config", {}).items() if k != "quantization_config"}
+    with tempfile.TemporaryDirectory(prefix="recast-oracle-") as tmp:
+        save_file({k: t.contiguous() for k, t in sd.items()}, str(Path(tmp) / "model.safetensors"))
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        cls = getattr(transformers, cfg["architectures"][0])
+        model = cls.from_pretrained(tmp, dtype=torch.bfloat16)
+    return {k: t.detach().clone() for k, t in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
@@ -106,7 +171,9 @@ def test_native_equals_nemo_and_round_trips(case: Case, nemo, checkpoint, tmp_pa
     assert ADAPTERS[case.adapter].nemo == case.nemo
     src = checkpoint(case.family, scheme=case.scheme, layout=case.layout)
     native = tmp_path / "native"
-    report = api.convert(src, native, api.Options(to="native"))
+    report = api.convert(
+        src, native, api.Options(to="native", adapter=case.adapter if case.override else None)
+    )
     assert report.passed and report.adapter == case.adapter
     source_sd, cfg = load_state_dict(src), config(src)
     got = load_state_dict(native)
@@ -125,3 +192,78 @@ def test_native_equals_nemo_and_round_trips(case: Case, nemo, checkpoint, tmp_pa
 
 def test_every_adapter_has_an_oracle_case() -> None:
     assert {c.adapter for c in CASES} == set(ADAPTERS)
+
+
+def test_nemo_step_adapters_have_no_fp8_path(nemo, checkpoint) -> None:
+    # Why the Step cases dequantize with NeMo's dequantize_from_fp8 first: fed the FP8 checkpoint itself,
+    # Step3p5StateDictAdapter.from_hf fails, and Step3p7StateDictAdapter.from_hf passes FP8 codes on
+    # unscaled (dense weights stay FP8, experts are cast to bf16 without their scales).
+    src = checkpoint("step3p5", scheme="block")
+    with pytest.raises(RuntimeError, match="Float8"):
+        nemo_oracle.moe_adapter("step3p5.Step3p5StateDictAdapter", config(src), torch.bfloat16).from_hf(
+            load_state_dict(src)
+        )
+    src = checkpoint("step3p7", scheme="block")
+    sd, cfg = load_state_dict(src), config(src)
+    got = nemo_oracle.moe_adapter("step3p7.Step3p7StateDictAdapter", cfg, torch.bfloat16).from_hf(sd)
+    assert got["model.language_model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    experts = "model.language_model.layers.1.moe.experts.down_projs"
+    right = _nemo_native(next(c for c in CASES if c.family == "step3p7"), sd, cfg)[experts]
+    assert not torch.equal(got[experts], right)
+
+
+@pytest.mark.parametrize("family", ["step3p5", "step3p7"])
+def test_native_without_recast_json_goes_back_as_nemo_to_hf(family, nemo, checkpoint, tmp_path: Path) -> None:
+    # A native checkpoint Recast did not write (no recast.json: the plan comes from inverting the adapter,
+    # concat included) goes back to the hf keys and shapes NeMo's own to_hf gives, value for value.
+    case = next(c for c in CASES if c.family == family)
+    src = checkpoint(family, scheme="block")
+    native = tmp_path / "native"
+    api.convert(src, native, api.Options(to="native"))
+    (native / SIDECAR).unlink()
+    report = api.convert(native, tmp_path / "hf", api.Options(to="hf", quantize="none"))
+    assert report.passed and report.adapter == case.adapter
+    want = _nemo_adapter(case, config(src)).to_hf(load_state_dict(native))
+    assert_state_dicts_identical(load_state_dict(tmp_path / "hf"), want)
+
+
+def test_nemo_qwen3_5_moe_dequantizes_only_the_experts(nemo, checkpoint) -> None:
+    # Why the Qwen3.5-MoE case dequantizes the other weights first: NeMo's from_hf drops their scales.
+    src = checkpoint("qwen3.5-moe", scheme="block")
+    got = nemo_oracle.moe_adapter(_QWEN3_5, config(src), torch.bfloat16).from_hf(load_state_dict(src))
+    assert got["model.language_model.layers.1.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    assert got["model.language_model.layers.1.mlp.experts.down_projs"].dtype == torch.bfloat16
+    assert not [k for k in got if k.endswith("_scale_inv")]
+
+
+def test_glm5_next_keeps_the_mtp_layer_nemo_drops(nemo, checkpoint, tmp_path: Path) -> None:
+    # NeMo's from_hf drops layers.{num_hidden_layers} (the MTP layer of GLM-5.3-Flash releases), which no
+    # reversible conversion can do: Recast keeps it, renamed like the other layers, and equals NeMo elsewhere.
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("glm5-next", scheme="block"), src)
+    sd, cfg = load_state_dict(src), config(src)
+    layers = cfg["text_config"]["num_hidden_layers"]
+    last, mtp = f".layers.{layers - 1}.", f".layers.{layers}."
+    extra = {k.replace(last, mtp): t for k, t in sd.items() if last in k}
+    save_file(extra, str(src / "mtp.safetensors"))
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(extra, "mtp.safetensors"))
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    report = api.convert(src, tmp_path / "native", api.Options(to="native"))
+    assert report.passed
+    got = load_state_dict(tmp_path / "native")
+    want = _nemo_native(next(c for c in CASES if c.family == "glm5-next"), load_state_dict(src), cfg)
+    kept = sorted(set(got) - set(want))
+    assert kept and all(mtp in k for k in kept) and not set(want) - set(got)
+    assert_state_dicts_identical({k: got[k] for k in want}, want)
+    api.convert(tmp_path / "native", tmp_path / "back", api.Options(to="hf"))
+    assert_state_dicts_identical(load_state_dict(tmp_path / "back"), load_state_dict(src))
+
+
+def test_nemo_qwen3_vl_moe_drops_the_scales(nemo, checkpoint) -> None:
+    src = checkpoint("qwen3-vl-moe", scheme="block")
+    spec = "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter"
+    got = nemo_oracle.moe_adapter(spec, config(src), torch.bfloat16).from_hf(load_state_dict(src))
+    assert not [k for k in got if k.endswith("_scale_inv")]
+    assert got["model.language_model.layers.1.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn

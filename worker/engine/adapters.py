@@ -46,6 +46,13 @@ class ExpertRule:
     slice ``e`` is ``cat(part.T for part in parts, -1)`` (DeepSeek-V3); ``hf`` is the expert module with
     ``{e}`` for its number (``mlp.experts.{e}.``, MiniMax's ``block_sparse_moe.experts.{e}.``), followed
     by one of ``parts`` and ``.weight``.
+    kind ``concat``: aggregated 3-D parts ``…{hf}{part}.weight`` ``[E, O, I]`` ↔ one ``[E, I, n·O]`` tensor,
+    ``cat(part.transpose(-1, -2) for part in parts, -1)`` (Step-3.5's ``moe.gate_proj`` / ``moe.up_proj``);
+    ``hf`` is the module (``moe.``), without ``{e}``. operations.Concat does the tensor work.
+    kind ``fp32``: ``hf`` ends the key, as for ``transpose``; the tensor is renamed and held in fp32
+    (NeMo's ``_fp32_params`` holders; operations.Fp32).
+    kind ``copy``: ``hf`` ends the key; an aggregated expert tensor already in the native layout, renamed
+    only (Qwen3-VL-MoE's ``mlp.experts.gate_up_proj`` ``[E, H, 2I]``).
     """
 
     kind: str
@@ -55,18 +62,19 @@ class ExpertRule:
 
     @cached_property
     def _hf_pattern(self) -> re.Pattern[str]:
-        if self.kind == "stack":
+        if self.kind in ("stack", "concat"):
             module = re.escape(self.hf).replace(re.escape("{e}"), r"(?P<e>\d+)")
             parts = "|".join(map(re.escape, self.parts))
             return re.compile(rf"^(?P<prefix>.*\.){module}(?P<part>{parts})\.weight$")
         return re.compile(rf"^(?P<prefix>.*){re.escape(self.hf)}$")
 
     def match_hf(self, renamed: str) -> re.Match[str] | None:
-        """This rule on a renamed hf key: group ``prefix``, and for ``stack`` also ``e`` and ``part``."""
+        """This rule on a renamed hf key: group ``prefix``, for ``stack`` also ``e`` and ``part``, for
+        ``concat`` also ``part``."""
         return self._hf_pattern.match(renamed)
 
     def hf_part(self, e: int, part: str) -> str:
-        """The hf key, after ``prefix``, of expert ``e``'s ``part`` (``stack`` only)."""
+        """The hf key, after ``prefix``, of expert ``e``'s ``part`` (``stack``; ``concat`` ignores ``e``)."""
         return f"{self.hf.format(e=e)}{part}.weight"
 
 
@@ -97,6 +105,21 @@ class Adapter:
     # whose from_hf output is this family's native layout; None where NeMo's model uses the hf names.
     # tests/test_nemo_oracle.py compares with it bit for bit.
     nemo: str | None = None
+    # config.json fields (top level or text_config) that turn on something these rules do not map, with
+    # what NeMo does instead: a checkpoint that sets one is refused while planning.
+    unmapped_config: tuple[tuple[str, str], ...] = ()
+    # The detected family this adapter is an alternative native layout of, where NeMo's layout depends on
+    # its configuration (MiMo's attention backend): never detected, taken by --adapter on that family.
+    variant_of: str | None = None
+
+    def check_config(self, config: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose config.json turns on what this adapter does not map."""
+        for c in (config, config.get("text_config") or {}):
+            for name, why in self.unmapped_config:
+                if c.get(name):
+                    raise UnsupportedModelError(
+                        f"config.json {name}={c[name]!r}: adapter {self.name!r} does not map this ({why})"
+                    )
 
     def to_native(self, key: str) -> str:
         for r in self.renames:
@@ -118,9 +141,10 @@ class Adapter:
         return key
 
     def claims_expert(self, key: str) -> bool:
-        """Whether one of this adapter's expert rules takes ``key``, spelled hf or native."""
+        """Whether one of this adapter's expert rules takes ``key``, spelled hf or native. ``fp32`` rules
+        say how a tensor is held, not a layout another family could mistake, so they claim nothing."""
         renamed = self.to_native(key)
-        return any(r.match_hf(renamed) or key.endswith(r.native) for r in self.experts)
+        return any(r.match_hf(renamed) or key.endswith(r.native) for r in self.experts if r.kind != "fp32")
 
     def quantizable(self, hf_key: str) -> bool:
         """Which tensors a fresh quantization turns into FP8 (DESIGN §3)."""
@@ -130,7 +154,7 @@ class Adapter:
             return False
         if hf_key.endswith(".weight"):
             return True
-        return any(hf_key.endswith(r.hf) for r in self.experts if r.kind == "transpose")
+        return any(hf_key.endswith(r.hf) for r in self.experts if r.kind in ("transpose", "copy"))
 
     def never_quantized_prefix(self, hf_key: str) -> str | None:
         """The prefix that keeps ``hf_key`` out of quantization; config.json names the module by it."""
@@ -144,13 +168,17 @@ class Adapter:
         rule = " or ".join(named)
         if self.needs_evidence:
             rule += f", with text_config.model_type {' / '.join(self.model_types)} or its expert keys"
+        if self.variant_of:
+            rule = f"never detected: --adapter {self.name} on a checkpoint detected as {self.variant_of}"
         return {
             "name": self.name,
             "description": self.description,
             "architectures": list(self.architectures),
             "model_types": list(self.model_types),
             "expert_keys": [
-                r.hf + (f"{{{','.join(r.parts)}}}.weight" if r.parts else "") for r in self.experts
+                r.hf + (f"{{{','.join(r.parts)}}}.weight" if r.parts else "")
+                for r in self.experts
+                if r.kind != "fp32"
             ],
             "detection": rule
             + "; not where an architecture, model type or expert keys of another family appear",
@@ -206,6 +234,100 @@ _DEEPSEEK_V3 = Adapter(
     not_quantized=_NORMS_ETC,
     model_types=("deepseek_v3",),
     nemo="deepseek_v3.DeepSeekV3StateDictAdapter",
+)
+# Step-3.5: aggregated ``moe.{gate,up,down}_proj.weight`` ``[E, out, in]``; gate and up concatenate
+# into NeMo's ``gate_and_up_projs``, down is transposed; the post-sigmoid router bias is renamed.
+_STEP3P5 = Adapter(
+    name="step3p5",
+    description="Step-3.5-Flash (aggregated moe.{gate,up,down}_proj experts), block-wise FP8",
+    architectures=("Step3p5ForCausalLM",),
+    renames=(Rename(".moe.router_bias", ".moe.gate.e_score_correction_bias", infix=True),),
+    experts=(
+        ExpertRule("concat", "moe.", "moe.experts.gate_and_up_projs", ("gate_proj", "up_proj")),
+        ExpertRule("transpose", "moe.down_proj.weight", "moe.experts.down_projs"),
+    ),
+    not_quantized=(*_NORMS_ETC, "moe.gate.weight"),
+    model_types=("step3p5",),
+    nemo="step3p5.Step3p5StateDictAdapter",
+)
+# Qwen3.5-MoE: the FP8 release splits the experts (stacked as DeepSeek's), the bf16 one aggregates them
+# ``[E, 2I, H]`` (transposed as Mistral 4's); GatedDeltaNet's A_log / dt_bias move into NeMo's fp32
+# holder, in fp32 whatever the release stores (Qwen3.5: fp32, Qwen3.6: bf16); the MTP head's fixed names
+# are NeMo's table.
+_QWEN3_5_MOE = Adapter(
+    name="qwen3.5-moe",
+    description="Qwen3.5 MoE, VLM and text (split block-FP8 or aggregated bf16 experts, GatedDeltaNet)",
+    architectures=("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM"),
+    renames=(
+        Rename("model.lm_head.", "lm_head.", invert=False),
+        Rename("mtp.fc.weight", "mtp.layers.0.eh_proj.weight"),
+        Rename("mtp.pre_fc_norm_embedding.weight", "mtp.layers.0.enorm.weight"),
+        Rename("mtp.pre_fc_norm_hidden.weight", "mtp.layers.0.hnorm.weight"),
+        Rename("mtp.norm.weight", "mtp.layers.0.final_layernorm.weight"),
+        Rename(".mlp.shared_expert.", ".mlp.shared_experts.", infix=True),
+    ),
+    experts=(
+        *_SPLIT_EXPERTS,
+        *_MISTRAL4_EXPERTS,
+        ExpertRule("fp32", "linear_attn.A_log", "linear_attn._fp32_params.A_log"),
+        ExpertRule("fp32", "linear_attn.dt_bias", "linear_attn._fp32_params.dt_bias"),
+    ),
+    not_quantized=(
+        *_NORMS_ETC,
+        "shared_expert_gate.weight",
+        "linear_attn.conv1d.weight",
+        "linear_attn.in_proj_a.weight",
+        "linear_attn.in_proj_b.weight",
+    ),
+    not_quantized_prefixes=("model.visual.",),
+    model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+    nemo="qwen3_5_moe.Qwen3_5MoeStateDictAdapter",
+)
+# GLM-5.3-Flash: DeepSeek-V3 experts under model.language_model., hyper-connection parameters renamed
+# into NeMo's attn_hc / ffn_hc modules (base and scale in its fp32 holder, in their stored dtype), KDA
+# A_log / dt_bias and the router bias held in fp32, as NeMo's from_hf does.
+_HC = tuple(
+    Rename(f".hc_{site}_{name}", f".{site}_hc.{'_fp32_params.' if name != 'fn' else ''}{name}", infix=True)
+    for site in ("attn", "ffn")
+    for name in ("fn", "base", "scale")
+)
+_GLM5_NEXT = replace(
+    _DEEPSEEK_V3,
+    name="glm5-next",
+    description="GLM-5.3-Flash (hyper-connections, KDA linear attention, DSA), block-wise FP8",
+    architectures=("Glm5NextForConditionalGeneration",),
+    renames=_HC,
+    experts=(
+        *_SPLIT_EXPERTS,
+        ExpertRule("fp32", "self_attn.A_log", "self_attn._fp32_params.A_log"),
+        ExpertRule("fp32", "self_attn.dt_bias", "self_attn._fp32_params.dt_bias"),
+        ExpertRule("fp32", "mlp.gate.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),
+    ),
+    not_quantized=(
+        *_NORMS_ETC,
+        *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b", "k", "q", "v")),
+        "conv1d.",
+        "indexer.",
+        "kv_b_proj.",
+    ),
+    not_quantized_prefixes=("model.visual.",),
+    model_types=("glm5_next", "glm5_next_text"),
+    nemo="glm5_next.Glm5NextStateDictAdapter",
+)
+# Qwen3-VL-MoE: aggregated experts already in NeMo's layout, renamed only (NeMo's adapter does no more).
+_QWEN3_VL_MOE = Adapter(
+    name="qwen3-vl-moe",
+    description="Qwen3-VL MoE (aggregated mlp.experts.gate_up_proj [E, H, 2I]), block-wise FP8",
+    architectures=("Qwen3VLMoeForConditionalGeneration",),
+    renames=(),
+    experts=(
+        ExpertRule("copy", "mlp.experts.gate_up_proj", "mlp.experts.gate_and_up_projs"),
+        ExpertRule("copy", "mlp.experts.down_proj", "mlp.experts.down_projs"),
+    ),
+    not_quantized=_NORMS_ETC,
+    not_quantized_prefixes=("model.visual.",),
+    model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"),
+    nemo="qwen3_vl_moe.Qwen3VLMoeStateDictAdapter",
 )
 # Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
 _DENSE = Adapter(
@@ -300,6 +422,31 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         replace(
             _DEEPSEEK_V3,
+            name="mimo-v2-flash",
+            description="MiMo-V2-Flash (split q/k/v, NeMo's non-Transformer-Engine attention names), "
+            "block-wise FP8",
+            architectures=("MiMoV2FlashForCausalLM",),
+            not_quantized=(*_NORMS_ETC, "self_attn.o_proj.weight"),
+            model_types=("mimo_v2_flash",),
+            nemo="mimo_v2_flash.MiMoV2FlashStateDictAdapter",
+        ),
+        replace(
+            _DEEPSEEK_V3,
+            name="mimo-v2-flash-te",
+            description="MiMo-V2-Flash for NeMo's Transformer Engine attention: the attention sink "
+            "becomes attn_module.softmax_offset, fp32",
+            architectures=("MiMoV2FlashForCausalLM",),
+            experts=(
+                *_SPLIT_EXPERTS,
+                ExpertRule("fp32", "self_attn.attention_sink_bias", "self_attn.attn_module.softmax_offset"),
+            ),
+            not_quantized=(*_NORMS_ETC, "self_attn.o_proj.weight"),
+            model_types=("mimo_v2_flash",),
+            nemo="mimo_v2_flash.MiMoV2FlashStateDictAdapter",
+            variant_of="mimo-v2-flash",
+        ),
+        replace(
+            _DEEPSEEK_V3,
             name="minimax-m2",
             description="MiniMax-M2 / M2.1 (block_sparse_moe experts w1, w3, w2), block-wise FP8",
             architectures=("MiniMaxM2ForCausalLM",),
@@ -321,7 +468,57 @@ ADAPTERS: dict[str, Adapter] = {
             model_types=("minimax_m2",),
             nemo="minimax_m2.MiniMaxM2StateDictAdapter",
         ),
+        _QWEN3_5_MOE,
+        _QWEN3_VL_MOE,
+        _GLM5_NEXT,
+        _STEP3P5,
+        replace(
+            _STEP3P5,
+            name="step3p7",
+            description="Step-3.7 VLM (a Step-3.5 text model under model.language_model.), block-wise FP8",
+            architectures=("Step3p7ForConditionalGeneration",),
+            renames=(
+                Rename("model.", "model.language_model."),
+                Rename("vision_model.", "model.vision_model."),
+                Rename("vit_large_projector.", "model.vit_large_projector."),
+                *_STEP3P5.renames,
+            ),
+            not_quantized_prefixes=("vision_model.", "vit_large_projector."),
+            # its text_config.model_type is step3p5
+            model_types=("step3p7", "step3p5"),
+            nemo="step3p7.Step3p7StateDictAdapter",
+            unmapped_config=(
+                (
+                    "num_nextn_predict_layers",
+                    "NeMo moves the MTP layers that follow num_hidden_layers to mtp.layers.{i}",
+                ),
+            ),
+        ),
         _DENSE,
+        replace(
+            _DENSE,
+            name="gemma3",
+            description="Gemma 3 text (Gemma3ForCausalLM), block-wise FP8",
+            architectures=("Gemma3ForCausalLM",),
+            model_types=("gemma3_text",),
+        ),
+        replace(
+            _DENSE,
+            name="gemma3-vlm",
+            description="Gemma 3 VLM (Gemma3ForConditionalGeneration), block-wise FP8 text model",
+            architectures=("Gemma3ForConditionalGeneration",),
+            # transformers' own renames, which NeMo gets by loading Gemma 3 through its class; a checkpoint
+            # already spelled model.language_model. matches none of them and keeps its keys
+            renames=(
+                Rename("language_model.model.", "model.language_model."),
+                Rename("language_model.lm_head.", "lm_head."),
+                Rename("vision_tower.", "model.vision_tower."),
+                Rename("multi_modal_projector.", "model.multi_modal_projector."),
+            ),
+            not_quantized_prefixes=_VISION,
+            # its text_config.model_type is gemma3_text
+            model_types=("gemma3", "gemma3_text"),
+        ),
         replace(
             _DENSE,
             name="qwen3",
@@ -349,6 +546,8 @@ def fits(adapter: Adapter, config: dict[str, Any], keys: list[str]) -> bool:
     families claim, and keys that another adapter's expert rules take but this adapter's do not (they
     would pass through unconverted).
     """
+    if adapter.variant_of:
+        return False
     text_type = (config.get("text_config") or {}).get("model_type")
     types = {config.get("model_type"), text_type} - {None}
     architectures = set(config.get("architectures") or ())

@@ -185,8 +185,8 @@ class RecordedTensor(_Closed):
     """One entry of the recorded key plan (``keymap.NativeTensor``)."""
 
     key: str = Field(description="a string")
-    kind: Literal["copy", "transpose", "stack", "zeros"] = Field(
-        description="one of copy, transpose, stack, zeros"
+    kind: Literal["copy", "transpose", "stack", "zeros", "concat", "fp32"] = Field(
+        description="one of copy, transpose, stack, zeros, concat, fp32"
     )
     parts: list[str] = Field(description="a list of strings")
     experts: Count = Field(0, description="a non-negative integer")

@@ -40,6 +40,8 @@ class NativeTensor:
     """One native tensor and the hf tensors it is made of.
 
     kind ``copy``: one part, same layout. ``transpose``: one aggregated expert part, last two dims swapped.
+    ``concat``: aggregated expert parts, each transposed, concatenated on the last dim (operations.Concat).
+    ``fp32``: one part, held in fp32 (operations.Fp32).
     ``stack``: ``parts[e * len(names) + j]`` is expert ``e``'s part ``j``; slice ``e`` is ``cat(part.T)``.
     ``zeros``: injected by Recast (no parts); the way back drops it.
     """
@@ -137,8 +139,21 @@ def _check_stackable(ckpt: Checkpoint, parts: list[str], names: int) -> None:
             )
 
 
+def _check_concatenable(ckpt: Checkpoint, parts: list[str]) -> None:
+    """Aggregated expert parts concatenate (and split back evenly) only if all are 3-D and one shape."""
+    want = ckpt.tensors[parts[0]].shape
+    for key in parts:
+        shape = ckpt.tensors[key].shape
+        if len(shape) != 3 or shape != want:
+            raise CheckpointError(
+                f"{ckpt.tensors[key].file}: expert tensor {key!r} has shape {list(shape)}, but concatenating "
+                f"needs 3-D [experts, out, in] parts shaped like {parts[0]!r} {list(want)}"
+            )
+
+
 def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     """Apply the adapter to an hf checkpoint's keys; refuse it if its rules do not fit them."""
+    adapter.check_config(ckpt.config)
     plan = _hf_plan(ckpt, adapter)
     copied = [t.parts[0] for t in plan.tensors if t.kind == "copy"]
     _check_fit(ckpt, adapter, plan, copied, lambda other: _hf_plan(ckpt, other))
@@ -150,6 +165,7 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     skip = set(companions)
     out: list[NativeTensor] = []
     stacks: dict[tuple[str, int], dict[int, dict[str, str]]] = {}
+    concats: dict[tuple[str, int], dict[str, str]] = {}
     for key in ckpt.tensors:
         if key in skip:
             continue
@@ -162,8 +178,10 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
         rule = adapter.experts[idx]
         if rule.kind == "stack":
             stacks.setdefault((m["prefix"], idx), {}).setdefault(int(m["e"]), {})[m["part"]] = key
-        else:
-            out.append(NativeTensor(m["prefix"] + rule.native, "transpose", [key]))
+        elif rule.kind == "concat":
+            concats.setdefault((m["prefix"], idx), {})[m["part"]] = key
+        else:  # transpose, fp32, copy: one hf tensor, renamed by the rule
+            out.append(NativeTensor(m["prefix"] + rule.native, rule.kind, [key]))
     for (prefix, idx), experts in sorted(stacks.items()):
         rule = adapter.experts[idx]
         n = len(experts)
@@ -179,6 +197,14 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             parts.extend(got[p] for p in rule.parts)
         _check_stackable(ckpt, parts, len(rule.parts))
         out.append(NativeTensor(prefix + rule.native, "stack", parts, experts=n, names=len(rule.parts)))
+    for (prefix, idx), got in sorted(concats.items()):
+        rule = adapter.experts[idx]
+        missing = [p for p in rule.parts if p not in got]
+        if missing:
+            raise CheckpointError(f"{prefix}{rule.hf}: has {sorted(got)} but lacks {missing}")
+        parts = [got[p] for p in rule.parts]
+        _check_concatenable(ckpt, parts)
+        out.append(NativeTensor(prefix + rule.native, "concat", parts, names=len(parts)))
     if adapter.inject_gate_bias:
         native = {t.key for t in out}
         for t in list(out):
@@ -192,6 +218,7 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
 
 def plan_from_native(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     """The way back: the recorded plan when Recast wrote this checkpoint, else the adapter inverted."""
+    adapter.check_config(ckpt.config)
     recorded = (ckpt.sidecar or {}).get("plan")
     if recorded:
         plan = KeyPlan.from_json(recorded)
@@ -211,15 +238,27 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     for key, info in ckpt.tensors.items():
         stack = next((r for r in adapter.experts if r.kind == "stack" and key.endswith(r.native)), None)
         transpose = next(
-            (r for r in adapter.experts if r.kind == "transpose" and key.endswith(r.native)), None
+            (
+                r
+                for r in adapter.experts
+                if r.kind in ("transpose", "fp32", "copy") and key.endswith(r.native)
+            ),
+            None,
         )
-        if stack and len(info.shape) == 3:
+        concat = next((r for r in adapter.experts if r.kind == "concat" and key.endswith(r.native)), None)
+        if concat and len(info.shape) == 3:
+            prefix = adapter.to_hf(key[: -len(concat.native)])
+            parts = [prefix + concat.hf_part(0, p) for p in concat.parts]
+            out.append(NativeTensor(key, "concat", parts, names=len(parts)))
+        elif stack and len(info.shape) == 3:
             prefix = adapter.to_hf(key[: -len(stack.native)])
             parts = [prefix + stack.hf_part(e, p) for e in range(info.shape[0]) for p in stack.parts]
             out.append(NativeTensor(key, "stack", parts, experts=info.shape[0], names=len(stack.parts)))
         elif transpose:
             out.append(
-                NativeTensor(key, "transpose", [adapter.to_hf(key[: -len(transpose.native)]) + transpose.hf])
+                NativeTensor(
+                    key, transpose.kind, [adapter.to_hf(key[: -len(transpose.native)]) + transpose.hf]
+                )
             )
         else:
             out.append(NativeTensor(key, "copy", [adapter.to_hf(key)]))
@@ -238,11 +277,12 @@ def _check_fit(
 
     Verification checks the output against this same plan, so it cannot see a wrong adapter. Two tests,
     both read from the adapters' data: no source key that any family's expert rules take may have been
-    ``copied`` unchanged; and the adapter must be the one detection picks, or plan exactly the output
-    that one does (``mistral4-vlm`` on a Mistral 4 text checkpoint, say).
+    ``copied`` unchanged; and the adapter must be the one detection picks, a declared variant of it
+    (``variant_of``), or plan exactly the output that one does (``mistral4-vlm`` on a Mistral 4 text
+    checkpoint, say).
     """
     found = detected(ckpt.config, list(ckpt.tensors))
-    left = sorted(k for k in copied if expert_owner(k))
+    left = sorted(k for k in copied if expert_owner(k) and not adapter.claims_expert(k))
     if left:
         family = (found or expert_owner(left[0])).name
         raise AdapterMismatchError(
@@ -254,7 +294,11 @@ def _check_fit(
             f"adapter {adapter.name!r} does not fit {ckpt.source.description}: config.json "
             f"{describe_config(ckpt.config)} is not {adapter.description}; supported adapters: {supported()}"
         )
-    if found.name != adapter.name and not _same_output(plan, adapter, replan(found), found):
+    if (
+        found.name != adapter.name
+        and adapter.variant_of != found.name
+        and not _same_output(plan, adapter, replan(found), found)
+    ):
         raise AdapterMismatchError(
             f"adapter {adapter.name!r} does not fit {ckpt.source.description}, which looks like "
             f"{found.name} (config.json {describe_config(ckpt.config)}): {adapter.name} would write "

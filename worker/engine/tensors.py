@@ -15,6 +15,7 @@ from .checkpoint import Checkpoint
 from .fp8 import BLOCK, ScaleKind, decode
 from .hostpool import HostPool
 from .keymap import NativeTensor, Quant
+from .operations import OPERATIONS
 from .safetensors_io import TensorInfo, tensor_from_bytes
 from .storage import Source
 
@@ -86,6 +87,8 @@ def fetch(
 
 def forward_requests(t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
     """The ``hf_value`` calls ``forward(t, e0, e1, …)`` will make."""
+    if t.kind in OPERATIONS:
+        return OPERATIONS[t.kind].requests(t, e0, e1)
     if t.kind in ("copy", "transpose"):
         return [(t.parts[0], e0, e1)]
     return [(p, None, None) for e in range(e0, e1) for p in t.part_of(e)]
@@ -147,6 +150,8 @@ def hf_value(
 
 
 def native_shape(t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+    if t.kind in OPERATIONS:
+        return OPERATIONS[t.kind].native_shape(t, infos)
     if t.kind == "zeros":
         return (t.experts,)
     first = infos[t.parts[0]].shape
@@ -161,6 +166,8 @@ def native_shape(t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ..
 def forward(t: NativeTensor, e0: int, e1: int, get) -> torch.Tensor:
     """Native rows ``e0:e1`` of ``t`` from its hf parts; ``get(key, r0, r1, transposed=False)`` yields
     hf values (with their last two dims swapped when asked)."""
+    if t.kind in OPERATIONS:
+        return OPERATIONS[t.kind].forward(t, e0, e1, get)
     if t.kind == "copy":
         return get(t.parts[0], e0, e1)
     if t.kind == "transpose":
@@ -170,6 +177,8 @@ def forward(t: NativeTensor, e0: int, e1: int, get) -> torch.Tensor:
 
 def inverse(t: NativeTensor, native: torch.Tensor, e0: int) -> dict[str, torch.Tensor]:
     """hf tensors (or rows of them) from native rows starting at ``e0``; keys map to ``(row0, tensor)``."""
+    if t.kind in OPERATIONS:
+        return {k: v.contiguous() for k, _, _, v in OPERATIONS[t.kind].inverse_views(t, native, e0)}
     if t.kind == "copy":
         return {t.parts[0]: native}
     if t.kind == "transpose":
@@ -186,6 +195,8 @@ def inverse_views(
     t: NativeTensor, native: torch.Tensor, e0: int
 ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
     """Like ``inverse`` but as views (no copies), each with the hf rows it covers (None: all of it)."""
+    if t.kind in OPERATIONS:
+        return OPERATIONS[t.kind].inverse_views(t, native, e0)
     e1 = e0 + (native.shape[0] if native.dim() else 1)
     if t.kind == "copy":
         return [(t.parts[0], e0, e1, native)]
@@ -201,6 +212,8 @@ def inverse_views(
 def hf_shapes(t: NativeTensor, info: TensorInfo) -> dict[str, tuple[int, ...]]:
     """Shapes of the hf tensors that native tensor ``t`` (described by ``info``) splits into."""
     s = info.shape
+    if t.kind in OPERATIONS:
+        return OPERATIONS[t.kind].hf_shapes(t, s)
     if t.kind == "copy":
         return {t.parts[0]: s}
     if t.kind == "transpose":

@@ -108,8 +108,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
         enc, encoder = it.enc, encoders[it.enc.key]
         mine = {key: t for key, _, t in pieces}
         w = mine[enc.key].to(dev)
-        if enc.mode is None:
-            return w, None
+        if enc.mode is None:  # as_dtype may be wider than what is written (operations.Fp32)
+            return w.to(as_dtype), None
         if enc.mode in ("block", "per-channel"):
             scale, rows, shape = mine[enc.scale_key].to(dev), slice(0, n), tuple(w.shape)
         else:

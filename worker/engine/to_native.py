@@ -22,6 +22,7 @@ from .fp8 import decode, encode, exact_codes
 from .hostpool import HostPool
 from .keymap import KeyPlan, NativeTensor, plan_from_hf
 from .layout import Layout
+from .operations import OPERATIONS
 from .options import DTYPE_ARGS, STEP_BYTES, Options
 from .pipeline import Fetched, Piece, Unit
 from .report import Report
@@ -59,6 +60,8 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
             if t.kind == "zeros"
             else (dtype_name if t.parts[0] in plan.quant else src.tensors[t.parts[0]].dtype)
         )
+        if t.kind in OPERATIONS:
+            dt = OPERATIONS[t.kind].native_dtype() or dt
         layout.shards[used.index(shard_of[t.key])].append(PlannedTensor(t.key, dt, shapes[t.key]))
     layout.fix()
     budget = STEP_BYTES[dev.type]
@@ -80,8 +83,8 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
             info = src.tensors[key]
             n = (b - a) if a is not None and info.shape else (info.shape[0] if info.shape else 1)
             q = plan.quant.get(key)
-            if q is None:
-                checks.bitwise(key, n, same_bits(piece.reshape(raw.shape), raw))
+            if q is None:  # compared in the written dtype, which may be wider (operations.Fp32)
+                checks.bitwise(key, n, same_bits(piece.reshape(raw.shape), raw.to(piece.dtype)))
                 continue
             scale = got[(q.scale, None, None)].to(dev)
             rows = (
@@ -120,8 +123,10 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
             q = plan.quant.get(t.parts[0])
             if t.kind == "stack":  # a row is one expert: all of its 2-D part tensors
                 per_row = sum(src.tensors[p].nbytes for p in t.part_of(0))
+            elif first.shape:  # a row of every part (one part, but for ``concat``)
+                per_row = sum(src.tensors[p].nbytes // max(src.tensors[p].shape[0], 1) for p in t.parts)
             else:
-                per_row = first.nbytes // max(first.shape[0], 1) if first.shape else first.nbytes
+                per_row = first.nbytes
             align = hf_align(q.kind if q else None, first.shape) if t.kind == "copy" else 1
             n = shape[0] if shape else 1
             for e0, e1 in row_chunks((n,), max(per_row, 1), budget, align):

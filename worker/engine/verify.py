@@ -89,7 +89,9 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
                         acc.passed = False
                         acc.detail = "not the source's FP8 values dequantized"
                     piece = quantize(piece, scale)
-                if not same_bits(piece.reshape(raw.shape) if piece.numel() == raw.numel() else piece, raw):
+                if not same_bits(
+                    piece.reshape(raw.shape) if piece.numel() == raw.numel() else piece, raw.to(piece.dtype)
+                ):
                     acc.passed = False
                     acc.detail = "re-created source bytes differ"
         report.accounting["mapped"].extend(t.parts)

@@ -1,0 +1,112 @@
+"""Reversible tensor operations as classes: each knows its forward, its inverse and its shapes.
+
+The older operations (copy, transpose, stack, zeros) are still if-chains in tensors.py; new ones live
+here, one class each, and tensors.py (and to_native.py, for the dtype) dispatches to them by
+``NativeTensor.kind`` before its chains
+(the pattern transformers' ``conversion_mapping`` uses: ``Concatenate`` beside ``MergeModulelist``).
+All work on native rows ``e0:e1`` along dim 0, the axis the pipeline streams by, so an operation never
+needs a whole tensor in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from .keymap import NativeTensor
+from .safetensors_io import TensorInfo
+
+# get(key, r0, r1, transposed=False): rows r0:r1 of an hf tensor's value, last two dims swapped if asked.
+Get = Callable[..., torch.Tensor]
+
+
+class Operation(Protocol):
+    """One native tensor from its hf parts, and back."""
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        """The hf reads ``forward(t, e0, e1, …)`` makes: (key, first row, end row)."""
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        """Native rows ``e0:e1`` of ``t``."""
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        """The hf rows that native rows ``e0…`` hold, as views: (key, first row, end row, value)."""
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        """The native tensor's shape, from its parts' shapes."""
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Each hf part's shape, from the native tensor's."""
+
+    def native_dtype(self) -> str | None:
+        """The native tensor's safetensors dtype where the operation fixes it (None: its parts')."""
+
+
+class Concat:
+    """Aggregated 3-D expert parts ``[E, O, I]``, each transposed, concatenated on the last dim:
+    native ``[E, I, n·O]`` = ``cat(part.transpose(-1, -2) for part in parts, -1)``.
+
+    Step-3.5 / 3.7 store ``moe.gate_proj`` and ``moe.up_proj`` as ``[E, inter, dim]``; NeMo's
+    ``gate_and_up_projs`` is ``[E, dim, 2·inter]``. With one part it is the plain transpose. The parts
+    must share their shape (the planner checks), so the inverse is an even split.
+    """
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        return [(p, e0, e1) for p in t.parts]
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        return torch.cat([get(p, e0, e1, transposed=True) for p in t.parts], -1).contiguous()
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        e1 = e0 + native.shape[0]
+        pieces = torch.chunk(native, len(t.parts), dim=-1)
+        return [(p, e0, e1, x.transpose(-1, -2)) for p, x in zip(t.parts, pieces, strict=True)]
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        experts, rows, cols = infos[t.parts[0]].shape
+        return (experts, cols, rows * len(t.parts))
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        experts, cols, width = shape
+        return dict.fromkeys(t.parts, (experts, width // len(t.parts), cols))
+
+    def native_dtype(self) -> str | None:
+        return None
+
+
+class Fp32:
+    """One tensor held in fp32 natively, whatever its hf dtype: NeMo's ``_fp32_params`` holders
+    (Qwen3.5's GatedDeltaNet ``A_log`` / ``dt_bias``), which its ``from_hf`` upcasts.
+
+    Widening is exact, so the way back is a cast to the hf dtype (the source's, recorded in recast.json),
+    which the round-trip checks prove lossless by comparing in fp32.
+    """
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        return [(t.parts[0], e0, e1)]
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        return get(t.parts[0], e0, e1).float()
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        return [(t.parts[0], e0, e0 + (native.shape[0] if native.dim() else 1), native)]
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        return infos[t.parts[0]].shape
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {t.parts[0]: shape}
+
+    def native_dtype(self) -> str | None:
+        return "F32"
+
+
+OPERATIONS: dict[str, Operation] = {"concat": Concat(), "fp32": Fp32()}
