@@ -97,3 +97,52 @@ def test_no_verify_skips_the_check(checkpoint, tmp_path: Path, capsys) -> None:
 def test_console_script_is_installed() -> None:
     proc = subprocess.run(["recast", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "inspect" in proc.stdout and "convert" in proc.stdout
+
+
+def test_progress_is_one_log_line_per_shard_off_a_terminal(checkpoint, tmp_path: Path, capsys) -> None:
+    src = checkpoint("mistral4", scheme="per-tensor")
+    dst = tmp_path / "native"
+    assert main(["convert", str(src), str(dst), "--to", "native", "--device", "cpu", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["summary"]["passed"]
+    lines = [line for line in err.splitlines() if line.startswith("recast: ")]  # not the fixture's tqdm
+    shards = sorted(p.name for p in dst.glob("*.safetensors") if p.name.startswith("model-"))
+    assert sorted(line.split()[2] for line in lines) == shards, err
+    assert all(line.startswith("recast: converted model-") for line in lines)
+    assert f"{len(shards)}/{len(shards)} shards" in err and "(100%)" in err and "MB/s" in err
+    assert main(["verify", str(src), str(dst)]) == 0
+    err = capsys.readouterr().err
+    for shard in shards:
+        assert f"recast: verified {shard} (" in err
+
+
+def test_progress_bars_at_a_terminal(checkpoint, tmp_path: Path) -> None:
+    """In a pseudo-terminal, rich draws the bars (bytes, throughput) and no log line is printed."""
+    import os
+    import pty
+    import re
+    import sys
+
+    src = checkpoint("mistral4", scheme="per-tensor")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "convert", str(src), str(tmp_path / "n"), "--to", "native",
+         "--device", "cpu"],
+        stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "COLUMNS": "160", "TERM": "xterm"},
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(120) == 0
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert "converting " in screen and "(3/3 shards)" in screen and "MiB" in screen, screen
+    assert "recast: converted" not in screen and "PASSED" in screen

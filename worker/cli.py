@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from worker.engine.errors import RecastError, VerificationError
+from worker.progress import Display, ReadCounter
 
 
 def _human(n: int | None) -> str:
@@ -85,6 +87,11 @@ def _print_report(report: dict[str, Any]) -> None:
         )
 
 
+def _interactive(args: argparse.Namespace) -> bool:
+    """Bars only for a person watching: not under --json, not into a pipe or a log file."""
+    return not args.json and sys.stderr.isatty() and sys.stdout.isatty()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="recast", description="Convert LLM checkpoints between hf FP8 and native."
@@ -146,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Progress lines (worker.progress) go to stderr while this command runs, one per shard.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("recast: %(message)s"))
+    progress_log = logging.getLogger("recast.progress")
+    progress_log.addHandler(handler)
+    progress_log.setLevel(logging.INFO)
     try:
         return _run(args)
     except VerificationError as exc:
@@ -162,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recast: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        progress_log.removeHandler(handler)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -210,6 +225,7 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2)) if args.json else _print_inspect(info)
         return 0
     if args.command == "convert":
+        display = Display(f"converting {Path(args.src).name}", "converted", _interactive(args))
         opts = api.Options(
             to=args.to,
             adapter=args.adapter,
@@ -220,9 +236,14 @@ def _run(args: argparse.Namespace) -> int:
             verify=args.verify,
             overwrite=args.overwrite,
         )
-        report = api.convert(args.src, args.dst, opts).to_json()
+        with display:
+            report = api.convert(args.src, args.dst, opts, display).to_json()
     else:
-        report = api.verify(args.src, args.dst, device=args.device).to_json()
+        display = Display(f"verifying {Path(args.dst).name}", "verified", _interactive(args))
+        with display:
+            written = ReadCounter(api.open_source(args.dst), display)
+            report = api.verify(args.src, written, device=args.device).to_json()
+        display.finish_all()
     print(json.dumps(report, indent=2)) if args.json else _print_report(report)
     return 0 if report["summary"]["passed"] or not report["summary"]["verified"] else 3
 
