@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a checkpoint and what converting it needs")
     i.add_argument("src", nargs="?")
     i.add_argument("--adapter")
+    i.add_argument("--credential")
     i.add_argument("--adapters", action="store_true", help="list the model families and how each is detected")
     i.add_argument("--json", action="store_true")
     c = sub.add_parser("convert", help="convert SRC into a new checkpoint at DST, verified")
@@ -119,11 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     c.add_argument("--no-verify", dest="verify", action="store_false")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--commit-message")
+    c.add_argument("--create-pr", action="store_true")
+    c.add_argument("--source-credential")
+    c.add_argument("--target-credential")
     c.add_argument("--json", action="store_true")
     v = sub.add_parser("verify", help="re-check an existing conversion of SRC at DST")
     v.add_argument("src")
     v.add_argument("dst")
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    v.add_argument("--source-credential")
+    v.add_argument("--target-credential")
     v.add_argument("--json", action="store_true")
     u = sub.add_parser("up", help="run the whole service on this machine: API, one worker, embedded Redis")
     u.add_argument("--port", type=int, default=8000)
@@ -220,12 +227,18 @@ def _run(args: argparse.Namespace) -> int:
         families = [a.describe() for a in api.ADAPTERS.values()]
         print(json.dumps(families, indent=2)) if args.json else _print_adapters(families)
         return 0
+    from worker import direct
+
+    settings = direct.settings_from_env()
     if args.command == "inspect":
-        info = api.inspect(args.src, adapter=args.adapter)
+        source = direct.source_of(direct.parse_argument(args.src, "SRC", settings), settings, args.credential)
+        info = api.inspect(source, adapter=args.adapter)
         print(json.dumps(info, indent=2)) if args.json else _print_inspect(info)
         return 0
+    src = direct.parse_argument(args.src, "SRC", settings)
+    dst = direct.parse_argument(args.dst, "DST", settings)
     if args.command == "convert":
-        display = Display(f"converting {Path(args.src).name}", "converted", _interactive(args))
+        display = Display(f"converting {_name(args.src)}", "converted", _interactive(args))
         opts = api.Options(
             to=args.to,
             adapter=args.adapter,
@@ -237,15 +250,30 @@ def _run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
         with display:
-            report = api.convert(args.src, args.dst, opts, display).to_json()
+            done, url = direct.convert(
+                src, dst, opts, settings, display, args.source_credential, args.target_credential,
+                args.commit_message, args.create_pr,
+            )  # fmt: skip
+        report = done.to_json()
+        if dst.scheme != "file" and not args.json:
+            _print_report(report)
+            print(f"published {url}")
+            return 0
     else:
-        display = Display(f"verifying {Path(args.dst).name}", "verified", _interactive(args))
+        display = Display(f"verifying {_name(args.dst)}", "verified", _interactive(args))
         with display:
-            written = ReadCounter(api.open_source(args.dst), display)
-            report = api.verify(args.src, written, device=args.device).to_json()
+            report = direct.verify(
+                src, dst, settings, args.device, lambda written: ReadCounter(written, display),
+                args.source_credential, args.target_credential,
+            ).to_json()  # fmt: skip
         display.finish_all()
     print(json.dumps(report, indent=2)) if args.json else _print_report(report)
     return 0 if report["summary"]["passed"] or not report["summary"]["verified"] else 3
+
+
+def _name(location: str) -> str:
+    """The last part of a path or URL: what a progress bar is labelled with."""
+    return location.rstrip("/").rsplit("/", 1)[-1] or location
 
 
 if __name__ == "__main__":

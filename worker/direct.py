@@ -92,6 +92,10 @@ def convert(
     source = source_of(src, settings, source_credential)
     if dst.scheme == "file":
         return api.convert(source, dst.root, opts, progress), Path(dst.root).as_uri()
+    if dst.scheme == "hf":
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # one bar per uploaded file would break into the conversion's own
     job_id = f"cli-{os.getpid()}-{secrets.token_hex(4)}"
     target = open_target(dst, settings, job_id, target_credential, create_pr)
     settings.scratch.mkdir(parents=True, exist_ok=True)

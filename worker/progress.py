@@ -134,10 +134,12 @@ class Display:
         if self.shards_total:
             line += f": {len(self.finished)}/{self.shards_total} shards"
         if self.total:
-            left = max(self.total - self.done_bytes, 0) / rate if rate else 0.0
+            # Reads of scales kept beside the tensors, or re-read for checks, can pass the planned total.
+            done = min(self.done_bytes, self.total)
+            left = (self.total - done) / rate if rate else 0.0
             line += (
-                f", {_size(self.done_bytes)} of {_size(self.total)} "
-                f"({100 * min(self.done_bytes / self.total, 1):.0f}%), {rate / 1e6:.1f} MB/s, "
+                f", {_size(done)} of {_size(self.total)} "
+                f"({100 * done / self.total:.0f}%), {rate / 1e6:.1f} MB/s, "
                 f"about {left:.0f} s left"
             )
         log.info(line)
