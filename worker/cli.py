@@ -7,84 +7,31 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
+from worker import cli_jobs
+from worker.cli_print import human, print_adapters, print_inspect, print_report
 from worker.engine.errors import RecastError, VerificationError
 from worker.progress import Display, ReadCounter
 
 
-def _human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
-        size /= 1024
-    return str(n)
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its description where it has one to show: argparse's own
+    ArgumentDefaultsHelpFormatter also prints "(default: None)" and "(default: False)"."""
 
-
-def _print_inspect(info: dict[str, Any]) -> None:
-    q = info["quantization"]
-    conv = info["conversion"]
-    print(f"source        {info['source']}")
-    print(f"format        {info['format']}  adapter {info['adapter']}  layout {info['layout']}")
-    print(f"detection     {info['detection']}")
-    print(
-        f"quantization  {q['format']}: {', '.join(q['schemes']) or 'none'}  activation "
-        f"{q['activation_scheme'] or '-'}  ({q['quantized_tensors']} FP8 tensors)"
-    )
-    for g in q["groups"]:
-        print(
-            f"{'':<14}{g['group']}: weights {g['weights']}, input activations {g['input_activations'] or '-'}"
-        )
-    outs = [
-        f"{name} (keep{'' if o['keep'] else ' impossible'}; {', '.join(o['quantize'])})"
-        for name, o in q["output_formats"].items()
-    ]
-    print(f"output        --format {' or '.join(outs)}")
-    print(f"shards        {info['shards']}  tensors {info['tensors']}  bytes {_human(info['bytes'])}")
-    print(
-        f"would write   --to {conv['to']} ({conv['dtype']}): {_human(conv['output_bytes'])} on disk "
-        f"(needs {_human(conv['disk_bytes_needed'])} free), peak memory about {_human(conv['peak_host_memory_bytes'])}"
-    )
-
-
-def _print_adapters(families: list[dict[str, Any]]) -> None:
-    for f in families:
-        print(f"{f['name']:<14}{f['description']}")
-        print(f"{'':<14}detected by {f['detection']}")
-        if f["expert_keys"]:
-            print(f"{'':<14}experts {', '.join(f['expert_keys'])}")
-
-
-def _print_report(report: dict[str, Any]) -> None:
-    s = report["summary"]
-    print(
-        f"{report['direction']} with {report['adapter']}: "
-        f"{'PASSED' if s['passed'] else 'FAILED' if s['verified'] else 'NOT VERIFIED'}"
-    )
-    print(
-        f"  tensors checked {s['tensors_checked']}, bitwise equal {s['bitwise_equal']}, "
-        f"bounded {s['bounded_within']}/{s['bounded']}"
-        + (
-            f" (worst {s['worst_bound_ratio']:.2f} of the bound, min SNR {s['min_snr_db']:.1f} dB)"
-            if s["bounded"]
-            else ""
-        )
-    )
-    print("  keys " + ", ".join(f"{k} {v}" for k, v in s["accounting"].items()))
-    for key in s["failed"]:
-        detail = next((t["detail"] for t in report["tensors"] if t["key"] == key), "")
-        print(f"  FAILED {key}: {detail}")
-    for p in s["problems"]:
-        print(f"  PROBLEM {p}")
-    if report.get("seconds"):
-        tp = report["throughput_gb_s"]
-        print(
-            f"  {_human(report['bytes_in'])} in, {_human(report['bytes_out'])} out in {report['seconds']:.1f} s "
-            f"({tp['in']} GB/s in, {tp['out']} GB/s out)"
-        )
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "(default" in text
+            or not action.option_strings
+            or action.required
+            or default is None
+            or isinstance(default, bool)
+            or default == []
+            or default == argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _interactive(args: argparse.Namespace) -> bool:
@@ -155,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("beat", help="run the scheduler (celery-redbeat; several may run, one fires)")
     b.add_argument("--loglevel", default="INFO")
     b.add_argument("--quiet", action="store_true", help="no start-up banner")
+    cli_jobs.add_parser(sub, HelpFormatter)
     return p
 
 
@@ -173,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(exc.report.to_json(), indent=2))
             else:
-                _print_report(exc.report.to_json())
+                print_report(exc.report.to_json())
         print(f"recast: {exc}", file=sys.stderr)
         return 3
     except RecastError as exc:
@@ -187,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "jobs":
+        return cli_jobs.run(args)
     if args.command == "up":
         from service.up import up
 
@@ -201,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
 
         made = write_sample(Path(args.dst), args.family, args.seed)
         print(f"wrote a {made['family']} sample FP8 checkpoint ({made['tensors']} tensors, "
-              f"{_human(made['bytes'])}, random weights) to {made['path']}")  # fmt: skip
+              f"{human(made['bytes'])}, random weights) to {made['path']}")  # fmt: skip
         return 0
     if args.command == "api":
         import uvicorn
@@ -225,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
         if not args.adapters:
             raise RecastError("inspect needs a checkpoint SRC, or --adapters to list the model families")
         families = [a.describe() for a in api.ADAPTERS.values()]
-        print(json.dumps(families, indent=2)) if args.json else _print_adapters(families)
+        print(json.dumps(families, indent=2)) if args.json else print_adapters(families)
         return 0
     from worker import direct
 
@@ -233,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         source = direct.source_of(direct.parse_argument(args.src, "SRC", settings), settings, args.credential)
         info = api.inspect(source, adapter=args.adapter)
-        print(json.dumps(info, indent=2)) if args.json else _print_inspect(info)
+        print(json.dumps(info, indent=2)) if args.json else print_inspect(info)
         return 0
     src = direct.parse_argument(args.src, "SRC", settings)
     dst = direct.parse_argument(args.dst, "DST", settings)
@@ -256,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
             )  # fmt: skip
         report = done.to_json()
         if dst.scheme != "file" and not args.json:
-            _print_report(report)
+            print_report(report)
             print(f"published {url}")
             return 0
     else:
@@ -267,7 +217,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.source_credential, args.target_credential,
             ).to_json()  # fmt: skip
         display.finish_all()
-    print(json.dumps(report, indent=2)) if args.json else _print_report(report)
+    print(json.dumps(report, indent=2)) if args.json else print_report(report)
     return 0 if report["summary"]["passed"] or not report["summary"]["verified"] else 3
 
 

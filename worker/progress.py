@@ -29,17 +29,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from worker.cli_print import human
 from worker.engine.storage import Source
 
 log = logging.getLogger("recast.progress")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class Display:
@@ -130,7 +123,7 @@ class Display:
             return
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = self.done_bytes / elapsed
-        line = f"{self.verb} {shard} ({_size(self.shard_bytes.get(shard, 0))})"
+        line = f"{self.verb} {shard} ({human(self.shard_bytes.get(shard, 0))})"
         if self.shards_total:
             line += f": {len(self.finished)}/{self.shards_total} shards"
         if self.total:
@@ -138,7 +131,7 @@ class Display:
             done = min(self.done_bytes, self.total)
             left = (self.total - done) / rate if rate else 0.0
             line += (
-                f", {_size(done)} of {_size(self.total)} "
+                f", {human(done)} of {human(self.total)} "
                 f"({100 * done / self.total:.0f}%), {rate / 1e6:.1f} MB/s, "
                 f"about {left:.0f} s left"
             )
