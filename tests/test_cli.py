@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from worker.cli import main
+from worker.cli import build_parser, main
 
 
 def _json(capsys) -> dict:
@@ -146,3 +147,40 @@ def test_progress_bars_at_a_terminal(checkpoint, tmp_path: Path) -> None:
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
     assert "converting " in screen and "(3/3 shards)" in screen and "MiB" in screen, screen
     assert "recast: converted" not in screen and "PASSED" in screen
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                assert helps.get(name) and sub.description, (
+                    f"recast {' '.join((*path, name))}: no description"
+                )
+                yield from _parsers(sub, (*path, name))
+
+
+def test_help_describes_every_command_and_option_with_its_default(capsys) -> None:
+    commands = list(_parsers(build_parser()))
+    assert {" ".join(p) for p, _ in commands} >= {"convert", "verify", "inspect", "jobs submit", "jobs watch"}
+    for path, parser in commands:
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            where = f"recast {' '.join(path)} {action.option_strings or action.dest}"
+            assert action.help and "\n" not in action.help, f"{where}: no one-line description"
+            if action.option_strings and action.nargs != 0 and not action.required:
+                shown = parser.formatter_class("recast")._get_help_string(action)
+                assert "(default" in shown, f"{where}: its default is not shown"
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the dtype dequantized weights are written in (default: bf16)" in text
+    assert (
+        "--device {auto,cpu,cuda} where the arithmetic runs; auto: CUDA when one is visible (default: auto)"
+        in text
+    )
+    assert (
+        "Exit codes: 0 verified" in text and "(default: None)" not in text and "(default: False)" not in text
+    )

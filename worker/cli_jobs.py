@@ -29,6 +29,7 @@ from core.jobstore import STATES
 from recast.client import DEFAULT_URL, TERMINAL, ApiError, Client, Event, Job
 from worker.cli_print import human, print_report
 
+CREDENTIAL = "a credential's name configured on the service (default: the service's own access)"
 # Exit codes: what a pipeline branches on.
 SUCCEEDED, FAILED, REFUSED = 0, 1, 2
 
@@ -60,24 +61,38 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
     s.add_argument("--format", choices=("fp8", "compressed-tensors"),
                    help="how quantized hf output is spelled (default: the source's)")  # fmt: skip
     s.add_argument(
-        "--no-verify", dest="verify", action="store_false", help="skip the round-trip verification"
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip verification (default: verify every tensor)",
     )
-    s.add_argument("--overwrite", action="store_true", help="replace what DST holds when the job publishes")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace what DST holds when the job publishes (default: refuse a DST that "
+                   "holds files)")  # fmt: skip
     s.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
-                   help="a label to find the job by (repeatable)")  # fmt: skip
-    s.add_argument("--commit-message", metavar="TEXT", help="the Hub commit's message, for an hf:// DST")
-    s.add_argument("--create-pr", action="store_true", help="publish to an hf:// DST as a pull request")
-    s.add_argument("--source-credential", metavar="NAME", help="a credential name configured on the service")
-    s.add_argument("--target-credential", metavar="NAME", help="a credential name configured on the service")
+                   help="a label to find the job by; repeatable (default: none)")  # fmt: skip
+    s.add_argument(
+        "--commit-message",
+        metavar="TEXT",
+        help="the Hub commit's message, for an hf:// DST (default: names the direction and adapter)",
+    )
+    s.add_argument(
+        "--create-pr",
+        action="store_true",
+        help="publish to an hf:// DST as a pull request (default: commit to the branch)",
+    )
+    s.add_argument("--source-credential", metavar="NAME", help=f"for SRC: {CREDENTIAL}")
+    s.add_argument("--target-credential", metavar="NAME", help=f"for DST: {CREDENTIAL}")
     s.add_argument("--idempotency-key", metavar="KEY",
-                   help="resubmitting with the same key returns the same job")  # fmt: skip
+                   help="resubmitting with the same key returns the same job (default: none)")  # fmt: skip
     s.add_argument("--wait", action="store_true",
                    help="follow the job and exit with its outcome (0 succeeded, 1 otherwise)")  # fmt: skip
     s.add_argument("--json", action="store_true", help="print the job as JSON")
 
-    ls = verbs.add_parser("list", formatter_class=formatter, help="list jobs, newest first")
-    ls.add_argument("--state", choices=STATES, help="only jobs in this state")
-    ls.add_argument("--label", metavar="KEY=VALUE", help="only jobs with this label")
+    ls = verbs.add_parser("list", formatter_class=formatter, help="list jobs, newest first",
+                          description="List jobs, newest first.")  # fmt: skip
+    ls.add_argument("--state", choices=STATES, help="only jobs in this state (default: any)")
+    ls.add_argument("--label", metavar="KEY=VALUE", help="only jobs with this label (default: any)")
     ls.add_argument("--limit", type=int, default=20, help="how many jobs (1-200)")
     ls.add_argument("--json", action="store_true", help="print the page as JSON (with next_cursor)")
 
