@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from terminal import run_in_terminal
 
 from worker.cli import build_parser, main
 
@@ -119,34 +120,14 @@ def test_progress_is_one_log_line_per_shard_off_a_terminal(checkpoint, tmp_path:
 
 def test_progress_bars_at_a_terminal(checkpoint, tmp_path: Path) -> None:
     """In a pseudo-terminal, rich draws the bars (bytes, throughput) and no log line is printed."""
-    import os
-    import pty
-    import re
-    import sys
-
     src = checkpoint("mistral4", scheme="per-tensor")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "convert", str(src), str(tmp_path / "n"), "--to", "native",
-         "--device", "cpu"],
-        stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "COLUMNS": "160", "TERM": "xterm"},
-        cwd=Path(__file__).resolve().parent.parent,
-    )  # fmt: skip
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(master)
-    assert proc.wait(120) == 0
-    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
-    assert "converting " in screen and "(3/3 shards)" in screen and "MiB" in screen, screen
+    code, screen = run_in_terminal(
+        ["convert", str(src), str(tmp_path / "n"), "--to", "native", "--device", "cpu"]
+    )
+    assert code == 0 and "converting " in screen and "(3/3 shards)" in screen and "MiB" in screen, screen
     assert "recast: converted" not in screen and "PASSED" in screen
+    code, screen = run_in_terminal(["verify", str(src), str(tmp_path / "n")])
+    assert code == 0 and "verifying n (4/4 shards)" in screen, screen
 
 
 def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):

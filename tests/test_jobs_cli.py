@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from harness import TOKEN, Service, free_port
+from terminal import run_in_terminal
 
 from recast.client import ApiError, Client
 from worker.cli import main
@@ -70,6 +71,17 @@ def test_submit_wait_list_get_report(connected, checkpoint, tmp_path: Path, caps
     assert "hf->native with mistral4: PASSED" in capsys.readouterr().out
     assert main(["jobs", "watch", job_id]) == 0, "a finished job: its outcome at once"
     assert capsys.readouterr().out.strip() == f"{job_id} succeeded: {dst.as_uri()}"
+
+
+def test_watch_draws_a_bar_at_a_terminal(connected, checkpoint, tmp_path: Path) -> None:
+    src = checkpoint("mistral4", scheme="per-tensor")
+    code, screen = run_in_terminal(["jobs", "submit", str(src), str(tmp_path / "n"), "--to", "native", "--wait"],
+                                   {"RECAST_URL": connected.url, "RECAST_TOKEN": TOKEN})  # fmt: skip
+    assert code == 0 and "succeeded 3/3 shards (done)" in screen and "KiB" in screen, screen
+    assert (
+        f"succeeded: {(tmp_path / 'n').as_uri()}" in screen
+        and "recast: job" not in screen.split("queued")[-1]
+    )
 
 
 def test_a_failed_job_exits_non_zero(connected, checkpoint, tmp_path: Path, capsys) -> None:
