@@ -186,7 +186,7 @@ class Client:
                     raise ApiError(
                         0, "unreachable", f"lost the event stream of job {job_id}: {exc}"
                     ) from None
-                time.sleep(min(2**failures, 15))
+                time.sleep(min(2 ** (failures - 1), 15))
 
     def wait(self, job_id: str, on_event: Callable[[Event], None] | None = None) -> Job:
         """Follow the job until it has finished and return it as it ended; ``on_event`` sees every event."""

@@ -3,11 +3,15 @@ real Celery worker process (tests/harness.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from harness import TOKEN, Service, free_port
 from terminal import run_in_terminal
@@ -158,3 +162,64 @@ def test_cancel_a_queued_job(checkpoint, tmp_path_factory, monkeypatch, capsys) 
         assert json.loads(capsys.readouterr().out)["state"] == "cancelled"
     finally:
         idle.stop()
+
+
+class CuttingProxy:
+    """A loopback TCP proxy to the service that cuts its first connection after ``cut`` bytes of the
+    answer: a network dropping an event stream halfway."""
+
+    def __init__(self, upstream: str, cut: int):
+        self.upstream = httpx.URL(upstream)
+        self.cut = cut
+        self.cuts = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((self.upstream.host, self.upstream.port))
+            limit = self.cut if self.cuts == 0 else None
+            self.cuts += 1
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, limit), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while limit is None or sent < limit:
+                data = src.recv(65536 if limit is None else min(65536, limit - sent))
+                if not data:
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_client_resumes_a_dropped_event_stream(connected, checkpoint, tmp_path: Path) -> None:
+    src = checkpoint("mistral4", scheme="per-tensor")
+    with Client(connected.url, TOKEN) as direct:
+        job_id = direct.submit(f"file://{src}", f"file://{tmp_path}/n", "native")["id"]
+        direct.wait(job_id)
+        want = [(e.id, e.job["state"]) for e in direct.events(job_id)]
+        whole = len(direct._http.get(f"/v1/jobs/{job_id}/events").content)
+    proxy = CuttingProxy(connected.url, cut=whole // 2)
+    try:
+        with Client(proxy.url, TOKEN) as client:
+            got = [(e.id, e.job["state"]) for e in client.events(job_id)]
+    finally:
+        proxy.close()
+    assert proxy.cuts == 2, "the first connection was cut and one more made"
+    assert got == want and got[-1][1] == "succeeded", "every event once, in order"
