@@ -11,8 +11,10 @@ shard is written to local scratch, verified in flight, uploaded once and publish
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from worker.engine import api
 from worker.engine.checkpoint import SIDECAR
 from worker.engine.convert import plan_conversion
 from worker.engine.errors import RecastError, TargetExistsError, VerificationError
@@ -57,8 +60,9 @@ def parse_argument(arg: str, name: str, settings: StoreSettings) -> Location:
         return Location("file", path.as_uri(), str(path))
     if not arg.startswith(SCHEMES):
         scheme = arg.partition("://")[0]
+        shown = f"{scheme}://" if re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) else "this"
         raise RecastError(
-            f"{name}: {scheme}:// is not a supported location; use a local path, file:///absolute/path, "
+            f"{name}: {shown} is not a supported location; use a local path, file:///absolute/path, "
             "s3://bucket/prefix or hf://org/repo[@revision]"
         )
     return parse_location(arg, name, settings)
@@ -83,8 +87,6 @@ def convert(
     create_pr: bool = False,
 ) -> tuple[Report, str]:
     """Convert the checkpoint at ``src`` into ``dst``; returns the report and where it was published."""
-    from worker.engine import api
-
     if src.scheme != "file":
         pinned = pin_revision(src, settings, source_credential)
         opts = dataclasses.replace(opts, source_location=src.url, source_revision=pinned.revision)
@@ -161,7 +163,8 @@ def _to_target(
         message = commit_message or f"Recast: {report.direction} conversion with {report.adapter}"
         result = target.publish(staged, message, create_pr, opts.overwrite)
     except BaseException:
-        target.discard(staged)
+        with contextlib.suppress(RecastError):  # the error that stopped the conversion is the one to report
+            target.discard(staged)
         raise
     return report, result.get("pr_url") or result["url"]
 
@@ -176,8 +179,6 @@ def verify(
     target_credential: str | None = None,
 ) -> Report:
     """Re-check the conversion of ``src`` at ``dst``, both read where they are."""
-    from worker.engine import api
-
     written = source_of(dst, settings, target_credential)
     if wrap is not None:
         written = wrap(written)
