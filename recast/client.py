@@ -74,7 +74,8 @@ class Event(NamedTuple):
 
 
 class ApiError(Exception):
-    """The service refused a request (RFC 9457 problem details); branch on ``code``."""
+    """The service refused a request (RFC 9457 problem details; branch on ``code``), or, with ``status``
+    0, none was made: the service could not be reached (``unreachable``) or the job id was not one."""
 
     def __init__(self, status: int, code: str, detail: str, problem: Mapping[str, Any] | None = None):
         super().__init__(f"{detail} ({code}, HTTP {status})")

@@ -107,8 +107,9 @@ def test_refusals_are_one_line_with_the_code(connected, checkpoint, tmp_path: Pa
     assert err.count("\n") == 1 and err.startswith("recast: ") and "(target_not_empty)" in err
     assert main(["jobs", "get", "no-such-job"]) == 2
     assert "(job_not_found)" in capsys.readouterr().err
-    assert main(["jobs", "submit", str(src), str(tmp_path / "o"), "--to", "native", "--label", "x"]) == 2
-    assert "--label 'x': use KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["jobs", "submit", str(src), str(tmp_path / "o"), "--to", "native", "--label", "x"])
+    assert exited.value.code == 2 and "argument --label: use KEY=VALUE, not 'x'" in capsys.readouterr().err
     monkeypatch.setenv("RECAST_TOKEN", "wrong-token")
     assert main(["jobs", "list"]) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""``recast``: drives the engine from a shell. Bad input prints one clear line and exits non-zero."""
+"""``recast``: converts checkpoints from a shell, runs the service, and talks to it (``recast jobs``).
+Bad input prints one clear line and exits non-zero."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from worker import cli_jobs
 from worker.cli_print import human, print_adapters, print_inspect, print_report
 from worker.engine.errors import RecastError, VerificationError
 from worker.progress import Display, ReadCounter
+
+LOCATION = "a local path, file:///abs/path, s3://bucket/prefix or hf://org/repo[@rev]"
+CREDENTIAL = "a credential's name in RECAST_CREDENTIALS_FILE (default: boto3's chain, the ambient HF token)"
+EXIT_CODES = (
+    "Exit codes: 0 verified (or not verified, with --no-verify), 2 bad input (one line naming the file, "
+    "key or argument; nothing written at DST), 3 verification failed (report printed; nothing published)."
+)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -37,14 +45,6 @@ class HelpFormatter(argparse.HelpFormatter):
 def _interactive(args: argparse.Namespace) -> bool:
     """Bars only for a person watching: not under --json, not into a pipe or a log file."""
     return not args.json and sys.stderr.isatty() and sys.stdout.isatty()
-
-
-LOCATION = "a local path, file:///abs/path, s3://bucket/prefix or hf://org/repo[@rev]"
-CREDENTIAL = "a credential's name in RECAST_CREDENTIALS_FILE (default: boto3's chain, the ambient HF token)"
-EXIT_CODES = (
-    "Exit codes: 0 verified (or not verified, with --no-verify), 2 bad input (one line naming the file, "
-    "key or argument; nothing written at DST), 3 verification failed (report printed; nothing published)."
-)
 
 
 def _command(
@@ -255,10 +255,6 @@ def _run(args: argparse.Namespace) -> int:
                 args.commit_message, args.create_pr,
             )  # fmt: skip
         report = done.to_json()
-        if dst.scheme != "file" and not args.json:
-            print_report(report)
-            print(f"published {url}")
-            return 0
     else:
         display = Display(f"verifying {_name(args.dst)}", "verified", _interactive(args))
         with display:
@@ -266,8 +262,10 @@ def _run(args: argparse.Namespace) -> int:
                 src, dst, settings, args.device, lambda written: ReadCounter(written, display),
                 args.source_credential, args.target_credential,
             ).to_json()  # fmt: skip
-        display.finish_all()
+            display.finish_all()
     print(json.dumps(report, indent=2)) if args.json else print_report(report)
+    if args.command == "convert" and dst.scheme != "file" and not args.json:
+        print(f"published {url}")
     return 0 if report["summary"]["passed"] or not report["summary"]["verified"] else 3
 
 

@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
     s.add_argument("--overwrite", action="store_true",
                    help="replace what DST holds when the job publishes (default: refuse a DST that "
                    "holds files)")  # fmt: skip
-    s.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+    s.add_argument("--label", action="append", default=[], type=_label, metavar="KEY=VALUE",
                    help="a label to find the job by; repeatable (default: none)")  # fmt: skip
     s.add_argument(
         "--commit-message",
@@ -123,21 +123,18 @@ def _location(arg: str) -> str:
     return arg if "://" in arg else Path(arg).expanduser().absolute().as_uri()
 
 
-def _labels(pairs: list[str]) -> dict[str, str] | None:
-    labels = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ApiError(0, "invalid_label", f"--label {pair!r}: use KEY=VALUE")
-        labels[key] = value
-    return labels or None
+def _label(pair: str) -> tuple[str, str]:
+    key, sep, value = pair.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"use KEY=VALUE, not {pair!r}")
+    return key, value
 
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
     job = client.submit(
         _location(args.src), _location(args.dst), args.to, idempotency_key=args.idempotency_key,
         adapter=args.adapter, dtype=args.dtype, quantize=args.quantize, format=args.format, verify=args.verify,
-        overwrite=args.overwrite, labels=_labels(args.label), commit_message=args.commit_message,
+        overwrite=args.overwrite, labels=dict(args.label) or None, commit_message=args.commit_message,
         create_pr=args.create_pr or None, source_credential=args.source_credential,
         target_credential=args.target_credential,
     )  # fmt: skip
