@@ -134,10 +134,12 @@ def _to_target(
     checks = conv.new_checks() if opts.verify else None
 
     def shard(name: str) -> None:
-        path = conv.write_shard(name, scratch, locked, checks)
+        """Write, then upload: the shard is reported done once its upload is."""
+        path = conv.write_shard(name, scratch, lambda e: None if e.get("done") else locked(e), checks)
         receipt = target.stage_file(name, path, conv.hashes[name])
         with lock:
             staged[name] = receipt
+        locked({"shard": name, "done": True})
 
     try:
         locked({"bytes_total": conv.ckpt.total_bytes, "shards": conv.shard_names()})
