@@ -66,6 +66,16 @@ def test_submit_wait_list_get_report(connected, checkpoint, tmp_path: Path, caps
     assert main(["jobs", "list", "--state", "succeeded"]) == 0
     table, _ = _out_lines(capsys)
     assert table[0].startswith("ID") and any(line.startswith(job_id) and " 3/3 " in line for line in table)
+    code = main(
+        ["jobs", "submit", str(src), str(tmp_path / "second"), "--to", "native", "--label", "ci=cli-test"]
+    )
+    second = capsys.readouterr().out.split()[0]
+    assert code == 0 and main(["jobs", "list", "--label", "ci=cli-test", "--limit", "1"]) == 0
+    table, _ = _out_lines(capsys)
+    assert table[1].startswith(second) and table[-1].startswith("more: --cursor ")
+    assert main(["jobs", "list", "--label", "ci=cli-test", "--limit", "1", *table[-1].split()[1:]]) == 0
+    table, _ = _out_lines(capsys)
+    assert table[1].startswith(job_id)
     assert main(["jobs", "get", job_id]) == 0
     shown, _ = _out_lines(capsys)
     assert shown[0] == f"{job_id}  succeeded  (done)" and "to native, adapter mistral4" in shown[1]

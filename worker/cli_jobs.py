@@ -94,6 +94,7 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
     ls.add_argument("--state", choices=STATES, help="only jobs in this state (default: any)")
     ls.add_argument("--label", metavar="KEY=VALUE", help="only jobs with this label (default: any)")
     ls.add_argument("--limit", type=int, default=20, help="how many jobs (1-200)")
+    ls.add_argument("--cursor", help="the next_cursor of the previous page (default: the first page)")
     ls.add_argument("--json", action="store_true", help="print the page as JSON (with next_cursor)")
 
     for verb, text in (
@@ -146,7 +147,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
 
 
 def _list(client: Client, args: argparse.Namespace) -> int:
-    page = client.list(args.state, args.label, args.limit)
+    page = client.list(args.state, args.label, args.limit, args.cursor)
     if args.json:
         print(json.dumps(page, indent=2))
         return SUCCEEDED
@@ -155,6 +156,8 @@ def _list(client: Client, args: argparse.Namespace) -> int:
         p = job["progress"]
         print(f"{job['id']:<34} {job['state']:<11} {p['shards_done']:>3}/{p['shards_total']:<3} "
               f"{job['updated_at'][:19]:<20} {job['request']['source']} -> {job['request']['target']}")  # fmt: skip
+    if page["next_cursor"]:
+        print(f"more: --cursor {page['next_cursor']}")
     return SUCCEEDED
 
 
