@@ -79,12 +79,26 @@ def test_hub_to_s3_and_back(stores, hub_server: HubServer, checkpoint, tmp_path:
     _same(_local_files(back), _local_files(src))
 
 
-def test_local_to_the_hub_with_a_named_credential(stores, hub_server: HubServer, checkpoint, capsys) -> None:
+def test_local_to_the_hub_with_a_named_credential(
+    stores, hub_server: HubServer, checkpoint, tmp_path: Path, capsys
+) -> None:
     src = checkpoint("mistral4", scheme="per-tensor")
     hub_server.add_repo("team/model-native", token="hf_cli_0123456789")
     target = "hf://team/model-native"
     assert main(["convert", str(src), target, "--to", "native", "--device", "cpu"]) == 2
     assert "team/model-native" in capsys.readouterr().err, "refused without the token"
+    head = hub_server.repos["team/model-native"].refs["main"]
+    commit = "/api/models/team/model-native/commit/main"
+    hub_server.faults[commit] = 403
+    try:
+        code = main(["convert", str(src), target, "--to", "native", "--device", "cpu",
+                     "--target-credential", "hub-bot"])  # fmt: skip
+    finally:
+        del hub_server.faults[commit]
+    err = capsys.readouterr().err
+    assert code == 2 and "team/model-native" in err and "hf_cli_0123456789" not in err
+    assert hub_server.repos["team/model-native"].refs["main"] == head, "nothing was published"
+    assert not list((tmp_path / "scratch").iterdir()), "scratch is cleaned up"
     code = main(["convert", str(src), target, "--to", "native", "--device", "cpu",
                  "--target-credential", "hub-bot", "--commit-message", "native for training"])  # fmt: skip
     assert code == 0
