@@ -1,7 +1,7 @@
 """One job through the real service with 1 and 2 workers, beside ``recast convert``, for file:// and s3://.
 
     PYTHONPATH=$PWD python bench/service_scale.py [--experts 24] [--rows cli,file-1,file-2,s3-1,s3-2]
-        [--workdir DIR] [--keep] [--timeout 1800] [--moto-as-is]
+        [--workdir DIR] [--keep] [--timeout 1800] [--moto-as-is] [--worker-cpus N]
 
 Why (issue 10, item 3): a job's shards are spread over the workers, so 2 workers should finish one job in
 at most 0.55x the time of 1; the work after the last shard (index, verification, publishing) should be at
@@ -34,6 +34,11 @@ timing. "S3 read x" is the body bytes of GET responses over the checkpoint's byt
 payload of PUT and POST requests over the output's bytes; "S3 copied x" is what server-side copies
 (``x-amz-copy-source``) moved inside S3, over the output's bytes: they pass no object bytes through the proxy.
 
+Workers as machines (``--worker-cpus N``): on a host with more cores than one worker fills, each worker
+process (and the CLI) is pinned to N cores of its own, counted from the host's last core, with torch's
+threads set to N, so that "2 workers" means two machines' worth of compute rather than two processes
+fighting over the same cores; the API, Redis, moto and the proxy run on the cores left.
+
 Outputs: every service output's ``.safetensors`` files must have the same names and SHA-256 as the CLI's.
 
 Exit status: 0 when every step ran (the targets are reported, not enforced), 1 when an output differs from
@@ -49,6 +54,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -98,6 +104,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cores_for(slot: int, per_worker: int | None) -> set[int] | None:
+    """The cores of worker ``slot`` under ``--worker-cpus``: its own ``per_worker``, from the last core down."""
+    if not per_worker:
+        return None
+    top = os.cpu_count() or 1
+    first = top - (slot + 1) * per_worker
+    if first < 0:
+        raise StepFailed(f"--worker-cpus {per_worker}: {top} cores cannot give worker {slot + 1} its own")
+    return set(range(first, first + per_worker))
+
+
+def pinned(cores: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that keeps the child on ``cores``."""
+    return None if cores is None else lambda: os.sched_setaffinity(0, cores)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -263,12 +285,24 @@ class Traffic:
     received: Counter[str] = field(default_factory=Counter)  # response body bytes (from S3)
     copies: list[tuple[str, str | None]] = field(default_factory=list)  # (destination path, copy range)
     waited: Counter[str] = field(default_factory=Counter)  # seconds from forwarding to moto's full answer
+    kinds: Counter[str] = field(default_factory=Counter)  # requests by ``request_kind``
 
     def __sub__(self, other: Traffic) -> Traffic:
         return Traffic(
             self.requests - other.requests, self.sent - other.sent, self.received - other.received,
-            self.copies[len(other.copies) :], self.waited - other.waited,
+            self.copies[len(other.copies) :], self.waited - other.waited, self.kinds - other.kinds,
         )  # fmt: skip
+
+
+def request_kind(method: str, path: str, ranged: bool) -> str:
+    """A request named by what it does and which object it touches, without job ids or part numbers: the
+    tail's requests grouped this way say which step of the job sent them."""
+    where, _, query = path.partition("?")
+    params = sorted({q.partition("=")[0] for q in query.split("&") if q})
+    key = where.split("/", 2)[2] if where.count("/") >= 2 else ""
+    obj = key.rsplit("/", 1)[-1] if key else "(bucket)"
+    obj = re.sub(r"\d{5}-of-\d{5}", "N-of-M", obj)
+    return f"{method} {obj}" + (f" ?{','.join(params)}" if params else "") + (" ranged" if ranged else "")
 
 
 def traffic_line(t: Traffic) -> str:
@@ -278,8 +312,11 @@ def traffic_line(t: Traffic) -> str:
     if not methods:
         return "none"
     waited = sum(t.waited.values())
+    kinds = "".join(f"\n        {n:4d}  {k}" for k, n in t.kinds.most_common())
     return (
-        ", ".join(methods) + f"; {len(t.copies)} server-side copies; moto took {waited:.1f} s to answer them"
+        ", ".join(methods)
+        + f"; {len(t.copies)} server-side copies; moto took {waited:.1f} s to answer them"
+        + kinds
     )
 
 
@@ -305,8 +342,9 @@ class CountingProxy:
         with self.lock:
             t = self.traffic
             return Traffic(
-                Counter(t.requests), Counter(t.sent), Counter(t.received), list(t.copies), Counter(t.waited)
-            )
+                Counter(t.requests), Counter(t.sent), Counter(t.received), list(t.copies),
+                Counter(t.waited), Counter(t.kinds),
+            )  # fmt: skip
 
     def take(self) -> Traffic:
         """The traffic since the last call; the counters start again from zero."""
@@ -374,6 +412,7 @@ class CountingProxy:
                     t.sent[self.command] += sent
                     t.received[self.command] += len(payload)
                     t.waited[self.command] += waited
+                    t.kinds[request_kind(self.command, self.path, "Range" in self.headers)] += 1
                     if self.headers.get("x-amz-copy-source"):  # sized later, from its destination
                         t.copies.append((self.path, self.headers.get("x-amz-copy-source-range")))
 
@@ -467,7 +506,7 @@ def s3_delete(moto: Moto, prefix: str) -> None:
 class Service:
     """Embedded Redis, the API and ``workers`` worker processes, all children of this process."""
 
-    def __init__(self, work: Path, workers: int, s3_endpoint: str | None):
+    def __init__(self, work: Path, workers: int, s3_endpoint: str | None, worker_cpus: int | None = None):
         from core.embedded import EmbeddedRedis
 
         self.dir = work / f"service-{workers}w"
@@ -490,18 +529,19 @@ class Service:
             self.url = f"http://127.0.0.1:{port}"
             self._spawn("api", ["api", "--host", "127.0.0.1", "--port", str(port)])
             for i in range(workers):
-                self._spawn(f"worker-{i}", ["worker", "--loglevel", "INFO"])
+                self._spawn(f"worker-{i}", ["worker", "--loglevel", "INFO"], cores_for(i, worker_cpus))
             self._wait_ready(workers)
         except BaseException:
             self.stop()
             raise
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], cores: set[int] | None = None) -> None:
         argv = [sys.executable, "-m", "worker.cli", *args]
+        env = self.env if cores is None else {**self.env, "OMP_NUM_THREADS": str(len(cores))}
         with open(self.dir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=ROOT,
-                start_new_session=True,
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
+                start_new_session=True, preexec_fn=pinned(cores),
             )  # fmt: skip
         self.procs.append(proc)
 
@@ -651,14 +691,16 @@ class Row:
     error: str = ""
 
 
-def run_cli(src: Path, dst: Path, logs: Path, row: Row) -> None:
+def run_cli(src: Path, dst: Path, logs: Path, row: Row, worker_cpus: int | None) -> None:
     shutil.rmtree(dst, ignore_errors=True)
     argv = [sys.executable, "-m", "worker.cli", "convert", str(src), str(dst), "--to", "native", "--json"]
+    threads = {"OMP_NUM_THREADS": str(worker_cpus)} if worker_cpus else {}
     started = time.monotonic()
     with open(logs / "cli.out", "wb") as out, open(logs / "cli.err", "wb") as err:
         rc = subprocess.call(
-            argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=child_env(), cwd=ROOT
-        )
+            argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=child_env(**threads), cwd=ROOT,
+            preexec_fn=pinned(cores_for(0, worker_cpus)),
+        )  # fmt: skip
     row.seconds = time.monotonic() - started
     if rc != 0:
         raise StepFailed(
@@ -795,7 +837,9 @@ def verdicts(rows: dict[str, Row], cli: Row | None) -> int:
 # ------------------------------------------------------------------------------------------------------- main
 
 
-def run_bench(work: Path, experts: int, keys: list[str], timeout: float, patch_moto: bool) -> int:
+def run_bench(
+    work: Path, experts: int, keys: list[str], timeout: float, patch_moto: bool, worker_cpus: int | None
+) -> int:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"workdir {work}; rows {', '.join(keys)}; free disk {shutil.disk_usage(work).free / 2**30:.1f} GiB")
@@ -803,6 +847,8 @@ def run_bench(work: Path, experts: int, keys: list[str], timeout: float, patch_m
     in_bytes = sum(p.stat().st_size for p in files_of(src))
     shards = len(list(src.glob("*.safetensors")))
     print(f"input: {shards} shards, {in_bytes / 1e9:.3f} GB ({experts} experts per layer)")
+    if worker_cpus:
+        print(f"each worker and the CLI on {worker_cpus} cores of its own, of {os.cpu_count()}")
 
     rows: dict[str, Row] = {k: Row(k) for k in ROWS if k in keys}
     moto: Moto | None = None
@@ -815,14 +861,14 @@ def run_bench(work: Path, experts: int, keys: list[str], timeout: float, patch_m
             upload(moto, src, "src")
             print(f"uploaded the checkpoint to moto in {time.monotonic() - t:.1f} s (untimed)")
         if "cli" in rows:
-            step(rows["cli"], lambda: run_cli(src, work / "out-cli", logs, rows["cli"]))
+            step(rows["cli"], lambda: run_cli(src, work / "out-cli", logs, rows["cli"], worker_cpus))
         for n in (1, 2):
             mine = [k for k in rows if k.endswith(f"-{n}")]
             if not mine:
                 continue
             t = time.monotonic()
             try:
-                svc = Service(work, n, proxy.url if proxy else None)
+                svc = Service(work, n, proxy.url if proxy else None, worker_cpus)
             except StepFailed as exc:
                 for k in mine:
                     rows[k].error = f"service start: {exc}"
@@ -887,6 +933,9 @@ def main() -> int:
     p.add_argument(
         "--moto-as-is", action="store_true", help="do not patch moto's whole-object reads for ranged GETs"
     )
+    p.add_argument(
+        "--worker-cpus", type=int, help="pin each worker (and the CLI) to this many cores of its own"
+    )
     args = p.parse_args()
     keys = [k.strip() for k in args.rows.split(",") if k.strip()]
     if unknown := sorted(set(keys) - set(ROWS)):
@@ -897,7 +946,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        return run_bench(work, args.experts, keys, args.timeout, not args.moto_as_is)
+        return run_bench(work, args.experts, keys, args.timeout, not args.moto_as_is, args.worker_cpus)
     except StepFailed as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2

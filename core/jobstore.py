@@ -9,6 +9,7 @@ indexes drop expired ids lazily when they meet them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -30,7 +31,7 @@ ACTIVE = ("running", "verifying", "uploading")
 EVENTS_MAXLEN = 10_000
 WORKERS_KEY = f"{PREFIX}workers"  # worker name -> time of its last heartbeat
 _JSON_FIELDS = ("request", "labels", "result", "shard_names")
-_INT_FIELDS = ("shards_total", "shards_done", "bytes_total", "bytes_in", "bytes_out")
+_INT_FIELDS = ("shards_total", "shards_done", "ledger_total", "bytes_total", "bytes_in", "bytes_out")
 # Retries of a Redis command whose connection failed (backoff capped at 2 s: about a minute in all).
 RECONNECT_TRIES = 40
 
@@ -58,28 +59,77 @@ end
 return {1, cur}
 """.replace("MAXLEN_N", str(EVENTS_MAXLEN))
 
-# KEYS: job hash, events. ARGV: step, bytes_in increment, shard name ('' if none), shard json, bytes_out.
-# Progress counts only while the job is active; a shard is counted once however often it is redone.
-_PROGRESS = """
+# Throughput over time: a sample (time, bytes_in) at most every THROUGHPUT_EVERY_S, and when the ledger
+# completes. When a job has more than THROUGHPUT_POINTS samples every other one is dropped and the interval
+# doubled, so a job of any length keeps its whole history in a bounded list; the job hash holds the latest
+# rate.
+THROUGHPUT_EVERY_S = 2
+THROUGHPUT_POINTS = 240
+
+# KEYS: job hash, events, ledger, throughput samples. ARGV: step, bytes_in increment, ledger entry name
+# ('' if none), its json, bytes_out, now, '1' if the entry is a shard. Progress counts only while the job
+# is active; a shard is counted once however often it is redone. The ledger is complete at
+# ``ledger_total`` entries (the shards and the metadata), or ``shards_total`` for a job planned before
+# ``ledger_total`` existed (it is 0 then).
+_PROGRESS = (
+    """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if cur ~= 'running' and cur ~= 'verifying' and cur ~= 'uploading' then return {0, 0} end
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[1]) end
 redis.call('HINCRBY', KEYS[1], 'bytes_in', tonumber(ARGV[2]))
 local complete = 0
 if ARGV[3] ~= '' then
-  if redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4]) == 1 then
+  if redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4]) == 1 and ARGV[7] == '1' then
     redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
     redis.call('HINCRBY', KEYS[1], 'bytes_out', tonumber(ARGV[5]))
   end
-  if redis.call('HLEN', KEYS[3]) == tonumber(redis.call('HGET', KEYS[1], 'shards_total')) then complete = 1 end
+  local total = tonumber(redis.call('HGET', KEYS[1], 'ledger_total') or '0')
+  if total == 0 then total = tonumber(redis.call('HGET', KEYS[1], 'shards_total')) end
+  if redis.call('HLEN', KEYS[3]) == total then complete = 1 end
 end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[6])
+local now = tonumber(ARGV[6])
+local last = tonumber(redis.call('HGET', KEYS[1], 'throughput_at') or '0')
+local every = tonumber(redis.call('HGET', KEYS[1], 'throughput_every') or 'EVERY_S')
+if complete == 1 or now - last >= every then
+  local read = tonumber(redis.call('HGET', KEYS[1], 'bytes_in'))
+  local before = tonumber(redis.call('HGET', KEYS[1], 'throughput_bytes') or '0')
+  if last == 0 then
+    last = tonumber(redis.call('HGET', KEYS[1], 'started_at') or ARGV[6])
+    redis.call('RPUSH', KEYS[4], tostring(last) .. ' 0')
+  end
+  if now > last then
+    redis.call('HSET', KEYS[1], 'throughput', tostring((read - before) / (now - last)))
+  end
+  redis.call('HSET', KEYS[1], 'throughput_at', ARGV[6], 'throughput_bytes', tostring(read))
+  redis.call('RPUSH', KEYS[4], ARGV[6] .. ' ' .. tostring(read))
+  if redis.call('LLEN', KEYS[4]) > POINTS_N then
+    local all = redis.call('LRANGE', KEYS[4], 0, -1)
+    local keep = {}
+    for i = 1, #all, 2 do keep[#keep + 1] = all[i] end
+    if #all % 2 == 0 then keep[#keep + 1] = all[#all] end
+    redis.call('DEL', KEYS[4])
+    redis.call('RPUSH', KEYS[4], unpack(keep))
+    redis.call('HSET', KEYS[1], 'throughput_every', tostring(every * 2))
+  end
+end
 local snap = redis.call('HGETALL', KEYS[1])
 local m = {}
 for i = 1, #snap, 2 do m[snap[i]] = snap[i + 1] end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', MAXLEN_N, '*', 'type', 'progress', 'data', cjson.encode(m))
 return {1, complete}
 """.replace("MAXLEN_N", str(EVENTS_MAXLEN))
+    .replace("EVERY_S", str(THROUGHPUT_EVERY_S))
+    .replace("POINTS_N", str(THROUGHPUT_POINTS))
+)
+
+
+# KEYS: one key. ARGV: expected value, new value, ttl. Compare-and-set.
+_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+return 1
+"""
 
 
 class Conflict(Exception):
@@ -130,7 +180,7 @@ class JobStore:
     def _job_keys(self, job_id: str) -> list[str]:
         k = self.key
         return [k(job_id), k(job_id, "events"), f"{PREFIX}jobs:state:", k(job_id, "shards"),
-                k(job_id, "attempts"), k(job_id, "report")]  # fmt: skip
+                k(job_id, "attempts"), k(job_id, "report"), k(job_id, "throughput")]  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ write
 
@@ -190,15 +240,22 @@ class JobStore:
         shard: str = "",
         sha256: str = "",
         size: int = 0,
+        is_shard: bool = True,
         **entry_fields: Any,
     ) -> bool:
-        """Record progress; with ``shard``, mark it done in the ledger (its SHA-256, size, and whatever
-        else finalize needs: the target's receipt, the shard's verification). True when all are done."""
-        keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, "shards")]
+        """Record progress; with ``shard``, mark that ledger entry done (its SHA-256, size, and whatever
+        else finalize needs: the target's receipt, the verification). ``is_shard=False`` for an entry that
+        is not a weight shard (the metadata), which the shard counters leave out. True when the ledger is
+        complete."""
+        keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, "shards"),
+                self.key(job_id, "throughput")]  # fmt: skip
         worker = f"{os.uname().nodename}:{os.getpid()}"
         fields = {"sha256": sha256, "size": size, "worker": worker, **entry_fields}
         entry = json.dumps(fields) if shard else ""
-        _, complete = self.r.eval(_PROGRESS, 3, *keys, step, bytes_in, shard, entry, size, _now())
+        flag = "1" if is_shard else "0"
+        _, complete = self.r.eval(
+            _PROGRESS, len(keys), *keys, step, bytes_in, shard, entry, size, _now(), flag
+        )
         return bool(complete)
 
     def mark_enqueued(self, job_id: str) -> None:
@@ -246,10 +303,47 @@ class JobStore:
     def release_idempotency(self, key: str) -> None:
         self.r.delete(f"{PREFIX}idempotency:{key}")
 
+    @staticmethod
+    def _target_key(target: str) -> str:
+        return f"{PREFIX}target:{hashlib.sha256(target.encode()).hexdigest()}"
+
+    def target_holder(self, target: str) -> str | None:
+        """The job writing to ``target`` now, if one is: the last to claim it, while it has not ended."""
+        holder = self.r.get(self._target_key(target))
+        if holder is None:
+            return None
+        rec = self.get(holder)
+        return holder if rec is not None and rec["state"] not in TERMINAL else None
+
+    def claim_target(self, job_id: str, target: str) -> str | None:
+        """Make ``job_id`` the one job writing to ``target`` (its URL); returns the other job that is,
+        if any. Two jobs writing one location would abort each other's uploads and publish a mixture. A
+        claim lasts while its job has not ended: an ended job's claim is taken over, never released."""
+        name = self._target_key(target)
+        while True:
+            if self.r.set(name, job_id, nx=True, ex=self.ttl_s):
+                return None
+            holder = self.r.get(name)
+            if holder is None:
+                continue
+            if holder == job_id or (other := self.target_holder(target)) is None:
+                if self.r.eval(_SWAP, 1, name, holder, job_id, self.ttl_s):
+                    return None
+                continue
+            return other
+
     # ------------------------------------------------------------------------------------------- read
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         return decode(self.r.hgetall(self.key(job_id))) or None
+
+    def throughput(self, job_id: str) -> list[tuple[float, int]]:
+        """The job's (time, source bytes read by then) samples, oldest first (see ``THROUGHPUT_EVERY_S``)."""
+        out = []
+        for raw in self.r.lrange(self.key(job_id, "throughput"), 0, -1):
+            at, total = raw.split()
+            out.append((float(at), int(float(total))))
+        return out
 
     def report(self, job_id: str) -> dict[str, Any] | None:
         raw = self.r.get(self.key(job_id, "report"))

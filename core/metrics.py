@@ -12,16 +12,16 @@ import redis
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from core.fleet import ALIVE_S
 from core.jobstore import PREFIX, TERMINAL, WORKERS_KEY, JobStore
 from core.settings import QUEUE
 
-ALIVE_S = 30
 COUNTERS = f"{PREFIX}metrics:counters"
 SHARD_SECONDS = f"{PREFIX}metrics:shard_seconds"
 SHARD_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
 UNACKED = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged tasks in this hash
 # The tasks of worker/tasks.py that work on a job: their first argument is its id, a shard's second its name.
-JOB_TASKS = ("recast.plan", "recast.convert_shard", "recast.finalize")
+JOB_TASKS = ("recast.plan", "recast.convert_shard", "recast.metadata", "recast.finalize")
 SHARD_TASK = "recast.convert_shard"
 
 

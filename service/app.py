@@ -28,7 +28,7 @@ from core.settings import Settings
 from service import problems
 from service.dashboard import install as install_dashboard
 from service.deps import Services
-from service.routes import checkpoints, health, jobs, schedules
+from service.routes import checkpoints, health, jobs, schedules, workers
 from service.schedules import ScheduleStore
 from service.schemas import MAX_BODY_BYTES, MAX_HEAD_BYTES
 from worker.engine.errors import RecastError
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     problems.install(app)
     install_dashboard(app, services.sessions)
-    for module in (jobs, checkpoints, schedules, health):
+    for module in (jobs, checkpoints, schedules, workers, health):
         app.include_router(module.router, max_body_size=MAX_BODY_BYTES)
 
     @app.middleware("http")

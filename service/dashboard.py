@@ -39,7 +39,12 @@ _SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-_NAV = (("jobs", "/", "Jobs"), ("new", "/jobs/new", "New job"), ("schedules", "/schedules", "Schedules"))
+_NAV = (
+    ("jobs", "/", "Jobs"),
+    ("new", "/jobs/new", "New job"),
+    ("workers", "/workers", "Workers"),
+    ("schedules", "/schedules", "Schedules"),
+)
 
 
 def e(value: object) -> str:
@@ -196,6 +201,7 @@ def install(app: FastAPI, sessions: Sessions) -> None:
   <a href="/" class="button subtle">Clear</a>
   <span class="live-note muted" id="refreshed"></span>
 </form>
+<p class="queue muted" id="queue" aria-live="polite"></p>
 <div id="error" class="alert error" role="alert" hidden></div>
 <table class="jobs" id="jobs">
   <thead><tr><th>Job</th><th>State</th><th>Source → target</th><th>Adapter</th><th>Progress</th>
@@ -282,6 +288,15 @@ def install(app: FastAPI, sessions: Sessions) -> None:
     <h2>Progress</h2>
     <div class="bar big" id="bar"><div class="fill"></div></div>
     <p id="step" class="muted"></p>
+    <div class="figures" id="rate">
+      <div class="figure"><div class="value" id="throughput">—</div><div class="name">throughput (source)</div></div>
+      <div class="figure"><div class="value" id="time-left">—</div><div class="name">time left (reading)</div></div>
+    </div>
+    <figure class="chart" id="throughput-chart" aria-label="throughput over time">
+      <svg viewBox="0 0 600 150" role="img"></svg>
+      <figcaption class="muted" id="throughput-caption">Throughput over time appears once shards are
+      converting.</figcaption>
+    </figure>
     <table class="compact" id="shards"><thead><tr><th>Shard</th><th>Status</th><th></th></tr></thead>
     <tbody></tbody></table>
     <h3>Timeline</h3>
@@ -314,6 +329,30 @@ def install(app: FastAPI, sessions: Sessions) -> None:
 </section>"""
         data = {"page": "job", "job": job_id}
         return page(f"Job {job_id}", body, active="jobs", scripts=["job.js"], data=data)
+
+    @app.get("/workers", include_in_schema=False)
+    def workers_page(request: Request) -> Response:
+        if not signed_in(request):
+            return to_login(request)
+        body = """
+<div class="title-row"><h1>Workers</h1><span class="live-note muted" id="refreshed"></span></div>
+<div id="error" class="alert error" role="alert" hidden></div>
+<div class="figures" id="fleet">
+  <div class="figure"><div class="value" id="workers-alive">—</div><div class="name">workers alive</div></div>
+  <div class="figure"><div class="value" id="workers-busy">—</div><div class="name">converting now</div></div>
+  <div class="figure"><div class="value" id="fleet-throughput">—</div>
+    <div class="name">throughput, all workers</div></div>
+  <div class="figure"><div class="value" id="jobs-queued">—</div><div class="name">jobs queued</div></div>
+  <div class="figure"><div class="value" id="units-queued">—</div><div class="name">work units waiting</div></div>
+</div>
+<table class="workers" id="workers">
+  <thead><tr><th>Worker</th><th>State</th><th>Device</th><th>Converting</th><th class="num">Throughput</th>
+  <th class="num">Read</th><th class="num">Shards done</th><th>Last heartbeat</th></tr></thead>
+  <tbody></tbody>
+</table>
+<p id="empty" class="muted empty" hidden>No worker has reported in the last 15 minutes. Start one with
+<code>recast worker</code>.</p>"""
+        return page("Workers", body, active="workers", scripts=["workers.js"], data={"page": "workers"})
 
     @app.get("/schedules", include_in_schema=False)
     def schedules_page(request: Request) -> Response:

@@ -7,13 +7,14 @@ by ``service.submission`` rather than here, so those refusals carry their own pr
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints, field_validator
 
-from core.jobstore import STATES
+from core.jobstore import STATES, THROUGHPUT_EVERY_S
 from worker.engine.adapters import ADAPTERS
 from worker.engine.encode import QUANTIZE_MODES
 from worker.engine.options import DTYPE_ARGS
@@ -30,6 +31,7 @@ MAX_NAME = 100  # credential and adapter names, a schedule's name
 MAX_PATTERN = 256
 MAX_CRON = 128
 MAX_COMMIT_MESSAGE = 1000
+STALE_S = 30  # a job's throughput older than this (or three sampling intervals) is not shown
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")]
 # Any text without control characters: a value is shown in the dashboard and repeated, never parsed.
 LabelValue = Annotated[
@@ -118,6 +120,14 @@ class Progress(BaseModel):
     bytes_total: int
     bytes_in: int
     bytes_out: int
+    throughput_bytes_s: float | None = Field(
+        None, description="source bytes read per second, all workers together, over the last few seconds; "
+        "null unless the job is running and reported progress lately",
+    )  # fmt: skip
+    eta_s: float | None = Field(
+        None, description="seconds until every source byte is read at that throughput (then verification and "
+        "publishing follow); null where the throughput is",
+    )  # fmt: skip
 
 
 class JobError(BaseModel):
@@ -126,11 +136,16 @@ class JobError(BaseModel):
 
 
 class JobResult(BaseModel):
-    """Where the published checkpoint is; ``commit`` and ``pr_url`` for Hub targets."""
+    """Where the published checkpoint is; ``commit``, ``pr_url`` and ``model_card`` for Hub targets."""
 
     url: str
     commit: str | None = None
     pr_url: str | None = None
+    model_card: bool | None = Field(
+        None,
+        description="Hub targets: true when README.md is Recast's model card, false when the repository's "
+        "own README.md was kept (overwrite not set)",
+    )
 
 
 class JobLinks(BaseModel):
@@ -168,6 +183,8 @@ class Job(BaseModel):
 
         base = f"/v1/jobs/{rec['id']}"
         labels = rec.get("labels") or {}
+        rate = _throughput(rec)
+        left = max(rec.get("bytes_total", 0) - rec.get("bytes_in", 0), 0)
         return cls(
             id=rec["id"],
             state=rec["state"],
@@ -181,6 +198,8 @@ class Job(BaseModel):
                     f: rec.get(f, 0)
                     for f in ("shards_total", "shards_done", "bytes_total", "bytes_in", "bytes_out")
                 },
+                throughput_bytes_s=rate,
+                eta_s=left / rate if rate else None,
             ),
             created_at=when("created_at"),
             started_at=when("started_at"),
@@ -194,6 +213,41 @@ class Job(BaseModel):
                 self_=base, events=f"{base}/events", report=f"{base}/report", cancel=f"{base}/cancel"
             ),
         )
+
+
+def _throughput(rec: dict[str, Any]) -> float | None:
+    """The job's latest throughput sample, if it is running and the sample is recent: a job whose workers
+    went quiet has no throughput to show, rather than an old one."""
+    if rec.get("state") != "running" or not rec.get("throughput"):
+        return None
+    every = float(rec.get("throughput_every") or THROUGHPUT_EVERY_S)
+    if time.time() - float(rec.get("throughput_at") or 0) > max(STALE_S, 3 * every):
+        return None
+    return float(rec["throughput"]) or None
+
+
+class ThroughputPoint(BaseModel):
+    at: datetime
+    bytes_in: int = Field(description="source bytes read by then, all workers together")
+    bytes_per_s: float | None = Field(description="rate since the previous point; null for the first")
+
+
+class JobThroughput(BaseModel):
+    """A job's throughput over time: samples every few seconds, thinned as the job goes on so a job of any
+    length keeps its whole history in at most a few hundred points."""
+
+    points: list[ThroughputPoint]
+
+    @classmethod
+    def of(cls, samples: list[tuple[float, int]]) -> JobThroughput:
+        points = []
+        for i, (at, total) in enumerate(samples):
+            prev = samples[i - 1] if i else None
+            rate = (total - prev[1]) / (at - prev[0]) if prev and at > prev[0] else None
+            points.append(
+                ThroughputPoint(at=datetime.fromtimestamp(at, UTC), bytes_in=total, bytes_per_s=rate)
+            )
+        return cls(points=points)
 
 
 class JobPage(BaseModel):
@@ -353,6 +407,64 @@ class ReadinessChecks(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "not ready"]
     checks: ReadinessChecks
+
+
+class WorkerShard(BaseModel):
+    """The shard (or the metadata) a worker is writing."""
+
+    job_id: str
+    shard: str = Field(description="the output shard, or `metadata` for the unit that writes the index, "
+                       "config and scales sidecar")  # fmt: skip
+    started_at: datetime
+    bytes_in: int = Field(description="source bytes of this shard read so far")
+    throughput_bytes_s: float = Field(description="bytes_in over the time since the shard started")
+
+
+class Worker(BaseModel):
+    """A Celery worker (one process, one device) as its heartbeat and its shard's progress report it."""
+
+    name: str
+    host: str
+    pid: int
+    device: str = Field(description="cpu, or the CUDA device (its name once it has converted a shard)")
+    alive: bool = Field(description="a heartbeat came in the last 30 s (heartbeats come every 10 s)")
+    started_at: datetime | None
+    last_heartbeat: datetime
+    shards_done: int = Field(description="shards this worker converted and recorded since it started")
+    current: WorkerShard | None = Field(description="what it is converting now; null when idle")
+
+    @classmethod
+    def of(cls, rec: dict[str, Any]) -> Worker:
+        def when(field: str) -> datetime | None:
+            raw = rec.get(field)
+            return datetime.fromtimestamp(float(raw), UTC) if raw else None
+
+        current = None
+        if rec.get("job_id"):
+            current = WorkerShard(
+                job_id=rec["job_id"], shard=rec.get("shard", ""), started_at=when("shard_started_at"),
+                bytes_in=int(rec.get("shard_bytes") or 0), throughput_bytes_s=float(rec.get("throughput") or 0),
+            )  # fmt: skip
+        return cls(
+            name=rec["name"], host=rec.get("host", ""), pid=int(rec.get("pid") or 0),
+            device=rec.get("device", ""), alive=rec["alive"], started_at=when("started_at"),
+            last_heartbeat=when("heartbeat_at"), shards_done=int(rec.get("shards_done") or 0), current=current,
+        )  # fmt: skip
+
+
+class QueueDepth(BaseModel):
+    jobs_queued: int = Field(description="jobs accepted and not started yet")
+    jobs_active: int = Field(description="jobs running, verifying or uploading")
+    work_units_queued: int = Field(
+        description="tasks (plan, shard, finalize) waiting in the queue for a free worker"
+    )
+
+
+class WorkerList(BaseModel):
+    """The fleet: every worker heard from in the last 15 minutes, and what waits for them."""
+
+    workers: list[Worker]
+    queue: QueueDepth
 
 
 class FieldError(BaseModel):

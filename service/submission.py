@@ -162,6 +162,9 @@ def check_template(tpl: ScheduleTemplate, settings: Settings) -> None:
 
 def create_job(store: JobStore, settings: Settings, send_task: SendTask, body: JobRequest) -> dict[str, Any]:
     """Check the request, record the job with its pinned source and queue its planning task."""
+    if other := store.target_holder(body.target):  # the worker claims the target when it plans
+        raise HTTPProblem(409, "target_busy", f"target: {body.target} is being written by job {other}; wait "
+                          "for it to end or cancel it, then submit again")  # fmt: skip
     pinned = check_job(body, settings)
     rec = store.create(body.model_dump(exclude={"labels"}), body.labels, pinned.revision)
     store.set_fields(rec["id"], source_pinned=pinned.url)

@@ -5,8 +5,10 @@ their real HTTP stacks (huggingface_hub 2.x uses httpx2, which respx-style mocks
 The Hub server speaks the slice of the Hub API that huggingface_hub 2.4 calls for model_info, tree
 listings, refs (with pull requests), ``resolve`` (with ``Range``, and a redirect to a "CDN" origin for LFS
 files, as on the Hub), ``preupload_lfs_files`` (the preupload endpoint, the LFS batch API with the basic
-transfer, upload and verify) and ``create_commit`` (NDJSON commit with inline and ``lfsFile`` lines, pull
-requests). Faults and stalls can be injected per path.
+transfer, upload and verify), ``create_commit`` (NDJSON commit with inline and ``lfsFile`` lines, pull
+requests) and the check of a README.md's metadata that precedes a commit holding one (``validate-yaml``:
+the front matter must be a YAML mapping and ``base_model_relation`` one of the Hub's values). Faults and
+stalls can be injected per path.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import boto3
 import pytest
+import yaml
 
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -34,6 +37,8 @@ AWS_TEST_ENV = {
     "AWS_CONFIG_FILE": os.devnull,
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
+# The values the Hub accepts for a model card's base_model_relation.
+HUB_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 
 
 @pytest.fixture(scope="session")
@@ -230,6 +235,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return self._lfs_batch(f"{seg[0]}/{seg[1][:-4]}")
             if method == "PUT" and seg[0] == "lfs-upload":
                 return self._lfs_upload(seg[1])
+            if method == "POST" and seg == ["api", "validate-yaml"]:
+                return self._validate_yaml()
             if method == "POST" and seg[0] == "lfs-verify" and seg[1] in hub.lfs:
                 return self._send_json({"ok": True})
             if method in ("GET", "HEAD") and seg[0] == "cdn" and seg[1] in hub.lfs:
@@ -399,6 +406,20 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     repo.refs[revision] = sha
             commit_url = f"{hub.endpoint}/{repo_id}/commit/{sha}"
             self._send_json({"commitUrl": commit_url, "commitOid": sha, "pullRequestUrl": pr_url})
+
+        def _validate_yaml(self) -> None:
+            content = json.loads(self.payload)["content"]
+            match = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+            try:
+                meta = yaml.safe_load(match[1]) if match else {}
+            except yaml.YAMLError as exc:
+                return self._send_json({"errors": [{"message": f"invalid YAML: {exc}"}]}, 400)
+            if not isinstance(meta, dict):
+                return self._send_json({"errors": [{"message": "metadata must be a mapping"}]}, 400)
+            relation = meta.get("base_model_relation")
+            if relation is not None and relation not in HUB_RELATIONS:
+                return self._send_json({"errors": [{"message": f"base_model_relation {relation!r}"}]}, 400)
+            self._send_json({})
 
         # -- plumbing ----------------------------------------------------------------------------
 

@@ -73,6 +73,23 @@ def _invalid_fields(r: httpx.Response) -> set[str]:
     return {e["field"] for e in _refused(r, 422, "invalid_request")["errors"]}
 
 
+def test_a_target_that_a_running_job_writes_is_busy(api, client, root):
+    """While a job writes a target (its worker claimed it when planning), another submission to the same
+    target is refused with 409 target_busy; a job that has ended holds nothing."""
+    from core.jobstore import JobStore
+
+    body = _job(root)
+    first = client.post("/v1/jobs", json=body)
+    assert first.status_code == 202, first.text
+    store = JobStore.connect(api.redis.url)
+    store.transition(first.json()["id"], ("queued",), "running")  # as its worker's plan would
+    assert store.claim_target(first.json()["id"], body["target"]) is None
+    problem = _refused(client.post("/v1/jobs", json=body), 409, "target_busy")
+    assert first.json()["id"] in problem["detail"]
+    store.transition(first.json()["id"], ("running",), "failed", error_code="e", error_message="m")
+    assert client.post("/v1/jobs", json=body).status_code == 202
+
+
 # ------------------------------------------------------------------------------------------- bodies
 
 

@@ -1,10 +1,10 @@
 """The dashboard. Without a browser: the pages, sign-in and its session cookie, the guard and the
 escaping, on a bare app. In a real browser (headless Chromium driven by Playwright) against the real
 service: sign in (a session, ended at sign-out), submit through the form after a preflight preview,
-follow the job live to the end, read its report, and cancel a running job; a page on another port of
-the same host cannot use the session; pending shards, times with their zone, exact cron times, long
-paths; the API docs with no network beyond the service. Screenshots go to
-``$RECAST_ARTIFACTS/dashboard``."""
+follow the job live to the end, read its report, and cancel a running job; the workers, a running
+job's throughput and time left, the queue's depth; a page on another port of the same host cannot use
+the session; pending shards, times with their zone, exact cron times, long paths; the API docs with no
+network beyond the service. Screenshots go to ``$RECAST_ARTIFACTS/dashboard``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from harness import TOKEN, Service, submit
+from harness import TOKEN, Service, submit, wait
 
 from core.embedded import EmbeddedRedis
 from core.jobstore import JobStore
@@ -71,7 +71,7 @@ def _sign_in(client: TestClient) -> None:
 
 
 def test_pages_need_the_cookie(bare: TestClient) -> None:
-    for path in ("/", "/jobs/new", "/jobs/abc", "/schedules"):
+    for path in ("/", "/jobs/new", "/jobs/abc", "/workers", "/schedules"):
         r = bare.get(path)
         assert r.status_code == 303 and r.headers["location"].startswith("/login"), path
     assert bare.get("/").headers["location"] == "/login"
@@ -325,6 +325,61 @@ def test_submit_follow_report_and_cancel(page: Page, service: Service, checkpoin
     expect(cancel).to_be_hidden()
     shot(page, "job-cancelled")
     assert not (tmp_path / "cancelled").exists()
+
+
+@needs_browser
+def test_workers_page_and_a_running_jobs_throughput(
+    page: Page, service: Service, checkpoint, tmp_path
+) -> None:
+    """The fleet as the workers report it: the one worker alive, on the CPU, converting a shard of a
+    running job at a rate; that job's page shows its throughput, time left and the chart over time; the
+    jobs list shows the queue's depth (two jobs of three shards each, one worker: work waits)."""
+    src = checkpoint("mistral4")
+    with service.client() as c:
+        ids = [
+            submit(c, {"source": f"file://{src}", "target": f"file://{tmp_path}/out-{i}", "to": "native"})[
+                "id"
+            ]
+            for i in range(2)
+        ]
+    either = re.compile(f"^({'|'.join(ids)})$")
+    sign_in(page)
+    expect(page.locator("#queue-units")).to_have_text(re.compile(r"^[1-9]\d* work units waiting$"))
+    expect(page.locator("#queue-jobs")).to_have_text(re.compile(r"^\d+ jobs queued$"))
+    expect(page.locator(f"#jobs tbody tr[data-job='{ids[0]}'] .rate")).to_have_text(
+        re.compile(r"^\d[\d.]* (B|kB|MB)/s · .+ left$")
+    )
+    expect(page.locator("#queue-workers")).to_have_text("1 worker alive, 1 converting")
+    shot(page, "jobs-queue")
+
+    page.goto(f"/jobs/{ids[0]}")
+    expect(page.locator("#throughput")).to_have_text(re.compile(r"^\d[\d.]* (B|kB|MB)/s$"), timeout=30_000)
+    expect(page.locator("#time-left")).to_have_text(re.compile(r"^\d+(\.\d)? s$|min"))
+    chart = page.locator("#throughput-chart")
+    expect(chart).to_have_attribute("data-points", re.compile(r"^([2-9]|\d\d+)$"), timeout=30_000)
+    expect(chart.locator("polyline.line")).to_be_visible()
+    expect(page.locator("#throughput-caption")).to_contain_text("latest")
+    shot(page, "job-throughput")
+
+    page.click("header nav >> text=Workers")
+    row = page.locator("#workers tbody tr")
+    expect(row).to_have_count(1)
+    expect(row).to_have_attribute("data-alive", "true")
+    expect(row.locator(".device")).to_have_text("cpu")
+    expect(row.locator(".job-link")).to_have_text(either)
+    expect(row.locator(".shard")).to_have_text(re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$"))
+    expect(row.locator(".throughput")).to_have_text(re.compile(r"^\d[\d.]* (B|kB|MB)/s$"))
+    expect(row.locator(".heartbeat")).to_have_text(re.compile(r" ago$"))
+    expect(page.locator("#workers-alive")).to_have_text("1 of 1")
+    shot(page, "workers")
+
+    with service.client() as c:
+        for job_id in ids:
+            assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+        for job_id in ids:
+            assert wait(c, job_id)["state"] == "cancelled"
+    expect(row).to_have_attribute("data-busy", "false")
+    expect(row.locator(".current")).to_have_text("idle")
 
 
 @needs_browser

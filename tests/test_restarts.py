@@ -101,7 +101,7 @@ def test_a_job_recorded_but_never_queued_is_swept_up(paced: Service, cli_native,
     store = JobStore.connect(paced.redis.url)
     request = {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"}
     orphan = store.create(request, {}, None)["id"]
-    ctx = jobs.Context(store, Settings.from_env(), lambda *_: None, lambda *_: None)
+    ctx = jobs.Context(store, Settings.from_env(), lambda *_: None, lambda *_: None, lambda *_: None)
     assert jobs.sweep(ctx, lambda _: None) == [], "a fresh job is not stranded yet"
     app = make_app(Settings(redis_url=paced.redis.url))
     assert jobs.sweep(ctx, lambda job_id: app.send_task("recast.plan", args=[job_id]), older_than_s=0) == [
@@ -115,10 +115,13 @@ def test_a_job_recorded_but_never_queued_is_swept_up(paced: Service, cli_native,
 
 
 def test_each_shard_verifies_itself_and_finalize_merges(paced: Service, cli_native, tmp_path: Path) -> None:
-    """The ledger holds each shard's hash, receipt and per-tensor checks; the report merges them."""
+    """The ledger holds each shard's hash, receipt and per-tensor checks, and the metadata unit's files
+    with the kept scales' checks; the report merges them, every source tensor once."""
     import json
 
     import redis
+
+    from worker import jobs
 
     src, want = cli_native
     with paced.client() as c:
@@ -130,11 +133,16 @@ def test_each_shard_verifies_itself_and_finalize_merges(paced: Service, cli_nati
         f"recast:job:{job['id']}:shards"
     )
     entries = {name: json.loads(v) for name, v in ledger.items()}
-    checked = set()
+    meta = entries.pop(jobs.METADATA)
+    assert set(entries) == {p.name for p in want.glob("model-*.safetensors")}
+    assert all(f["receipt"] and f["sha256"] for f in meta["files"].values())
+    assert {"config.json", "model.safetensors.index.json"} <= set(meta["files"])
+    checked = set(meta["verification"])
     for name, entry in entries.items():
         assert entry["receipt"] and entry["verification"], name
+        assert not checked & set(entry["verification"]), f"{name}: a tensor checked twice"
         checked |= set(entry["verification"])
     cli = json.loads((want / SIDECAR).read_text())["verification"]
     assert report["summary"]["passed"] and report["summary"]["tensors_checked"] == cli["tensors_checked"]
-    assert len(checked) + report["summary"]["accounting"]["scales"] == cli["tensors_checked"]
+    assert len(checked) == cli["tensors_checked"]
     _same_weights(tmp_path / "out", want)

@@ -4,9 +4,11 @@ a loopback Hub. Every output is compared byte for byte with what the CLI's engin
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import logging
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ import httpx
 import pytest
 import redis
 from harness import ROOT, TOKEN, Service, events, submit, wait
+from huggingface_hub import ModelCard
 from servers import AWS_TEST_ENV, HubServer, upload_directory
 
 from core.jobstore import JobStore
@@ -224,6 +227,34 @@ def test_idempotency_key(client, cli_outputs, tmp_path):
     other = client.post("/v1/jobs", json={**body, "dtype": "fp32"}, headers={"Idempotency-Key": "abc-1"})
     assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
     assert wait(client, first["id"])["state"] == "succeeded"
+
+
+def test_workers_and_a_jobs_throughput_are_reported(service, client, cli_outputs, tmp_path):
+    """GET /v1/workers lists the real worker processes from their own heartbeats: host, pid, device, and
+    the shards each converted; a job's throughput series runs from its start at 0 bytes to the bytes its
+    shards read, with rates between the samples."""
+    src, _, _ = cli_outputs("mistral4")
+    before = {w["name"]: w["shards_done"] for w in client.get("/v1/workers").json()["workers"]}
+    job = submit(client, {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"})
+    done = wait(client, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert done["progress"]["throughput_bytes_s"] is None and done["progress"]["eta_s"] is None  # not running
+    fleet = client.get("/v1/workers").json()
+    pids = {p.pid for w in service.workers for p in service.pool_children(w)} | {
+        w.pid for w in service.workers
+    }
+    alive = [w for w in fleet["workers"] if w["alive"]]
+    assert len(alive) == 2 and all(w["pid"] in pids for w in alive), fleet
+    assert all(w["host"] == socket.gethostname() and w["device"] == "cpu" for w in alive)
+    assert sum(w["shards_done"] - before.get(w["name"], 0) for w in alive) >= done["progress"]["shards_total"]
+    assert all(w["current"] is None for w in alive)  # idle again
+    assert fleet["queue"] == {"jobs_queued": 0, "jobs_active": 0, "work_units_queued": 0}
+    points = client.get(f"/v1/jobs/{job['id']}/throughput").json()["points"]
+    assert len(points) >= 2 and points[0]["bytes_in"] == 0 and points[0]["bytes_per_s"] is None
+    # The shards' progress counts the tensor bytes they read (finalize then records the checkpoint's total).
+    assert 0.99 * done["progress"]["bytes_total"] <= points[-1]["bytes_in"] <= done["progress"]["bytes_total"]
+    assert all(p["bytes_per_s"] is not None and p["bytes_per_s"] >= 0 for p in points[1:])
+    assert client.get("/v1/jobs/nope/throughput").json()["code"] == "job_not_found"
 
 
 def test_auth_problems_and_open_endpoints(service):
@@ -535,6 +566,7 @@ OPERATIONS = {
     ("post", "/v1/jobs/{job_id}/cancel"): "cancel_job", ("get", "/v1/jobs/{job_id}/report"): "get_job_report",
     ("get", "/v1/jobs/{job_id}/events"): "job_events", ("post", "/v1/inspect"): "inspect_checkpoint",
     ("get", "/v1/adapters"): "list_adapters", ("post", "/v1/schedules"): "create_schedule",
+    ("get", "/v1/workers"): "list_workers", ("get", "/v1/jobs/{job_id}/throughput"): "get_job_throughput",
 }  # fmt: skip
 
 
@@ -558,7 +590,8 @@ def test_a_generated_client_submits_follows_and_lists(service, cli_outputs, tmp_
     assert proc.returncode == 0 and "warning" not in said.lower() and "error" not in said.lower(), said
     monkeypatch.syspath_prepend(str(tmp_path))
     from recast_client import AuthenticatedClient
-    from recast_client.api.jobs import get_job, list_jobs, submit_job
+    from recast_client.api.jobs import get_job, get_job_throughput, list_jobs, submit_job
+    from recast_client.api.workers import list_workers
     from recast_client.models import (
         Format,
         Job,
@@ -567,7 +600,9 @@ def test_a_generated_client_submits_follows_and_lists(service, cli_outputs, tmp_
         JobRequestLabels,
         JobResult,
         JobState,
+        JobThroughput,
         Problem,
+        WorkerList,
     )
 
     src, _, _ = cli_outputs("mistral4")
@@ -593,6 +628,11 @@ def test_a_generated_client_submits_follows_and_lists(service, cli_outputs, tmp_
         refused = submit_job.sync(client=api, body=JobRequest(source=f"file://{tmp_path}/none", target=request.target,
                                                              to=Format.NATIVE))  # fmt: skip
         assert isinstance(refused, Problem) and refused.code == "source_not_found"
+        fleet = list_workers.sync(client=api)
+        assert isinstance(fleet, WorkerList) and sum(w.alive for w in fleet.workers) == 2
+        assert fleet.queue.work_units_queued >= 0
+        series = get_job_throughput.sync(client=api, job_id=job.id)
+        assert isinstance(series, JobThroughput) and series.points[0].bytes_in == 0
 
 
 # --------------------------------------------------------------------------- slow workers: mid-job events
@@ -645,6 +685,7 @@ def test_worker_killed_mid_shard_costs_only_that_shard(slow, cli_outputs, tmp_pa
     unfinished = {k: int(v) for k, v in r.hgetall(f"recast:job:{job['id']}:attempts").items() if int(v)}
     assert unfinished, "the kill did not interrupt a unit of work"
     ledger = r.hgetall(f"recast:job:{job['id']}:shards")
+    ledger.pop("@metadata")
     workers = {json.loads(v)["worker"] for v in ledger.values()}
     assert len(ledger) == 3 and len(workers) >= 2, "both workers should share the job's shards"
 
@@ -672,6 +713,76 @@ def test_hub_target_is_one_pull_request(client, cli_outputs, hub_server):
         if p.name not in RUN_SPECIFIC:
             assert files[p.name] == p.read_bytes(), p.name
     assert {SIDECAR, MANIFEST} <= set(files)
+
+
+def _published_manifest(files: dict[str, bytes]) -> str:
+    """SHA256SUMS as published, after checking it against every published file but the card."""
+    manifest = files[MANIFEST].decode()
+    listed = dict(reversed(line.split("  ", 1)) for line in manifest.splitlines())
+    assert set(listed) == set(files) - {".gitattributes", "README.md", MANIFEST}
+    for name, sha in listed.items():
+        assert hashlib.sha256(files[name]).hexdigest() == sha, name
+    return manifest
+
+
+def test_hub_target_gets_a_model_card(client, cli_outputs, hub_server, tmp_path):
+    """A Hub target's README.md says where the checkpoint came from (the source repo and pinned commit),
+    how it was converted and checked, and lists the manifest; the source's own card is kept below it. A
+    repository's README.md is replaced only with overwrite."""
+    src, _, _ = cli_outputs("mistral4")
+    vendor = tmp_path / "vendor"
+    shutil.copytree(src, vendor)
+    (vendor / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# Tiny FP8\n\nThe vendor's words.\n")
+    sha = hub_server.add_repo("vendor/tiny-fp8", vendor)
+    hub_server.add_repo("team/tiny-card")
+    job = submit(client, {"source": "hf://vendor/tiny-fp8", "target": "hf://team/tiny-card", "to": "native"})
+    done = wait(client, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert done["result"]["model_card"] is True
+    files = hub_server.files("team/tiny-card")
+    card = ModelCard(files["README.md"].decode())
+    # Dequantized from FP8: based on the source, but not a quantization of it.
+    assert card.data.to_dict() == {"base_model": "vendor/tiny-fp8", "tags": ["recast", "native"]}
+    assert f"at commit [`{sha}`]({hub_server.endpoint}/vendor/tiny-fp8/tree/{sha})" in card.text
+    for row in ("| adapter | `mistral4` |", "| direction | hf → native |", "| dtype | bf16 (",
+                "| scheme | none (not quantized) |", "| format | NeMo AutoModel native layout"):  # fmt: skip
+        assert row in card.text, row
+    assert "**Passed**" in card.text and "unaccounted 0" in card.text
+    assert _published_manifest(files) in card.text
+    assert card.text.index("## Original model card") < card.text.index("The vendor's words.")
+    assert "license: apache-2.0" not in card.text  # the vendor's front matter is not ours
+
+    # Back to FP8 from the Hub: now a quantization of the native repo. A README.md there stays...
+    hub_server.add_repo("team/tiny-fp8-again", _readme_only(tmp_path / "theirs", "Our own card.\n"))
+    body = {"source": "hf://team/tiny-card", "target": "hf://team/tiny-fp8-again", "to": "hf"}
+    kept = wait(client, submit(client, body)["id"])
+    assert kept["state"] == "succeeded", kept["error"]
+    assert kept["result"]["model_card"] is False
+    assert hub_server.files("team/tiny-fp8-again")["README.md"] == b"Our own card.\n"
+    # ... unless the job may overwrite (another repo: the same output on the same branch counts as
+    # published already, see HubTarget._published).
+    hub_server.add_repo("team/tiny-fp8-over", _readme_only(tmp_path / "over", "Our own card.\n"))
+    done = wait(
+        client, submit(client, {**body, "target": "hf://team/tiny-fp8-over", "overwrite": True})["id"]
+    )
+    assert done["state"] == "succeeded", done["error"]
+    assert done["result"]["model_card"] is True
+    files = hub_server.files("team/tiny-fp8-over")
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == "team/tiny-card" and card.data.base_model_relation == "quantized"
+    assert card.data.library_name == "transformers" and "fp8" in card.data.tags
+    assert (
+        "| direction | native → hf |" in card.text
+        and "| format | Hugging Face safetensors, `fp8`" in card.text
+    )
+    assert "| scheme | weights per tensor" in card.text
+    assert _published_manifest(files) in card.text
+
+
+def _readme_only(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "README.md").write_text(text)
+    return path
 
 
 # ------------------------------------------------------------------------------------------- schedules

@@ -529,6 +529,46 @@ def test_s3_discard_aborts_uploads_and_removes_all_the_job_wrote(
     assert not bucket_root.is_empty()
 
 
+def test_s3_fresh_target_makes_shards_final_as_staged_and_the_index_at_publish(
+    s3_server: str, s3_settings: StoreSettings, tmp_path: Path
+) -> None:
+    """A target that held nothing completes each shard as it is staged (the store's completion work then
+    overlaps the conversion); the index and recast.json still wait for publish, and a failed job's
+    discard removes the completed shards, also one whose receipt never reached the ledger."""
+    bucket = _bucket(s3_server)
+    loc = parse_location(f"s3://{bucket}/fresh", "target", s3_settings)
+    worker = open_target(loc, s3_settings, "job-f", fresh=True)
+    files = {
+        "model-00001-of-00002.safetensors": os.urandom(6 * MIB),
+        "model-00002-of-00002.safetensors": os.urandom(100),
+        INDEX: b'{"weight_map": {}}',
+        "recast.json": b'{"format": "native"}',
+    }
+    receipts = _stage_all(worker, files, tmp_path / "work")
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    shards = sorted(n for n in files if n.startswith("model-"))
+    assert [n for n, r in sorted(receipts.items()) if r.get("completed")] == shards
+    assert open_source(loc, s3_settings).list() == shards, "the shards are final, the index is not"
+    assert _uploads(client, bucket) == sorted(f"fresh/{n}" for n in (INDEX, "recast.json"))
+
+    finalize = open_target(loc, s3_settings, "job-f", fresh=True)
+    traffic = _s3_traffic(finalize.client)
+    finalize.publish(receipts, "unused", create_pr=False)
+    assert [op for op, _ in traffic].count("CompleteMultipartUpload") == 2, "only the index and recast.json"
+    assert {n: client.get_object(Bucket=bucket, Key=f"fresh/{n}")["Body"].read() for n in files} == files
+    assert _keys(client, bucket) == sorted(f"fresh/{n}" for n in files) and _uploads(client, bucket) == []
+
+    failed = parse_location(f"s3://{bucket}/failed", "target", s3_settings)
+    doomed = open_target(failed, s3_settings, "job-x", fresh=True)
+    receipts = _stage_all(doomed, {"a.safetensors": b"a" * 100, INDEX: b"{}"}, tmp_path / "x")
+    _stage_all(doomed, {"lost.safetensors": b"l" * 100}, tmp_path / "y")  # its worker died before the ledger
+    assert open_source(failed, s3_settings).list() == ["a.safetensors", "lost.safetensors"]
+    doomed.discard(receipts)
+    assert open_source(failed, s3_settings).list() == [] and doomed.is_empty()
+    assert not [k for k in _keys(client, bucket) if k.startswith("failed/")]
+    assert not [u for u in _uploads(client, bucket) if u.startswith("failed/")]
+
+
 def test_s3_failed_upload_is_aborted_and_transient(
     s3_server: str, s3_settings: StoreSettings, tmp_path: Path
 ) -> None:

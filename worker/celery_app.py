@@ -13,7 +13,7 @@ import warnings
 from celery import signals
 from celery.exceptions import SecurityWarning
 
-from core.jobstore import WORKERS_KEY
+from core.fleet import Fleet
 from core.queue import make_app
 from core.settings import Settings
 
@@ -25,14 +25,25 @@ UNSAFE_CONTENT = {"pickle", "application/x-python-serialize", "application/group
 app = make_app()
 
 
+def _device() -> str:
+    """The device this worker converts on, as far as the parent process can tell without initialising
+    CUDA (the process converting a shard names the GPU itself)."""
+    import torch
+
+    if not torch.cuda.device_count():  # NVML-based, as in worker.run
+        return "cpu"
+    return f"cuda (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'all')})"
+
+
 def _heartbeat(url: str, name: str) -> None:
-    """Tell /readyz a worker is alive: a score per worker in one sorted set, refreshed in the background."""
+    """Tell /readyz and the Workers page a worker is alive (``core.fleet``), refreshed in the background."""
     import redis
 
-    r = redis.Redis.from_url(url)
+    fleet = Fleet(redis.Redis.from_url(url, decode_responses=True))
+    host, pid, started, device = socket.gethostname(), os.getpid(), time.time(), _device()
     while True:
         with contextlib.suppress(redis.RedisError):
-            r.zadd(WORKERS_KEY, {name: time.time()})
+            fleet.heartbeat(name, host, pid, device, started)
         time.sleep(HEARTBEAT_S)
 
 

@@ -1,4 +1,5 @@
-"""A job's life on the workers: plan it, convert its shards (any worker, any order), finalize, publish.
+"""A job's life on the workers: plan it, convert its shards and write its metadata (any worker, any
+order), finalize, publish.
 
 Plain functions over the job store and the engine; ``worker.tasks`` wraps them as Celery tasks. Every
 step is safe to run again: a redelivered shard that the ledger already holds is skipped, the final
@@ -18,16 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from core import metrics
+from core.fleet import Fleet
 from core.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
 from core.settings import Settings
-from worker.engine.checkpoint import SIDECAR
+from worker import model_card
+from worker.engine.checkpoint import MANIFEST
 from worker.engine.convert import Conversion, plan_conversion
-from worker.engine.errors import RecastError, TargetExistsError, VerificationError
+from worker.engine.errors import RecastError, TargetBusyError, TargetExistsError, VerificationError
 from worker.engine.options import Options
 from worker.engine.publish import file_sha256, finish_sidecar
 from worker.engine.storage import Source
 from worker.stores import Target, TransientStorageError, open_source, open_target, parse_location
+from worker.stores.hub import HubTarget
 from worker.throttle import ThrottledSource
 
 log = logging.getLogger("recast.jobs")
@@ -48,6 +54,13 @@ class Context:
     settings: Settings
     enqueue_shard: Callable[[str, str], None]
     enqueue_finalize: Callable[[str], None]
+    enqueue_metadata: Callable[[str], None]
+
+
+# The ledger entry of the metadata files the plan fixes (sidecar scales, carried files, config, index):
+# written by a unit of its own beside the shards, so that finalize waits for no source read. Not a file
+# name: no shard can take it.
+METADATA = "@metadata"
 
 
 # A worker process converts many shards of the same job: plan once per job, not once per shard.
@@ -81,8 +94,9 @@ def _target(ctx: Context, job: dict[str, Any]) -> Target:
     req = job["request"]
     loc = parse_location(req["target"], "target", ctx.settings.stores)
     return open_target(
-        loc, ctx.settings.stores, job["id"], req.get("target_credential"), bool(req.get("create_pr"))
-    )
+        loc, ctx.settings.stores, job["id"], req.get("target_credential"), bool(req.get("create_pr")),
+        fresh=job.get("fresh_target") == "1",
+    )  # fmt: skip
 
 
 def _conversion(ctx: Context, job: dict[str, Any]) -> Conversion:
@@ -109,13 +123,23 @@ def _fail(ctx: Context, job_id: str, code: str, message: str) -> None:
     _discard(ctx, job_id)
 
 
+def _receipts(ledger: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The target's receipt of every file the ledger records: the shards' and the metadata's."""
+    staged = {n: e["receipt"] for n, e in ledger.items() if n != METADATA and e.get("receipt")}
+    meta = ledger.get(METADATA, {}).get("files", {})
+    return staged | {n: f["receipt"] for n, f in meta.items()}
+
+
+def _ledger_complete(ctx: Context, job: dict[str, Any]) -> bool:
+    return len(ctx.store.ledger(job["id"])) == (job.get("ledger_total") or job["shards_total"])
+
+
 def _discard(ctx: Context, job_id: str) -> None:
     """Remove staged output and scratch; safe to call from any worker, any number of times."""
     job = ctx.store.get(job_id)
     if job is not None:
         try:
-            staged = {n: e["receipt"] for n, e in ctx.store.ledger(job_id).items() if e.get("receipt")}
-            _target(ctx, job).discard(staged)
+            _target(ctx, job).discard(_receipts(ctx.store.ledger(job_id)))
         except RecastError as exc:
             log.warning("job %s: could not remove staged output: %s", job_id, exc)
     shutil.rmtree(ctx.settings.stores.scratch / job_id, ignore_errors=True)
@@ -193,18 +217,27 @@ def plan_job(ctx: Context, job_id: str) -> None:
     def body(job: dict[str, Any]) -> None:
         if job["state"] == "queued":
             ctx.store.transition(job_id, ("queued",), "running", step="planning")
+        if other := ctx.store.claim_target(job_id, job["request"]["target"]):
+            raise TargetBusyError(
+                f"target: {job['request']['target']} is being written by job {other}; wait for it to end "
+                "or cancel it, then submit again"
+            )
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
-        if not job["request"].get("overwrite") and not target.is_empty():
+        # Decided once: an earlier attempt of this plan may have seen shards completed into a fresh target.
+        empty = job["fresh_target"] == "1" if job.get("fresh_target") else target.is_empty()
+        if not job["request"].get("overwrite") and not empty:
             raise TargetExistsError(
                 f"target: {target.description} already holds files; choose an empty location"
             )
         names = conv.shard_names()
         ctx.store.set_fields(
-            job_id, shard_names=names, shards_total=len(names), bytes_total=conv.ckpt.total_bytes,
-            adapter=conv.adapter.name,
+            job_id, shard_names=names, shards_total=len(names), ledger_total=len(names) + 1,
+            bytes_total=conv.ckpt.total_bytes, adapter=conv.adapter.name, fresh_target="1" if empty else "0",
         )  # fmt: skip
         ctx.store.progress(job_id, step=f"converting {len(names)} shards")
+        if not ctx.store.shard_done(job_id, METADATA):  # first: a second worker takes the first shard
+            ctx.enqueue_metadata(job_id)
         for name in names:
             if not ctx.store.shard_done(job_id, name):
                 ctx.enqueue_shard(job_id, name)
@@ -212,19 +245,26 @@ def plan_job(ctx: Context, job_id: str) -> None:
     guarded(ctx, job_id, "plan", body)
 
 
-def run_shard(ctx: Context, job_id: str, name: str) -> None:
+def run_shard(ctx: Context, job_id: str, name: str, worker: str | None = None) -> None:
     """Convert one output shard, verify it in flight and stage it with the target; the ledger entry
-    carries its SHA-256, the target's receipt and its per-tensor verification for finalize."""
+    carries its SHA-256, the target's receipt and its per-tensor verification for finalize. ``worker``
+    (the Celery worker's name) reports what it is doing to the Workers page (``core.fleet``)."""
+    fleet = Fleet(ctx.store.r)
+    converted = False
 
     def body(job: dict[str, Any]) -> None:
+        nonlocal converted
         if ctx.store.shard_done(job_id, name):
-            if len(ctx.store.ledger(job_id)) == job["shards_total"]:
+            if _ledger_complete(ctx, job):
                 ctx.enqueue_finalize(job_id)
             return
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
         started = time.monotonic()
         pending = {"bytes": 0, "at": started, "total": 0}
+        device, wall_started = _device(conv), time.time()
+        if worker:
+            fleet.working(worker, job_id, name, wall_started, 0, device)
 
         def progress(p: dict[str, Any]) -> None:
             pending["bytes"] += p.get("bytes_in", 0)
@@ -232,6 +272,8 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
             if time.monotonic() - pending["at"] >= PROGRESS_EVERY_S:
                 _check_cancel(ctx, job_id)
                 ctx.store.progress(job_id, step=f"converting {name}", bytes_in=pending["bytes"])
+                if worker:
+                    fleet.working(worker, job_id, name, wall_started, pending["total"], device)
                 pending.update(bytes=0, at=time.monotonic())
 
         checks = conv.new_checks() if conv.opts.verify else None
@@ -249,50 +291,115 @@ def run_shard(ctx: Context, job_id: str, name: str) -> None:
             job_id, step=f"converted {name}", bytes_in=pending["bytes"], shard=name, sha256=sha, size=size,
             receipt=receipt, verification=checks.export() if checks is not None else None,
         )  # fmt: skip
+        converted = True
         metrics.record_shard(ctx.store.r, time.monotonic() - started, pending["total"], size)
         if complete:
             ctx.enqueue_finalize(job_id)
 
-    guarded(ctx, job_id, f"shard {name}", body)
+    try:
+        guarded(ctx, job_id, f"shard {name}", body)
+    finally:
+        if worker:
+            fleet.idle(worker, converted)
+
+
+def _device(conv: Conversion) -> str:
+    """What the Workers page shows for the device converting: the GPU's name, or ``cpu``."""
+    if conv.dev.type == "cuda":
+        return f"{conv.dev} · {torch.cuda.get_device_name(conv.dev)}"
+    return "cpu"
+
+
+def write_metadata(ctx: Context, job_id: str, worker: str | None = None) -> None:
+    """Write and stage the metadata files the plan fixes, and check the kept scales against the source,
+    beside the shards: the source reads they need (the scales, carried files) are then off finalize's path.
+    The ledger entry carries each file's SHA-256, size and receipt, and the scales' checks. ``worker``
+    shows the unit on the Workers page, as ``metadata``."""
+    fleet = Fleet(ctx.store.r)
+
+    def body(job: dict[str, Any]) -> None:
+        if ctx.store.shard_done(job_id, METADATA):
+            if _ledger_complete(ctx, job):
+                ctx.enqueue_finalize(job_id)
+            return
+        conv = _conversion(ctx, job)
+        target = _target(ctx, job)
+        if worker:
+            fleet.working(worker, job_id, "metadata", time.time(), 0, _device(conv))
+        meta = _scratch(ctx, job_id, "meta")
+        names = conv.write_fixed_metadata(meta)
+        card = _card_plan(target, job, meta, names)
+        checks = conv.new_checks() if conv.opts.verify else None
+        if checks is not None:
+            conv.check_kept_scales(checks, meta)
+        _check_cancel(ctx, job_id)
+
+        def stage(name: str) -> dict[str, Any]:
+            sha = file_sha256(meta / name)
+            receipt = target.stage_file(name, meta / name, sha)
+            return {"sha256": sha, "size": receipt["size"], "receipt": receipt}
+
+        with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:  # a round trip or three each
+            files = dict(zip(names, pool.map(stage, names), strict=True))
+        complete = ctx.store.progress(
+            job_id, shard=METADATA, is_shard=False, files=files, card=card,
+            verification=checks.export() if checks is not None else None,
+        )  # fmt: skip
+        shutil.rmtree(meta, ignore_errors=True)
+        if complete:
+            ctx.enqueue_finalize(job_id)
+
+    try:
+        guarded(ctx, job_id, "metadata", body)
+    finally:
+        if worker:
+            fleet.idle(worker, converted=False)
 
 
 def finalize(ctx: Context, job_id: str) -> None:
-    """Merge the shards' ledger into the report, write the metadata, publish: O(metadata), not O(model).
+    """Merge the ledger into the report, write recast.json and SHA256SUMS, publish: O(metadata).
 
-    Every shard was verified and hashed by the task that wrote it; finalize checks the ledger is
-    complete and consistent with the plan (each shard at its planned size, every source tensor checked
-    in full, the scales sidecar equal to the source's), and publishes only if all of it passed.
+    Every shard was verified and hashed by the task that wrote it, and the other metadata files were
+    written, staged and checked by their own unit; finalize checks the ledger is complete and consistent
+    with the plan (each shard at its planned size, every source tensor checked in full, the kept scales
+    included), and publishes only if all of it passed. It reads nothing from the source or the target.
     """
 
     def body(job: dict[str, Any]) -> None:
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
         ledger = ctx.store.ledger(job_id)
-        missing = [n for n in conv.shard_names() if n not in ledger]
+        missing = [n for n in [*conv.shard_names(), METADATA] if n not in ledger]
         if missing:
-            raise RecastError(f"internal: finalize found shards {missing[:3]} not converted")
-        ctx.store.transition(job_id, ACTIVE, "verifying", step="writing index and config")
-        meta = _scratch(ctx, job_id, "meta")
-        names = conv.write_metadata(meta)
+            raise RecastError(f"internal: finalize found {missing[:3]} not done")
+        ctx.store.transition(job_id, ACTIVE, "verifying", step="writing recast.json")
+        shards = {n: e for n, e in ledger.items() if n != METADATA}
         report = conv.new_report()
         if conv.opts.verify:
             checks = conv.new_checks()
             for entry in ledger.values():
                 checks.load(entry.get("verification") or {})
-            conv.settle(checks, report, meta, {n: e["size"] for n, e in ledger.items()})
+            conv.settle(checks, report, {n: e["size"] for n, e in shards.items()})
         report.bytes_in = conv.ckpt.total_bytes
         report.bytes_out = conv.layout.total_bytes()
         report.seconds = time.time() - float(job.get("started_at") or job["created_at"])
         _check_cancel(ctx, job_id)
-        files = {n: e["sha256"] for n, e in ledger.items()} | {
-            n: file_sha256(meta / n) for n in names if n != SIDECAR
+        meta = _scratch(ctx, job_id, "record")
+        conv.write_record(meta)
+        files = {n: e["sha256"] for n, e in shards.items()} | {
+            n: f["sha256"] for n, f in ledger[METADATA]["files"].items()
         }
-        names = [n for n in names if n != SIDECAR] + finish_sidecar(meta, report, files)
-        ctx.store.save_report(job_id, report.to_json())
+        names = finish_sidecar(meta, report, files)
+        report_json = report.to_json()
+        ctx.store.save_report(job_id, report_json)
         if conv.opts.verify and not report.passed:
             metrics.count(ctx.store.r, "verification_failures")
             raise VerificationError(f"verification failed: {report.failure_summary()}; nothing was published")
-        staged = {n: e["receipt"] for n, e in ledger.items()}
+        card = ledger[METADATA].get("card")
+        if card is not None and card["write"]:
+            (meta / model_card.CARD).write_text(_card(ctx, job, conv, report_json, meta, card["original"]))
+            names.append(model_card.CARD)
+        staged = _receipts(ledger)
         with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:  # a round trip or three each
             receipts = pool.map(lambda n: target.stage_file(n, meta / n, file_sha256(meta / n)), names)
             staged |= dict(zip(names, receipts, strict=True))
@@ -304,6 +411,8 @@ def finalize(ctx: Context, job_id: str) -> None:
             bool(req.get("create_pr")),
             bool(req.get("overwrite")),
         )
+        if card is not None:
+            result["model_card"] = card["write"]
         ctx.store.transition(
             job_id, ("uploading",), "succeeded", step="done", result=result, bytes_in=conv.ckpt.total_bytes
         )
@@ -311,3 +420,41 @@ def finalize(ctx: Context, job_id: str) -> None:
         _plans.pop(job_id, None)
 
     guarded(ctx, job_id, "finalize", body)
+
+
+def _card_plan(target: Target, job: dict[str, Any], meta: Path, names: list[str]) -> dict[str, Any] | None:
+    """For a Hub target, whether finalize publishes a model card (``write``: not over a README.md the repo
+    holds, unless the job may overwrite), and the README.md the source carried (``original``), taken out
+    of ``names``: on the Hub it would pass for a card of the converted checkpoint. None for other targets.
+    Decided here, beside the other reads, so finalize reads nothing from the target."""
+    if not isinstance(target, HubTarget):
+        return None
+    original = None
+    if model_card.CARD in names:
+        original = (meta / model_card.CARD).read_text(errors="replace")
+        names.remove(model_card.CARD)
+    write = bool(job["request"].get("overwrite")) or not target.holds(model_card.CARD)
+    return {"write": write, "original": original}
+
+
+def _card(
+    ctx: Context,
+    job: dict[str, Any],
+    conv: Conversion,
+    report: dict[str, Any],
+    meta: Path,
+    original: str | None,
+) -> str:
+    req = job["request"]
+    return model_card.render(
+        source=parse_location(req["source"], "source", ctx.settings.stores),
+        source_revision=job.get("source_revision") or None,
+        target_repo=parse_location(req["target"], "target", ctx.settings.stores).root,
+        hub_endpoint=ctx.settings.stores.hf_endpoint,
+        report=report,
+        source_config=conv.ckpt.config,
+        output_config=conv.direction.config,
+        manifest=(meta / MANIFEST).read_text(),
+        job_id=job["id"],
+        original=original,
+    )

@@ -3,7 +3,7 @@ locations' credentials; everything else is read from the job store."""
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, partial
 
 from core.jobstore import JobStore
 from core.settings import Settings
@@ -22,6 +22,7 @@ def _ctx() -> jobs.Context:
         settings,
         enqueue_shard=lambda job_id, name: convert_shard.delay(job_id, name),
         enqueue_finalize=lambda job_id: finalize.apply_async((job_id,), task_id=f"{job_id}-finalize"),
+        enqueue_metadata=lambda job_id: metadata.apply_async((job_id,), task_id=f"{job_id}-metadata"),
     )
 
 
@@ -43,7 +44,12 @@ def plan(self, job_id: str) -> None:
 
 @app.task(bind=True, name="recast.convert_shard")
 def convert_shard(self, job_id: str, name: str) -> None:
-    _retrying(self, jobs.run_shard, job_id, name)
+    _retrying(self, partial(jobs.run_shard, worker=self.request.hostname), job_id, name)
+
+
+@app.task(bind=True, name="recast.metadata")
+def metadata(self, job_id: str) -> None:
+    _retrying(self, partial(jobs.write_metadata, worker=self.request.hostname), job_id)
 
 
 @app.task(bind=True, name="recast.finalize")

@@ -13,7 +13,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from core.jobstore import TERMINAL, Conflict, JobStore, decode
 from service.deps import SIGNED_IN, UNAUTHORIZED, JobRecord, ServicesDep
 from service.problems import HTTPProblem, declared
-from service.schemas import MAX_LABEL_VALUE, Job, JobPage, JobReport, JobRequest, JobState
+from service.schemas import MAX_LABEL_VALUE, Job, JobPage, JobReport, JobRequest, JobState, JobThroughput
 from service.submission import create_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=SIGNED_IN, responses=UNAUTHORIZED)
@@ -23,7 +23,7 @@ _LABEL_QUERY = 63 + 1 + MAX_LABEL_VALUE  # key=value
 # What a submission can be refused for; schedule firings record the same codes.
 SUBMIT_PROBLEMS = {
     404: ("job_not_found",),
-    409: ("target_not_empty", "idempotency_key_in_flight"),
+    409: ("target_not_empty", "target_busy", "idempotency_key_in_flight"),
     422: ("invalid_request", "invalid_location", "credential_unknown", "credential_invalid", "adapter_unknown",
           "source_not_found", "source_inaccessible", "not_a_checkpoint", "target_inaccessible",
           "idempotency_key_reused"),
@@ -120,6 +120,12 @@ def get_job_report(job: JobRecord, svc: ServicesDep) -> JobReport:
         raise HTTPProblem(404, "report_not_ready", f"job {job['id']} is {job['state']}; the report is written "
                           "after verification")  # fmt: skip
     return JobReport(got)
+
+
+@router.get("/{job_id}/throughput", responses=declared(NOT_FOUND))
+def get_job_throughput(job: JobRecord, svc: ServicesDep) -> JobThroughput:
+    """Source bytes read over time, all workers together, with the rate between samples."""
+    return JobThroughput.of(svc.store.throughput(job["id"]))
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse, responses=declared(NOT_FOUND))

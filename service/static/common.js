@@ -120,6 +120,19 @@ const Recast = (() => {
     return el("span", { ...(attrs || {}), class: "path mono", title: location || null, text });
   }
 
+  // "12.3 MB/s"; a dash where there is no rate.
+  function rate(bytesPerSecond) {
+    if (bytesPerSecond === null || bytesPerSecond === undefined || isNaN(bytesPerSecond)) return "—";
+    return bytes(Math.round(bytesPerSecond)) + "/s";
+  }
+
+  // "4 s ago", from an ISO time.
+  function ago(iso) {
+    const t = Date.parse(iso);
+    if (isNaN(t)) return "—";
+    return duration(Math.max(0, (Date.now() - t) / 1000)) + " ago";
+  }
+
   function duration(seconds) {
     if (seconds === null || seconds === undefined || isNaN(seconds) || seconds < 0) return "—";
     if (seconds < 10) return seconds.toFixed(1) + " s";
@@ -228,7 +241,7 @@ const Recast = (() => {
   }
 
   return {
-    TERMINAL, CANCELLABLE, ApiError, api, problemText, el, showError, bytes, when, timeEl, pathEl, duration,
+    TERMINAL, CANCELLABLE, ApiError, api, problemText, el, showError, bytes, rate, ago, when, timeEl, pathEl, duration,
     jobSeconds, stateBadge, progressOf, setBar, progressBar, parseLabels, labelTags, randomKey, fillAdapters, confirmClick,
   };
 })();

@@ -106,6 +106,75 @@
     if (!total) tbody.append(el("tr", {}, el("td", { colspan: 3, class: "muted", text: "not planned yet" })));
   }
 
+  // Throughput and time left come with every event (null unless the job is running and moving).
+  function renderRate() {
+    const p = job.progress || {};
+    $("throughput").textContent = R.rate(p.throughput_bytes_s);
+    $("time-left").textContent = p.eta_s === null || p.eta_s === undefined ? "—" : R.duration(p.eta_s);
+  }
+
+  // ------------------------------------------------------------------------------ throughput chart
+
+  const SVG = "http://www.w3.org/2000/svg";
+  const W = 600, H = 150, LEFT = 64, BOTTOM = 20, TOP = 8;
+  let chartTimer = null;
+
+  function svg(tag, attrs, text) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  // Source bytes per second between samples, as a line over the job's time; axes in MB/s and minutes.
+  function drawChart(points) {
+    const box = document.querySelector("#throughput-chart svg");
+    const rated = points.filter((p) => p.bytes_per_s !== null);
+    const chart = $("throughput-chart");
+    chart.dataset.points = String(rated.length);
+    if (rated.length < 1) { box.replaceChildren(); return; }
+    const t0 = Date.parse(points[0].at);
+    const t1 = Math.max(Date.parse(points[points.length - 1].at), t0 + 1000);
+    const top = Math.max(...rated.map((p) => p.bytes_per_s), 1) * 1.15; // headroom above the peak
+    const x = (iso) => LEFT + ((Date.parse(iso) - t0) / (t1 - t0)) * (W - LEFT - 4);
+    const y = (v) => TOP + (1 - v / top) * (H - TOP - BOTTOM);
+    // Each rate holds from the previous sample to its own: a step line, honest about the sampling.
+    const coords = [];
+    rated.forEach((p) => {
+      const i = points.indexOf(p);
+      coords.push(x(points[i - 1].at).toFixed(1) + "," + y(p.bytes_per_s).toFixed(1));
+      coords.push(x(p.at).toFixed(1) + "," + y(p.bytes_per_s).toFixed(1));
+    });
+    const base = y(0).toFixed(1);
+    const first = coords[0].split(",")[0], last = coords[coords.length - 1].split(",")[0];
+    box.replaceChildren(
+      svg("line", { class: "axis", x1: LEFT, y1: base, x2: W - 4, y2: base }),
+      svg("line", { class: "axis", x1: LEFT, y1: TOP, x2: LEFT, y2: base }),
+      svg("line", { class: "grid", x1: LEFT, y1: y(top / 2), x2: W - 4, y2: y(top / 2) }),
+      svg("polygon", { class: "area", points: first + "," + base + " " + coords.join(" ") + " " + last + "," + base }),
+      svg("polyline", { class: "line", points: coords.join(" ") }),
+      svg("text", { class: "label", x: LEFT - 6, y: TOP + 10, "text-anchor": "end" }, R.rate(top)),
+      svg("text", { class: "label", x: LEFT - 6, y: y(top / 2) + 4, "text-anchor": "end" }, R.rate(top / 2)),
+      svg("text", { class: "label", x: LEFT - 6, y: H - BOTTOM, "text-anchor": "end" }, "0"),
+      svg("text", { class: "label", x: LEFT, y: H - 4 }, "0 s"),
+      svg("text", { class: "label", x: W - 4, y: H - 4, "text-anchor": "end" }, R.duration((t1 - t0) / 1000)));
+    const latest = rated[rated.length - 1].bytes_per_s;
+    const mean = (points[points.length - 1].bytes_in - points[0].bytes_in) / ((t1 - t0) / 1000);
+    $("throughput-caption").textContent = "Source bytes read per second, all workers together: latest " +
+      R.rate(latest) + ", mean " + R.rate(mean) + ", " + points.length + " samples.";
+  }
+
+  async function loadChart() {
+    clearTimeout(chartTimer);
+    try {
+      const got = await api("GET", base + "/throughput");
+      drawChart(got.points);
+    } catch (_) {
+      // The chart waits for the next try; the rest of the page has its own error box.
+    }
+    if (job && !TERMINAL.includes(job.state)) chartTimer = setTimeout(loadChart, 3000);
+  }
+
   function renderTimeline() {
     const ol = $("timeline");
     ol.replaceChildren();
@@ -122,6 +191,7 @@
     renderState();
     renderFacts();
     renderProgress();
+    renderRate();
     renderTimeline();
     if (!reportLoaded && (job.state === "succeeded" || job.state === "failed")) loadReport();
   }
@@ -162,6 +232,7 @@
         source.close();
         setLive("finished", false);
         render();
+        loadChart();
         return;
       }
       // A replayed history arrives in a burst: draw once per frame.
@@ -317,6 +388,7 @@
     try {
       job = await api("GET", base); // a missing job shows the API's problem instead of a silent stream
       render();
+      loadChart();
     } catch (err) {
       showError($("error"), err);
       setLive("offline", false);

@@ -23,6 +23,14 @@
     return "/v1/jobs?" + q.toString();
   }
 
+  // A running job's throughput and time left (the API gives them only while it is moving).
+  function rateLine(job) {
+    const p = job.progress || {};
+    if (p.throughput_bytes_s === null || p.throughput_bytes_s === undefined) return null;
+    const left = p.eta_s === null || p.eta_s === undefined ? "" : " · " + duration(p.eta_s) + " left";
+    return el("span", { class: "sub rate", text: Recast.rate(p.throughput_bytes_s) + left });
+  }
+
   function row(job) {
     const req = job.request || {};
     const link = el("a", { href: "/jobs/" + encodeURIComponent(job.id), class: "mono", text: job.id });
@@ -34,12 +42,31 @@
         pathEl(req.source), el("span", { class: "to" }, el("span", { class: "arrow", text: "→" }), pathEl(req.target)),
         el("span", { class: "sub", text: "to " + (req.to || "?") + (req.dtype ? " · " + req.dtype : "") })),
       el("td", { text: job.adapter || req.adapter || "—" }),
-      el("td", {}, progressBar(job)),
+      el("td", {}, progressBar(job), rateLine(job)),
       el("td", { class: "num", text: job.state === "queued" ? "—" : duration(jobSeconds(job)) }),
       el("td", {}, labelTags(job.labels)));
   }
 
+  // The queue's depth and the fleet beside it, so a queued job's wait is explained.
+  async function loadQueue() {
+    const box = document.getElementById("queue");
+    try {
+      const { queue, workers } = await api("GET", "/v1/workers");
+      const alive = workers.filter((w) => w.alive);
+      const busy = alive.filter((w) => w.current).length;
+      box.replaceChildren(
+        el("span", { id: "queue-jobs", text: queue.jobs_queued + " jobs queued" }), " · ",
+        el("span", { text: queue.jobs_active + " active" }), " · ",
+        el("span", { id: "queue-units", text: queue.work_units_queued + " work units waiting" }), " · ",
+        el("a", { href: "/workers", id: "queue-workers",
+          text: alive.length + (alive.length === 1 ? " worker" : " workers") + " alive, " + busy + " converting" }));
+    } catch (_) {
+      box.textContent = "";
+    }
+  }
+
   async function load(append) {
+    if (!append) loadQueue();
     try {
       const page = await api("GET", query(append ? cursor : null));
       showError(errorBox, null);

@@ -29,7 +29,14 @@ from .formats import is_native
 from .layout import Layout
 from .options import STEP_BYTES, Options, Progress
 from .pipeline import lanes, produce_shard, run_lanes
-from .publish import file_sha256, finish_sidecar, publish_dir, write_metadata
+from .publish import (
+    file_sha256,
+    finish_sidecar,
+    publish_dir,
+    write_fixed_metadata,
+    write_metadata,
+    write_record,
+)
 from .report import Report
 from .safetensors_io import TensorInfo, parse_header
 from .storage import LocalSource, Source, open_source
@@ -109,6 +116,14 @@ class Conversion:
             self.ckpt, directory, self.direction, self.adapter, self.opts, self.source_scales
         )
 
+    def write_fixed_metadata(self, directory: Path) -> list[str]:
+        """The metadata files the plan fixes (all but recast.json); returns the names written."""
+        return write_fixed_metadata(self.ckpt, directory, self.direction, self.opts, self.source_scales)
+
+    def write_record(self, directory: Path) -> str:
+        """recast.json before ``finish_sidecar``: read from the plan, no file is read."""
+        return write_record(self.ckpt, directory, self.direction, self.adapter, self.opts)
+
     def new_report(self) -> Report:
         plan = self.direction.plan
         return Report.start(self.adapter, self.opts, is_native(self.ckpt), plan.passthrough if plan else None)
@@ -123,20 +138,24 @@ class Conversion:
         slots = self.layout.slots(name)
         return 8 + len(self.layout.header(name)) + max((s.end for s in slots.values()), default=0)
 
-    def settle(self, checks: Checks, report: Report, metadata: Path, sizes: dict[str, int]) -> Report:
-        """Close in-flight verification: every shard was written at its planned size (its bytes were
-        checked and hashed as they were written), the scales kept beside a native output (in the local
-        ``metadata`` directory) are the source's, and every source tensor was checked in full."""
-        for name in self.shard_names():
-            want, got = self.planned_size(name), sizes.get(name)
-            if got != want:
-                report.problems.append(f"{name}: {got} bytes written, the plan says {want}")
+    def check_kept_scales(self, checks: Checks, metadata: Path) -> None:
+        """The scales kept beside a native output, as written in the local ``metadata`` directory, are
+        the source's, bit for bit."""
         if self.direction.sidecar_scales:
             written = LocalSource(metadata)
             kept = TensorSource(written, {}, _sidecar_infos(written))
             for key in self.direction.sidecar_scales:
                 ok = key in kept.extra and same_bits(kept.rows(key), self.source_scales[key])
                 checks.bitwise(key, 1, ok, "recorded scale differs from the source")
+
+    def settle(self, checks: Checks, report: Report, sizes: dict[str, int]) -> Report:
+        """Close in-flight verification: every shard was written at its planned size (its bytes were
+        checked and hashed as they were written), and every source tensor was checked in full (the kept
+        scales by ``check_kept_scales``)."""
+        for name in self.shard_names():
+            want, got = self.planned_size(name), sizes.get(name)
+            if got != want:
+                report.problems.append(f"{name}: {got} bytes written, the plan says {want}")
         checks.fill(report)
         self.direction.account(report)
         return report
@@ -192,7 +211,8 @@ def convert(
         if checks is not None:
             sizes = {n: (stage / n).stat().st_size for n in conv.shard_names()}
             with conv.timings.timed("settle"):
-                conv.settle(checks, report, stage, sizes)
+                conv.check_kept_scales(checks, stage)
+                conv.settle(checks, report, sizes)
         report.seconds = time.monotonic() - started
         report.bytes_in = conv.ckpt.total_bytes
         report.bytes_out = conv.layout.total_bytes()

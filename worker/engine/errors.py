@@ -35,6 +35,12 @@ class TargetExistsError(RecastError):
     code = "target_not_empty"
 
 
+class TargetBusyError(RecastError):
+    """Another job is writing to the same destination right now."""
+
+    code = "target_busy"
+
+
 class VerificationError(RecastError):
     """The round-trip check failed; nothing was published."""
 

@@ -35,50 +35,38 @@ def write_metadata(
     opts: Options,
     scales: dict[str, torch.Tensor],
 ) -> list[str]:
-    """Sidecar scales (``scales``: the source's, read once), config, carried files, index (last of the
-    weights), then recast.json."""
+    """Every metadata file: the ones the plan fixes (``write_fixed_metadata``), then recast.json."""
+    return [
+        *write_fixed_metadata(ckpt, stage, direction, opts, scales),
+        write_record(ckpt, stage, direction, adapter, opts),
+    ]
+
+
+def write_fixed_metadata(
+    ckpt: Checkpoint, stage: Path, direction: Direction, opts: Options, scales: dict[str, torch.Tensor]
+) -> list[str]:
+    """Sidecar scales (``scales``: the source's, read once), carried files, config and index.
+
+    The plan fixes all of them, so a service writes them beside the shards rather than after the last;
+    only recast.json waits for the shards' hashes and verification."""
     source = ckpt.source
-    layout, plan = direction.layout, direction.plan
-    written = [*ckpt.extra_files, "config.json", INDEX, SIDECAR]
+    layout = direction.layout
+    written = [*ckpt.extra_files, "config.json", INDEX]
     for name in ckpt.extra_files:
         target = stage / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(source.read_range(name, 0, source.size(name)))
     native_out = opts.to == "native"
-    sidecar: dict[str, Any] = {
-        "recast": 1,
-        "format": "native" if native_out else "hf",
-        "adapter": adapter.name,
-        "layout": adapter.layout(list(ckpt.tensors)),
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("overwrite",)},
-    }
     prev = ckpt.sidecar or {}
-    if native_out:
-        if direction.sidecar_scales:
-            tensors = [
-                PlannedTensor(k, ckpt.tensors[k].dtype, ckpt.tensors[k].shape)
-                for k in direction.sidecar_scales
-            ]
-            stream = ShardStream(stage / SIDECAR_TENSORS, planned_header(tensors), slots_of(tensors))
-            for k in direction.sidecar_scales:
-                stream.put(k, 0, scales[k])
-            stream.close()
-            written.insert(0, SIDECAR_TENSORS)
-        sidecar["plan"] = plan.to_json()
-        sidecar["source"] = {
-            "location": opts.source_location or ckpt.source.description,
-            "revision": opts.source_revision,
-            "config": ckpt.config,
-            "dtypes": {k: v.dtype for k, v in ckpt.tensors.items()},
-            "headers": {n: base64.b64encode(h.raw).decode() for n, h in ckpt.headers.items()},
-            "index": ckpt.index_raw.decode() if ckpt.index_raw else None,
-            "config_raw": ckpt.config_raw.decode(),
-        }
-    else:
-        sidecar["source"] = {
-            "location": opts.source_location or ckpt.source.description,
-            "revision": opts.source_revision,
-        }
+    if native_out and direction.sidecar_scales:
+        tensors = [
+            PlannedTensor(k, ckpt.tensors[k].dtype, ckpt.tensors[k].shape) for k in direction.sidecar_scales
+        ]
+        stream = ShardStream(stage / SIDECAR_TENSORS, planned_header(tensors), slots_of(tensors))
+        for k in direction.sidecar_scales:
+            stream.put(k, 0, scales[k])
+        stream.close()
+        written.insert(0, SIDECAR_TENSORS)
     restored = (
         not native_out
         and layout.raw_headers
@@ -98,8 +86,37 @@ def write_metadata(
             "weight_map": dict(sorted(layout.where.items())),
         }
         (stage / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    (stage / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
     return written
+
+
+def write_record(ckpt: Checkpoint, stage: Path, direction: Direction, adapter: Adapter, opts: Options) -> str:
+    """recast.json as the plan knows it (no file is read): what was converted, how, and from what; a
+    native output also carries the source's headers, config and index, so the way back is exact.
+    ``finish_sidecar`` adds the hashes and the verification."""
+    native_out = opts.to == "native"
+    sidecar: dict[str, Any] = {
+        "recast": 1,
+        "format": "native" if native_out else "hf",
+        "adapter": adapter.name,
+        "layout": adapter.layout(list(ckpt.tensors)),
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("overwrite",)},
+    }
+    source: dict[str, Any] = {
+        "location": opts.source_location or ckpt.source.description,
+        "revision": opts.source_revision,
+    }
+    if native_out:
+        sidecar["plan"] = direction.plan.to_json()
+        source |= {
+            "config": ckpt.config,
+            "dtypes": {k: v.dtype for k, v in ckpt.tensors.items()},
+            "headers": {n: base64.b64encode(h.raw).decode() for n, h in ckpt.headers.items()},
+            "index": ckpt.index_raw.decode() if ckpt.index_raw else None,
+            "config_raw": ckpt.config_raw.decode(),
+        }
+    sidecar["source"] = source
+    (stage / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
+    return SIDECAR
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:

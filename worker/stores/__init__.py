@@ -128,11 +128,13 @@ def open_target(
     job_id: str,
     credential: str | None = None,
     create_pr: bool = False,
+    fresh: bool = False,
 ) -> Target:
     """The ``Target`` for job ``job_id`` writing to ``loc``.
 
     ``create_pr`` says the job will publish as a Hub pull request: its uploads then ask only for the right
-    to open one, not to push to the branch.
+    to open one, not to push to the branch. ``fresh`` says the location held nothing when the job was
+    planned: S3 may then make each shard final as it is staged (index last still defines the checkpoint).
     """
     check_job_id(job_id)
     if loc.scheme == "file":
@@ -142,7 +144,7 @@ def open_target(
     if loc.scheme == "s3":
         from .s3 import S3Target
 
-        return S3Target(loc, settings, job_id, credential)
+        return S3Target(loc, settings, job_id, credential, fresh)
     from .hub import HubTarget
 
     return HubTarget(loc, settings, job_id, credential, create_pr)

@@ -293,6 +293,13 @@ class HubTarget:
                     return False
         return True
 
+    def holds(self, name: str) -> bool:
+        """Whether the branch has a file ``name`` now (a model card, before it is replaced)."""
+        with self._errors():
+            return self.api.file_exists(
+                self.repo, check_relative(name, self.description), revision=self.revision
+            )
+
     def local_dir(self) -> None:
         """The Hub has no local filesystem: files are written to scratch and uploaded by ``stage_file``."""
         return None

@@ -10,15 +10,23 @@ The commit protocol of a target, which moves every output byte once:
    file as a multipart upload of its *final* key ``<prefix>/<name>``, each part with a checksum that S3
    verifies on arrival (SHA-256 per part, or CRC64-NVME over the whole object), and does not complete it.
    The receipt names the upload and its parts' ETags and checksums.
-2. ``publish`` completes each upload from its receipt, index and recast.json last, then aborts any other
-   upload of a marked key (an earlier attempt of a shard) and deletes the markers.
+   A *fresh* target (nothing under the prefix when the job was planned, so no earlier checkpoint can be
+   damaged) completes each upload right away, except the index's and recast.json's: completing a large
+   object costs the store time (AWS warns it can take minutes), which is then spent beside the other
+   shards' conversion instead of after the last one.
+2. ``publish`` completes each upload from its receipt that is not complete yet, index and recast.json
+   last, then aborts any other upload of a marked key (an earlier attempt of a shard) and deletes the
+   markers.
 3. ``discard`` aborts the receipts' uploads and every upload of a marked key, deletes the markers, and
-   deletes final objects a partial publish completed for this job (same size and checksum as the receipt).
+   deletes final objects this job completed (same size and checksum as the receipt; for a fresh target,
+   whatever is at a marked key, since it can only be this job's).
 
-What a reader sees: until publish, no final key exists (an uncompleted upload is invisible, and readers
-ignore hidden keys such as the markers); during publish, shards appear one by one, and the index only
-after every shard it names. S3 has no atomic multi-object commit, so index-last is the guarantee: a reader
-that finds the index finds a complete checkpoint. What a dead worker leaves: an uncompleted upload (and
+What a reader sees: until publish, no index exists, and for a target that held a checkpoint before, no
+final key at all (an uncompleted upload is invisible, and readers ignore hidden keys such as the markers),
+so the old checkpoint stays whole until publish replaces it; shards appear one by one (during the job for
+a fresh target, during publish otherwise), and the index only after every shard it names. S3 has no
+atomic multi-object commit, so index-last is the guarantee: a reader that finds the index finds a
+complete checkpoint. What a dead worker leaves: an uncompleted upload (and
 its marker), found through the marker by ``publish`` or ``discard``; a bucket lifecycle rule that aborts
 incomplete uploads after some days is still worth having for uploads whose job record itself is lost. A
 finalize that dies halfway through publishing is run again with the same receipts: an upload that no
@@ -296,8 +304,16 @@ class _Checksums:
 class S3Target:
     """Output under ``s3://bucket/prefix``, uploaded once to the final keys and completed on ``publish``."""
 
-    def __init__(self, loc: Location, settings: StoreSettings, job_id: str, credential: str | None = None):
+    def __init__(
+        self,
+        loc: Location,
+        settings: StoreSettings,
+        job_id: str,
+        credential: str | None = None,
+        fresh: bool = False,
+    ):
         self.client = make_client(settings, credential)
+        self.fresh = fresh
         self.bucket = loc.root
         self.base = f"{loc.prefix}/" if loc.prefix else ""
         self.markers = f"{self.base}{STAGING}/{job_id}/"
@@ -343,7 +359,7 @@ class S3Target:
                 with suppress(ClientError, BotoCoreError):  # the marker still leads discard to it
                     self._abort(key, upload_id)
                 raise
-        return {
+        receipt = {
             "key": key,
             "upload_id": upload_id,
             "size": size,
@@ -351,6 +367,10 @@ class S3Target:
             "parts": parts,
             "checksum": self.checksums.whole(parts, crc),
         }
+        if self.fresh and name not in (INDEX, SIDECAR):  # the files that define the checkpoint wait
+            self._complete(name, receipt)
+            receipt["completed"] = True
+        return receipt
 
     def _upload_parts(
         self, key: str, upload_id: str, path: Path, part_bytes: int
@@ -427,7 +447,7 @@ class S3Target:
         ``commit_message`` and ``create_pr`` only mean something on the Hub. Safe to run again after a crash:
         an upload that is gone counts as done if its final object is the receipt's.
         """
-        order = publish_order(list(staged))
+        order = publish_order([n for n, r in staged.items() if not r.get("completed")])
         last = [n for n in order if n in (INDEX, SIDECAR)]
         with ThreadPoolExecutor(max_workers=COMPLETERS) as pool:  # shards at once: each is one round trip
             list(
@@ -489,10 +509,12 @@ class S3Target:
             with self._errors.about(self._url(key)):
                 if not self._abort(key, receipt["upload_id"]) and self._is_published(key, receipt):
                     self.client.delete_object(Bucket=self.bucket, Key=key)
-        self._clear_marked()
+        self._clear_marked(remove_objects=self.fresh)
 
-    def _clear_marked(self) -> None:
-        """Abort every unfinished upload of a key this job marked, then delete the markers.
+    def _clear_marked(self, remove_objects: bool = False) -> None:
+        """Abort every unfinished upload of a key this job marked, then delete the markers; with
+        ``remove_objects``, also the objects at those keys (a fresh target's, whose receipts may never
+        have reached the ledger).
 
         After publish these are earlier attempts of a shard (its receipt's upload is complete by then);
         after a failure, also uploads whose worker died before its receipt was recorded.
@@ -512,14 +534,15 @@ class S3Target:
                 for upload in page.get("Uploads", []):
                     if upload["Key"] in keys:
                         self._abort(upload["Key"], upload["UploadId"])
-            for start in range(0, len(marked), 1000):  # delete_objects takes at most 1,000 keys
-                batch = [{"Key": k} for k in marked[start : start + 1000]]
+            doomed = marked + sorted(keys) if remove_objects else marked
+            for start in range(0, len(doomed), 1000):  # delete_objects takes at most 1,000 keys
+                batch = [{"Key": k} for k in doomed[start : start + 1000]]
                 response = self.client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
                 )
                 if errors := response.get("Errors"):
                     first = errors[0]
                     raise RecastError(
-                        f"{self._url(first.get('Key', self.markers))}: cannot delete the job's marker "
-                        f"({first.get('Code')}); {len(errors)} markers remain"
+                        f"{self._url(first.get('Key', self.markers))}: cannot delete the job's marker or "
+                        f"object ({first.get('Code')}); {len(errors)} remain"
                     )
