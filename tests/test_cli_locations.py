@@ -107,6 +107,9 @@ def test_local_to_the_hub_with_a_named_credential(
     assert "|" not in err, "huggingface_hub's own upload bars stay off: the CLI shows its own"
     files = hub_server.files("team/model-native")
     assert {SIDECAR, MANIFEST, "model.safetensors.index.json"} <= set(files)
+    card = files["README.md"].decode()
+    assert card.startswith("---\n") and f"Converted by Recast from `{src.as_uri()}`, and verified" in card
+    assert "| adapter | `mistral4` |" in card and files[MANIFEST].decode().rstrip("\n") in card
     assert "hf_cli_0123456789" not in files[SIDECAR].decode()
     assert main(["verify", str(src), target, "--target-credential", "hub-bot"]) == 0
     assert "PASSED" in capsys.readouterr().out

@@ -22,10 +22,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from worker import model_card
 from worker.engine import api
-from worker.engine.checkpoint import SIDECAR
-from worker.engine.convert import plan_conversion
+from worker.engine.checkpoint import MANIFEST, SIDECAR
+from worker.engine.convert import Conversion, plan_conversion
 from worker.engine.errors import RecastError, TargetExistsError, VerificationError
 from worker.engine.options import Options, Progress
 from worker.engine.pipeline import lanes, run_lanes
@@ -42,6 +44,7 @@ from worker.stores import (
     parse_location,
     pin_revision,
 )
+from worker.stores.hub import HubTarget
 
 SCHEMES = ("file://", "s3://", "hf://")
 
@@ -87,6 +90,7 @@ def convert(
     create_pr: bool = False,
 ) -> tuple[Report, str]:
     """Convert the checkpoint at ``src`` into ``dst``; returns the report and where it was published."""
+    requested = src
     if src.scheme != "file":
         pinned = pin_revision(src, settings, source_credential)
         opts = dataclasses.replace(opts, source_location=src.url, source_revision=pinned.revision)
@@ -98,31 +102,49 @@ def convert(
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()  # one bar per uploaded file would break into the conversion's own
+
+    def card(conv: Conversion, report: dict[str, Any], meta: Path, original: str | None) -> str:
+        return model_card.render(
+            source=requested, source_revision=opts.source_revision, target_repo=dst.root,
+            hub_endpoint=settings.hf_endpoint, report=report, source_config=conv.ckpt.config,
+            output_config=conv.direction.config, manifest=(meta / MANIFEST).read_text(), job_id=job_id,
+            original=original,
+        )  # fmt: skip
+
     job_id = f"cli-{os.getpid()}-{secrets.token_hex(4)}"
-    target = open_target(dst, settings, job_id, target_credential, create_pr)
+
+    def target_for(fresh: bool) -> Target:
+        return open_target(dst, settings, job_id, target_credential, create_pr, fresh)
+
     settings.scratch.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=settings.scratch))
     try:
-        return _to_target(source, target, opts, scratch, progress, commit_message, create_pr)
+        conv = plan_conversion(source, opts)
+        return _to_target(conv, target_for, scratch, progress, commit_message, create_pr, card)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _to_target(
-    source: Source,
-    target: Target,
-    opts: Options,
+    conv: Conversion,
+    target_for: Callable[[bool], Target],
     scratch: Path,
     progress: Progress | None,
     commit_message: str | None,
     create_pr: bool,
+    card: Callable[[Conversion, dict[str, Any], Path, str | None], str],
 ) -> tuple[Report, str]:
     """Each shard written to scratch (verified in flight), staged with the target at once, so scratch
-    holds only the shards in flight; then the metadata, and one publish."""
+    holds only the shards in flight; then the metadata (and a Hub target's model card), and one publish.
+    ``target_for(fresh)`` opens the target; fresh: it held nothing, so S3 may complete shards as they come."""
     started = time.monotonic()
-    conv = plan_conversion(source, opts)
-    if not opts.overwrite and not target.is_empty():
+    opts = conv.opts
+    target = target_for(False)
+    fresh = target.is_empty()
+    if not fresh and not opts.overwrite:
         raise TargetExistsError(f"{target.description} already holds files; pass --overwrite to replace it")
+    if fresh:
+        target = target_for(True)
     staged: dict[str, Receipt] = {}
     lock = threading.Lock()
 
@@ -147,9 +169,16 @@ def _to_target(
         meta = scratch / "meta"
         meta.mkdir()
         names = conv.write_metadata(meta)
+        original, write_card = None, False
+        if isinstance(target, HubTarget):  # as a job does (worker/jobs.py, _card_plan)
+            if model_card.CARD in names:
+                original = (meta / model_card.CARD).read_text(errors="replace")
+                names.remove(model_card.CARD)
+            write_card = opts.overwrite or not target.holds(model_card.CARD)
         report = conv.new_report()
         if checks is not None:
-            conv.settle(checks, report, meta, {n: r["size"] for n, r in staged.items()})
+            conv.check_kept_scales(checks, meta)
+            conv.settle(checks, report, {n: r["size"] for n, r in staged.items()})
         report.seconds = time.monotonic() - started
         report.bytes_in = conv.ckpt.total_bytes
         report.bytes_out = conv.layout.total_bytes()
@@ -160,6 +189,9 @@ def _to_target(
             raise VerificationError(
                 f"verification failed: {report.failure_summary()}; nothing was published", report
             )
+        if write_card:
+            (meta / model_card.CARD).write_text(card(conv, report.to_json(), meta, original))
+            names.append(model_card.CARD)
         for name in names:
             staged[name] = target.stage_file(name, meta / name, file_sha256(meta / name))
         message = commit_message or f"Recast: {report.direction} conversion with {report.adapter}"
