@@ -34,6 +34,8 @@ class Progress(TypedDict):
     bytes_total: int
     bytes_in: int
     bytes_out: int
+    throughput_bytes_s: float | None  # all workers together, lately; None unless running
+    eta_s: float | None  # until every source byte is read at that throughput
 
 
 class JobError(TypedDict):
@@ -56,7 +58,7 @@ class Job(TypedDict):
     finished_at: str | None
     updated_at: str
     error: JobError | None
-    result: dict[str, str | None] | None
+    result: dict[str, Any] | None  # url, and commit, pr_url, model_card for Hub targets
     links: dict[str, str]
 
 

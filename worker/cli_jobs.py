@@ -239,8 +239,12 @@ class _Lines:
                   file=sys.stderr)  # fmt: skip
         elif p["shards_done"] != self.shards_done:
             percent = 100 * min(p["bytes_in"] / p["bytes_total"], 1) if p["bytes_total"] else 0
+            rate = p.get("throughput_bytes_s")
+            speed = f", {rate / 1e6:.1f} MB/s" if rate else ""
+            left = f", about {p['eta_s']:.0f} s left" if rate and p.get("eta_s") is not None else ""
             print(f"recast: job {self.job_id} {p['step']}: {p['shards_done']}/{p['shards_total']} shards, "
-                  f"{human(p['bytes_in'])} of {human(p['bytes_total'])} ({percent:.0f}%)", file=sys.stderr)  # fmt: skip
+                  f"{human(p['bytes_in'])} of {human(p['bytes_total'])} ({percent:.0f}%){speed}{left}",
+                  file=sys.stderr)  # fmt: skip
         self.shards_done = p["shards_done"]
 
 
