@@ -78,8 +78,9 @@ def test_other_native_dtypes_round_trip(dtype, torch_dtype, checkpoint, tmp_path
     assert_state_dicts_identical(load_state_dict(tmp_path / "back"), source_sd)
 
 
+# Mistral 4's 3-D experts are refused fresh scales (transformers would misread them): tests/test_consumers.py
 @pytest.mark.parametrize("mode", ["per-tensor", "block"])
-@pytest.mark.parametrize("family", ["mistral4", "deepseek-v3", "mistral3-fp8"])
+@pytest.mark.parametrize("family", ["deepseek-v3", "mistral3-fp8"])
 def test_fresh_quantization_matches_reference(family, mode, plain_checkpoint, tmp_path: Path) -> None:
     src = plain_checkpoint(family)
     out = tmp_path / "fp8"
@@ -115,13 +116,14 @@ def test_hf_dequantize_to_hf_is_lossless(checkpoint, tmp_path: Path) -> None:
 
 
 def test_native_to_fresh_fp8_is_bounded(checkpoint, tmp_path: Path) -> None:
-    src = checkpoint("mistral4", scheme="per-expert")
+    src = checkpoint("deepseek-v3", scheme="per-tensor")
     api.convert(src, tmp_path / "native", api.Options(to="native"))
     report = api.convert(tmp_path / "native", tmp_path / "block", api.Options(to="hf", quantize="block"))
     s = report.summary()
     assert report.passed and s["worst_bound_ratio"] <= 1.0
     got = load_state_dict(tmp_path / "block")
-    assert got["model.layers.1.mlp.experts.gate_up_proj_scale_inv"].dim() == 3
+    # an expert split back out of NeMo's stacked tensor: [96, 160] takes a [1, 2] block grid
+    assert got["model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv"].shape == (1, 2)
     assert config(tmp_path / "block")["quantization_config"]["weight_block_size"] == [128, 128]
 
 

@@ -32,7 +32,10 @@ def test_cuda_writes_the_cpu_bits(family, scheme, checkpoint, tmp_path: Path) ->
         api.convert(
             tmp_path / device,
             tmp_path / f"fp8-{device}",
-            api.Options(to="hf", quantize="block", device=device),
+            # Mistral 4's 3-D experts take no fresh scales (tests/test_consumers.py): re-quantize with its own
+            api.Options(
+                to="hf", quantize="keep" if family.startswith("mistral4") else "block", device=device
+            ),
         )
     assert _shards(tmp_path / "fp8-cpu") == _shards(tmp_path / "fp8-cuda")
 

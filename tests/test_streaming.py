@@ -37,7 +37,8 @@ def test_pieces_round_trip_bit_for_bit(family, scheme, checkpoint, tiny_steps, t
 
 @pytest.mark.parametrize("mode", ["per-tensor", "block"])
 def test_fresh_quantization_in_pieces(mode, plain_checkpoint, tiny_steps, tmp_path: Path) -> None:
-    src = plain_checkpoint("mistral4")
+    # not Mistral 4: fresh scales on its 3-D experts are refused (tests/test_consumers.py)
+    src = plain_checkpoint("deepseek-v3")
     assert api.convert(src, tmp_path / "fp8", api.Options(to="hf", quantize=mode)).passed
     want = reference.quantize_state_dict(load_state_dict(src), mode)
     assert_state_dicts_identical(load_state_dict(tmp_path / "fp8"), want)

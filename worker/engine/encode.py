@@ -58,7 +58,11 @@ def choose(
     fmt: QuantFormat = FP8_FORMAT,
     source_fmt: QuantFormat = FP8_FORMAT,
 ) -> Encoding:
-    """Decide one hf tensor's encoding from the requested mode and format and what the source had."""
+    """Decide one hf tensor's encoding from the requested mode and format and what the source had.
+
+    A layout Recast makes up (fresh scales, or kept scales re-spelled in another format) must be one
+    transformers reads correctly (``QuantFormat.check_readable``); the source's own layout is kept as is.
+    """
     original = source_dtypes.get(key, value_dtype)
     plain = value_dtype if original.startswith("F8") else original
     q = recorded.get(key)
@@ -67,11 +71,14 @@ def choose(
     act_out = act if same else (fmt.activation_keys(key)[0] if act else None)
     if quantize_mode == "keep" and q is not None:
         fmt.check_kind(key, q.kind)
+        if not same:
+            fmt.check_readable(key, q.kind, adapter.claims_expert(key))
         return Encoding(
             key, "F8_E4M3", "keep", q, act, fmt, act_out, q.zero_point if same else None, not same
         )
     if quantize_mode in FRESH and adapter.quantizable(key):
         fmt.check_kind(key, FRESH[quantize_mode])
+        fmt.check_readable(key, FRESH[quantize_mode], adapter.claims_expert(key))
         return Encoding(key, "F8_E4M3", quantize_mode, None, act, fmt, act_out)
     return Encoding(key, plain)
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .adapters import detect
+from .adapters import Adapter, detect
 from .checkpoint import open_checkpoint
 from .encode import FRESH
 from .formats import is_native
 from .fp8 import ScaleKind
-from .keymap import find_quant
+from .keymap import Quant, find_quant, plan_from_native
 from .options import DTYPE_ARGS, STEP_BYTES
-from .qformat import FORMATS, describe, source_format
+from .qformat import FORMATS, QuantFormat, describe, source_format
 from .safetensors_io import DTYPES
 from .storage import Source, open_source
+from .tensors import hf_shapes
 
 
 def inspect(
@@ -27,6 +28,12 @@ def inspect(
     recorded = (ckpt.sidecar or {}).get("plan") or {}
     config = (ckpt.sidecar or {}).get("source", {}).get("config") if native else ckpt.config
     quant, companions = ({}, []) if native else find_quant(ckpt.tensors, source_format(config))
+    if native:
+        plan = plan_from_native(ckpt, chosen)
+        hf_keys = [k for t in plan.tensors for k in hf_shapes(t, ckpt.tensors[t.key])]
+        kept = plan.quant
+    else:
+        hf_keys, kept = [k for k in ckpt.tensors if k not in companions], quant
     kinds = sorted(
         {q.kind.value for q in quant.values()} or {q["kind"] for q in recorded.get("quant", {}).values()}
     )
@@ -53,7 +60,9 @@ def inspect(
             "block_size": [128, 128] if ScaleKind.BLOCK.value in kinds else None,
             "activation_scheme": activation,
             **describe(config),
-            "output_formats": _output_formats(kinds),
+            "output_formats": _output_formats(
+                kept, [k for k in hf_keys if chosen.quantizable(k)], chosen, source_format(config)
+            ),
         },
         "shards": len(ckpt.shards),
         "tensors": len(ckpt.tensors),
@@ -70,13 +79,27 @@ def inspect(
     }
 
 
-def _output_formats(kinds: list[str]) -> dict[str, dict[str, Any]]:
-    """Per output format: whether ``--quantize keep`` can spell these scales in it (the FP8 bytes then
-    stay as they are), and the fresh ``--quantize`` schemes it can take."""
+def _output_formats(
+    kept: dict[str, Quant], quantizable: list[str], adapter: Adapter, source: QuantFormat
+) -> dict[str, dict[str, Any]]:
+    """Per output format: whether ``--quantize keep`` can write the recorded scales in it (the FP8 bytes
+    then stay as they are), and the fresh ``--quantize`` schemes it can take — both only where the
+    result is a layout transformers reads correctly (``QuantFormat.unreadable``), the source's own
+    layout excepted."""
+
+    def readable(fmt: QuantFormat, key: str, kind: ScaleKind) -> bool:
+        return not fmt.unreadable(key, kind, adapter.claims_expert(key))
+
     return {
         name: {
-            "keep": all(ScaleKind(k) in fmt.kinds for k in kinds),
-            "quantize": [mode for mode, kind in FRESH.items() if kind in fmt.kinds],
+            "keep": all(
+                q.kind in fmt.kinds and (fmt is source or readable(fmt, k, q.kind)) for k, q in kept.items()
+            ),
+            "quantize": [
+                mode
+                for mode, kind in FRESH.items()
+                if kind in fmt.kinds and all(readable(fmt, k, kind) for k in quantizable)
+            ],
         }
         for name, fmt in FORMATS.items()
     }

@@ -10,6 +10,11 @@ differ only in names, in the shape of a per-tensor scale and in their ``quantiza
   and an ``ignore`` list. Its config is read and written here, by hand: the ``compressed-tensors``
   package imports transformers (27 s, and a dependency the engine does not otherwise have), so the
   engine does not import it; the tests validate what this writes with the package's own schema.
+
+A layout Recast makes up (fresh scales, or kept scales re-spelled in the other format) must also be one
+its consumers read back correctly, or Recast refuses it (``check_readable``); the facts it rests on are
+transformers 5.x's own loaders, checked by tests/test_consumers.py. A layout kept in the source's own
+format is the source's, restored byte for byte, and is never refused.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class QuantFormat:
     zero_point_suffix: str | None
     tensor_scale_shape: tuple[int, ...]  # how a freshly written per-tensor scale is stored
     kinds: frozenset[ScaleKind]  # the scale kinds its consumers read
+    expert_blocks: bool  # whether its consumers read 128x128 block scales on per-expert weights
     write_config: Callable[[Scheme], dict[str, Any]]
     read_config: Callable[[dict[str, Any]], list[dict[str, Any]]]
 
@@ -72,6 +78,36 @@ class QuantFormat:
                 f"scheme for (it has {', '.join(sorted(k.value for k in self.kinds))}); choose "
                 f"--format {' or '.join(others)}, or another --quantize scheme"
             )
+
+    def unreadable(self, key: str, kind: ScaleKind, expert: bool) -> str | None:
+        """Why transformers would load ``key`` written with ``kind`` scales silently wrong, or not at all.
+
+        Both of transformers' FP8 loaders (``fp8`` and ``compressed-tensors``) dequantize only tensors
+        named ``*.weight``: a 3-D expert tensor such as Mistral 4's ``mlp.experts.gate_up_proj`` loads as
+        its raw FP8 codes, its scale ignored. Its compressed-tensors loader multiplies each expert weight
+        by its scale as is, which cannot broadcast a 128x128 block grid.
+        """
+        if not key.endswith(".weight"):
+            return (
+                f"{key!r} would be written as FP8 ({kind.value} scales, {self.name} format), but "
+                "transformers dequantizes only FP8 tensors named '*.weight': it would load this tensor's "
+                "raw FP8 codes with its scale ignored, silently wrong. Choose --quantize none (bf16), or "
+                "--quantize keep from a native checkpoint of an FP8 release in that release's own format "
+                "(its own layout, restored byte for byte)"
+            )
+        if expert and kind is ScaleKind.BLOCK and not self.expert_blocks:
+            return (
+                f"{key!r} is an expert weight: {self.name} block scales on expert weights do not load in "
+                "transformers (its loader multiplies each expert weight by its [rows/128, cols/128] scale "
+                "without expanding the blocks, and fails). Choose --format fp8 for 128x128 blocks, or "
+                "--quantize per-channel or per-tensor for compressed-tensors"
+            )
+        return None
+
+    def check_readable(self, key: str, kind: ScaleKind, expert: bool) -> None:
+        why = self.unreadable(key, kind, expert)
+        if why:
+            raise RecastError(why)
 
 
 def _fp8_config(s: Scheme) -> dict[str, Any]:
@@ -189,6 +225,7 @@ FORMATS: dict[str, QuantFormat] = {
             None,
             (),
             frozenset({ScaleKind.PER_TENSOR, ScaleKind.PER_EXPERT, ScaleKind.BLOCK}),
+            True,
             _fp8_config,
             _fp8_read,
         ),
@@ -200,6 +237,7 @@ FORMATS: dict[str, QuantFormat] = {
             "_zero_point",
             (1,),
             frozenset({ScaleKind.PER_TENSOR, ScaleKind.PER_CHANNEL, ScaleKind.BLOCK}),
+            False,
             _ct_config,
             _ct_read,
         ),
