@@ -118,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
     except ApiError as exc:
         print(f"recast: {exc.detail} ({exc.code})", file=sys.stderr)
         return REFUSED
+    except KeyboardInterrupt:
+        print(
+            "recast: stopped watching; the job goes on (`recast jobs cancel JOB` stops it)", file=sys.stderr
+        )
+        return 130
 
 
 def _location(arg: str) -> str:
