@@ -119,14 +119,14 @@ def convert(
     settings.scratch.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=settings.scratch))
     try:
-        conv = plan_conversion(source, opts)
-        return _to_target(conv, target_for, scratch, progress, commit_message, create_pr, card)
+        return _to_target(source, opts, target_for, scratch, progress, commit_message, create_pr, card)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _to_target(
-    conv: Conversion,
+    source: Source,
+    opts: Options,
     target_for: Callable[[bool], Target],
     scratch: Path,
     progress: Progress | None,
@@ -138,7 +138,7 @@ def _to_target(
     holds only the shards in flight; then the metadata (and a Hub target's model card), and one publish.
     ``target_for(fresh)`` opens the target; fresh: it held nothing, so S3 may complete shards as they come."""
     started = time.monotonic()
-    opts = conv.opts
+    conv = plan_conversion(source, opts)
     target = target_for(False)
     fresh = target.is_empty()
     if not fresh and not opts.overwrite:
