@@ -19,6 +19,7 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
     else echo "VARIANT must be cuda or cpu, not $VARIANT" >&2; exit 1; fi
 COPY pyproject.toml README.md /src/
 COPY core /src/core
+COPY recast /src/recast
 COPY service /src/service
 COPY worker /src/worker
 RUN pip install /src

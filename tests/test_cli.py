@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
+from terminal import run_in_terminal
 
-from worker.cli import main
+from worker.cli import build_parser, main
 
 
 def _json(capsys) -> dict:
@@ -97,3 +99,69 @@ def test_no_verify_skips_the_check(checkpoint, tmp_path: Path, capsys) -> None:
 def test_console_script_is_installed() -> None:
     proc = subprocess.run(["recast", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "inspect" in proc.stdout and "convert" in proc.stdout
+
+
+def test_progress_is_one_log_line_per_shard_off_a_terminal(checkpoint, tmp_path: Path, capsys) -> None:
+    src = checkpoint("mistral4", scheme="per-tensor")
+    dst = tmp_path / "native"
+    assert main(["convert", str(src), str(dst), "--to", "native", "--device", "cpu", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["summary"]["passed"]
+    lines = [line for line in err.splitlines() if line.startswith("recast: ")]  # not the fixture's tqdm
+    shards = sorted(p.name for p in dst.glob("*.safetensors") if p.name.startswith("model-"))
+    assert sorted(line.split()[2] for line in lines) == shards, err
+    assert all(line.startswith("recast: converted model-") for line in lines)
+    assert f"{len(shards)}/{len(shards)} shards" in err and "(100%)" in err and "MB/s" in err
+    assert main(["verify", str(src), str(dst)]) == 0
+    err = capsys.readouterr().err
+    for shard in shards:
+        assert f"recast: verified {shard} (" in err
+
+
+def test_progress_bars_at_a_terminal(checkpoint, tmp_path: Path) -> None:
+    """In a pseudo-terminal, rich draws the bars (bytes, throughput) and no log line is printed."""
+    src = checkpoint("mistral4", scheme="per-tensor")
+    code, screen = run_in_terminal(
+        ["convert", str(src), str(tmp_path / "n"), "--to", "native", "--device", "cpu"]
+    )
+    assert code == 0 and "converting " in screen and "(3/3 shards)" in screen and "MiB" in screen, screen
+    assert "recast: converted" not in screen and "PASSED" in screen
+    code, screen = run_in_terminal(["verify", str(src), str(tmp_path / "n")])
+    assert code == 0 and "verifying n (4/4 shards)" in screen, screen
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                assert helps.get(name) and sub.description, (
+                    f"recast {' '.join((*path, name))}: no description"
+                )
+                yield from _parsers(sub, (*path, name))
+
+
+def test_help_describes_every_command_and_option_with_its_default(capsys) -> None:
+    commands = list(_parsers(build_parser()))
+    assert {" ".join(p) for p, _ in commands} >= {"convert", "verify", "inspect", "jobs submit", "jobs watch"}
+    for path, parser in commands:
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            where = f"recast {' '.join(path)} {action.option_strings or action.dest}"
+            assert action.help and "\n" not in action.help, f"{where}: no one-line description"
+            if action.option_strings and action.nargs != 0 and not action.required:
+                shown = parser.formatter_class("recast")._get_help_string(action)
+                assert "(default" in shown, f"{where}: its default is not shown"
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the dtype dequantized weights are written in (default: bf16)" in text
+    assert (
+        "--device {auto,cpu,cuda} where the arithmetic runs; auto: CUDA when one is visible (default: auto)"
+        in text
+    )
+    assert (
+        "Exit codes: 0 verified" in text and "(default: None)" not in text and "(default: False)" not in text
+    )

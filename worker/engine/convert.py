@@ -87,12 +87,13 @@ class Conversion:
             self.direction.units(name, checks),
             self.direction.fetch,
             READ_AHEAD_UNITS * STEP_BYTES[self.dev.type],
-            lambda n: report({"bytes_in": n}),
+            lambda n: report({"shard": name, "bytes_in": n}),
             self.timings,
             self.direction.pool.give if self.direction.pool else None,
         )
         with self._lock:
             self.hashes[name] = sha
+        report({"shard": name, "done": True})
         return directory / name
 
     def write_shards(
@@ -201,6 +202,8 @@ def convert(
     stage.mkdir()
     try:
         checks = conv.new_checks() if opts.verify else None
+        if progress is not None:
+            progress({"bytes_total": conv.ckpt.total_bytes, "shards": conv.shard_names()})
         conv.write_shards(stage, progress, checks)
         with conv.timings.timed("metadata"):
             names = conv.write_metadata(stage)

@@ -20,6 +20,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # more system time than the arithmetic (2 cores, 12-shard bench: 25.0 s at 16 MiB, 13.9 s at 4 MiB).
 STEP_BYTES = {"cpu": 4 << 20, "cuda": 64 << 20}
 
+# What a conversion reports as it goes, each call one of: ``{"bytes_total": n, "shards": [names]}`` once,
+# when ``convert`` has planned; ``{"shard": name, "bytes_in": n}`` per work unit done (source bytes);
+# ``{"shard": name, "done": True}`` when an output shard is complete. Consumers ignore what they do not use.
 Progress = Callable[[dict[str, Any]], None]
 
 
