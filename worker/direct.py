@@ -44,7 +44,6 @@ from worker.stores import (
     parse_location,
     pin_revision,
 )
-from worker.stores.hub import HubTarget
 
 SCHEMES = ("file://", "s3://", "hf://")
 
@@ -169,12 +168,7 @@ def _to_target(
         meta = scratch / "meta"
         meta.mkdir()
         names = conv.write_metadata(meta)
-        original, write_card = None, False
-        if isinstance(target, HubTarget):  # as a job does (worker/jobs.py, _card_plan)
-            if model_card.CARD in names:
-                original = (meta / model_card.CARD).read_text(errors="replace")
-                names.remove(model_card.CARD)
-            write_card = opts.overwrite or not target.holds(model_card.CARD)
+        card_plan = model_card.card_plan(target, meta, names, opts.overwrite)
         report = conv.new_report()
         if checks is not None:
             conv.check_kept_scales(checks, meta)
@@ -189,8 +183,8 @@ def _to_target(
             raise VerificationError(
                 f"verification failed: {report.failure_summary()}; nothing was published", report
             )
-        if write_card:
-            (meta / model_card.CARD).write_text(card(conv, report.to_json(), meta, original))
+        if card_plan is not None and card_plan["write"]:
+            (meta / model_card.CARD).write_text(card(conv, report.to_json(), meta, card_plan["original"]))
             names.append(model_card.CARD)
         for name in names:
             staged[name] = target.stage_file(name, meta / name, file_sha256(meta / name))

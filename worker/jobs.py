@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -328,7 +327,8 @@ def write_metadata(ctx: Context, job_id: str, worker: str | None = None) -> None
             fleet.working(worker, job_id, "metadata", time.time(), 0, _device(conv))
         meta = _scratch(ctx, job_id, "meta")
         names = conv.write_fixed_metadata(meta)
-        card = _card_plan(target, job, meta, names)
+        card = model_card.card_plan(target, meta, names, bool(job["request"].get("overwrite")))
+        # decided here, beside the other reads, so that finalize reads nothing from the target
         checks = conv.new_checks() if conv.opts.verify else None
         if checks is not None:
             conv.check_kept_scales(checks, meta)
@@ -420,22 +420,6 @@ def finalize(ctx: Context, job_id: str) -> None:
         _plans.pop(job_id, None)
 
     guarded(ctx, job_id, "finalize", body)
-
-
-def _card_plan(target: Target, job: dict[str, Any], meta: Path, names: list[str]) -> dict[str, Any] | None:
-    """For a Hub target, whether finalize publishes a model card (``write``: not over a README.md the repo
-    holds, unless the job may overwrite), and the README.md the source carried (``original``), taken out
-    of ``names``: on the Hub it would pass for a card of the converted checkpoint. None for other targets.
-    Decided here, beside the other reads, so finalize reads nothing from the target."""
-    hub = sys.modules.get("worker.stores.hub")  # not imported yet: the target is not the Hub's
-    if hub is None or not isinstance(target, hub.HubTarget):
-        return None
-    original = None
-    if model_card.CARD in names:
-        original = (meta / model_card.CARD).read_text(errors="replace")
-        names.remove(model_card.CARD)
-    write = bool(job["request"].get("overwrite")) or not target.holds(model_card.CARD)
-    return {"write": write, "original": original}
 
 
 def _card(

@@ -14,6 +14,8 @@ The card is Hub metadata, so it lives here, beside the job step that publishes, 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -22,6 +24,21 @@ from worker.engine.qformat import describe, quantization_config_of
 from worker.stores import Location
 
 CARD = "README.md"
+
+
+def card_plan(target: object, meta: Path, names: list[str], overwrite: bool) -> dict[str, Any] | None:
+    """For a Hub target, whether to publish a model card (``write``: not over a README.md the repo holds,
+    unless the conversion may overwrite), and the README.md the source carried (``original``), taken out
+    of ``names``: on the Hub it would pass for a card of the converted checkpoint. None for other targets.
+    """
+    hub = sys.modules.get("worker.stores.hub")  # not imported yet: the target is not the Hub's
+    if hub is None or not isinstance(target, hub.HubTarget):
+        return None
+    original = None
+    if CARD in names:
+        original = (meta / CARD).read_text(errors="replace")
+        names.remove(CARD)
+    return {"write": overwrite or not target.holds(CARD), "original": original}
 
 
 def quantized_from_unquantized(source_config: dict[str, Any] | None, output_config: dict[str, Any]) -> bool:
