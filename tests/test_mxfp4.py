@@ -210,10 +210,14 @@ def test_bad_mxfp4_is_named_and_leaves_nothing(damage, src: Path, tmp_path: Path
     assert not dst.exists()
 
 
-def test_inspect_names_the_format(src: Path) -> None:
+def test_inspect_names_the_format(src: Path, native: Path) -> None:
     found = api.inspect(src)
     assert found["adapter"] == "gpt-oss"
     assert found["quantization"]["format"] == "mxfp4"
     assert found["quantization"]["schemes"] == ["mxfp4"]
-    assert found["quantization"]["output_formats"]["mxfp4"]["keep"]
-    assert not found["quantization"]["output_formats"]["fp8"]["keep"]
+    formats = found["quantization"]["output_formats"]
+    assert formats["mxfp4"] == {"keep": True, "quantize": []}
+    assert not formats["fp8"]["keep"] and not formats["compressed-tensors"]["keep"]
+    written = sum(t.numel() * t.element_size() for t in load_state_dict(native).values())
+    assert found["conversion"]["output_bytes"] == written
+    assert api.inspect(native)["quantization"]["output_formats"]["mxfp4"]["keep"]
