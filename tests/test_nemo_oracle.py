@@ -9,7 +9,8 @@ names) or one that loads bf16 only (Qwen3-MoE, GLM-4.x MoE), the FP8 step is NeM
 same goes for adapters that mishandle FP8 (Step, Qwen3-VL-MoE, Qwen3.5-MoE's non-expert weights), each
 shown by a test of its own. Where NeMo loads a family through transformers' own class (Gemma 3 VLM), the
 oracle is that class's ``from_pretrained``. Where NeMo's adapter raises, the case names the error and
-the output is checked against the documented semantics (tests/reference.py) instead.
+the output is checked against the documented semantics (tests/reference.py) instead. gpt-oss's experts
+are MXFP4, not FP8: NeMo's gpt-oss adapter dequantizes them itself (tests/test_mxfp4.py has the rest).
 """
 
 from __future__ import annotations
