@@ -3,6 +3,8 @@
 Every multiply and divide happens in fp32 and only the result is cast, so CPU and CUDA produce the
 same bits and re-quantizing with the original scale restores the original FP8 bytes exactly.
 Functions work on a slice of rows (dim 0) so callers can stream a large tensor in pieces.
+MXFP4 (mxfp4.py) is one more ``ScaleKind`` here: the kind-dispatching functions (``decode``, ``encode``,
+``dequantize_rows``, ``quantize_rows``, the shapes) send it there, so the directions need no branch of their own.
 """
 
 from __future__ import annotations
