@@ -98,6 +98,23 @@ def test_native_experts_are_transformers_dequantization(src: Path, native: Path)
     assert "quantization_config" not in config
 
 
+def test_native_is_what_transformers_loads(src: Path, native: Path) -> None:
+    """transformers' own loader, which dequantizes MXFP4 on a machine without Triton, gives the same bits
+    under the hf names (NeMo's renames undone)."""
+    import transformers
+
+    loaded = transformers.GptOssForCausalLM.from_pretrained(src, dtype=torch.bfloat16).state_dict()
+    got = load_state_dict(native)
+    experts = {"experts.gate_up_proj": "experts.gate_and_up_projs", "experts.down_proj": "experts.down_projs"}
+    for key, want in loaded.items():
+        name = key.replace(".mlp.router.", ".mlp.gate.")
+        for hf, nemo in experts.items():
+            if name.endswith(hf):
+                name = name[: -len(hf)] + nemo
+        assert same_bits(got[name], want), key
+    assert len(loaded) == len(got)
+
+
 def test_the_way_back_restores_the_mxfp4_bytes(src: Path, native: Path, tmp_path: Path) -> None:
     back = tmp_path / "back"
     assert main(["convert", str(native), str(back), "--to", "hf"]) == 0
