@@ -60,7 +60,7 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     """``[..., rows, G, 16]`` codes with ``[..., rows, G]`` exponents → ``[..., rows, 32·G]`` in ``dtype``."""
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
     b = blocks.view(torch.uint8)
-    values = torch.stack((lut[(b & 0x0F).long()], lut[(b >> 4).long()]), dim=-1)
+    values = torch.stack((lut[(b & 0x0F).int()], lut[(b >> 4).int()]), dim=-1)  # int32 indices: half of int64
     values = values.reshape(*b.shape[:-1], BLOCK)
     out = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - BIAS)
     return out.reshape(*b.shape[:-2], -1).to(dtype)
