@@ -34,9 +34,11 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = 128
 
-SCHEMES: tuple[str, ...] = ("per-tensor", "per-expert", "per-channel", "block")
+SCHEMES: tuple[str, ...] = ("per-tensor", "per-expert", "per-channel", "block", "mxfp4")
 # Per-expert scales only exist for the aggregated 3-D expert tensors of Mistral 4.
 _PER_EXPERT_FAMILIES = ("mistral4", "mistral4-vlm")
+# MXFP4 (blocks of 32 e2m1 values with e8m0 exponents): gpt-oss's experts, and only those.
+_MXFP4_FAMILIES = ("gpt-oss",)
 
 
 # Tiny but edge-case-rich dimensions: hidden 160 and dense width 200 give partial 128-blocks on both
@@ -293,6 +295,21 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         "Gemma3ForConditionalGeneration",
         {"text_config": _TINY_DENSE, "vision_config": TINY_SIGLIP, "mm_tokens_per_image": 4},
     ),
+    # Widths that are multiples of 32 (MXFP4 blocks run along the input dimension): hidden 64, expert 96.
+    "gpt-oss": TinyFamily(
+        "GptOssForCausalLM",
+        {
+            "vocab_size": 300,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+    ),
     "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),
     "mistral": TinyFamily("MistralForCausalLM", _TINY_DENSE),
 }
@@ -332,6 +349,8 @@ def _check_args(family: str, layout: str, scheme: str | None = None) -> None:
             raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
         if scheme == "per-expert" and family not in _PER_EXPERT_FAMILIES:
             raise ValueError(f"scheme 'per-expert' needs aggregated 3-D experts; {family!r} has none")
+        if (scheme == "mxfp4") != (family in _MXFP4_FAMILIES):
+            raise ValueError(f"scheme 'mxfp4' is for {_MXFP4_FAMILIES} only, which have no other scheme")
 
 
 def _make_model(family: str, layout: str, tied: bool) -> torch.nn.Module:
@@ -487,6 +506,63 @@ def _quantize(
         scale = full.reshape(scalar_shape)
     q = (w32 / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale.to(torch.float32).contiguous()
+
+
+# e2m1 magnitudes of codes 0-7 (8-15 are their negatives), by the OCP Microscaling spec.
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+MXFP4_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+# Blocks whose exponents are set to the extremes a bf16 value can still hold every code of (1 and 252).
+_MXFP4_EXTREMES = ((0, 0, 0, 1), (1, 1, 0, 252))
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One gpt-oss expert tensor ``[E, in, out]`` (transformers' layout) as OpenAI's release stores it:
+    ``[E, out, in/32, 16]`` uint8 blocks and ``[E, out, in/32]`` uint8 scales.
+
+    By the OCP Microscaling definition: per block of 32 values along ``in``, the shared exponent is
+    ``floor(log2(amax)) - 2`` (e2m1's largest exponent), each value is rounded to the nearest e2m1
+    magnitude of ``|v| / 2^exp`` (clamped to 6) with its sign, and two codes share a byte, low nibble
+    first. Written here by hand, independently of the engine's reader (transformers' own quantizer,
+    ``quantize_to_mxfp4``, needs the Triton kernels hub)."""
+    v = w.float().transpose(1, 2)
+    e, out, width = v.shape
+    groups = v.reshape(e, out, width // 32, 32)
+    amax = groups.abs().amax(-1)
+    exp = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.zeros_like(amax))
+    scaled = groups / torch.pow(2.0, exp).unsqueeze(-1)
+    magnitudes = torch.tensor(E2M1)
+    nearest = (scaled.abs().unsqueeze(-1) - magnitudes).abs().argmin(-1)
+    codes = nearest | (torch.signbit(scaled).long() << 3)
+    pairs = codes.reshape(e, out, width // 32, 16, 2)
+    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    return blocks, (exp + 127).to(torch.uint8)
+
+
+def mxfp4_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gpt-oss's release layout: each expert tensor ``K`` becomes ``K_blocks`` and ``K_scales``, the rest
+    stays bf16. A few blocks get extreme exponents, so the whole range a bf16 value can hold is read."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if not key.endswith(MXFP4_EXPERTS):
+            out[key] = t
+            continue
+        blocks, scales = mxfp4_quantize(t)
+        for index in _MXFP4_EXTREMES:
+            scales[index[:3]] = index[3]
+        out[f"{key}_blocks"], out[f"{key}_scales"] = blocks, scales
+    return out
+
+
+# What OpenAI's gpt-oss config.json says (its quantization_config, verbatim).
+MXFP4_CONFIG = {
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+    "quant_method": "mxfp4",
+}
 
 
 def _vendor_quantizes(family: str, key: str) -> bool:
@@ -705,8 +781,11 @@ def build_checkpoint(
     _check_args(family, layout, scheme)
     dst = Path(dst)
     plain, config, gen = _saved_model(family, layout, tied, seed)
-    sd = quantize_state_dict(plain, family, scheme, seed)
-    qcfg = _quantization_config(scheme, list(sd), sd, family)
+    if scheme == "mxfp4":
+        sd, qcfg = mxfp4_state_dict(plain), MXFP4_CONFIG
+    else:
+        sd = quantize_state_dict(plain, family, scheme, seed)
+        qcfg = _quantization_config(scheme, list(sd), sd, family)
     config = dict(config)
     config["quantization_config"] = qcfg
     if "text_config" in config:

@@ -60,6 +60,10 @@ _MINIMAX = [
         # another family's router bias and A_log are not claimed by glm5-next's fp32 rules
         ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"},
          [*_SPLIT, "model.layers.1.mlp.gate.e_score_correction_bias"], "deepseek-v3"),
+        # gpt-oss: MXFP4 blocks, or a bf16 release whose experts share Mistral 4's hf name
+        ({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"},
+         ["model.layers.0.mlp.experts.gate_up_proj_blocks", "model.layers.0.mlp.router.weight"], "gpt-oss"),
+        ({"model_type": "gpt_oss"}, ["model.layers.0.mlp.experts.gate_up_proj"], "gpt-oss"),
         ({"architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5"}, _STEP, "step3p5"),
         ({"architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7",
           "text_config": {"model_type": "step3p5"}}, _STEP, "step3p7"),

@@ -9,7 +9,8 @@ names) or one that loads bf16 only (Qwen3-MoE, GLM-4.x MoE), the FP8 step is NeM
 same goes for adapters that mishandle FP8 (Step, Qwen3-VL-MoE, Qwen3.5-MoE's non-expert weights), each
 shown by a test of its own. Where NeMo loads a family through transformers' own class (Gemma 3 VLM), the
 oracle is that class's ``from_pretrained``. Where NeMo's adapter raises, the case names the error and
-the output is checked against the documented semantics (tests/reference.py) instead.
+the output is checked against the documented semantics (tests/reference.py) instead. gpt-oss's experts
+are MXFP4, not FP8: NeMo's gpt-oss adapter dequantizes them itself (tests/test_mxfp4.py has the rest).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ _MISTRAL4 = "mistral4.Mistral4StateDictAdapter"
 _MISTRAL4_VLM = "mistral4.Mistral4MultimodalStateDictAdapter"
 _QWEN3_5 = "qwen3_5_moe.Qwen3_5MoeStateDictAdapter"
 _SPLIT_EXPERT = r"\.mlp\.experts\.\d+\."
+_GPT_OSS = "gpt_oss.GPTOSSStateDictAdapter"
 CASES = [
     Case("qwen3-moe", "qwen3-moe", "qwen3_moe.Qwen3MoeStateDictAdapter", dequantizes=False),
     Case("glm4-moe", "glm4-moe", "glm4_moe.Glm4MoeStateDictAdapter", dequantizes=False),
@@ -101,6 +103,10 @@ CASES = [
     Case("qwen3-vl-moe", "qwen3-vl-moe", "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter", dequantizes=False),
     Case("step3p5", "step3p5", "step3p5.Step3p5StateDictAdapter", dequantizes=False),
     Case("step3p7", "step3p7", "step3p7.Step3p7StateDictAdapter", dequantizes=False),
+    # gpt-oss: NeMo's adapter dequantizes the MXFP4 experts itself (transformers' convert_moe_packed_tensors,
+    # copied); under Transformer Engine it also renames the attention sinks (the gpt-oss-te variant).
+    Case("gpt-oss", "gpt-oss", _GPT_OSS, scheme="mxfp4", nemo_backend=(("attn", "sdpa"),)),
+    Case("gpt-oss", "gpt-oss-te", _GPT_OSS, scheme="mxfp4", nemo_backend=(("attn", "te"),), override=True),
     Case("qwen3", "qwen3", None),
     Case("llama", "llama", None),
     Case("gemma3", "gemma3", None),
@@ -224,6 +230,23 @@ def test_native_without_recast_json_goes_back_as_nemo_to_hf(family, nemo, checkp
     report = api.convert(native, tmp_path / "hf", api.Options(to="hf", quantize="none"))
     assert report.passed and report.adapter == case.adapter
     want = _nemo_adapter(case, config(src)).to_hf(load_state_dict(native))
+    assert_state_dicts_identical(load_state_dict(tmp_path / "hf"), want)
+
+
+def test_gpt_oss_bf16_release_equals_nemo(nemo, plain_checkpoint, tmp_path: Path) -> None:
+    # gpt-oss also ships in bf16 (experts gate_up_proj [E, H, 2I], NeMo's layout already): renamed only.
+    # Without recast.json the way back is NeMo's to_hf, which writes that bf16 layout again.
+    case = next(c for c in CASES if c.adapter == "gpt-oss")
+    src = plain_checkpoint("gpt-oss")
+    native = tmp_path / "native"
+    assert api.convert(src, native, api.Options(to="native")).adapter == "gpt-oss"
+    source_sd, cfg = load_state_dict(src), config(src)
+    assert_state_dicts_identical(load_state_dict(native), _nemo_adapter(case, cfg).from_hf(dict(source_sd)))
+    api.convert(native, tmp_path / "back", api.Options(to="hf"))
+    assert_state_dicts_identical(load_state_dict(tmp_path / "back"), source_sd)
+    (native / SIDECAR).unlink()
+    api.convert(native, tmp_path / "hf", api.Options(to="hf", quantize="none"))
+    want = _nemo_adapter(case, cfg).to_hf(load_state_dict(native))
     assert_state_dicts_identical(load_state_dict(tmp_path / "hf"), want)
 
 

@@ -137,6 +137,21 @@ def test_file_jobs_both_directions_match_the_cli(client, cli_outputs, tmp_path):
     assert not list(tmp_path.glob(".*recast*")), "staging left behind"
 
 
+def test_mxfp4_jobs_match_the_cli_and_restore_the_source(client, checkpoint, tmp_path):
+    src = checkpoint("gpt-oss", scheme="mxfp4")
+    api.convert(src, tmp_path / "cli", api.Options(to="native", device="cpu"))
+    job = submit(client, {"source": f"file://{src}", "target": f"file://{tmp_path}/native", "to": "native"})
+    done = wait(client, job["id"])
+    assert done["state"] == "succeeded" and done["adapter"] == "gpt-oss", done["error"]
+    assert_same_files(tmp_path / "native", tmp_path / "cli")
+    back = submit(
+        client, {"source": f"file://{tmp_path}/native", "target": f"file://{tmp_path}/hf", "to": "hf"}
+    )
+    assert wait(client, back["id"])["state"] == "succeeded"
+    for f in src.iterdir():
+        assert filecmp.cmp(tmp_path / "hf" / f.name, f, shallow=False), f.name
+
+
 def test_events_resume_from_last_event_id(client, cli_outputs, tmp_path):
     src, _, _ = cli_outputs("mistral4")
     job = submit(client, {"source": f"file://{src}", "target": f"file://{tmp_path}/out", "to": "native"})

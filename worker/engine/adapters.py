@@ -329,6 +329,28 @@ _QWEN3_VL_MOE = Adapter(
     model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"),
     nemo="qwen3_vl_moe.Qwen3VLMoeStateDictAdapter",
 )
+# gpt-oss: aggregated experts. The MXFP4 release stores them as K_blocks / K_scales [E, out, in/32, …],
+# whose value is [E, out, in] (qformat's mxfp4 row), transposed into NeMo's [E, in, out]; a bf16 release
+# stores gate_up_proj [E, H, 2I] already in NeMo's layout, renamed only. The router becomes mlp.gate.
+# NeMo under Transformer Engine also renames the attention sinks (the gpt-oss-te variant).
+_GPT_OSS = Adapter(
+    name="gpt-oss",
+    description="gpt-oss (MXFP4 experts, or a bf16 release)",
+    architectures=("GptOssForCausalLM",),
+    renames=(
+        Rename(".mlp.router.weight", ".mlp.gate.weight", infix=True),
+        Rename(".mlp.router.bias", ".mlp.gate.bias", infix=True),
+    ),
+    experts=(
+        ExpertRule("copy", "mlp.experts.gate_up_proj", "mlp.experts.gate_and_up_projs"),
+        ExpertRule("copy", "mlp.experts.down_proj", "mlp.experts.down_projs"),
+        ExpertRule("transpose", "mlp.experts.gate_up_proj_blocks", "mlp.experts.gate_and_up_projs"),
+        ExpertRule("transpose", "mlp.experts.down_proj_blocks", "mlp.experts.down_projs"),
+    ),
+    not_quantized=(*_NORMS_ETC, "mlp.router.weight"),
+    model_types=("gpt_oss",),
+    nemo="gpt_oss.GPTOSSStateDictAdapter",
+)
 # Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
 _DENSE = Adapter(
     name="llama",
@@ -493,6 +515,18 @@ ADAPTERS: dict[str, Adapter] = {
                     "NeMo moves the MTP layers that follow num_hidden_layers to mtp.layers.{i}",
                 ),
             ),
+        ),
+        _GPT_OSS,
+        replace(
+            _GPT_OSS,
+            name="gpt-oss-te",
+            description="gpt-oss for NeMo's Transformer Engine attention: the attention sinks become "
+            "attn_module.softmax_offset",
+            renames=(
+                *_GPT_OSS.renames,
+                Rename(".self_attn.sinks", ".self_attn.attn_module.softmax_offset", infix=True),
+            ),
+            variant_of="gpt-oss",
         ),
         _DENSE,
         replace(

@@ -8,7 +8,17 @@ from typing import Any
 import torch
 
 from .adapters import Adapter
-from .fp8 import ScaleKind, expand_scale, fresh_scale, quantize, scale_from_amax, scale_shape
+from .errors import RecastError
+from .fp8 import (
+    ScaleKind,
+    encode,
+    expand_scale,
+    fresh_scale,
+    quantize,
+    scale_from_amax,
+    scale_shape,
+    stored_shape,
+)
 from .keymap import Quant
 from .qformat import FP8_FORMAT, QuantFormat, Scheme
 from .safetensors_io import DTYPES
@@ -74,7 +84,12 @@ def choose(
         if not same:
             fmt.check_readable(key, q.kind, adapter.claims_expert(key))
         return Encoding(
-            key, "F8_E4M3", "keep", q, act, fmt, act_out, q.zero_point if same else None, not same
+            key, q.kind.stored_dtype, "keep", q, act, fmt, act_out, q.zero_point if same else None, not same
+        )
+    if q is not None and q.kind.exact_only:
+        raise RecastError(
+            f"{key!r} is {q.kind.value} in the source; Recast writes {q.kind.value} only to restore the "
+            f"source's own values (--quantize keep), not with --quantize {quantize_mode}"
         )
     if quantize_mode in FRESH and adapter.quantizable(key):
         fmt.check_kind(key, FRESH[quantize_mode])
@@ -117,7 +132,7 @@ class Encoder:
             srow = r0 // 128 if len(self.shape) == 2 and enc.mode == "block" else r0
             return [(enc.key, r0, q), (enc.scale_key, srow, s)]
         scale = self._scale.to(x.device)
-        return [(enc.key, r0, quantize(x, expand_scale(self.kind, scale, rows, self.shape)))]
+        return [(enc.key, r0, encode(x, self.kind, scale, rows, self.shape))]
 
     def finish(self) -> list[tuple[str, int, torch.Tensor]]:
         """Tensors written once per hf tensor: the kept or per-tensor scale and the activation scale."""
@@ -137,7 +152,7 @@ class Encoder:
     def planned(self, scales_info) -> list[tuple[str, str, tuple[int, ...]]]:
         """(key, dtype, shape) of everything this tensor writes, for the shard layout."""
         enc = self.enc
-        out = [(enc.key, enc.dtype, self.shape)]
+        out = [(enc.key, enc.dtype, stored_shape(self.kind, self.shape))]
         if enc.mode == "keep":
             info = scales_info(enc.keep.scale)
             shape = tuple(self._scale.shape) if enc.renamed else info.shape

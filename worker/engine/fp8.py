@@ -3,6 +3,8 @@
 Every multiply and divide happens in fp32 and only the result is cast, so CPU and CUDA produce the
 same bits and re-quantizing with the original scale restores the original FP8 bytes exactly.
 Functions work on a slice of rows (dim 0) so callers can stream a large tensor in pieces.
+MXFP4 (mxfp4.py) is one more ``ScaleKind`` here: the kind-dispatching functions (``decode``, ``encode``,
+``dequantize_rows``, ``quantize_rows``, the shapes) send it there, so the directions need no branch of their own.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from enum import StrEnum
 
 import torch
 
-from . import lut
+from . import lut, mxfp4
 from .errors import CheckpointError
 
 FP8 = torch.float8_e4m3fn
@@ -25,6 +27,18 @@ class ScaleKind(StrEnum):
     PER_EXPERT = "per-expert"
     PER_CHANNEL = "per-channel"
     BLOCK = "block"
+    MXFP4 = "mxfp4"  # not FP8: e2m1 codes in blocks of 32 with e8m0 exponents (mxfp4.py)
+
+    @property
+    def stored_dtype(self) -> str:
+        """The safetensors dtype of a tensor quantized with scales of this kind."""
+        return "U8" if self is ScaleKind.MXFP4 else "F8_E4M3"
+
+    @property
+    def exact_only(self) -> bool:
+        """Written only to restore a source's own codes (MXFP4): a value that is not exactly one is an
+        error, never a rounding within a bound."""
+        return self is ScaleKind.MXFP4
 
     @property
     def tabulated(self) -> bool:
@@ -63,6 +77,8 @@ def classify_scale(key: str, weight_shape: tuple[int, ...], scale_shape: tuple[i
 
 def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple[int, ...]) -> torch.Tensor:
     """The fp32 scale broadcastable over ``weight[rows]`` (a dim-0 slice of a tensor of ``shape``)."""
+    if kind is ScaleKind.MXFP4:
+        return mxfp4.expand(scale[rows])
     s = scale.float()
     if kind is ScaleKind.PER_TENSOR:
         return s.reshape(())
@@ -79,6 +95,38 @@ def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple
         return s.repeat_interleave(BLOCK, 0)[: hi - lo].repeat_interleave(BLOCK, 1)[:, :c]
     s = s[rows]
     return s.repeat_interleave(BLOCK, -2)[:, :r].repeat_interleave(BLOCK, -1)[..., :c]
+
+
+def value_shape(kind: ScaleKind | None, stored: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the value a quantized tensor stored as ``stored`` holds (MXFP4 packs two per byte)."""
+    return mxfp4.value_shape(stored) if kind is ScaleKind.MXFP4 else stored
+
+
+def stored_shape(kind: ScaleKind | None, value: tuple[int, ...]) -> tuple[int, ...]:
+    return mxfp4.stored_shape(value) if kind is ScaleKind.MXFP4 else value
+
+
+def dequantize_rows(
+    q: torch.Tensor,
+    kind: ScaleKind,
+    scale: torch.Tensor,
+    rows: slice,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rows ``rows`` of a tensor of ``shape`` dequantized by plain arithmetic (never tables)."""
+    if kind is ScaleKind.MXFP4:
+        return mxfp4.dequantize(q, scale[rows], dtype)
+    return dequantize(q, expand_scale(kind, scale, rows, shape), dtype)
+
+
+def quantize_rows(
+    w: torch.Tensor, kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Rows ``rows`` of a tensor of ``shape`` quantized with a recorded scale by plain arithmetic."""
+    if kind is ScaleKind.MXFP4:
+        return mxfp4.quantize(w, scale[rows])
+    return quantize(w, expand_scale(kind, scale, rows, shape))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -180,7 +228,7 @@ def decode(
     if kind.tabulated and lut.applies(q, groups, lut.MIN_DECODE):
         s = scale.float().reshape(-1)
         return lut.decode(q, s if kind is ScaleKind.PER_TENSOR else s[rows], dtype, dequantize)
-    return dequantize(q, expand_scale(kind, scale, rows, shape), dtype)
+    return dequantize_rows(q, kind, scale, rows, shape, dtype)
 
 
 def encode(
@@ -196,7 +244,7 @@ def encode(
     ):
         s = scale.float().reshape(-1)
         return lut.encode(w, s if kind is ScaleKind.PER_TENSOR else s[rows], quantize)
-    return quantize(w, expand_scale(kind, scale, rows, shape))
+    return quantize_rows(w, kind, scale, rows, shape)
 
 
 def exact_codes(

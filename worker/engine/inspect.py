@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -9,10 +10,10 @@ from .adapters import Adapter, detect
 from .checkpoint import open_checkpoint
 from .encode import FRESH
 from .formats import is_native
-from .fp8 import ScaleKind
+from .fp8 import ScaleKind, value_shape
 from .keymap import Quant, find_quant, plan_from_native
 from .options import DTYPE_ARGS, STEP_BYTES
-from .qformat import FORMATS, QuantFormat, describe, source_format
+from .qformat import FORMAT_NAMES, FORMATS, QuantFormat, describe, source_format
 from .safetensors_io import DTYPES
 from .storage import Source, open_source
 from .tensors import hf_shapes
@@ -44,7 +45,8 @@ def inspect(
     for key, info in ckpt.tensors.items():
         if key in companions:
             continue
-        out_bytes += info.nbytes // info.torch_dtype.itemsize * itemsize if key in quant else info.nbytes
+        values = math.prod(value_shape(quant[key].kind, info.shape)) if key in quant else 0
+        out_bytes += values * itemsize if key in quant else info.nbytes
     growth = out_bytes / max(ckpt.total_bytes, 1)
     largest_out = int(max(shard_sizes, default=0) * growth)
     return {
@@ -82,10 +84,10 @@ def inspect(
 def _output_formats(
     kept: dict[str, Quant], quantizable: list[str], adapter: Adapter, source: QuantFormat
 ) -> dict[str, dict[str, Any]]:
-    """Per output format: whether ``--quantize keep`` can write the recorded scales in it (the FP8 bytes
-    then stay as they are), and the fresh ``--quantize`` schemes it can take — both only where the
-    result is a layout transformers reads correctly (``QuantFormat.unreadable``), the source's own
-    layout excepted."""
+    """Per output format (those ``--format`` offers, and the source's own: MXFP4 is only ever that):
+    whether ``--quantize keep`` can write the recorded scales in it (the quantized bytes then stay as
+    they are), and the fresh ``--quantize`` schemes it can take — both only where the result is a layout
+    transformers reads correctly (``QuantFormat.unreadable``), the source's own layout excepted."""
 
     def readable(fmt: QuantFormat, key: str, kind: ScaleKind) -> bool:
         return not fmt.unreadable(key, kind, adapter.claims_expert(key))
@@ -102,4 +104,5 @@ def _output_formats(
             ],
         }
         for name, fmt in FORMATS.items()
+        if name in FORMAT_NAMES or fmt is source
     }

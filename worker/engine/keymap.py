@@ -15,7 +15,7 @@ from typing import Any
 from .adapters import ADAPTERS, Adapter, describe_config, detected, expert_owner, supported
 from .checkpoint import Checkpoint
 from .errors import AdapterMismatchError, CheckpointError
-from .fp8 import ScaleKind, classify_scale
+from .fp8 import ScaleKind
 from .qformat import FP8_FORMAT, QuantFormat, source_format
 from .safetensors_io import TensorInfo
 
@@ -102,19 +102,19 @@ def find_quant(
         if fmt.companion_name(key):
             continue
         if key.endswith(fmt.scale_suffix):
-            base = key[: -len(fmt.scale_suffix)]
+            base = fmt.weight_key(key)
             if base not in tensors:
                 raise CheckpointError(f"scale {key!r} (in {info.file}) has no weight {base!r}")
             continue
         scale = fmt.scale_key(key)
         if scale in tensors:
-            kind = classify_scale(key, info.shape, tensors[scale].shape)
+            kind = fmt.classify(key, info, tensors[scale])
             activation = next((c for c in fmt.activation_keys(key) if c in tensors), None)
             zero_point = fmt.zero_point_key(key)
             q = Quant(scale, kind, activation, zero_point if zero_point in tensors else None)
             quant[key] = q
             companions.update(q.companions)
-        elif info.dtype.startswith("F8"):
+        elif info.dtype.startswith("F8") or fmt.packed(key):
             raise CheckpointError(
                 f"{key!r} in {info.file} is {info.dtype} but its scale {scale!r} is missing from the checkpoint"
                 f" ({fmt.name} layout, from config.json)"

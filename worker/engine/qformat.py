@@ -1,6 +1,6 @@
-"""The ways an hf checkpoint spells FP8: one row of data per format, read and written by the same code.
+"""How an hf checkpoint spells its quantized weights: one row of data per format, one code for all.
 
-Both formats store ``float8_e4m3fn`` weights beside a dequantization multiplier (``w = q * s``); they
+The FP8 formats store ``float8_e4m3fn`` weights beside a dequantization multiplier (``w = q * s``); they
 differ only in names, in the shape of a per-tensor scale and in their ``quantization_config``:
 
 - ``fp8`` (the vendors' layout, transformers' ``quant_method: fp8``): ``K_scale_inv``, activation scales
@@ -10,6 +10,10 @@ differ only in names, in the shape of a per-tensor scale and in their ``quantiza
   and an ``ignore`` list. Its config is read and written here, by hand: the ``compressed-tensors``
   package imports transformers (27 s, and a dependency the engine does not otherwise have), so the
   engine does not import it; the tests validate what this writes with the package's own schema.
+- ``mxfp4`` (gpt-oss, transformers' ``quant_method: mxfp4``): not FP8 but the same pairing, ``K_blocks``
+  (packed e2m1 codes) beside ``K_scales`` (e8m0 exponents), so it is one more row. It is read, and
+  written only by ``--quantize keep`` in its own format: ``ScaleKind.MXFP4`` is in no other format's
+  kinds, and ``--format`` does not offer it.
 
 A layout Recast makes up (fresh scales, or kept scales re-spelled in the other format) must also be one
 its consumers read back correctly, or Recast refuses it (``check_readable``); the facts it rests on are
@@ -23,10 +27,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import mxfp4
 from .errors import CheckpointError, RecastError
-from .fp8 import BLOCK, ScaleKind
+from .fp8 import BLOCK, ScaleKind, classify_scale
+from .safetensors_io import TensorInfo
 
+# The formats a user may choose with --format; mxfp4 is only ever the source's own.
 FORMAT_NAMES = ("fp8", "compressed-tensors")
+
+
+def _fp8_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
+    return classify_scale(key, weight.shape, scale.shape)
+
+
+def _mxfp4_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
+    mxfp4.check(key, (weight.dtype, weight.shape), (scale.dtype, scale.shape))
+    return ScaleKind.MXFP4
 
 
 @dataclass(frozen=True)
@@ -50,12 +66,28 @@ class QuantFormat:
     expert_blocks: bool  # whether its consumers read 128x128 block scales on per-expert weights
     write_config: Callable[[Scheme], dict[str, Any]]
     read_config: Callable[[dict[str, Any]], list[dict[str, Any]]]
+    # K + weight_suffix is the quantized tensor whose scale is K + scale_suffix (mxfp4's K_blocks, K_scales)
+    weight_suffix: str = ""
+    # The scale kind of a quantized tensor and its scale, from their headers; errors name the key.
+    classify: Callable[[str, TensorInfo, TensorInfo], ScaleKind] = _fp8_classify
 
     def scale_key(self, key: str) -> str:
+        if self.weight_suffix and key.endswith(self.weight_suffix):
+            key = key[: -len(self.weight_suffix)]
         return key + self.scale_suffix
+
+    def weight_key(self, scale_key: str) -> str:
+        """The quantized tensor a scale named ``scale_key`` belongs to."""
+        return scale_key[: -len(self.scale_suffix)] + self.weight_suffix
+
+    def packed(self, key: str) -> bool:
+        """Whether ``key`` is named as a quantized tensor, which must then have a scale."""
+        return bool(self.weight_suffix) and key.endswith(self.weight_suffix)
 
     def activation_keys(self, key: str) -> list[str]:
         """Where ``key``'s activation scale may be, the name this format writes first."""
+        if not self.activation:
+            return []
         found = [f"{key}_{self.activation}"]
         if key.endswith(".weight"):
             found.insert(0, f"{key[: -len('.weight')]}.{self.activation}")
@@ -66,17 +98,20 @@ class QuantFormat:
 
     def companion_name(self, key: str) -> bool:
         """Activation scales and zero points: tensors that belong to a weight without a scale suffix."""
-        return key.endswith(self.activation) or bool(
-            self.zero_point_suffix and key.endswith(self.zero_point_suffix)
-        )
+        activation = bool(self.activation) and key.endswith(self.activation)
+        return activation or bool(self.zero_point_suffix and key.endswith(self.zero_point_suffix))
 
     def check_kind(self, key: str, kind: ScaleKind) -> None:
         if kind not in self.kinds:
-            others = [f.name for f in FORMATS.values() if kind in f.kinds]
+            others = [f.name for f in FORMATS.values() if kind in f.kinds and f.name in FORMAT_NAMES]
+            instead = (
+                f"choose --format {' or '.join(others)}, or another --quantize scheme"
+                if others
+                else f"{kind.value} is written only in its own format: leave --format unset"
+            )
             raise RecastError(
                 f"{key!r} would be written with {kind.value} scales, which the {self.name} format has no "
-                f"scheme for (it has {', '.join(sorted(k.value for k in self.kinds))}); choose "
-                f"--format {' or '.join(others)}, or another --quantize scheme"
+                f"scheme for (it has {', '.join(sorted(k.value for k in self.kinds))}); {instead}"
             )
 
     def unreadable(self, key: str, kind: ScaleKind, expert: bool) -> str | None:
@@ -214,6 +249,22 @@ def _ct_read(qc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _mxfp4_config(s: Scheme) -> dict[str, Any]:
+    return {"quant_method": "mxfp4", "modules_to_not_convert": s.skipped}
+
+
+def _mxfp4_read(qc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "group": "all",
+            "targets": ["experts"],
+            "weights": "mxfp4",
+            "block_structure": [1, mxfp4.BLOCK],
+            "input_activations": None,
+        }
+    ]
+
+
 FORMATS: dict[str, QuantFormat] = {
     f.name: f
     for f in (
@@ -240,6 +291,20 @@ FORMATS: dict[str, QuantFormat] = {
             False,
             _ct_config,
             _ct_read,
+        ),
+        QuantFormat(
+            "mxfp4",
+            "mxfp4",
+            "_scales",
+            "",
+            None,
+            (),
+            frozenset({ScaleKind.MXFP4}),
+            True,
+            _mxfp4_config,
+            _mxfp4_read,
+            weight_suffix="_blocks",
+            classify=_mxfp4_classify,
         ),
     )
 }

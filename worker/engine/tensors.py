@@ -7,12 +7,12 @@ of a matrix, experts of a 3-D tensor), so no tensor is ever materialised whole u
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .checkpoint import Checkpoint
-from .fp8 import BLOCK, ScaleKind, decode
+from .fp8 import BLOCK, ScaleKind, decode, value_shape
 from .hostpool import HostPool
 from .keymap import NativeTensor, Quant
 from .operations import OPERATIONS
@@ -147,6 +147,14 @@ def hf_value(
         rows = slice(r0, min(r1, info.shape[0])) if info.shape else slice(0, 1)
         x = decode(x, q.kind, scale, rows, info.shape, dtype)
     return x.transpose(-1, -2) if transposed and not early else x
+
+
+def value_infos(tensors: dict[str, TensorInfo], quant: dict[str, Quant]) -> dict[str, TensorInfo]:
+    """``tensors`` with each quantized tensor's shape the shape of its value (MXFP4 packs two per byte)."""
+    return {
+        k: replace(info, shape=value_shape(quant[k].kind, info.shape)) if k in quant else info
+        for k, info in tensors.items()
+    }
 
 
 def native_shape(t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ from .checks import Checks, same_bits
 from .direction import Direction, account_rest
 from .encode import Encoder, Encoding, choose, quantization_config
 from .formats import is_native, sidecar_tensors
-from .fp8 import decode, encode, expand_scale
+from .fp8 import decode, encode, expand_scale, value_shape
 from .hostpool import HostPool
 from .keymap import KeyPlan, NativeTensor, find_quant, plan_from_native
 from .layout import Layout
@@ -82,7 +82,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                 continue
             value_dtype = DTYPE_ARGS[opts.dtype] if k in recorded else info.dtype
             enc = choose(k, value_dtype, opts.quantize, recorded, source_dtypes, adapter, **formats)
-            items.append(HfItem(enc, info.shape, None, value_dtype))
+            shape = value_shape(recorded[k].kind, info.shape) if k in recorded else info.shape
+            items.append(HfItem(enc, shape, None, value_dtype))
     read_quant = {} if native_src else recorded
     encoders = {it.enc.key: Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev)) for it in items}
     produces = {it.enc.key: encoders[it.enc.key].planned(ts.info) for it in items}
@@ -144,6 +145,10 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
             checks.bitwise(key, n, True)
         elif not (lossy_ok or dq):
             checks.bitwise(key, n, False, "not bit-identical after the round trip")
+        elif it.enc.scale_kind is not None and it.enc.scale_kind.exact_only:
+            checks.bitwise(
+                key, n, False, f"not exactly {it.enc.scale_kind.value} values under the recorded scales"
+            )
         else:
             original = ref if native_src else x
             restored = written_value(it, pieces, r0, n, torch.float32)[0]

@@ -18,7 +18,7 @@ from .adapters import Adapter
 from .checkpoint import Checkpoint
 from .checks import Checks, same_bits
 from .direction import Direction, account_rest
-from .fp8 import decode, encode, exact_codes
+from .fp8 import decode, encode, exact_codes, value_shape
 from .hostpool import HostPool
 from .keymap import KeyPlan, NativeTensor, plan_from_hf
 from .layout import Layout
@@ -37,6 +37,7 @@ from .tensors import (
     inverse_views,
     native_shape,
     row_chunks,
+    value_infos,
 )
 
 
@@ -53,8 +54,9 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
     used = sorted(set(shard_of.values()))
     layout = Layout(shards=[[] for _ in used])
     shapes = {}
+    values = value_infos(src.tensors, plan.quant)
     for t in order:
-        shapes[t.key] = native_shape(t, src.tensors)
+        shapes[t.key] = native_shape(t, values)
         dt = (
             "F32"
             if t.kind == "zeros"
@@ -90,7 +92,7 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
             rows = (
                 slice(a, b) if a is not None and info.shape else slice(0, info.shape[0] if info.shape else 1)
             )
-            piece, raw = piece.reshape(raw.shape), raw.to(dev)
+            piece, raw = piece.reshape(value_shape(q.kind, raw.shape)), raw.to(dev)
             codes = exact_codes(piece, q.kind, scale, rows, info.shape)
             if codes is not None:
                 ok = torch.equal(codes, raw.view(torch.uint8).to(torch.int16))

@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .checks import Acc, same_bits
 from .errors import CheckpointError
 from .formats import is_native, sidecar_tensors
-from .fp8 import dequantize, expand_scale, quantize
+from .fp8 import dequantize_rows, expand_scale, quantize_rows, value_shape
 from .keymap import KeyPlan, find_quant, plan_from_native
 from .options import DTYPE_ARGS
 from .qformat import source_format
@@ -82,13 +82,16 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
                 if q is not None:
                     sinfo = src.tensors[key]
                     rows = slice(0, sinfo.shape[0]) if a is None else slice(a, b)
-                    scale = expand_scale(q.kind, sts.rows(q.scale).to(dev), rows, sinfo.shape)
+                    scale = sts.rows(q.scale).to(dev)
+                    piece = piece.reshape(value_shape(q.kind, raw.shape))
                     # The written value must be exactly the source code dequantized, not merely a value
                     # that quantizes back to it (many bf16 values share one FP8 code).
-                    if not same_bits(dequantize(raw, scale, piece.dtype), piece.reshape(raw.shape)):
+                    if not same_bits(
+                        dequantize_rows(raw, q.kind, scale, rows, sinfo.shape, piece.dtype), piece
+                    ):
                         acc.passed = False
-                        acc.detail = "not the source's FP8 values dequantized"
-                    piece = quantize(piece, scale)
+                        acc.detail = f"not the source's {q.kind.stored_dtype} values dequantized"
+                    piece = quantize_rows(piece, q.kind, scale, rows, sinfo.shape)
                 if not same_bits(
                     piece.reshape(raw.shape) if piece.numel() == raw.numel() else piece, raw.to(piece.dtype)
                 ):
@@ -184,7 +187,7 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
             value = hf_value(dts, dquant, key, r0, r1, value_dtype, dev)
             if q is not None:
                 rows = slice(r0, r1) if info.shape else slice(0, 1)
-                rebuilt = quantize(value, expand_scale(q.kind, sts.rows(q.scale).to(dev), rows, info.shape))
+                rebuilt = quantize_rows(value, q.kind, sts.rows(q.scale).to(dev), rows, info.shape)
             else:
                 rebuilt = value.to(info.torch_dtype)
             if same_bits(rebuilt.reshape(raw.shape), raw):
@@ -209,7 +212,7 @@ def _expanded_scale(ts: TensorSource, quant, key: str, r0, r1, dev) -> torch.Ten
     q = quant[key]
     rows = slice(r0, min(r1, info.shape[0]))
     s = expand_scale(q.kind, ts.rows(q.scale).to(dev), rows, info.shape)
-    return s.expand((rows.stop - rows.start, *info.shape[1:]))
+    return s.expand((rows.stop - rows.start, *value_shape(q.kind, info.shape)[1:]))
 
 
 def _swap(x: torch.Tensor, transposed: bool) -> torch.Tensor:

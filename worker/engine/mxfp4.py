@@ -1,0 +1,85 @@
+"""MXFP4 (OCP microscaling FP4), read and restored: gpt-oss ships its MoE experts this way.
+
+A tensor ``K`` is stored as ``K_blocks`` (uint8 ``[..., rows, G, 16]``: G blocks of 32 e2m1 values along
+the last axis, two per byte, low nibble first) and ``K_scales`` (uint8 ``[..., rows, G]``: one e8m0
+exponent per block, bias 127). Its value is ``[..., rows, 32·G]``, each element ``e2m1(code) · 2^(s-127)``,
+computed as transformers' ``convert_moe_packed_tensors`` computes it (the e2m1 value times an fp32 power
+of two, then cast), which NeMo's gpt-oss adapter copies: the same bits both loaders produce.
+
+An e2m1 value times a power of two is exact in fp32, and in bf16 for every exponent up to 252, so
+dequantizing is one to one and re-quantizing with the recorded scales (``quantize``) gives back the
+source codes. Nothing here assumes it: ``quantize`` picks the nearest code, and the checks compare its
+bytes with the source's, so a value that is not exactly a code shows up as a changed byte. Recast writes
+MXFP4 only to restore a checkpoint's own values; it never chooses MXFP4 scales.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import CheckpointError
+
+# e2m1 code -> value (codes 8-15 are the negatives of 0-7, -0.0 included), as transformers lists them.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# Magnitudes between neighbouring codes 0-7: bucketize maps a magnitude to its nearest code.
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+BLOCK = 32
+PACKED = BLOCK // 2
+BIAS = 127
+
+
+def check(key: str, blocks: tuple[str, tuple[int, ...]], scales: tuple[str, tuple[int, ...]]) -> None:
+    """Refuse a ``(dtype, shape)`` pair of blocks and scales that is not MXFP4, naming the key."""
+    (bdtype, bshape), (sdtype, sshape) = blocks, scales
+    if bdtype != "U8" or sdtype != "U8":
+        raise CheckpointError(
+            f"MXFP4 tensor {key!r} is {bdtype} with {sdtype} scales; MXFP4 blocks and scales are U8"
+        )
+    if len(bshape) < 2 or bshape[-1] != PACKED:
+        raise CheckpointError(
+            f"MXFP4 blocks {key!r} have shape {list(bshape)}; their last dimension must be {PACKED} "
+            f"(a block of {BLOCK} FP4 values, two per byte)"
+        )
+    if tuple(sshape) != tuple(bshape[:-1]):
+        raise CheckpointError(
+            f"MXFP4 scales of {key!r} have shape {list(sshape)}, but its blocks {list(bshape)} need "
+            f"one scale per block: {list(bshape[:-1])}"
+        )
+
+
+def value_shape(stored: tuple[int, ...]) -> tuple[int, ...]:
+    """The dequantized tensor's shape: ``[..., rows, G, 16]`` holds ``[..., rows, 32·G]``."""
+    return (*stored[:-2], stored[-2] * BLOCK)
+
+
+def stored_shape(value: tuple[int, ...]) -> tuple[int, ...]:
+    return (*value[:-1], value[-1] // BLOCK, PACKED)
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[..., rows, G, 16]`` codes with ``[..., rows, G]`` exponents → ``[..., rows, 32·G]`` in ``dtype``."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    b = blocks.view(torch.uint8)
+    values = torch.stack((lut[(b & 0x0F).int()], lut[(b >> 4).int()]), dim=-1)  # int32 indices: half of int64
+    values = values.reshape(*b.shape[:-1], BLOCK)
+    out = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - BIAS)
+    return out.reshape(*b.shape[:-2], -1).to(dtype)
+
+
+def quantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The codes of ``[..., rows, 32·G]`` values under recorded ``[..., rows, G]`` exponents, packed as
+    ``[..., rows, G, 16]`` uint8: the nearest code of each value divided by its block's power of two."""
+    *lead, width = values.shape
+    x = values.float().contiguous().reshape(*lead, width // BLOCK, BLOCK)
+    y = torch.ldexp(x, BIAS - scales.to(torch.int32).unsqueeze(-1))
+    bounds = torch.tensor(_MIDPOINTS, dtype=torch.float32, device=y.device)
+    codes = torch.bucketize(y.abs(), bounds, out_int32=True)
+    codes = (codes | (torch.signbit(y).to(torch.int32) << 3)).to(torch.uint8)
+    pairs = codes.reshape(*lead, width // BLOCK, PACKED, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def expand(scales: torch.Tensor) -> torch.Tensor:
+    """Each block's multiplier ``2^(s-127)`` in fp32, repeated over its 32 values."""
+    ones = torch.ones(scales.shape, dtype=torch.float32, device=scales.device)
+    return torch.ldexp(ones, scales.to(torch.int32) - BIAS).repeat_interleave(BLOCK, -1)
