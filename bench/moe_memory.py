@@ -128,6 +128,12 @@ class Family:
         """One layer's native ``gate_and_up_projs`` ``[E, H, 2I]`` in bf16: what must never be held whole."""
         return self.experts * self.hidden * 2 * self.inter * 2
 
+    def whole_bytes(self) -> int:
+        """What converting that tensor in one piece holds: its source bytes, the fp32 value an FP8 source is
+        dequantized into, and the bf16 result. The shapes are chosen so that this alone exceeds the budget."""
+        n = self.experts * self.hidden * 2 * self.inter
+        return n * (1 + 4 + 2) if self.layout != "hf-aggregated" else n * (2 + 2)
+
 
 FAMILIES = {
     f.name: f
@@ -139,7 +145,7 @@ FAMILIES = {
             "hf-aggregated",
             512,
             1024,
-            256,
+            512,
             2,
             "qwen3_5_moe",
             "Qwen3_5MoeForConditionalGeneration",
@@ -164,9 +170,11 @@ FAMILIES = {
 
 
 def plan(src: Path, to: str) -> dict:
-    """The engine's plan of converting ``src``: its lanes, largest work unit and largest output tensor."""
+    """The engine's plan of converting ``src``: its lanes, largest work unit and largest output tensor, and
+    the peak memory ``recast inspect`` predicts."""
     sys.path.insert(0, str(ROOT))
     from worker.engine.convert import READ_AHEAD_UNITS, plan_conversion
+    from worker.engine.inspect import inspect
     from worker.engine.options import STEP_BYTES, Options
     from worker.engine.pipeline import lanes
     from worker.engine.shard_stream import WRITE_BEHIND
@@ -183,6 +191,7 @@ def plan(src: Path, to: str) -> dict:
         "units": len(units),
         "largest_unit": max(units),
         "largest_tensor": max(tensors),
+        "inspect_peak": inspect(src)["conversion"]["peak_host_memory_bytes"],
     }
 
 
@@ -248,17 +257,43 @@ def budget_of(p: dict, base_rss: int) -> int:
 
 
 @dataclass
-class Row:
-    family: str
-    experts: int
+class Run:
+    """One conversion of a family's checkpoint, in a fresh child."""
+
+    direction: str
+    seconds: float
+    rss: int
+    budget: int
+    plan: dict
+
+
+@dataclass
+class Result:
+    family: Family
     in_bytes: int
-    stacked: int
     naive_rss: int
-    rows: list[tuple[str, float, int, int, dict]]  # direction, seconds, peak RSS, budget, plan
+    runs: list[Run]
     identical: bool
 
 
-def run_family(f: Family, work: Path, logs: Path, base_rss: int) -> Row:
+HEADER = (
+    f"{'family':14}{'experts':>8}{'GB in':>7}{'stack MiB':>10}{'direction':>12}{'s':>7}{'peak MiB':>10}"
+    f"{'budget MiB':>11}{'inspect MiB':>12}{'naive MiB':>10}{'peak/naive':>11}  verdict"
+)
+
+
+def rows_of(r: Result) -> list[str]:
+    f = r.family
+    return [
+        f"{f.name:14}{f.experts:>8}{r.in_bytes / 1e9:>7.2f}{f.stacked_bytes() / MIB:>10.0f}{run.direction:>12}"
+        f"{run.seconds:>7.1f}{run.rss / MIB:>10.0f}{run.budget / MIB:>11.0f}"
+        f"{run.plan['inspect_peak'] / MIB:>12.0f}{r.naive_rss / MIB:>10.0f}{run.rss / r.naive_rss:>11.2f}"
+        f"  {'PASS' if run.rss <= run.budget else 'FAIL'}"
+        for run in r.runs
+    ]
+
+
+def run_family(f: Family, work: Path, logs: Path, base_rss: int) -> Result:
     env = child_env()
     src, native, back = work / f"{f.name}-src", work / f"{f.name}-native", work / f"{f.name}-back"
     stamp = src / "bench-shape.json"
@@ -275,7 +310,7 @@ def run_family(f: Family, work: Path, logs: Path, base_rss: int) -> Row:
         f"one stacked gate_and_up_projs {f.stacked_bytes() / MIB:.0f} MiB bf16",
         flush=True,
     )
-    rows = []
+    runs = []
     for direction, a, b, to in (("to native", src, native, "native"), ("back to hf", native, back, "hf")):
         shutil.rmtree(b, ignore_errors=True)
         p = last_json(measure(self_child("plan", str(a), to), f"{f.name}-plan-{to}", logs, env)[0])
@@ -284,51 +319,53 @@ def run_family(f: Family, work: Path, logs: Path, base_rss: int) -> Row:
         report = json.loads(out)
         if not report["summary"]["passed"]:
             raise StepFailed(f"{f.name} {direction}: verification did not pass: {report['summary']}")
-        rows.append((direction, report.get("seconds") or wall, rss, budget_of(p, base_rss), p))
+        runs.append(Run(direction, report.get("seconds") or wall, rss, budget_of(p, base_rss), p))
     same = last_json(measure(self_child("compare", str(src), str(back)), f"{f.name}-compare", logs)[0])
-    if not same["identical"]:
-        print(f"{f.name}: the way back is NOT byte-identical to the source: {same['detail']}", flush=True)
     shutil.rmtree(native)
     shutil.rmtree(back)
     dst = work / f"{f.name}-naive"
     shutil.rmtree(dst, ignore_errors=True)
     _, _, naive_rss = measure(self_child("naive", str(src), str(dst)), f"{f.name}-naive", logs)
     shutil.rmtree(dst)
-    return Row(f.name, f.experts, in_bytes, f.stacked_bytes(), naive_rss, rows, same["identical"])
+    result = Result(f, in_bytes, naive_rss, runs, same["identical"])
+    for line in rows_of(result):
+        print(line, flush=True)
+    print(
+        f"{f.name}: the way back is {'' if same['identical'] else 'NOT '}byte-identical to the source "
+        f"{same.get('detail', '')}",
+        flush=True,
+    )
+    return result
 
 
-def report(results: list[Row], base_rss: int) -> int:
+def report(results: list[Result], base_rss: int) -> int:
     print()
     print(f"baseline ({BASELINE}): peak RSS {base_rss / MIB:.0f} MiB")
-    print(
-        f"{'family':14}{'experts':>8}{'GB in':>7}{'stack MiB':>10}{'direction':>12}{'s':>7}{'peak MiB':>10}"
-        f"{'budget MiB':>11}{'naive MiB':>10}{'peak/naive':>11}  verdict"
-    )
+    print(HEADER)
+    for r in results:
+        print("\n".join(rows_of(r)))
+    print()
     failed = False
     for r in results:
-        for direction, secs, rss, budget, _ in r.rows:
-            ok = rss <= budget
-            failed |= not ok
-            print(
-                f"{r.family:14}{r.experts:>8}{r.in_bytes / 1e9:>7.2f}{r.stacked / MIB:>10.0f}{direction:>12}"
-                f"{secs:>7.1f}{rss / MIB:>10.0f}{budget / MIB:>11.0f}{r.naive_rss / MIB:>10.0f}"
-                f"{rss / r.naive_rss:>11.2f}  {'PASS' if ok else 'FAIL'}"
-            )
-        failed |= not r.identical
-    print()
-    for r in results:
-        p = r.rows[0][4]
-        above = max(rss for _, _, rss, _, _ in r.rows) - base_rss
+        p, f = r.runs[0].plan, r.family
+        peak = max(run.rss for run in r.runs)
+        whole = base_rss + f.whole_bytes()
+        catches = whole > max(run.budget for run in r.runs)
+        failed |= not r.identical or any(run.rss > run.budget for run in r.runs)
         print(
-            f"{r.family}: plan ({p['adapter']}) {p['lanes']} lanes, {p['units']} units to native, largest unit "
+            f"{f.name}: plan ({p['adapter']}) {p['lanes']} lanes, {p['units']} units to native, largest unit "
             f"{p['largest_unit'] / MIB:.1f} MiB in, largest output tensor {p['largest_tensor'] / MIB:.0f} MiB; "
-            f"peak above baseline {above / MIB:.0f} MiB = {above / r.stacked:.2f} x one stacked expert tensor; "
+            f"peak above baseline {(peak - base_rss) / MIB:.0f} MiB = "
+            f"{(peak - base_rss) / f.stacked_bytes():.2f} x one stacked expert tensor; converting that tensor "
+            f"whole would need about {whole / MIB:.0f} MiB "
+            f"({'over the budget: the check catches it' if catches else 'NOT over the budget'}); "
             f"way back byte-identical: {r.identical}"
         )
-    p = results[0].rows[0][4]
+    p = results[0].runs[0].plan
     print(
         f"budget = baseline + {FIXED // MIB} MiB + lanes x (write-behind {p['write_behind'] // MIB} MiB + "
-        f"({p['read_ahead_units']} read ahead + 4) x 4 x largest unit)"
+        f"({p['read_ahead_units']} read ahead + 4) x 4 x largest unit); inspect = recast inspect's "
+        "peak_host_memory_bytes"
     )
     print(f"memory: {'FAIL' if failed else 'PASS'}")
     return 1 if failed else 0
