@@ -14,14 +14,19 @@ takes minutes on two cores. Then, each in its own fresh child process:
     back    recast convert NATIVE BACK --to hf --json (verification on); BACK must equal SRC byte for byte
     naive   load every shard into one dict, dequantize every FP8 weight (fp32, then bf16), save_file
 
-Budget, per direction, from the plan (independent of the expert count and of the shard size):
+Budget, per direction, from the plan's constants (independent of the expert count and of the shard size):
 
-    baseline + 200 MiB + lanes x (WRITE_BEHIND + (READ_AHEAD_UNITS + 4) x 4 x largest unit's source bytes)
+    baseline + 200 MiB + lanes x (WRITE_BEHIND + (READ_AHEAD_UNITS + 4) x 4 x U)
+    U = max(STEP_BYTES, one expert's [H, 2I] slice in bf16)
 
 that is, per shard lane: the bytes queued for the writer, plus the units read ahead, the one computing
-and its verification, each at most fp32-sized. ``baseline`` is the peak RSS of ``import torch,
-safetensors.torch``. Materializing one whole stacked expert tensor, as a per-tensor conversion would, adds
-its fp32 value on top. Exit status 0 when every conversion is within its budget and the way back is
+and its verification, each at most fp32-sized. Every unit of the plan must read at most U, and U must be at
+most a quarter of one stacked tensor: a plan that takes whole stacked tensors as units fails (with
+``STEP_BYTES`` raised to 1 TiB the Kimi K2 conversion peaked at 6.3 GiB). ``baseline`` is the
+peak RSS of ``import torch, safetensors.torch``. Converting one stacked expert tensor whole, as a
+per-tensor conversion would, needs more than the budget at these shapes (the script says so per family).
+
+Exit status 0 when every conversion is within its budget, every unit within U and the way back is
 byte-identical, 1 otherwise, 2 when a step errors. This parent imports neither torch nor numpy (see
 children.py); the checkpoints are written by children too.
 """
@@ -127,6 +132,10 @@ class Family:
     def stacked_bytes(self) -> int:
         """One layer's native ``gate_and_up_projs`` ``[E, H, 2I]`` in bf16: what must never be held whole."""
         return self.experts * self.hidden * 2 * self.inter * 2
+
+    def slice_bytes(self) -> int:
+        """One expert's slice of that tensor, ``[H, 2I]`` in bf16: no source or native expert row is bigger."""
+        return self.hidden * 2 * self.inter * 2
 
     def whole_bytes(self) -> int:
         """What converting that tensor in one piece holds: its source bytes, the fp32 value an FP8 source is
@@ -251,8 +260,14 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def budget_of(p: dict, base_rss: int) -> int:
-    per_lane = p["write_behind"] + (p["read_ahead_units"] + 4) * 4 * p["largest_unit"]
+def unit_bound(p: dict, f: Family) -> int:
+    """The most a work unit may read when experts stream: a step's bytes, or one expert slice if bigger."""
+    return max(p["step_bytes"], f.slice_bytes())
+
+
+def budget_of(p: dict, f: Family, base_rss: int) -> int:
+    """What the plan's lanes, read-ahead and write-behind allow, with units of at most ``unit_bound``."""
+    per_lane = p["write_behind"] + (p["read_ahead_units"] + 4) * 4 * unit_bound(p, f)
     return base_rss + FIXED + p["lanes"] * per_lane
 
 
@@ -319,7 +334,7 @@ def run_family(f: Family, work: Path, logs: Path, base_rss: int) -> Result:
         report = json.loads(out)
         if not report["summary"]["passed"]:
             raise StepFailed(f"{f.name} {direction}: verification did not pass: {report['summary']}")
-        runs.append(Run(direction, report.get("seconds") or wall, rss, budget_of(p, base_rss), p))
+        runs.append(Run(direction, report.get("seconds") or wall, rss, budget_of(p, f, base_rss), p))
     same = last_json(measure(self_child("compare", str(src), str(back)), f"{f.name}-compare", logs)[0])
     shutil.rmtree(native)
     shutil.rmtree(back)
@@ -351,10 +366,15 @@ def report(results: list[Result], base_rss: int) -> int:
         peak = max(run.rss for run in r.runs)
         whole = base_rss + f.whole_bytes()
         catches = whole > max(run.budget for run in r.runs)
-        failed |= not r.identical or any(run.rss > run.budget for run in r.runs)
+        bound = max(unit_bound(run.plan, f) for run in r.runs)
+        per_expert = all(run.plan["largest_unit"] <= unit_bound(run.plan, f) for run in r.runs)
+        per_expert &= bound <= f.stacked_bytes() // 4
+        failed |= not r.identical or not per_expert or any(run.rss > run.budget for run in r.runs)
+        largest = max(run.plan["largest_unit"] for run in r.runs)
         print(
-            f"{f.name}: plan ({p['adapter']}) {p['lanes']} lanes, {p['units']} units to native, largest unit "
-            f"{p['largest_unit'] / MIB:.1f} MiB in, largest output tensor {p['largest_tensor'] / MIB:.0f} MiB; "
+            f"{f.name}: plan ({p['adapter']}) {p['lanes']} lanes, {p['units']} units to native; largest unit "
+            f"{largest / MIB:.1f} MiB in, per-expert bound {bound / MIB:.1f} MiB (at most a quarter of a stacked "
+            f"tensor): {'PASS' if per_expert else 'FAIL'}; largest output tensor {p['largest_tensor'] / MIB:.0f} MiB; "
             f"peak above baseline {(peak - base_rss) / MIB:.0f} MiB = "
             f"{(peak - base_rss) / f.stacked_bytes():.2f} x one stacked expert tensor; converting that tensor "
             f"whole would need about {whole / MIB:.0f} MiB "
@@ -364,7 +384,8 @@ def report(results: list[Result], base_rss: int) -> int:
     p = results[0].runs[0].plan
     print(
         f"budget = baseline + {FIXED // MIB} MiB + lanes x (write-behind {p['write_behind'] // MIB} MiB + "
-        f"({p['read_ahead_units']} read ahead + 4) x 4 x largest unit); inspect = recast inspect's "
+        f"({p['read_ahead_units']} read ahead + 4) x 4 x per-expert bound); per-expert bound = max(step "
+        f"{p['step_bytes'] / MIB:.0f} MiB, one expert's [H, 2I] bf16 slice); inspect = recast inspect's "
         "peak_host_memory_bytes"
     )
     print(f"memory: {'FAIL' if failed else 'PASS'}")
