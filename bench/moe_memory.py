@@ -22,7 +22,7 @@ Budget, per direction, from the plan's constants (independent of the expert coun
 that is, per shard lane: the bytes queued for the writer, plus the units read ahead, the one computing
 and its verification, each at most fp32-sized. Every unit of the plan must read at most U, and U must be at
 most a quarter of one stacked tensor: a plan that takes whole stacked tensors as units fails (with
-``STEP_BYTES`` raised to 1 TiB the Kimi K2 conversion peaked at 6.3 GiB). ``baseline`` is the
+``STEP_BYTES`` raised to 1 TiB the 384-expert Kimi K2 conversion peaked at 6.3 GiB). ``baseline`` is the
 peak RSS of ``import torch, safetensors.torch``. Converting one stacked expert tensor whole, as a
 per-tensor conversion would, needs more than the budget at these shapes (the script says so per family).
 
