@@ -434,6 +434,12 @@ def main() -> int:
             print(f"kept {work}")
         elif args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            for name in [
+                *(f"{n}-{part}" for n in names for part in ("src", "native", "back", "naive")),
+                "logs",
+            ]:
+                shutil.rmtree(work / name, ignore_errors=True)
 
 
 if __name__ == "__main__":
