@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,3 +34,33 @@ def measure(
         tail = err_path.read_text()[-3000:] or stdout[-3000:]
         raise StepFailed(f"{label} exited with {proc.returncode}:\n{tail}")
     return stdout, wall, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def recast_cmd() -> list[str]:
+    """The ``recast`` CLI of this interpreter's environment, or ``python -m worker.cli``."""
+    script = Path(sys.executable).parent / "recast"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "worker.cli"]
+
+
+def safetensors_sizes(d: Path) -> list[int]:
+    """Sizes of the ``.safetensors`` files in ``d``, largest first."""
+    return sorted((p.stat().st_size for p in d.glob("*.safetensors")), reverse=True)
+
+
+def same_files(a: Path, b: Path, piece: int = 64 << 20) -> dict:
+    """Whether directory ``b`` holds the same ``.safetensors`` files as ``a``, byte for byte."""
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    other = sorted(p.name for p in b.glob("*.safetensors"))
+    if names != other:
+        return {"identical": False, "detail": f"shard names differ: {names[:3]}… vs {other[:3]}…"}
+    differ = []
+    for name in names:
+        with open(a / name, "rb") as fa, open(b / name, "rb") as fb:
+            while True:
+                x, y = fa.read(piece), fb.read(piece)
+                if x != y:
+                    differ.append(name)
+                    break
+                if not x:
+                    break
+    return {"identical": not differ, "files": len(names), "detail": f"differ: {differ}" if differ else ""}

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from children import StepFailed, measure
+from children import StepFailed, measure, recast_cmd, safetensors_sizes
 
 # --------------------------------------------------------------------------------------------- the checkpoint
 
@@ -105,7 +105,9 @@ def generate(src: Path) -> None:
         t[f"{p}.input_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
         t[f"{p}.post_attention_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
         if layer == 0:
-            t["model.embed_tokens.weight"] = (torch.randn(VOCAB, HIDDEN, generator=gen) * 0.02).to(torch.bfloat16)
+            t["model.embed_tokens.weight"] = (torch.randn(VOCAB, HIDDEN, generator=gen) * 0.02).to(
+                torch.bfloat16
+            )
         if layer == LAYERS - 1:
             t["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
             t["lm_head.weight"] = (torch.randn(VOCAB, HIDDEN, generator=gen) * 0.02).to(torch.bfloat16)
@@ -191,15 +193,6 @@ def self_child(mode: str, *args: str) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), "--child", mode, *args]
 
 
-def recast_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "recast"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "worker.cli"]
-
-
-def safetensors_sizes(d: Path) -> list[int]:
-    return sorted((p.stat().st_size for p in d.glob("*.safetensors")), reverse=True)
-
-
 def gb_s(nbytes: int, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:.3f}" if seconds > 0 else "-"
 
@@ -243,13 +236,22 @@ def run_bench(work: Path, device: str, no_verify_run: bool) -> int:
             out_sizes = sizes
         secs = report.get("seconds") or wall
         rows.append((label, secs, gb_s(in_bytes, secs), gb_s(sum(sizes), secs), rss))
-        results[label] = {"seconds": secs, "wall": wall, "rss": rss, "out_bytes": sum(sizes),
-                          "shards": len(sizes), "passed": summary["passed"], "verified": summary["verified"]}
+        results[label] = {
+            "seconds": secs,
+            "wall": wall,
+            "rss": rss,
+            "out_bytes": sum(sizes),
+            "shards": len(sizes),
+            "passed": summary["passed"],
+            "verified": summary["verified"],
+        }
         shutil.rmtree(dst)
     out_bytes = sum(out_sizes)
     largest = out_sizes[0]
-    print(f"recast output: {len(out_sizes)} .safetensors files, {out_bytes / 1e9:.3f} GB, "
-          f"largest {largest / MIB:.1f} MiB; verification passed: {results['recast convert']['passed']}")
+    print(
+        f"recast output: {len(out_sizes)} .safetensors files, {out_bytes / 1e9:.3f} GB, "
+        f"largest {largest / MIB:.1f} MiB; verification passed: {results['recast convert']['passed']}"
+    )
 
     dst = work / "out-io"
     shutil.rmtree(dst, ignore_errors=True)
@@ -264,8 +266,15 @@ def run_bench(work: Path, device: str, no_verify_run: bool) -> int:
     out, wall, naive_rss = measure(self_child("naive", str(src), str(dst), device), "naive", logs)
     nv = json.loads(out.strip().splitlines()[-1])
     naive_out = sum(safetensors_sizes(dst))
-    rows.append(("naive load_file/save_file", nv["seconds"], gb_s(in_bytes, nv["seconds"]),
-                 gb_s(naive_out, nv["seconds"]), naive_rss))
+    rows.append(
+        (
+            "naive load_file/save_file",
+            nv["seconds"],
+            gb_s(in_bytes, nv["seconds"]),
+            gb_s(naive_out, nv["seconds"]),
+            naive_rss,
+        )
+    )
     shutil.rmtree(dst)
 
     print()
@@ -276,28 +285,42 @@ def run_bench(work: Path, device: str, no_verify_run: bool) -> int:
     budget = base_rss + 200 * MIB + 3 * largest
     recast_rss = results["recast convert"]["rss"]
     worst_rss = max(r["rss"] for r in results.values())
-    print(f"budget = baseline + 200 MiB + 3 × largest output shard = {base_rss / MIB:.0f} + 200 + 3 × "
-          f"{largest / MIB:.1f} = {budget / MIB:.0f} MiB")
+    print(
+        f"budget = baseline + 200 MiB + 3 × largest output shard = {base_rss / MIB:.0f} + 200 + 3 × "
+        f"{largest / MIB:.1f} = {budget / MIB:.0f} MiB"
+    )
     for label, r in results.items():
-        print(f"measured {label}: {r['seconds']:.1f} s in the engine, {r['wall']:.1f} s wall; "
-              f"peak RSS {r['rss'] / MIB:.0f} MiB "
-              f"({(r['rss'] - base_rss) / MIB:.0f} MiB above baseline, "
-              f"{r['rss'] / budget:.0%} of the budget)")
-    print(f"memory     recast / naive    = {recast_rss / MIB:.0f} / {naive_rss / MIB:.0f} MiB = "
-          f"{recast_rss / naive_rss:.2f}")
+        print(
+            f"measured {label}: {r['seconds']:.1f} s in the engine, {r['wall']:.1f} s wall; "
+            f"peak RSS {r['rss'] / MIB:.0f} MiB "
+            f"({(r['rss'] - base_rss) / MIB:.0f} MiB above baseline, "
+            f"{r['rss'] / budget:.0%} of the budget)"
+        )
+    print(
+        f"memory     recast / naive    = {recast_rss / MIB:.0f} / {naive_rss / MIB:.0f} MiB = "
+        f"{recast_rss / naive_rss:.2f}"
+    )
     for label, r in results.items():
-        print(f"throughput {label} / I/O floor = {io['seconds']:.2f} s / {r['seconds']:.2f} s = "
-              f"{io['seconds'] / r['seconds']:.2f} (of the floor's GB/s)")
+        print(
+            f"throughput {label} / I/O floor = {io['seconds']:.2f} s / {r['seconds']:.2f} s = "
+            f"{io['seconds'] / r['seconds']:.2f} (of the floor's GB/s)"
+        )
     verified = results["recast convert"]["seconds"]
     fast = verified <= 0.8 * nv["seconds"]
-    print(f"speed      recast convert (verified) / naive (unverified) = {verified:.2f} s / {nv['seconds']:.2f} s"
-          f" = {verified / nv['seconds']:.2f} (target <= 0.80: {'PASS' if fast else 'FAIL'})")
+    print(
+        f"speed      recast convert (verified) / naive (unverified) = {verified:.2f} s / {nv['seconds']:.2f} s"
+        f" = {verified / nv['seconds']:.2f} (target <= 0.80: {'PASS' if fast else 'FAIL'})"
+    )
     ok = worst_rss <= budget
-    print(f"memory target: {'PASS' if ok else 'FAIL'} (peak {worst_rss / MIB:.0f} MiB "
-          f"{'<=' if ok else '>'} budget {budget / MIB:.0f} MiB)")
+    print(
+        f"memory target: {'PASS' if ok else 'FAIL'} (peak {worst_rss / MIB:.0f} MiB "
+        f"{'<=' if ok else '>'} budget {budget / MIB:.0f} MiB)"
+    )
     parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if parent >= base_rss:
-        print(f"WARNING: this harness's own peak RSS ({parent / MIB:.0f} MiB) may have inflated its children's")
+        print(
+            f"WARNING: this harness's own peak RSS ({parent / MIB:.0f} MiB) may have inflated its children's"
+        )
     return 0 if ok else 1
 
 

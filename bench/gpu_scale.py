@@ -55,10 +55,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from children import StepFailed, measure
+from children import StepFailed, measure, same_files
+from synthetic import Spec, write_checkpoint
 
 BLOCK = 128  # weight_block_size [128, 128]
-FP8_MAX = 448.0
 HEADS = 8  # MLA attention heads (DeepSeek-V3 has 128; 8 keeps attention a small share, as in the real model)
 ROPE, NOPE, V_HEAD = 64, 128, 128  # qk_rope_head_dim, qk_nope_head_dim, v_head_dim
 PIECE = 64 << 20  # I/O floor piece size
@@ -91,6 +91,7 @@ class Shape:
     hidden: int  # H
     vocab: int
     shards: int
+    model_type: str = "deepseek_v3"  # kimi_k2 for Kimi K2, the same architecture
 
     @property
     def q_lora(self) -> int:
@@ -103,7 +104,7 @@ class Shape:
     def config(self) -> dict:
         return {
             "architectures": ["DeepseekV3ForCausalLM"],
-            "model_type": "deepseek_v3",
+            "model_type": self.model_type,
             "hidden_size": self.hidden,
             "intermediate_size": 9 * self.inter,
             "moe_intermediate_size": self.inter,
@@ -132,10 +133,6 @@ class Shape:
                 "weight_block_size": [BLOCK, BLOCK],
             },
         }
-
-
-Spec = tuple[str, tuple[int, ...], str]  # key, shape, kind: fp8 | scale | bf16 | norm | f32
-ITEMSIZE = {"fp8": 1, "scale": 4, "bf16": 2, "norm": 2, "f32": 4}
 
 
 def tensor_specs(s: Shape) -> list[Spec]:
@@ -171,80 +168,9 @@ def tensor_specs(s: Shape) -> list[Spec]:
     return specs
 
 
-def spec_bytes(spec: Spec) -> int:
-    return math.prod(spec[1]) * ITEMSIZE[spec[2]]
-
-
-def split_shards(specs: list[Spec], shards: int) -> list[list[Spec]]:
-    """Cut the file-order list right after the tensor that crosses each cut; the first shard is half the size
-    of the others, so that with as many shards as layers the cuts fall inside layers, not between them.
-
-    Expert weights carry nearly all the bytes, so a cut falls inside a layer's experts and between a weight
-    and its scale: the cases a converter must handle across shards in the real checkpoint.
-    """
-    total = sum(spec_bytes(t) for t in specs)
-    out: list[list[Spec]] = [[]]
-    done = 0
-    for spec in specs:
-        out[-1].append(spec)
-        done += spec_bytes(spec)
-        if len(out) < shards and done >= total * (len(out) - 0.5) / (shards - 0.5):
-            out.append([])
-    return [group for group in out if group]
-
-
-def shard_name(i: int, n: int) -> str:
-    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
 def generate(src: Path, s: Shape) -> None:
-    """Write the checkpoint one shard at a time; runs in a child process.
-
-    Drawing and quantizing billions of normal values would take minutes, so a pool of normal values is
-    drawn once and quantized with the scale ``amax / 448``. Every FP8 weight is a copy of that quantized pool
-    at a random offset, with random block scales around the pool's scale; every bf16 tensor is a slice of
-    the pool times 0.02; norms are 1 plus noise, so that no two tensors are equal.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    specs = tensor_specs(s)
-    groups = split_shards(specs, s.shards)
-    gen = torch.Generator().manual_seed(0)
-    pool_n = max(32 << 20, max(math.prod(t[1]) for t in specs) + (1 << 20))
-    pool = torch.randn(pool_n, generator=gen)
-    pool_scale = float(pool.abs().amax()) / FP8_MAX
-    q_pool = (pool / pool_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    bf_pool = (pool * 0.02).to(torch.bfloat16)
-    del pool
-
-    def sliced(p: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        n = math.prod(shape)
-        o = int(torch.randint(0, pool_n - n, (1,), generator=gen))
-        return p[o : o + n].view(shape).clone()  # a copy: save_file refuses tensors that share storage
-
-    def make(shape: tuple[int, ...], kind: str) -> torch.Tensor:
-        if kind == "fp8":
-            return sliced(q_pool, shape)
-        if kind == "scale":
-            return torch.empty(shape).uniform_(0.5, 2.0, generator=gen).mul_(pool_scale)
-        if kind == "bf16":
-            return sliced(bf_pool, shape)
-        if kind == "norm":
-            return (1.0 + 0.05 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
-        return torch.randn(shape, generator=gen) * 0.01  # f32: e_score_correction_bias
-
-    src.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    for i, group in enumerate(groups):
-        name = shard_name(i, len(groups))
-        tensors = {key: make(shape, kind) for key, shape, kind in group}
-        save_file(tensors, str(src / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        del tensors
-    (src / "config.json").write_text(json.dumps(s.config(), indent=2) + "\n")
-    index = {"metadata": {"total_size": sum(spec_bytes(t) for t in specs)}, "weight_map": weight_map}
-    (src / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    """Write the checkpoint one shard at a time (``synthetic.write_checkpoint``); runs in a child process."""
+    write_checkpoint(src, tensor_specs(s), s.shards, s.config())
 
 
 # ---------------------------------------------------------------------------------------- child workloads
@@ -393,25 +319,6 @@ def recast(gpu_file: Path, argv: list[str]) -> int:
     return rc
 
 
-def compare(a: Path, b: Path) -> dict:
-    """Whether directory ``b`` holds the same ``.safetensors`` files as ``a``, byte for byte."""
-    names = sorted(p.name for p in a.glob("*.safetensors"))
-    other = sorted(p.name for p in b.glob("*.safetensors"))
-    if names != other:
-        return {"identical": False, "detail": f"shard names differ: {names[:3]}… vs {other[:3]}…"}
-    differ = []
-    for name in names:
-        with open(a / name, "rb") as fa, open(b / name, "rb") as fb:
-            while True:
-                x, y = fa.read(PIECE), fb.read(PIECE)
-                if x != y:
-                    differ.append(name)
-                    break
-                if not x:
-                    break
-    return {"identical": not differ, "files": len(names), "detail": f"differ: {differ}" if differ else ""}
-
-
 def child_main(mode: str, args: list[str]) -> int:
     if mode == "recast":
         return recast(Path(args[0]), args[1:])
@@ -426,7 +333,7 @@ def child_main(mode: str, args: list[str]) -> int:
         work = io_floor if mode == "floor" else io_overlap
         result = work(Path(args[0]), Path(args[1]), json.loads(args[2]))
     elif mode == "compare":
-        result = compare(Path(args[0]), Path(args[1]))
+        result = same_files(Path(args[0]), Path(args[1]))
     else:
         raise SystemExit(f"unknown child mode {mode!r}")
     print(json.dumps(result))
