@@ -102,6 +102,11 @@ CASES = [
     # (test_nemo_qwen3_vl_moe_drops_the_scales): dequantize_from_fp8 first, per expert for the 3-D experts.
     Case("qwen3-vl-moe", "qwen3-vl-moe", "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter", dequantizes=False),
     Case("step3p5", "step3p5", "step3p5.Step3p5StateDictAdapter", dequantizes=False),
+    # Ling 2.0 ships bf16 only and NeMo's adapter has no FP8 path: a block-FP8 Ling (quantized here like
+    # the others) goes through dequantize_from_fp8 first; test_ling_v2_bf16_release_equals_nemo has the
+    # bf16 release. transformers has no Ling class: the checkpoint is GLM-4.5-MoE re-spelled
+    # (checkpoints._as_ling), q/k/v fused as NeMo's adapter documents.
+    Case("ling-v2", "ling-v2", "ling_v2.BailingMoeV2StateDictAdapter", dequantizes=False),
     Case("step3p7", "step3p7", "step3p7.Step3p7StateDictAdapter", dequantizes=False),
     # gpt-oss: NeMo's adapter dequantizes the MXFP4 experts itself (transformers' convert_moe_packed_tensors,
     # copied); under Transformer Engine it also renames the attention sinks (the gpt-oss-te variant).
