@@ -21,7 +21,7 @@ from helpers import assert_state_dicts_identical, config
 from worker.engine import api
 from worker.engine.adapters import detect
 from worker.engine.checkpoint import MANIFEST, SIDECAR
-from worker.engine.errors import AdapterMismatchError, UnsupportedModelError
+from worker.engine.errors import AdapterMismatchError, CheckpointError, UnsupportedModelError
 
 _SPLIT = ["model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.0.down_proj.weight"]
 _DENSE = ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.input_layernorm.weight"]
@@ -171,3 +171,37 @@ def test_a_variant_is_never_detected_and_taken_only_on_its_family(checkpoint, tm
         api.convert(checkpoint("deepseek-v3", scheme="block"), tmp_path / "n", api.Options(to="native",
                     adapter="mimo-v2-flash-te"))  # fmt: skip
     assert not (tmp_path / "n").exists()
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,message",
+    [
+        # 384 | 64 | 64 rows: the right total, but k and v start inside a 128-row scale block
+        (6, 1, r"query_key_value\.weight.*block-scaled FP8.*rows \[384, 448\], inside a block"),
+        # 128 | 64 | 64 rows: not the tensor's 512
+        (2, 1, r"query_key_value\.weight.*has shape \[512, 160\].*= 256 rows"),
+    ],
+)
+def test_a_split_off_the_config_or_the_scale_blocks_is_refused(
+    heads, kv_heads, message, checkpoint, tmp_path: Path
+) -> None:
+    # Ling's fused q | k | v splits by head counts from config.json; block-FP8 scales split with it only
+    # on 128-row boundaries. Either mismatch is refused while planning, naming the tensor, nothing written.
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("ling-v2", scheme="block"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(
+        json.dumps({**cfg, "num_attention_heads": heads, "num_key_value_heads": kv_heads})
+    )
+    with pytest.raises(CheckpointError, match=message):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
+    assert not (tmp_path / "native").exists() or not any((tmp_path / "native").iterdir())
+
+
+def test_a_split_names_the_config_field_it_lacks(checkpoint, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("ling-v2", scheme="block"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "head_dim"}))
+    with pytest.raises(UnsupportedModelError, match=r"config\.json lacks the integer 'head_dim'"):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
