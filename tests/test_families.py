@@ -205,3 +205,13 @@ def test_a_split_names_the_config_field_it_lacks(checkpoint, tmp_path: Path) -> 
     (src / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "head_dim"}))
     with pytest.raises(UnsupportedModelError, match=r"config\.json lacks the integer 'head_dim'"):
         api.convert(src, tmp_path / "native", api.Options(to="native"))
+
+
+def test_a_fused_qkv_bias_is_refused(checkpoint, tmp_path: Path) -> None:
+    # NeMo's Ling adapter splits query_key_value.weight only; a fused bias would reach q/k/v_proj unsplit.
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("ling-v2", scheme="block"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "use_qkv_bias": True}))
+    with pytest.raises(UnsupportedModelError, match=r"use_qkv_bias=True: adapter 'ling-v2' does not map"):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
