@@ -202,7 +202,7 @@ class Adapter:
             "architectures": list(self.architectures),
             "model_types": list(self.model_types),
             "expert_keys": [
-                r.hf + (f"{{{','.join(r.parts)}}}.weight" if r.parts else "")
+                r.hf + (f"{{{','.join(r.parts)}}}.weight" if r.parts and r.kind != "split" else "")
                 for r in self.experts
                 if r.kind != "fp32"
             ],
