@@ -111,6 +111,9 @@ class TinyFamily:
     # Key endings whose last two dims the published layout has the other way round from what this
     # transformers version saves (Qwen3-VL-MoE's aggregated experts: [E, H, 2I] on the Hub).
     hub_transpose: tuple[str, ...] = ()
+    # The release's own spelling of the saved state dict and config.json, where transformers has no class
+    # of the family and the checkpoint is a related class's re-spelled (Ling 2.0 from GLM-4.5-MoE).
+    respell: Callable[[dict[str, torch.Tensor], dict[str, Any]], tuple[dict, dict]] | None = None
 
 
 # Two layers (the first dense where the family has dense layers), four experts, widths 160 / 200 / 96
@@ -220,6 +223,50 @@ _GLM5_NEXT_KEEP = (
     "visual.",
 )
 _STEP_KEEP = ("moe.gate.weight", "vision_model.", "vit_large_projector.")
+
+
+def _as_ling(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
+    """GLM-4.5-MoE with QK-norm re-spelled as a Ling 2.0 (BailingMoeV2) release, by the layout NeMo's
+    ling_v2 adapter documents: q/k/v fused into ``attention.query_key_value.weight`` ``[Q | K | V]``,
+    ``word_embeddings``, ``attention.dense`` / ``query_layernorm`` / ``key_layernorm``, the router bias
+    as ``mlp.gate.expert_bias``. transformers has no Ling class; the two share every other tensor."""
+    renames = (
+        ("model.embed_tokens.", "model.word_embeddings."),
+        (".self_attn.o_proj.", ".attention.dense."),
+        (".self_attn.q_norm.", ".attention.query_layernorm."),
+        (".self_attn.k_norm.", ".attention.key_layernorm."),
+        (".mlp.gate.e_score_correction_bias", ".mlp.gate.expert_bias"),
+    )
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            continue
+        if key.endswith("self_attn.q_proj.weight"):
+            prefix = key[: -len("self_attn.q_proj.weight")]
+            parts = [sd[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv"]
+            out[f"{prefix}attention.query_key_value.weight"] = torch.cat(parts).contiguous()
+            continue
+        for old, new in renames:
+            key = key.replace(old, new)
+        out[key] = t
+    ling = {
+        "architectures": ["BailingMoeV2ForCausalLM"],
+        "model_type": "bailing_moe",  # NeMo registers its BailingMoeV2Config under the releases' type
+        "num_experts": config["n_routed_experts"],
+        "num_shared_experts": config["n_shared_experts"],
+        "use_qkv_bias": False,
+        "use_bias": False,
+        "torch_dtype": "bfloat16",
+    }
+    same = (
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts_per_tok", "n_group",
+        "topk_group", "first_k_dense_replace", "rms_norm_eps", "tie_word_embeddings", "use_qk_norm",
+        "max_position_embeddings",
+    )  # fmt: skip
+    return out, {**ling, **{k: config[k] for k in same if k in config}}
+
+
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen3-moe": TinyFamily(
         "Qwen3MoeForCausalLM",
@@ -236,6 +283,24 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             "topk_group": 1,
             "attention_bias": True,
         },
+    ),
+    # Ling 2.0: head widths 256 / 128 / 128, so the fused q | k | v splits on 128-row scale blocks.
+    "ling-v2": TinyFamily(
+        "Glm4MoeForCausalLM",
+        {
+            **_TINY_MOE,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "n_routed_experts": 4,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "use_qk_norm": True,
+        },
+        keep=("word_embeddings.",),
+        respell=_as_ling,
     ),
     "glm4-moe-lite": TinyFamily("Glm4MoeLiteForCausalLM", _TINY_MLA),
     "kimi-k2": TinyFamily(
@@ -443,6 +508,8 @@ def _saved_model(
         if family in TINY_FAMILIES and TINY_FAMILIES[family].text_only:
             raw = {k: t for k, t in raw.items() if k.startswith(("model.", "lm_head."))}
             config = {**config["text_config"], "architectures": [TINY_FAMILIES[family].text_only]}
+        if family in TINY_FAMILIES and TINY_FAMILIES[family].respell:
+            raw, config = TINY_FAMILIES[family].respell(raw, config)
         gen_path = Path(tmp) / "generation_config.json"
         gen_config = json.loads(gen_path.read_text()) if gen_path.exists() else {}
     sd = {_rename_for_layout(k, family, layout): raw[k] for k in sorted(raw, key=_natural_key)}

@@ -95,6 +95,11 @@ def adapter_class(spec: str) -> type:
     return getattr(importlib.import_module(f"{_MODELS}.{module}.state_dict_adapter"), name)
 
 
+# hf configs that only NeMo defines (its registry's _CUSTOM_CONFIG_REGISTRATIONS: the releases ship them
+# as remote code): model_type -> ``module.Class`` under nemo_automodel.components.models.
+NEMO_CONFIGS = {"bailing_moe": "ling_v2.config.BailingMoeV2Config"}
+
+
 def moe_config(config: dict[str, Any], dtype: torch.dtype) -> Any:
     """The ``MoEConfig`` NeMo's model would build from this hf config (its ``text_config`` for a VLM); the
     adapters read the expert count, the expert width (to split ``gate_and_up_projs``) and the activation."""
@@ -132,13 +137,19 @@ def moe_adapter(
     and the class's own ``kwargs``); ``backend`` sets BackendConfig fields where the layout depends on them.
 
     The hf config class is the architecture's, or where transformers has no such class (Step-3.5) the
-    one registered for the config's ``model_type``."""
+    one registered for the config's ``model_type``, or NeMo's own (Ling 2.0: ``NEMO_CONFIGS``)."""
     import transformers
     from nemo_automodel.components.models.common import BackendConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_class = getattr(transformers, config["architectures"][0], None)
-    config_class = model_class.config_class if model_class else CONFIG_MAPPING[config["model_type"]]
+    if model_class:
+        config_class = model_class.config_class
+    elif config["model_type"] in NEMO_CONFIGS:
+        module, name = NEMO_CONFIGS[config["model_type"]].rsplit(".", 1)
+        config_class = getattr(importlib.import_module(f"{_MODELS}.{module}"), name)
+    else:
+        config_class = CONFIG_MAPPING[config["model_type"]]
     hf_config = config_class.from_dict(config)
     return adapter_class(spec)(
         hf_config, moe_config(config, dtype), BackendConfig(**(backend or {})), dtype=dtype, **kwargs

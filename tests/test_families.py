@@ -21,7 +21,7 @@ from helpers import assert_state_dicts_identical, config
 from worker.engine import api
 from worker.engine.adapters import detect
 from worker.engine.checkpoint import MANIFEST, SIDECAR
-from worker.engine.errors import AdapterMismatchError, UnsupportedModelError
+from worker.engine.errors import AdapterMismatchError, CheckpointError, UnsupportedModelError
 
 _SPLIT = ["model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.0.down_proj.weight"]
 _DENSE = ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.input_layernorm.weight"]
@@ -171,3 +171,73 @@ def test_a_variant_is_never_detected_and_taken_only_on_its_family(checkpoint, tm
         api.convert(checkpoint("deepseek-v3", scheme="block"), tmp_path / "n", api.Options(to="native",
                     adapter="mimo-v2-flash-te"))  # fmt: skip
     assert not (tmp_path / "n").exists()
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,message",
+    [
+        # 384 | 64 | 64 rows: the right total, but k and v start inside a 128-row scale block
+        (6, 1, r"query_key_value\.weight.*block-scaled FP8.*rows \[384, 448\], inside a block"),
+        # 128 | 64 | 64 rows: not the tensor's 512
+        (2, 1, r"query_key_value\.weight.*has shape \[512, 160\].*= 256 rows"),
+    ],
+)
+def test_a_split_off_the_config_or_the_scale_blocks_is_refused(
+    heads, kv_heads, message, checkpoint, tmp_path: Path
+) -> None:
+    # Ling's fused q | k | v splits by head counts from config.json; block-FP8 scales split with it only
+    # on 128-row boundaries. Either mismatch is refused while planning, naming the tensor, nothing written.
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("ling-v2", scheme="block"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(
+        json.dumps({**cfg, "num_attention_heads": heads, "num_key_value_heads": kv_heads})
+    )
+    with pytest.raises(CheckpointError, match=message):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
+    assert not (tmp_path / "native").exists() or not any((tmp_path / "native").iterdir())
+
+
+def test_a_split_names_the_config_field_it_lacks(checkpoint, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("ling-v2", scheme="block"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "head_dim"}))
+    with pytest.raises(UnsupportedModelError, match=r"config\.json lacks the integer 'head_dim'"):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
+
+
+def test_a_fused_qkv_bias_is_refused(checkpoint, tmp_path: Path) -> None:
+    # NeMo's Ling adapter splits query_key_value.weight only; a fused bias would reach q/k/v_proj unsplit.
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("ling-v2", scheme="block"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "use_qkv_bias": True}))
+    with pytest.raises(UnsupportedModelError, match=r"use_qkv_bias=True: adapter 'ling-v2' does not map"):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
+
+
+def test_a_fresh_block_quantization_across_split_points_inside_a_block(
+    plain_checkpoint, tmp_path: Path
+) -> None:
+    # The bf16 Ling with config.json asking for 384 | 64 | 64 rows: k and v start inside a 128-row block.
+    # Splitting bf16 needs no scales, so it converts; a fresh block quantization of the native checkpoint
+    # gives the fused tensor one scale grid, its rows 384-512 read from both pieces (checked in flight and
+    # by recast verify, which decodes v's rows from inside their block); that FP8 release cannot be split
+    # again, and says so; the bf16 way back is byte for byte.
+    src = tmp_path / "src"
+    shutil.copytree(plain_checkpoint("ling-v2"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 6, "num_key_value_heads": 1}))
+    native = tmp_path / "native"
+    assert api.convert(src, native, api.Options(to="native")).passed
+    sd = load_state_dict(native)
+    assert [sd[f"model.layers.1.self_attn.{p}_proj.weight"].shape[0] for p in "qkv"] == [384, 64, 64]
+    fp8 = tmp_path / "fp8"
+    assert api.convert(native, fp8, api.Options(to="hf", quantize="block")).passed
+    assert api.verify(native, fp8).passed
+    assert load_state_dict(fp8)["model.layers.1.attention.query_key_value.weight_scale_inv"].shape == (4, 2)
+    with pytest.raises(CheckpointError, match=r"rows \[384, 448\], inside a block"):
+        api.convert(fp8, tmp_path / "again", api.Options(to="native"))
+    api.convert(native, tmp_path / "back", api.Options(to="hf"))
+    assert_state_dicts_identical(load_state_dict(tmp_path / "back"), load_state_dict(src))

@@ -81,3 +81,43 @@ def test_recast_verify_catches_a_value_one_ulp_off(checkpoint, tmp_path: Path) -
     with pytest.raises(api.VerificationError) as err:
         api.verify(src, native)
     assert "mlp.experts.gate_up_proj" in str(err.value)
+
+
+def test_a_wrong_split_piece_fails_both_ways(checkpoint, tmp_path: Path, monkeypatch) -> None:
+    # Ling's fused q | k | v (block FP8): each native piece is checked against its rows of the source in
+    # flight, the fused tensor rebuilt from the pieces on the way back, and a piece changed on disk is
+    # caught by recast verify; each failure names the fused hf tensor.
+    src = checkpoint("ling-v2", scheme="block")
+    real = to_native.forward
+
+    def wrong(t, e0, e1, get):
+        x = real(t, e0, e1, get)
+        return _flip_first(x) if t.key.endswith("self_attn.k_proj.weight") else x
+
+    with monkeypatch.context() as m:
+        m.setattr(to_native, "forward", wrong)
+        with pytest.raises(api.VerificationError) as err:
+            api.convert(src, tmp_path / "bad", api.Options(to="native"))
+    assert "attention.query_key_value.weight" in str(err.value)
+    _nothing_left(tmp_path / "bad")
+
+    native = tmp_path / "native"
+    api.convert(src, native, api.Options(to="native"))
+    real_rows = encode.Encoder.rows
+
+    def wrong_rows(self, x, r0):
+        (key, row, t), *rest = real_rows(self, x, r0)
+        return [(key, row, _flip_first(t) if key.endswith("query_key_value.weight") else t), *rest]
+
+    with monkeypatch.context() as m:
+        m.setattr(encode.Encoder, "rows", wrong_rows)
+        with pytest.raises(api.VerificationError) as err:
+            api.convert(native, tmp_path / "back", api.Options(to="hf"))
+    assert "attention.query_key_value.weight" in str(err.value)
+    _nothing_left(tmp_path / "back")
+
+    assert api.verify(src, native).passed
+    flip_bits(native, "model.layers.1.self_attn.v_proj.weight", 7, 0x40)
+    with pytest.raises(api.VerificationError) as err:
+        api.verify(src, native)
+    assert "model.layers.1.attention.query_key_value.weight" in str(err.value)

@@ -102,6 +102,11 @@ CASES = [
     # (test_nemo_qwen3_vl_moe_drops_the_scales): dequantize_from_fp8 first, per expert for the 3-D experts.
     Case("qwen3-vl-moe", "qwen3-vl-moe", "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter", dequantizes=False),
     Case("step3p5", "step3p5", "step3p5.Step3p5StateDictAdapter", dequantizes=False),
+    # Ling 2.0 ships bf16 only and NeMo's adapter has no FP8 path: a block-FP8 Ling (quantized here like
+    # the others) goes through dequantize_from_fp8 first; test_ling_v2_bf16_release_equals_nemo has the
+    # bf16 release. transformers has no Ling class: the checkpoint is GLM-4.5-MoE re-spelled
+    # (checkpoints._as_ling), q/k/v fused as NeMo's adapter documents.
+    Case("ling-v2", "ling-v2", "ling_v2.BailingMoeV2StateDictAdapter", dequantizes=False),
     Case("step3p7", "step3p7", "step3p7.Step3p7StateDictAdapter", dequantizes=False),
     # gpt-oss: NeMo's adapter dequantizes the MXFP4 experts itself (transformers' convert_moe_packed_tensors,
     # copied); under Transformer Engine it also renames the attention sinks (the gpt-oss-te variant).
@@ -218,10 +223,11 @@ def test_nemo_step_adapters_have_no_fp8_path(nemo, checkpoint) -> None:
     assert not torch.equal(got[experts], right)
 
 
-@pytest.mark.parametrize("family", ["step3p5", "step3p7"])
+@pytest.mark.parametrize("family", ["step3p5", "step3p7", "ling-v2"])
 def test_native_without_recast_json_goes_back_as_nemo_to_hf(family, nemo, checkpoint, tmp_path: Path) -> None:
     # A native checkpoint Recast did not write (no recast.json: the plan comes from inverting the adapter,
-    # concat included) goes back to the hf keys and shapes NeMo's own to_hf gives, value for value.
+    # concat and split included: Ling's q/k/v_proj fuse back into query_key_value) goes back to the hf
+    # keys and shapes NeMo's own to_hf gives, value for value.
     case = next(c for c in CASES if c.family == family)
     src = checkpoint(family, scheme="block")
     native = tmp_path / "native"
@@ -248,6 +254,38 @@ def test_gpt_oss_bf16_release_equals_nemo(nemo, plain_checkpoint, tmp_path: Path
     api.convert(native, tmp_path / "hf", api.Options(to="hf", quantize="none"))
     want = _nemo_adapter(case, cfg).to_hf(load_state_dict(native))
     assert_state_dicts_identical(load_state_dict(tmp_path / "hf"), want)
+
+
+def test_ling_v2_bf16_release_equals_nemo_and_quantizes_afresh(
+    nemo, plain_checkpoint, tmp_path: Path
+) -> None:
+    # Ling 2.0 ships bf16 only: the release's own dtype, the fused query_key_value split by NeMo's
+    # from_hf, back byte for byte (the source's headers restored). Then a fresh block quantization of the
+    # native checkpoint fuses q | k | v into one FP8 tensor with [⌈512/128⌉, ⌈160/128⌉] scales (verified
+    # in flight within the e4m3 bound), and NeMo, after dequantize_from_fp8, loads that release exactly
+    # as Recast does.
+    case = next(c for c in CASES if c.adapter == "ling-v2")
+    src = plain_checkpoint("ling-v2")
+    native = tmp_path / "native"
+    assert api.convert(src, native, api.Options(to="native")).adapter == "ling-v2"
+    source_sd, cfg = load_state_dict(src), config(src)
+    assert_state_dicts_identical(load_state_dict(native), _nemo_adapter(case, cfg).from_hf(dict(source_sd)))
+    api.convert(native, tmp_path / "back", api.Options(to="hf"))
+    assert_state_dicts_identical(load_state_dict(tmp_path / "back"), source_sd)
+    for shard in sorted(src.glob("*.safetensors")):
+        assert (tmp_path / "back" / shard.name).read_bytes() == shard.read_bytes()
+
+    fp8 = tmp_path / "fp8"
+    report = api.convert(native, fp8, api.Options(to="hf", quantize="block"))
+    assert report.passed
+    fp8_sd = load_state_dict(fp8)
+    qkv = "model.layers.1.attention.query_key_value.weight"
+    assert fp8_sd[qkv].dtype == torch.float8_e4m3fn and fp8_sd[qkv].shape == (512, 160)
+    assert fp8_sd[qkv + "_scale_inv"].shape == (4, 2)
+    again = tmp_path / "again"
+    assert api.convert(fp8, again, api.Options(to="native")).passed
+    want = _nemo_adapter(case, config(fp8)).from_hf(nemo_oracle.dequantize(fp8_sd, torch.bfloat16))
+    assert_state_dicts_identical(load_state_dict(again), want)
 
 
 def test_nemo_qwen3_5_moe_dequantizes_only_the_experts(nemo, checkpoint) -> None:

@@ -53,12 +53,20 @@ class ExpertRule:
     (NeMo's ``_fp32_params`` holders; operations.Fp32).
     kind ``copy``: ``hf`` ends the key; an aggregated expert tensor already in the native layout, renamed
     only (Qwen3-VL-MoE's ``mlp.experts.gate_up_proj`` ``[E, H, 2I]``).
+    kind ``split``: ``hf`` ends the key; its rows split into one native tensor per part, ``prefix + native +
+    part``, of ``sizes`` rows each (Ling's fused ``attention.query_key_value.weight`` into
+    ``self_attn.{q,k,v}_proj.weight``); operations.Split does the tensor work, the way back concatenates.
+    Not an expert layout, but the same kind of reversible operation, so it lives in the same table.
+
+    ``sizes`` (``split``): per part, a product of config.json fields and integers, ``"num_key_value_heads *
+    head_dim"``, read from the config (or its ``text_config``) when the checkpoint is planned.
     """
 
     kind: str
     hf: str
     native: str
     parts: tuple[str, ...] = ()
+    sizes: tuple[str, ...] = ()
 
     @cached_property
     def _hf_pattern(self) -> re.Pattern[str]:
@@ -72,6 +80,24 @@ class ExpertRule:
         """This rule on a renamed hf key: group ``prefix``, for ``stack`` also ``e`` and ``part``, for
         ``concat`` also ``part``."""
         return self._hf_pattern.match(renamed)
+
+    def split_sizes(self, config: dict[str, Any]) -> list[int]:
+        """Each part's rows (``split``), from config.json; refuses a config that lacks a field they name."""
+        c = {**config, **(config.get("text_config") or {})}
+        out = []
+        for expr in self.sizes:
+            n = 1
+            for name in (f.strip() for f in expr.split("*")):
+                if name.isdigit():
+                    n *= int(name)
+                elif isinstance(c.get(name), int) and not isinstance(c.get(name), bool):
+                    n *= c[name]
+                else:
+                    raise UnsupportedModelError(
+                        f"config.json lacks the integer {name!r} that splits {self.hf!r} ({expr})"
+                    )
+            out.append(n)
+        return out
 
     def hf_part(self, e: int, part: str) -> str:
         """The hf key, after ``prefix``, of expert ``e``'s ``part`` (``stack``; ``concat`` ignores ``e``)."""
@@ -176,7 +202,7 @@ class Adapter:
             "architectures": list(self.architectures),
             "model_types": list(self.model_types),
             "expert_keys": [
-                r.hf + (f"{{{','.join(r.parts)}}}.weight" if r.parts else "")
+                r.hf + (f"{{{','.join(r.parts)}}}.weight" if r.parts and r.kind != "split" else "")
                 for r in self.experts
                 if r.kind != "fp32"
             ],
@@ -425,6 +451,38 @@ ADAPTERS: dict[str, Adapter] = {
             not_quantized=(*_NORMS_ETC, "eh_proj.weight", "indexer.weights_proj.weight"),
             model_types=("glm_moe_dsa",),
             nemo="glm_moe_dsa.GlmMoeDsaStateDictAdapter",
+        ),
+        replace(
+            _DEEPSEEK_V3,
+            name="ling-v2",
+            description="Ling 2.0 / Ring 2.0 MoE (BailingMoeV2: fused query_key_value), bf16 releases",
+            architectures=("BailingMoeV2ForCausalLM",),
+            renames=(
+                Rename("model.word_embeddings.", "model.embed_tokens."),
+                Rename(".attention.dense.", ".self_attn.o_proj.", infix=True),
+                Rename(".attention.query_layernorm.", ".self_attn.q_norm.", infix=True),
+                Rename(".attention.key_layernorm.", ".self_attn.k_norm.", infix=True),
+                Rename(".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias", infix=True),
+            ),
+            experts=(
+                *_SPLIT_EXPERTS,
+                ExpertRule(
+                    "split",
+                    "attention.query_key_value.weight",
+                    "self_attn.",
+                    ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
+                    (
+                        "num_attention_heads * head_dim",
+                        "num_key_value_heads * head_dim",
+                        "num_key_value_heads * head_dim",
+                    ),
+                ),
+            ),
+            not_quantized=(*_NORMS_ETC, "word_embeddings.weight"),
+            model_types=(),
+            nemo="ling_v2.BailingMoeV2StateDictAdapter",
+            # NeMo's adapter splits the fused weight only; a fused bias would reach its q/k/v_proj unsplit
+            unmapped_config=(("use_qkv_bias", "NeMo 0.7.0 splits query_key_value.weight, not its bias"),),
         ),
         replace(
             _DEEPSEEK_V3,

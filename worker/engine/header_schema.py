@@ -34,6 +34,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     ValidationInfo,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 
@@ -185,12 +186,24 @@ class RecordedTensor(_Closed):
     """One entry of the recorded key plan (``keymap.NativeTensor``)."""
 
     key: str = Field(description="a string")
-    kind: Literal["copy", "transpose", "stack", "zeros", "concat", "fp32"] = Field(
-        description="one of copy, transpose, stack, zeros, concat, fp32"
+    kind: Literal["copy", "transpose", "stack", "zeros", "concat", "fp32", "split"] = Field(
+        description="one of copy, transpose, stack, zeros, concat, fp32, split"
     )
     parts: list[str] = Field(description="a list of strings")
     experts: Count = Field(0, description="a non-negative integer")
     names: Annotated[int, Field(ge=1)] = Field(1, description="a positive integer")
+    rows: Annotated[list[Count], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="[first row, end row] of the one part (split only)"
+    )
+
+    @model_validator(mode="after")
+    def _split_rows(self) -> RecordedTensor:
+        """A split piece names its row range of its one part; nothing else has one."""
+        if (self.kind == "split") != (self.rows is not None):
+            raise ValueError("rows are given for kind split, and only for it")
+        if self.rows is not None and (self.rows[0] >= self.rows[1] or len(self.parts) != 1):
+            raise ValueError("a split piece is rows [first, end) of one part, first < end")
+        return self
 
 
 class RecordedQuant(_Closed):

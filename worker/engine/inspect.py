@@ -31,7 +31,7 @@ def inspect(
     quant, companions = ({}, []) if native else find_quant(ckpt.tensors, source_format(config))
     if native:
         plan = plan_from_native(ckpt, chosen)
-        hf_keys = [k for t in plan.tensors for k in hf_shapes(t, ckpt.tensors[t.key])]
+        hf_keys = list(dict.fromkeys(k for t in plan.tensors for k in hf_shapes(t, ckpt.tensors[t.key])))
         kept = plan.quant
     else:
         hf_keys, kept = [k for k in ckpt.tensors if k not in companions], quant

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .adapters import ADAPTERS, Adapter, describe_config, detected, expert_owner, supported
+from .adapters import ADAPTERS, Adapter, ExpertRule, describe_config, detected, expert_owner, supported
 from .checkpoint import Checkpoint
 from .errors import AdapterMismatchError, CheckpointError
-from .fp8 import ScaleKind
+from .fp8 import BLOCK, ScaleKind, value_shape
 from .qformat import FP8_FORMAT, QuantFormat, source_format
 from .safetensors_io import TensorInfo
 
@@ -42,6 +42,7 @@ class NativeTensor:
     kind ``copy``: one part, same layout. ``transpose``: one aggregated expert part, last two dims swapped.
     ``concat``: aggregated expert parts, each transposed, concatenated on the last dim (operations.Concat).
     ``fp32``: one part, held in fp32 (operations.Fp32).
+    ``split``: hf rows ``rows[0]:rows[1]`` of the one part (operations.Split); the others are siblings.
     ``stack``: ``parts[e * len(names) + j]`` is expert ``e``'s part ``j``; slice ``e`` is ``cat(part.T)``.
     ``zeros``: injected by Recast (no parts); the way back drops it.
     """
@@ -51,6 +52,7 @@ class NativeTensor:
     parts: list[str]
     experts: int = 0
     names: int = 1
+    rows: list[int] | None = None
 
     def part_of(self, e: int) -> list[str]:
         return self.parts[e * self.names : (e + 1) * self.names]
@@ -72,7 +74,9 @@ class KeyPlan:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "tensors": [asdict(t) for t in self.tensors],
+            "tensors": [
+                {k: v for k, v in asdict(t).items() if k != "rows" or v is not None} for t in self.tensors
+            ],
             "quant": {
                 k: {"scale": q.scale, "kind": q.kind.value, "activation": q.activation}
                 | ({"zero_point": q.zero_point} if q.zero_point else {})
@@ -151,6 +155,32 @@ def _check_concatenable(ckpt: Checkpoint, parts: list[str]) -> None:
             )
 
 
+def _split(
+    ckpt: Checkpoint, quant: dict[str, Quant], key: str, prefix: str, rule: ExpertRule
+) -> list[NativeTensor]:
+    """One native tensor per part of the split rule, each a row range of ``key``; refuse a tensor whose
+    rows are not the sizes config.json gives, or block-FP8 split points off the scale blocks."""
+    info = ckpt.tensors[key]
+    sizes = rule.split_sizes(ckpt.config)
+    shape = value_shape(quant[key].kind, info.shape) if key in quant else info.shape
+    if not shape or shape[0] != sum(sizes):
+        raise CheckpointError(
+            f"{info.file}: {key!r} has shape {list(shape)}, but config.json splits it into "
+            f"{dict(zip(rule.parts, sizes, strict=True))} = {sum(sizes)} rows ({', '.join(rule.sizes)})"
+        )
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    q = quant.get(key)
+    if q is not None and q.kind is ScaleKind.BLOCK and any(b % BLOCK for b in bounds):
+        raise CheckpointError(
+            f"{info.file}: {key!r} is block-scaled FP8 ({BLOCK} rows a scale), but config.json splits it "
+            f"at rows {bounds[1:-1]}, inside a block: its scales cannot be split with it"
+        )
+    return [
+        NativeTensor(prefix + rule.native + part, "split", [key], rows=[a, b])
+        for part, a, b in zip(rule.parts, bounds, bounds[1:], strict=False)
+    ]
+
+
 def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     """Apply the adapter to an hf checkpoint's keys; refuse it if its rules do not fit them."""
     adapter.check_config(ckpt.config)
@@ -180,6 +210,8 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             stacks.setdefault((m["prefix"], idx), {}).setdefault(int(m["e"]), {})[m["part"]] = key
         elif rule.kind == "concat":
             concats.setdefault((m["prefix"], idx), {})[m["part"]] = key
+        elif rule.kind == "split":
+            out.extend(_split(ckpt, quant, key, m["prefix"], rule))
         else:  # transpose, fp32, copy: one hf tensor, renamed by the rule
             out.append(NativeTensor(m["prefix"] + rule.native, rule.kind, [key]))
     for (prefix, idx), experts in sorted(stacks.items()):
@@ -236,6 +268,20 @@ def plan_from_native(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
 def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     out: list[NativeTensor] = []
     for key, info in ckpt.tensors.items():
+        split = next((r for r in adapter.experts if r.kind == "split" and _split_part(key, r)), None)
+        if split:
+            part = _split_part(key, split)
+            sizes = split.split_sizes(ckpt.config)
+            i = split.parts.index(part)
+            a = sum(sizes[:i])
+            if not info.shape or info.shape[0] != sizes[i]:
+                raise CheckpointError(
+                    f"{info.file}: {key!r} has shape {list(info.shape)}, but config.json gives it "
+                    f"{sizes[i]} rows ({split.sizes[i]})"
+                )
+            prefix = adapter.to_hf(key[: -len(split.native + part)])
+            out.append(NativeTensor(key, "split", [prefix + split.hf], rows=[a, a + sizes[i]]))
+            continue
         stack = next((r for r in adapter.experts if r.kind == "stack" and key.endswith(r.native)), None)
         transpose = next(
             (
@@ -264,6 +310,11 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             out.append(NativeTensor(key, "copy", [adapter.to_hf(key)]))
     _check_unique(out)
     return KeyPlan(out, {})
+
+
+def _split_part(key: str, rule: ExpertRule) -> str | None:
+    """The part of a ``split`` rule that native ``key`` is, if any."""
+    return next((p for p in rule.parts if key.endswith(rule.native + p)), None)
 
 
 def _check_fit(

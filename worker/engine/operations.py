@@ -109,4 +109,40 @@ class Fp32:
         return "F32"
 
 
-OPERATIONS: dict[str, Operation] = {"concat": Concat(), "fp32": Fp32()}
+class Split:
+    """Rows ``rows[0]:rows[1]`` of one hf tensor as a native tensor of their own: one of the pieces a
+    fused tensor splits into along dim 0 (Ling's ``query_key_value`` into ``q_proj`` / ``k_proj`` /
+    ``v_proj``, by head counts from config.json).
+
+    Each piece is a ``NativeTensor`` with the source as its one part, so planning, streaming and checking
+    stay per native tensor; the way back (to_hf) gathers the pieces of one hf tensor and concatenates
+    them. Block-FP8 sources split only on block boundaries (the planner refuses others), so each piece's
+    rows start on a scale row of the source.
+    """
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        start = t.rows[0]
+        return [(t.parts[0], start + e0, start + e1)]
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        start = t.rows[0]
+        return get(t.parts[0], start + e0, start + e1)
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        start = t.rows[0] + e0
+        return [(t.parts[0], start, start + native.shape[0], native)]
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        return (t.rows[1] - t.rows[0], *infos[t.parts[0]].shape[1:])
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """The shape of the rows of the hf tensor this piece holds (to_hf joins the pieces)."""
+        return {t.parts[0]: shape}
+
+    def native_dtype(self) -> str | None:
+        return None
+
+
+OPERATIONS: dict[str, Operation] = {"concat": Concat(), "fp32": Fp32(), "split": Split()}

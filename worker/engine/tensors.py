@@ -131,13 +131,19 @@ def hf_value(
     """
     fetched = fetched or {}
     info = src.info(key)
+    q = quant.get(key)
+    if q is not None and q.kind is ScaleKind.BLOCK and len(info.shape) == 2 and r0 is not None and r0 % BLOCK:
+        # rows of a block-scaled tensor from inside a block (a split piece checked against its fused
+        # source): decode from the block's first row, then drop the rows before r0
+        lo = r0 - r0 % BLOCK
+        x = hf_value(src, quant, key, lo, r1, dtype, device, fetched)[r0 - lo :]
+        return x.transpose(-1, -2) if transposed else x
     x = fetched.get((key, r0, r1))
     if x is None:
         x = src.rows(key, r0, r1)
     x = x.to(device)
     if r0 is None or not info.shape:
         r0, r1 = 0, info.shape[0] if info.shape else 1
-    q = quant.get(key)
     early = transposed and (q is None or q.kind.tabulated)
     if early:
         x = x.transpose(-1, -2)

@@ -24,6 +24,7 @@ from .checkpoint import Checkpoint
 from .checks import Checks, same_bits
 from .direction import Direction, account_rest
 from .encode import Encoder, Encoding, choose, quantization_config
+from .errors import CheckpointError
 from .formats import is_native, sidecar_tensors
 from .fp8 import decode, encode, expand_scale, value_shape
 from .hostpool import HostPool
@@ -45,6 +46,8 @@ class HfItem:
     shape: tuple[int, ...]
     native: NativeTensor | None
     value_dtype: str
+    # A fused hf tensor's split pieces (operations.Split), in row order; ``native`` is the first.
+    pieces: tuple[NativeTensor, ...] = ()
 
 
 def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -> Direction:
@@ -61,10 +64,19 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
     if native_src:
         plan = plan_from_native(src, adapter)
         recorded, source_dtypes = plan.quant, sidecar.get("source", {}).get("dtypes", {})
+        joined = _joined(src, plan)
         for t in plan.tensors:
             if t.kind == "zeros" and t.key in plan.injected and sidecar:
                 continue
             info = src.tensors[t.key]
+            if t.kind == "split":
+                key = t.parts[0]
+                pieces = joined.pop(key, None)
+                if pieces is not None:  # the fused tensor, planned where its first piece is
+                    shape = (pieces[-1].rows[1], *info.shape[1:])
+                    enc = choose(key, info.dtype, opts.quantize, recorded, source_dtypes, adapter, **formats)
+                    items.append(HfItem(enc, shape, pieces[0], info.dtype, tuple(pieces)))
+                continue
             for k, shape in hf_shapes(t, info).items():
                 items.append(
                     HfItem(
@@ -171,6 +183,10 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
             align = max(hf_align(q.kind if q else None, info.shape), hf_align(it.enc.scale_kind, it.shape))
             spans = row_chunks(info.shape, info.torch_dtype.itemsize, budget, align)
             return [(r0, r1, [(it.enc.key, r0, r1)]) for r0, r1 in spans]
+        if it.pieces:  # hf rows r0:r1 from the pieces they overlap
+            itemsize = src.tensors[it.native.key].torch_dtype.itemsize
+            spans = row_chunks(it.shape, itemsize, budget, hf_align(it.enc.scale_kind, it.shape))
+            return [(r0, r1, _piece_reads(it, r0, r1)) for r0, r1 in spans]
         info = src.tensors[it.native.key]
         if it.native.kind == "stack":
             e = it.native.parts.index(it.enc.key) // it.native.names
@@ -186,6 +202,9 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
             x = hf_value(ts, recorded, it.enc.key, r0, r1, dtype, dev, got)
             return x, got[(it.enc.key, r0, r1)]
         t = it.native
+        if it.pieces:
+            x = torch.cat([got[read].to(dev) for read in _piece_reads(it, r0, r1)])
+            return x, x
         if t.kind == "stack":
             e = t.parts.index(it.enc.key) // t.names
             native, e0 = got[(t.key, e, e + 1)], e
@@ -266,6 +285,33 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
         account=account,
         pool=pool,
     )
+
+
+def _joined(src: Checkpoint, plan: KeyPlan) -> dict[str, list[NativeTensor]]:
+    """The split pieces of each fused hf tensor, in row order; refuses pieces that do not tile it."""
+    out: dict[str, list[NativeTensor]] = {}
+    for t in plan.tensors:
+        if t.kind == "split":
+            out.setdefault(t.parts[0], []).append(t)
+    for key, pieces in out.items():
+        pieces.sort(key=lambda t: t.rows[0])
+        end = 0
+        for t in pieces:
+            info = src.tensors[t.key]
+            if t.rows[0] != end or not info.shape or info.shape[0] != t.rows[1] - t.rows[0]:
+                raise CheckpointError(
+                    f"{info.file}: {t.key!r} ({list(info.shape)}) is not rows {t.rows} of {key!r} that "
+                    f"follow its other pieces {[p.key for p in pieces if p is not t]}"
+                )
+            end = t.rows[1]
+    return out
+
+
+def _piece_reads(it: HfItem, r0: int, r1: int) -> list[tuple[str, int, int]]:
+    """The native rows that hold hf rows ``r0:r1`` of a fused tensor, piece by piece."""
+    return [
+        (t.key, max(r0, a) - a, min(r1, b) - a) for t in it.pieces for a, b in [t.rows] if a < r1 and r0 < b
+    ]
 
 
 def _tail_keys(enc: Encoding) -> list[str]:

@@ -129,7 +129,8 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
                 per_row = sum(src.tensors[p].nbytes // max(src.tensors[p].shape[0], 1) for p in t.parts)
             else:
                 per_row = first.nbytes
-            align = hf_align(q.kind if q else None, first.shape) if t.kind == "copy" else 1
+            # a split piece starts on a block boundary of its source (the planner checks), as a copy does
+            align = hf_align(q.kind if q else None, first.shape) if t.kind in ("copy", "split") else 1
             n = shape[0] if shape else 1
             for e0, e1 in row_chunks((n,), max(per_row, 1), budget, align):
                 reads = forward_requests(t, e0, e1)

@@ -15,14 +15,14 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .checks import Acc, same_bits
 from .errors import CheckpointError
 from .formats import is_native, sidecar_tensors
-from .fp8 import dequantize_rows, expand_scale, quantize_rows, value_shape
+from .fp8 import BLOCK, ScaleKind, dequantize_rows, expand_scale, quantize_rows, value_shape
 from .keymap import KeyPlan, find_quant, plan_from_native
 from .options import DTYPE_ARGS
 from .qformat import source_format
 from .report import Report, TensorResult
 from .safetensors_io import DTYPES
 from .storage import Source
-from .tensors import TensorSource, forward, hf_align, hf_value, inverse, row_chunks
+from .tensors import TensorSource, forward, hf_align, hf_value, inverse_views, row_chunks
 
 STEP = 32 << 20
 
@@ -69,14 +69,15 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
             continue
         per_row = info.nbytes // max(info.shape[0], 1) if info.shape else info.nbytes
         align = 1
-        if t.kind == "copy" and t.parts[0] in quant:
+        if t.kind in ("copy", "split") and t.parts[0] in quant:
             align = hf_align(quant[t.parts[0]].kind, src.tensors[t.parts[0]].shape)
         for e0, e1 in row_chunks(info.shape, per_row, STEP, align) if info.shape else [(None, None)]:
-            pieces = inverse(t, dts.rows(t.key, e0, e1).to(dev), e0 or 0)
-            whole = t.kind == "stack"
-            for key, piece in pieces.items():
+            native = dts.rows(t.key, e0, e1).to(dev)
+            for key, a, b, view in inverse_views(t, native if info.shape else native.reshape(()), e0 or 0):
+                piece = view.contiguous()
                 acc = accs.setdefault(key, Acc())
-                a, b = (None, None) if whole or e0 is None else (e0, e1)
+                if e0 is None:
+                    a, b = None, None
                 raw = sts.rows(key, a, b).to(dev)
                 q = quant.get(key)
                 if q is not None:
@@ -211,7 +212,10 @@ def _expanded_scale(ts: TensorSource, quant, key: str, r0, r1, dev) -> torch.Ten
         r0, r1 = 0, info.shape[0]
     q = quant[key]
     rows = slice(r0, min(r1, info.shape[0]))
-    s = expand_scale(q.kind, ts.rows(q.scale).to(dev), rows, info.shape)
+    # a split piece's rows may start inside a block: expand from the block's first row
+    lo = r0 - r0 % BLOCK if q.kind is ScaleKind.BLOCK and len(info.shape) == 2 else r0
+    s = expand_scale(q.kind, ts.rows(q.scale).to(dev), slice(lo, rows.stop), info.shape)
+    s = s[r0 - lo :] if lo != r0 else s
     return s.expand((rows.stop - rows.start, *value_shape(q.kind, info.shape)[1:]))
 
 
