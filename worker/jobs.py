@@ -133,6 +133,16 @@ def _ledger_complete(ctx: Context, job: dict[str, Any]) -> bool:
     return len(ctx.store.ledger(job["id"])) == (job.get("ledger_total") or job["shards_total"])
 
 
+def _recorded(ctx: Context, job: dict[str, Any], entry: str) -> bool:
+    """``entry`` is in the ledger already (a redelivered unit); queue finalize if the ledger is complete,
+    since the delivery that recorded it may have died before queueing it."""
+    if not ctx.store.shard_done(job["id"], entry):
+        return False
+    if _ledger_complete(ctx, job):
+        ctx.enqueue_finalize(job["id"])
+    return True
+
+
 def _discard(ctx: Context, job_id: str) -> None:
     """Remove staged output and scratch; safe to call from any worker, any number of times."""
     job = ctx.store.get(job_id)
@@ -253,9 +263,7 @@ def run_shard(ctx: Context, job_id: str, name: str, worker: str | None = None) -
 
     def body(job: dict[str, Any]) -> None:
         nonlocal converted
-        if ctx.store.shard_done(job_id, name):
-            if _ledger_complete(ctx, job):
-                ctx.enqueue_finalize(job_id)
+        if _recorded(ctx, job, name):
             return
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
@@ -317,9 +325,7 @@ def write_metadata(ctx: Context, job_id: str, worker: str | None = None) -> None
     fleet = Fleet(ctx.store.r)
 
     def body(job: dict[str, Any]) -> None:
-        if ctx.store.shard_done(job_id, METADATA):
-            if _ledger_complete(ctx, job):
-                ctx.enqueue_finalize(job_id)
+        if _recorded(ctx, job, METADATA):
             return
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
