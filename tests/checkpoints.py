@@ -163,18 +163,20 @@ _TINY_QWEN3_5_TEXT: dict[str, Any] = {
     "linear_num_value_heads": 2,
     "layer_types": ["linear_attention", "full_attention"],
 }
+# The smallest vision tower the Qwen3.5 and Qwen3-VL classes build.
+_TINY_QWEN_VISION: dict[str, Any] = {
+    "depth": 1,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 160,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
 _TINY_QWEN3_5: dict[str, Any] = {
     "text_config": _TINY_QWEN3_5_TEXT,
-    "vision_config": {
-        "depth": 1,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "out_hidden_size": 160,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    },
+    "vision_config": _TINY_QWEN_VISION,
 }
 # What the Qwen3.5-MoE fixture's vendor leaves in bf16 beyond norms and routers.
 _QWEN3_5_KEEP = (
@@ -333,17 +335,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         "Qwen3VLMoeForConditionalGeneration",
         {
             "text_config": {**_TINY_MOE, "num_experts": 4},
-            "vision_config": {
-                "depth": 1,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "out_hidden_size": 160,
-                "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-                "deepstack_visual_indexes": [0],
-            },
+            "vision_config": {**_TINY_QWEN_VISION, "deepstack_visual_indexes": [0]},
         },
         keep=("visual.",),
         hub_transpose=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
