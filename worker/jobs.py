@@ -143,6 +143,19 @@ def _recorded(ctx: Context, job: dict[str, Any], entry: str) -> bool:
     return True
 
 
+def _stage_metadata(target: Target, meta: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Stage the small files ``names`` under ``meta`` at once (a round trip or three each); each one's
+    SHA-256, size and receipt."""
+
+    def stage(name: str) -> dict[str, Any]:
+        sha = file_sha256(meta / name)
+        receipt = target.stage_file(name, meta / name, sha)
+        return {"sha256": sha, "size": receipt["size"], "receipt": receipt}
+
+    with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:
+        return dict(zip(names, pool.map(stage, names), strict=True))
+
+
 def _discard(ctx: Context, job_id: str) -> None:
     """Remove staged output and scratch; safe to call from any worker, any number of times."""
     job = ctx.store.get(job_id)
@@ -339,14 +352,7 @@ def write_metadata(ctx: Context, job_id: str, worker: str | None = None) -> None
         if checks is not None:
             conv.check_kept_scales(checks, meta)
         _check_cancel(ctx, job_id)
-
-        def stage(name: str) -> dict[str, Any]:
-            sha = file_sha256(meta / name)
-            receipt = target.stage_file(name, meta / name, sha)
-            return {"sha256": sha, "size": receipt["size"], "receipt": receipt}
-
-        with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:  # a round trip or three each
-            files = dict(zip(names, pool.map(stage, names), strict=True))
+        files = _stage_metadata(target, meta, names)
         complete = ctx.store.progress(
             job_id, shard=METADATA, is_shard=False, files=files, card=card,
             verification=checks.export() if checks is not None else None,
@@ -405,10 +411,9 @@ def finalize(ctx: Context, job_id: str) -> None:
         if card is not None and card["write"]:
             (meta / model_card.CARD).write_text(_card(ctx, job, conv, report_json, meta, card["original"]))
             names.append(model_card.CARD)
-        staged = _receipts(ledger)
-        with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:  # a round trip or three each
-            receipts = pool.map(lambda n: target.stage_file(n, meta / n, file_sha256(meta / n)), names)
-            staged |= dict(zip(names, receipts, strict=True))
+        staged = _receipts(ledger) | {
+            n: f["receipt"] for n, f in _stage_metadata(target, meta, names).items()
+        }
         ctx.store.transition(job_id, ("verifying", "uploading"), "uploading", step="publishing")
         req = job["request"]
         result = target.publish(
