@@ -23,11 +23,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from core.settings import Settings
+from core.states import STATES, TERMINAL
 
 PREFIX = "recast:"
-STATES = ("queued", "running", "verifying", "uploading", "succeeded", "failed", "cancelling", "cancelled")
-TERMINAL = ("succeeded", "failed", "cancelled")
-ACTIVE = ("running", "verifying", "uploading")
 EVENTS_MAXLEN = 10_000
 WORKERS_KEY = f"{PREFIX}workers"  # worker name -> time of its last heartbeat
 _JSON_FIELDS = ("request", "labels", "result", "shard_names")

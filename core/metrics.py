@@ -13,8 +13,9 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from core.fleet import ALIVE_S
-from core.jobstore import PREFIX, TERMINAL, WORKERS_KEY, JobStore
+from core.jobstore import PREFIX, WORKERS_KEY, JobStore
 from core.settings import QUEUE
+from core.states import TERMINAL
 
 COUNTERS = f"{PREFIX}metrics:counters"
 SHARD_SECONDS = f"{PREFIX}metrics:shard_seconds"

@@ -23,8 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from core.jobstore import STATES
 from core.sessions import Sessions
+from core.states import STATES
 from service.deps import SESSION_COOKIE, same_origin
 
 STATIC = Path(__file__).resolve().parent / "static"

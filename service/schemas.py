@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints, field_validator
 
-from core.jobstore import STATES, THROUGHPUT_EVERY_S
+from core.jobstore import THROUGHPUT_EVERY_S
+from core.states import STATES
 from worker.engine.adapters import ADAPTERS
 from worker.engine.encode import QUANTIZE_MODES
 from worker.engine.options import DTYPE_ARGS

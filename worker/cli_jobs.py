@@ -25,7 +25,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from core.jobstore import STATES
+from core.states import STATES
 from recast.client import DEFAULT_URL, TERMINAL, ApiError, Client, Event, Job
 from worker.cli_print import human, print_report
 

@@ -23,8 +23,9 @@ import torch
 
 from core import metrics
 from core.fleet import Fleet
-from core.jobstore import ACTIVE, TERMINAL, Conflict, JobStore
+from core.jobstore import Conflict, JobStore
 from core.settings import Settings
+from core.states import ACTIVE, TERMINAL
 from worker import model_card
 from worker.engine.checkpoint import MANIFEST
 from worker.engine.convert import Conversion, plan_conversion

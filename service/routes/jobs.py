@@ -10,7 +10,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from core.jobstore import TERMINAL, Conflict, JobStore, decode
+from core.jobstore import Conflict, JobStore, decode
+from core.states import TERMINAL
 from service.deps import SIGNED_IN, UNAUTHORIZED, JobRecord, ServicesDep
 from service.problems import HTTPProblem, declared
 from service.schemas import MAX_LABEL_VALUE, Job, JobPage, JobReport, JobRequest, JobState, JobThroughput

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from core.fleet import Fleet
-from core.jobstore import ACTIVE
 from core.settings import QUEUE
+from core.states import ACTIVE
 from service.deps import SIGNED_IN, UNAUTHORIZED, ServicesDep
 from service.schemas import QueueDepth, Worker, WorkerList
 
