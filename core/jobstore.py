@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -138,9 +139,28 @@ class Conflict(Exception):
         self.state = state
 
 
+_last_id = [0, 0]  # (milliseconds, random part) of this process's newest id
+_id_lock = threading.Lock()
+
+
 def new_id() -> str:
-    """Sortable by creation time as text, so the listing index pages by id alone."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(4)}"
+    """Sortable by creation time as text, so the listing index pages by id alone (newest first).
+
+    Two ids of one millisecond would sort by their random parts, so within a process the later one takes
+    the earlier's random part plus one instead (as monotonic ULIDs do): jobs one client submits in a burst
+    list in the order they were made. Across API replicas, one millisecond's ids sort arbitrarily.
+    """
+    ms = time.time_ns() // 1_000_000
+    with _id_lock:
+        last_ms, last_rand = _last_id
+        if ms > last_ms:
+            rand = secrets.randbits(31)  # room for 2**31 more ids in this millisecond
+        elif last_rand < 0xFFFFFFFF:
+            ms, rand = last_ms, last_rand + 1
+        else:
+            ms, rand = last_ms + 1, 0
+        _last_id[:] = [ms, rand]
+    return f"{ms:012x}{rand:08x}"
 
 
 def _now() -> str:

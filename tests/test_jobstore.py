@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from core.embedded import EmbeddedRedis
-from core.jobstore import Conflict, JobStore
+from core.jobstore import Conflict, JobStore, new_id
 from core.settings import Settings
 from worker import jobs
 
@@ -39,6 +39,11 @@ def test_transitions_check_the_state_they_expect(store):
     )
     kinds = [(k, j["state"]) for _, k, j in store.events(job["id"], "0", 0)]
     assert kinds == [("state", "queued"), ("state", "running"), ("progress", "running"), ("state", "failed")]
+
+
+def test_ids_made_in_a_burst_sort_in_the_order_they_were_made():
+    ids = [new_id() for _ in range(2000)]  # many share a millisecond
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
 def test_listing_drops_expired_jobs(store):
