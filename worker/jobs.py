@@ -33,7 +33,7 @@ from worker.engine.errors import RecastError, TargetBusyError, TargetExistsError
 from worker.engine.options import Options
 from worker.engine.publish import file_sha256, finish_sidecar
 from worker.engine.storage import Source
-from worker.stores import Target, TransientStorageError, open_source, open_target, parse_location
+from worker.stores import Target, TransientStorageError, open_source, open_target, parse_location, staging
 from worker.throttle import ThrottledSource
 
 log = logging.getLogger("recast.jobs")
@@ -299,15 +299,17 @@ def run_shard(ctx: Context, job_id: str, name: str, worker: str | None = None) -
 
         checks = conv.new_checks() if conv.opts.verify else None
         directory = target.local_dir() or _scratch(ctx, job_id, "shard")
-        path = conv.write_shard(name, directory, progress, checks)
-        sha, size = conv.hashes[name], path.stat().st_size
-        if checks is not None and checks.failed:
-            path.unlink(missing_ok=True)
-            metrics.count(ctx.store.r, "verification_failures")
-            bad = "; ".join(f"{k}: {checks.acc(k).detail}" for k in checks.failed[:3])
-            raise VerificationError(f"verification failed in {name}: {bad}; nothing was published")
-        _check_cancel(ctx, job_id)
-        receipt = target.stage_file(name, path, sha)
+        size = conv.planned_size(name)
+        with staging(target, name, size) as staged:
+            path = conv.write_shard(name, directory, progress, checks, staged.sink)
+            sha = conv.hashes[name]
+            if checks is not None and checks.failed:
+                path.unlink(missing_ok=True)
+                metrics.count(ctx.store.r, "verification_failures")
+                bad = "; ".join(f"{k}: {checks.acc(k).detail}" for k in checks.failed[:3])
+                raise VerificationError(f"verification failed in {name}: {bad}; nothing was published")
+            _check_cancel(ctx, job_id)
+            receipt = staged.stage(path, sha)
         complete = ctx.store.progress(
             job_id, step=f"converted {name}", bytes_in=pending["bytes"], shard=name, sha256=sha, size=size,
             receipt=receipt, verification=checks.export() if checks is not None else None,

@@ -39,6 +39,7 @@ from .publish import (
 )
 from .report import Report
 from .safetensors_io import TensorInfo, parse_header
+from .shard_stream import Sink
 from .storage import LocalSource, Source, open_source
 from .tensors import TensorSource, read_many
 from .timings import Timings
@@ -75,10 +76,16 @@ class Conversion:
         return Checks(self.direction.expected(), self.timings)
 
     def write_shard(
-        self, name: str, directory: Path, progress: Progress | None = None, checks: Checks | None = None
+        self,
+        name: str,
+        directory: Path,
+        progress: Progress | None = None,
+        checks: Checks | None = None,
+        sink: Sink | None = None,
     ) -> Path:
-        """Write output shard ``name`` under ``directory`` (complete or not at all); with ``checks``,
-        verify every piece before it is written. Its SHA-256 lands in ``hashes``."""
+        """Write output shard ``name`` under ``directory`` (complete or not at all), or with a ``sink``
+        hand its bytes to the sink instead (no file is written; ``planned_size`` is its size); with
+        ``checks``, verify every piece before it is written. Its SHA-256 lands in ``hashes``."""
         report = progress or (lambda _: None)
         sha = produce_shard(
             directory / name,
@@ -90,6 +97,7 @@ class Conversion:
             lambda n: report({"shard": name, "bytes_in": n}),
             self.timings,
             self.direction.pool.give if self.direction.pool else None,
+            sink,
         )
         with self._lock:
             self.hashes[name] = sha

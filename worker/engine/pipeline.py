@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .shard_stream import ShardStream, Slot
+from .shard_stream import ShardStream, Sink, Slot
 from .timings import Timings
 
 Read = tuple[str, int | None, int | None]
@@ -61,12 +61,14 @@ def produce_shard(
     progress: Callable[[int], None],
     timings: Timings,
     release: Callable[[torch.Tensor], None] | None = None,
+    sink: Sink | None = None,
 ) -> str:
     """Write one shard from its units, complete or not at all; returns its SHA-256.
 
-    ``release`` takes back host buffers: a unit's reads once it has run, pieces once written.
+    ``release`` takes back host buffers: a unit's reads once it has run, pieces once written. With a
+    ``sink``, the bytes go there instead of to ``path`` (see ``shard_stream``).
     """
-    stream = ShardStream(path, header, slots, timings, release)
+    stream = ShardStream(path, header, slots, timings, release, sink)
 
     def timed_fetch(reads: list[Read]) -> Fetched:
         with timings.timed("read"):

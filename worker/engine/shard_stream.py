@@ -8,6 +8,10 @@ computed from the very buffers handed to the kernel, while they are written, ins
 the file afterwards; hashing runs beside the writing thread, not in it, because SHA-256 at ~1.3 GB/s
 per core in the writer would halve the write rate. ``close`` fsyncs and renames the file into place:
 a shard is complete or absent.
+
+A ``Sink`` takes the writer's place where the shard's bytes go to a store rather than a file (an S3
+multipart upload, say): it receives the same ordered bytes, so the upload runs while the shard is produced,
+and no local copy is written and read back.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -34,6 +39,14 @@ WRITE_BEHIND = 512 << 20
 # still being produced instead of all at the final fsync, which would stall its lane (on the H200 the
 # lanes spent 24 of 29 s in fsync at the ends of shards) and pile up dirty pages.
 SYNC_EVERY = 256 << 20
+
+
+class Sink(Protocol):
+    """Takes a shard's bytes in file order, instead of the file."""
+
+    def write(self, data: memoryview) -> None:
+        """The next bytes; ``data`` is only valid during the call (copy what is kept)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -89,7 +102,11 @@ class _Budget:
 
 
 class ShardStream:
-    """One output shard: ``put`` pieces (any order, each once), then ``close`` for its SHA-256."""
+    """One output shard: ``put`` pieces (any order, each once), then ``close`` for its SHA-256.
+
+    The bytes go to the file ``path``, or with a ``sink`` to the sink alone (``path`` then only names the
+    shard in errors).
+    """
 
     def __init__(
         self,
@@ -98,8 +115,10 @@ class ShardStream:
         slots: dict[str, Slot],
         timings: Timings | None = None,
         release: Callable[[torch.Tensor], None] | None = None,
+        sink: Sink | None = None,
     ):
         self.path = path
+        self._sink = sink
         # Unique per writer: two workers given the same shard (a redelivered task) never share a file.
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
         self._slots = slots
@@ -113,16 +132,17 @@ class ShardStream:
         self._release = release
         self._unsynced = 0
         self._error: BaseException | None = None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = -1
+        if sink is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue(), queue.SimpleQueue()]
         self._left: dict[int, list] = {}
         self._lock = threading.Lock()
+        out, stage = (self._write, "write") if sink is None else (sink.write, "upload")
         self._threads = [
-            threading.Thread(target=self._drain, args=(q, fn, stage), daemon=True)
-            for q, fn, stage in zip(
-                self._queues, (self._write, self._sha.update), ("write", "hash"), strict=True
-            )
+            threading.Thread(target=self._drain, args=(q, fn, name), daemon=True)
+            for q, fn, name in zip(self._queues, (out, self._sha.update), (stage, "hash"), strict=True)
         ]
         for t in self._threads:
             t.start()
@@ -156,7 +176,8 @@ class ShardStream:
             self._emit(piece, owner)
 
     def close(self) -> str:
-        """Wait for the bytes, fsync, rename into place; returns the file's SHA-256 (hex)."""
+        """Wait for the bytes, fsync, rename into place (or, with a sink, wait until it has every
+        byte); returns the shard's SHA-256 (hex)."""
         short = sorted(k for k, s in self._slots.items() if self._filled.get(k, 0) != s.end - s.start)
         if short or self._early or self._cursor != self._end:
             self.abort()
@@ -165,6 +186,8 @@ class ShardStream:
         if self._error is not None:
             self._cleanup()
             raise self._error
+        if self._sink is not None:
+            return self._sha.hexdigest()
         os.fsync(self._fd)
         os.close(self._fd)
         os.replace(self.tmp, self.path)
@@ -219,6 +242,8 @@ class ShardStream:
             t.join()
 
     def _cleanup(self) -> None:
+        if self._fd < 0:
+            return
         with contextlib.suppress(OSError):
             os.close(self._fd)
         self.tmp.unlink(missing_ok=True)

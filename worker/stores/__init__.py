@@ -19,6 +19,8 @@ pay for importing boto3 or huggingface_hub.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +47,17 @@ class TransientStorageError(RecastError):
 Receipt = dict[str, Any]
 
 
+class Upload(Protocol):
+    """A file on its way to a target while it is produced (an engine ``Sink``): ``write`` its bytes in
+    order, then ``finish`` with its SHA-256 for the receipt, or ``abort``, which leaves nothing behind."""
+
+    def write(self, data: memoryview) -> None: ...
+
+    def finish(self, sha256: str) -> Receipt: ...
+
+    def abort(self) -> None: ...
+
+
 class Target(Protocol):
     """Where a job's output goes: each file to its final place once, visible only after ``publish``."""
 
@@ -57,6 +70,11 @@ class Target(Protocol):
     def local_dir(self) -> Path | None:
         """A directory on the target's own filesystem to write output files into directly (file://),
         or None: write them to local scratch and hand each to stage_file, which uploads it."""
+        ...
+
+    def open_stream(self, name: str, size: int) -> Upload | None:
+        """Where the ``size`` bytes of ``name`` can go while they are produced, in order (stage_file's
+        work done as the file is written, with no local copy), or None: this target wants the file."""
         ...
 
     def stage_file(self, name: str, path: Path, sha256: str) -> Receipt:
@@ -76,6 +94,33 @@ class Target(Protocol):
     def discard(self, staged: dict[str, Receipt] | None = None) -> None:
         """Remove everything this job wrote or started (staging dir, multipart uploads); safe twice."""
         ...
+
+
+class Staging:
+    """One output file on its way to a target: handed over while it is written where the target takes a
+    stream (``sink``, for the engine's ``write_shard``), else written to a file and staged from there."""
+
+    def __init__(self, target: Target, name: str, size: int):
+        self.target, self.name = target, name
+        self.sink = target.open_stream(name, size)
+
+    def stage(self, path: Path, sha256: str) -> Receipt:
+        """The receipt, once the file (at ``path`` unless streamed) is whole and its SHA-256 known."""
+        if self.sink is not None:
+            return self.sink.finish(sha256)
+        return self.target.stage_file(self.name, path, sha256)
+
+
+@contextmanager
+def staging(target: Target, name: str, size: int) -> Iterator[Staging]:
+    """``Staging`` of ``name``'s ``size`` bytes; a stream begun is aborted if the block fails."""
+    staged = Staging(target, name, size)
+    try:
+        yield staged
+    except BaseException:
+        if staged.sink is not None:
+            staged.sink.abort()
+        raise
 
 
 def publish_order(names: list[str]) -> list[str]:

@@ -304,6 +304,10 @@ class HubTarget:
         """The Hub has no local filesystem: files are written to scratch and uploaded by ``stage_file``."""
         return None
 
+    def open_stream(self, name: str, size: int) -> None:
+        """None: an LFS upload is addressed by the file's SHA-256, known only once the file is whole."""
+        return None
+
     def stage_file(self, name: str, path: Path, sha256: str) -> Receipt:
         """Upload ``path`` as an LFS object (no commit yet), or keep a regular file's content in the receipt."""
         operation = CommitOperationAdd(

@@ -110,6 +110,10 @@ class FileTarget:
             ) from exc
         return _no_symlink(self.staging)
 
+    def open_stream(self, name: str, size: int) -> None:
+        """None: a file written straight into ``local_dir()`` is already where it will live."""
+        return None
+
     def stage_file(self, name: str, path: Path, sha256: str) -> Receipt:
         """Nothing to do for a file already written into ``local_dir()``; anything else is moved in."""
         dest = self.local_dir() / check_relative(name, self.description)

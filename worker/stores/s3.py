@@ -6,9 +6,11 @@ several S3-compatible stores reject.
 
 The commit protocol of a target, which moves every output byte once:
 
-1. ``stage_file`` writes an empty marker ``<prefix>/.recast-staging/<job_id>/<name>``, then uploads the
-   file as a multipart upload of its *final* key ``<prefix>/<name>``, each part with a checksum that S3
-   verifies on arrival (SHA-256 per part, or CRC64-NVME over the whole object), and does not complete it.
+1. ``open_stream`` (or ``stage_file``, for a finished file) writes an empty marker
+   ``<prefix>/.recast-staging/<job_id>/<name>``, then uploads the file as a multipart upload of its
+   *final* key ``<prefix>/<name>``, each part with a checksum that S3 verifies on arrival (SHA-256 per
+   part, or CRC64-NVME over the whole object), and does not complete it. A shard streams: its parts go
+   out while the engine produces it, and no local copy of it is written.
    The receipt names the upload and its parts' ETags and checksums.
    A *fresh* target (nothing under the prefix when the job was planned, so no earlier checkpoint can be
    damaged) completes each upload right away, except the index's and recast.json's: completing a large
@@ -339,13 +341,27 @@ class S3Target:
         return True
 
     def local_dir(self) -> None:
-        """S3 has no local filesystem: files are written to scratch and uploaded by ``stage_file``."""
+        """S3 has no local filesystem: shards stream to ``open_stream`` while they are produced, other
+        files are written to scratch and uploaded by ``stage_file``."""
         return None
 
     def stage_file(self, name: str, path: Path, sha256: str) -> Receipt:
         """Upload ``path`` to its final key as a multipart upload left uncompleted; ``path`` is kept."""
-        key = self.base + check_relative(name, self.description)
         size = path.stat().st_size
+        upload = self.open_stream(name, size)
+        try:
+            with path.open("rb") as file:
+                while data := file.read(upload.part_bytes):
+                    upload.send(data)
+            return upload.finish(sha256)
+        except BaseException:
+            upload.abort()
+            raise
+
+    def open_stream(self, name: str, size: int) -> S3Upload:
+        """Begin ``name``'s multipart upload, to be fed its ``size`` bytes in order while they are produced
+        (an engine ``Sink``); ``finish`` gives the receipt ``stage_file`` would."""
+        key = self.base + check_relative(name, self.description)
         with self._errors.about(self._url(key)):
             # The marker comes first, so that a worker dying at any later point leaves an upload that
             # publish and discard can find.
@@ -353,52 +369,23 @@ class S3Target:
             upload_id = self.client.create_multipart_upload(
                 Bucket=self.bucket, Key=key, **self.checksums.create_args()
             )["UploadId"]
-            try:
-                parts, crc = self._upload_parts(key, upload_id, path, part_size(size, self.chunk))
-            except BaseException:
-                with suppress(ClientError, BotoCoreError):  # the marker still leads discard to it
-                    self._abort(key, upload_id)
-                raise
+        return S3Upload(self, name, key, upload_id, size)
+
+    def _receipt(self, upload: S3Upload, sha256: str, parts: list[dict[str, Any]], crc: int) -> Receipt:
         receipt = {
-            "key": key,
-            "upload_id": upload_id,
-            "size": size,
+            "key": upload.key,
+            "upload_id": upload.upload_id,
+            "size": upload.size,
             "sha256": sha256,
             "parts": parts,
             "checksum": self.checksums.whole(parts, crc),
         }
-        if self.fresh and name not in (INDEX, SIDECAR):  # the files that define the checkpoint wait
-            self._complete(name, receipt)
+        if self.fresh and upload.name not in (INDEX, SIDECAR):  # the files that define the checkpoint wait
+            self._complete(upload.name, receipt)
             receipt["completed"] = True
         return receipt
 
-    def _upload_parts(
-        self, key: str, upload_id: str, path: Path, part_bytes: int
-    ) -> tuple[list[dict[str, Any]], int]:
-        """Read ``path`` once, in order, and upload its parts ``UPLOAD_THREADS`` at a time.
-
-        Returns the parts as complete_multipart_upload wants them, and the running CRC64-NVME.
-        """
-        parts: list[dict[str, Any]] = []
-        crc = 0
-        with path.open("rb") as file, ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-            pending: deque[Future[dict[str, Any]]] = deque()
-            number = 0
-            while True:
-                data = file.read(part_bytes)
-                if not data and number:  # the size was a whole number of parts
-                    break
-                number += 1
-                crc = self.checksums.running(data, crc)
-                if len(pending) >= UPLOAD_THREADS:
-                    parts.append(pending.popleft().result())
-                pending.append(pool.submit(self._upload_part, key, upload_id, number, data))
-                if len(data) < part_bytes:
-                    break
-            parts += [future.result() for future in pending]
-        return parts, crc
-
-    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray) -> dict[str, Any]:
         checksum = self.checksums.part(data)
         response = self.client.upload_part(
             Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, **checksum
@@ -546,3 +533,73 @@ class S3Target:
                         f"{self._url(first.get('Key', self.markers))}: cannot delete the job's marker or "
                         f"object ({first.get('Code')}); {len(errors)} remain"
                     )
+
+
+class S3Upload:
+    """One file's multipart upload, fed in order: every ``part_bytes`` received become a part, uploaded
+    while the next ones arrive, ``UPLOAD_THREADS`` parts in flight (which bounds its memory to
+    (threads + 1) x part size, and slows the producer to the upload's pace).
+
+    As an engine ``Sink`` (``write``) it takes a shard's bytes while the shard is produced, so a worker
+    converts and uploads at once, and the output never touches its disk.
+    """
+
+    def __init__(self, target: S3Target, name: str, key: str, upload_id: str, size: int):
+        self.target, self.name, self.key, self.upload_id, self.size = target, name, key, upload_id, size
+        self.part_bytes = part_size(size, target.chunk)
+        self._buf = bytearray()  # the part being filled, allocated on the first write
+        self._filled = 0
+        self._sent = 0
+        self._crc = 0
+        self._parts: list[dict[str, Any]] = []
+        self._pending: deque[Future[dict[str, Any]]] = deque()
+        self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="recast-upload")
+
+    def write(self, data: memoryview) -> None:
+        """Copy ``data`` into the current part; each full part goes out."""
+        if self._sent + self._filled + len(data) > self.size:
+            raise CheckpointError(f"{self.target._url(self.key)}: more than the {self.size} bytes announced")
+        while len(data):
+            if not self._buf:
+                self._buf = bytearray(self.part_bytes)
+            n = min(len(data), self.part_bytes - self._filled)
+            self._buf[self._filled : self._filled + n] = data[:n]
+            self._filled += n
+            data = data[n:]
+            if self._filled == self.part_bytes:
+                self.send(self._buf)
+                self._buf, self._filled = bytearray(), 0
+
+    def send(self, data: bytes | bytearray) -> None:
+        """Upload ``data`` as the next part (every part but the last is ``part_bytes`` long)."""
+        self._sent += len(data)
+        if self._sent > self.size:
+            raise CheckpointError(f"{self.target._url(self.key)}: more than the {self.size} bytes announced")
+        self._crc = self.target.checksums.running(data, self._crc)
+        if len(self._pending) >= UPLOAD_THREADS:
+            with self.target._errors.about(self.target._url(self.key)):
+                self._parts.append(self._pending.popleft().result())
+        number = len(self._parts) + len(self._pending) + 1
+        self._pending.append(
+            self._pool.submit(self.target._upload_part, self.key, self.upload_id, number, data)
+        )
+
+    def finish(self, sha256: str) -> Receipt:
+        """Send the last part, wait for every part, and return the receipt (completed for a fresh target)."""
+        if self._filled or not self._sent:
+            self.send(bytes(memoryview(self._buf)[: self._filled]))
+        if self._sent != self.size:
+            raise CheckpointError(
+                f"{self.target._url(self.key)}: {self._sent} bytes uploaded, {self.size} announced"
+            )
+        with self.target._errors.about(self.target._url(self.key)):
+            self._parts += [future.result() for future in self._pending]
+            self._pending.clear()
+            self._pool.shutdown()
+            return self.target._receipt(self, sha256, self._parts, self._crc)
+
+    def abort(self) -> None:
+        """Stop and abort the upload (its marker still leads ``discard`` to it if this fails)."""
+        self._pool.shutdown(cancel_futures=True)
+        with suppress(ClientError, BotoCoreError):
+            self.target._abort(self.key, self.upload_id)
