@@ -1,7 +1,7 @@
 """One job through the real service with 1 and 2 workers, beside ``recast convert``, for file:// and s3://.
 
     PYTHONPATH=$PWD python bench/service_scale.py [--experts 24] [--rows cli,file-1,file-2,s3-1,s3-2]
-        [--workdir DIR] [--keep] [--timeout 1800] [--moto-as-is] [--worker-cpus N]
+        [--workdir DIR] [--keep] [--timeout 1800] [--store moto|moto-as-is|seaweedfs] [--worker-cpus N]
 
 Why (issue 10, item 3): a job's shards are spread over the workers, so 2 workers should finish one job in
 at most 0.55x the time of 1; the work after the last shard (index, verification, publishing) should be at
@@ -16,7 +16,7 @@ then runs the rows:
     cli      python -m worker.cli convert SRC DST --to native --json  (file; wall time of the child)
     file-1   the service with 1 worker, file:// -> file://
     file-2   the service with 2 workers, file:// -> file://
-    s3-1     the service with 1 worker, s3:// -> s3:// (moto's server on loopback)
+    s3-1     the service with 1 worker, s3:// -> s3:// (moto's server on loopback, or SeaweedFS)
     s3-2     the service with 2 workers, s3:// -> s3://
 
 For each worker count it starts a whole service first: an embedded Redis, the API (``python -m worker.cli
@@ -24,20 +24,24 @@ api``) and N worker processes (``python -m worker.cli worker``), and waits until
 workers. A service row is timed from ``POST /v1/jobs`` to the job's ``succeeded`` event on
 ``GET /v1/jobs/{id}/events`` (polling ``GET /v1/jobs/{id}`` every 0.2 s if the stream breaks). The tail is
 the job record's time from the event in which ``shards_done`` reached ``shards_total`` to ``finished_at``;
-the tail share is the tail over the row's seconds.
+the tail share is the tail over the row's seconds. "first shard s" is the time from the POST to the first
+event with a shard converted: what a job costs before its shards run in parallel shows there.
 
 S3 bytes: moto's server runs in a child (with one patch, see ``serve_moto``: a ranged GET does not re-read
-the whole object; ``--moto-as-is`` leaves it out); the workers reach it through a counting HTTP proxy in
-this process (their ``RECAST_S3_ENDPOINT_URL``), which counts request and response body bytes per method,
-before and after the last shard. The source is uploaded to moto directly, outside the proxy and the
-timing. "S3 read x" is the body bytes of GET responses over the checkpoint's bytes; "S3 written x" is the
-payload of PUT and POST requests over the output's bytes; "S3 copied x" is what server-side copies
+the whole object; ``--store moto-as-is`` leaves it out). moto is one Python process and bounds the S3 rows
+before the workers do, so ``--store seaweedfs`` runs SeaweedFS instead (a Go server from the ``bench``
+extra, which checks part checksums as S3 does). The workers reach the store through a counting HTTP proxy
+in 4 child processes on one port (their ``RECAST_S3_ENDPOINT_URL``), which counts request and response
+body bytes per method, before and after the last shard. The source is uploaded to the store directly,
+outside the proxy and the timing. "S3 read x" is the body bytes of GET responses over the checkpoint's
+bytes; "S3 written x" is the payload of PUT and POST requests over the output's bytes; "S3 copied x" is
+what server-side copies
 (``x-amz-copy-source``) moved inside S3, over the output's bytes: they pass no object bytes through the proxy.
 
 Workers as machines (``--worker-cpus N``): on a host with more cores than one worker fills, each worker
 process (and the CLI) is pinned to N cores of its own, counted from the host's last core, with torch's
 threads set to N, so that "2 workers" means two machines' worth of compute rather than two processes
-fighting over the same cores; the API, Redis, moto and the proxy run on the cores left.
+fighting over the same cores; the API, Redis, the store and the proxy run on the cores left.
 
 Outputs: every service output's ``.safetensors`` files must have the same names and SHA-256 as the CLI's.
 
@@ -718,6 +722,7 @@ class JobRun:
     seconds: float
     tail_s: float | None
     job: dict[str, Any]
+    first_s: float | None = None  # from the POST to the event saying one shard is converted
 
 
 def _when(job: dict[str, Any], name: str) -> float | None:
@@ -765,10 +770,13 @@ def run_job(
         final: dict[str, Any] | None = None
         at_shards: tuple[float, dict[str, Any]] | None = None  # (monotonic arrival, job) when all shards done
         ended = 0.0
+        first: float | None = None
 
         def observe(job: dict[str, Any], now: float) -> bool:
-            """Note when all shards are done and when the job ends; True once it has ended."""
-            nonlocal at_shards, final, ended
+            """Note when the first and all shards are done and when the job ends; True once it has ended."""
+            nonlocal at_shards, final, ended, first
+            if first is None and (job.get("shards_done") or 0) >= 1:
+                first = now - started
             if at_shards is None and _all_shards(job):
                 at_shards = (now, job)
                 if on_all_shards:
@@ -804,7 +812,7 @@ def run_job(
         tail = finished_at - shards_at if shards_at and finished_at and finished_at >= shards_at else None
         if tail is None:  # the record's clock did not say; the arrival times do
             tail = ended - at_shards[0]
-    return JobRun(seconds, tail, final)
+    return JobRun(seconds, tail, final, first)
 
 
 # ------------------------------------------------------------------------------------------------------- rows
@@ -815,6 +823,7 @@ class Row:
     key: str
     seconds: float | None = None
     tail_s: float | None = None
+    first_s: float | None = None
     s3: Traffic | None = None
     s3_at_shards: Traffic | None = None  # the part of ``s3`` before the last shard was converted
     s3_copied: int = 0
@@ -854,7 +863,7 @@ def run_file(svc: Service, src: Path, dst: Path, timeout: float, row: Row) -> No
     shutil.rmtree(dst, ignore_errors=True)
     body = {"source": src.as_uri(), "target": dst.as_uri(), "to": "native"}
     run = run_job(svc.url, body, timeout)
-    row.seconds, row.tail_s = run.seconds, run.tail_s
+    row.seconds, row.tail_s, row.first_s = run.seconds, run.tail_s, run.first_s
     row.out_bytes = sum(p.stat().st_size for p in files_of(dst))
     row.hashes = shard_hashes(dst)
 
@@ -871,7 +880,7 @@ def run_s3(svc: Service, store: Store, proxy: ProxyFleet, prefix: str, timeout: 
         run = run_job(svc.url, body, timeout, at_shards)
     finally:
         row.s3 = proxy.take()
-    row.seconds, row.tail_s = run.seconds, run.tail_s
+    row.seconds, row.tail_s, row.first_s = run.seconds, run.tail_s, run.first_s
     row.s3_copied = copied_bytes(row.s3, store)
     row.out_bytes = sum(s3_objects(store, prefix).values())
     row.hashes = s3_shard_hashes(store, prefix)
@@ -901,11 +910,20 @@ def fmt(x: float | None, spec: str) -> str:
 
 
 def print_table(rows: list[Row], in_bytes: int) -> None:
-    head = ("row", "seconds", "GB/s", "tail share", "S3 read ×", "S3 written ×", "S3 copied ×")
+    head = (
+        "row",
+        "seconds",
+        "first shard s",
+        "GB/s",
+        "tail share",
+        "S3 read ×",
+        "S3 written ×",
+        "S3 copied ×",
+    )
     lines = []
     for r in rows:
         if r.error:
-            lines.append((ROWS[r.key], "error", "-", "-", "-", "-", "-"))
+            lines.append((ROWS[r.key], "error", "-", "-", "-", "-", "-", "-"))
             continue
         read = written = copied = None
         if r.s3 is not None:
@@ -914,7 +932,8 @@ def print_table(rows: list[Row], in_bytes: int) -> None:
             copied = r.s3_copied / r.out_bytes if r.out_bytes else None
         share = r.tail_s / r.seconds if r.tail_s is not None and r.seconds else None
         lines.append((
-            ROWS[r.key], fmt(r.seconds, ".1f"), fmt(in_bytes / r.seconds / 1e9 if r.seconds else None, ".3f"),
+            ROWS[r.key], fmt(r.seconds, ".1f"), fmt(r.first_s, ".1f"),
+            fmt(in_bytes / r.seconds / 1e9 if r.seconds else None, ".3f"),
             fmt(share * 100 if share is not None else None, ".1f") + ("%" if share is not None else ""),
             fmt(read, ".2f"), fmt(written, ".2f"), fmt(copied, ".2f"),
         ))  # fmt: skip
