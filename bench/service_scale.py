@@ -704,6 +704,21 @@ class Service:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{tail_of(p, 2000)}" for p in sorted(self.dir.glob("*.log")))
 
+    def log_sizes(self) -> dict[Path, int]:
+        return {p: p.stat().st_size for p in sorted(self.dir.glob("worker-*.log"))}
+
+    def shard_tasks(self, since: dict[Path, int]) -> str:
+        """Each worker's shard tasks since ``since`` (``log_sizes``), from Celery's own log lines: how many,
+        and their seconds summed. Work spread unevenly, or a job's time spent outside its tasks, shows here."""
+        done = re.compile(rb"Task recast\.convert_shard\[[^]]*\] succeeded in ([0-9.]+)s")
+        out = []
+        for path, start in since.items():
+            with path.open("rb") as f:
+                f.seek(start)
+                seconds = [float(m.group(1)) for m in done.finditer(f.read())]
+            out.append(f"{path.stem} {len(seconds)} shards in {sum(seconds):.1f} s")
+        return ", ".join(out)
+
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -775,7 +790,7 @@ def run_job(
         def observe(job: dict[str, Any], now: float) -> bool:
             """Note when the first and all shards are done and when the job ends; True once it has ended."""
             nonlocal at_shards, final, ended, first
-            if first is None and (job.get("shards_done") or 0) >= 1:
+            if first is None and ((job.get("progress") or {}).get("shards_done") or 0) >= 1:
                 first = now - started
             if at_shards is None and _all_shards(job):
                 at_shards = (now, job)
@@ -829,6 +844,7 @@ class Row:
     s3_copied: int = 0
     out_bytes: int = 0
     hashes: dict[str, str] = field(default_factory=dict)
+    tasks: str = ""  # ``Service.shard_tasks``
     note: str = ""
     error: str = ""
 
@@ -895,11 +911,14 @@ def service_row(
     proxy: ProxyFleet | None,
     timeout: float,
 ) -> None:
+    os.sync()  # the last row's writes reach the disk before this one is timed, not during it
+    logs = svc.log_sizes()
     if row.key.startswith("file"):
         run_file(svc, src, work / f"out-{row.key}", timeout, row)
     else:
         assert store is not None and proxy is not None
         run_s3(svc, store, proxy, f"out-{row.key}", timeout, row)
+    row.tasks = svc.shard_tasks(logs)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -973,6 +992,9 @@ def verdicts(rows: dict[str, Row], cli: Row | None) -> int:
             )
             print(f"outputs: {ROWS[r.key]}: DIFFER from the CLI's in {', '.join(differ[:5])}")
             status = 1
+    for r in rows.values():
+        if r.tasks and not r.error:
+            print(f"tasks: {ROWS[r.key]}: {r.tasks}")
     for r in rows.values():
         if r.note and not r.error:
             print(f"{ROWS[r.key]}: {r.note}")
