@@ -91,6 +91,7 @@ AWS_ENV = {
 }
 ROWS: dict[str, str] = {
     "cli": "CLI recast convert (file)",
+    "cli-pair": "2 CLI conversions at once (file)",
     "file-1": "service, 1 worker, file → file",
     "file-2": "service, 2 workers, file → file",
     "s3-1": "service, 1 worker, s3 → s3",
@@ -845,34 +846,41 @@ class Row:
     out_bytes: int = 0
     hashes: dict[str, str] = field(default_factory=dict)
     tasks: str = ""  # ``Service.shard_tasks``
+    own_s: float | None = None  # the CLI rows: the (slowest) CLI's own report of its seconds
     note: str = ""
     error: str = ""
 
 
-def run_cli(src: Path, dst: Path, logs: Path, row: Row, worker_cpus: int | None) -> None:
-    shutil.rmtree(dst, ignore_errors=True)
-    argv = [sys.executable, "-m", "worker.cli", "convert", str(src), str(dst), "--to", "native", "--json"]
+def run_cli(src: Path, dsts: list[Path], logs: Path, row: Row, worker_cpus: int | None) -> None:
+    """``recast convert`` into each of ``dsts`` at once, the i-th pinned where worker i would be."""
     threads = {"OMP_NUM_THREADS": str(worker_cpus)} if worker_cpus else {}
+    procs = []
     started = time.monotonic()
-    with open(logs / "cli.out", "wb") as out, open(logs / "cli.err", "wb") as err:
-        rc = subprocess.call(
-            argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=child_env(**threads), cwd=ROOT,
-            preexec_fn=pinned(cores_for(0, worker_cpus)),
-        )  # fmt: skip
+    for i, dst in enumerate(dsts):
+        shutil.rmtree(dst, ignore_errors=True)
+        argv = [sys.executable, "-m", "worker.cli", "convert", str(src), str(dst), "--to", "native", "--json"]
+        with open(logs / f"{dst.name}.out", "wb") as out, open(logs / f"{dst.name}.err", "wb") as err:
+            procs.append(subprocess.Popen(
+                argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=child_env(**threads), cwd=ROOT,
+                preexec_fn=pinned(cores_for(i, worker_cpus)),
+            ))  # fmt: skip
+    codes = [p.wait() for p in procs]
     row.seconds = time.monotonic() - started
-    if rc != 0:
-        raise StepFailed(
-            f"recast convert exited with {rc}:\n{tail_of(logs / 'cli.err') or tail_of(logs / 'cli.out')}"
-        )
-    report = json.loads((logs / "cli.out").read_text())
-    if report["summary"]["verified"] and not report["summary"]["passed"]:
-        raise StepFailed(f"recast convert: verification did not pass: {report['summary']}")
-    if report.get("seconds"):
-        row.note = (
-            f"the CLI's own report says {report['seconds']:.1f} s (without interpreter start and imports)"
-        )
-    row.out_bytes = sum(p.stat().st_size for p in files_of(dst))
-    row.hashes = shard_hashes(dst)
+    own = []
+    for dst, rc in zip(dsts, codes, strict=True):
+        out, err = logs / f"{dst.name}.out", logs / f"{dst.name}.err"
+        if rc != 0:
+            raise StepFailed(f"recast convert exited with {rc}:\n{tail_of(err) or tail_of(out)}")
+        report = json.loads(out.read_text())
+        if report["summary"]["verified"] and not report["summary"]["passed"]:
+            raise StepFailed(f"recast convert: verification did not pass: {report['summary']}")
+        own.append(report.get("seconds") or 0.0)
+    row.own_s = max(own)
+    row.note = f"the CLI's own report says {row.own_s:.1f} s (without interpreter start and imports)"
+    row.out_bytes = sum(p.stat().st_size for p in files_of(dsts[0]))
+    row.hashes = shard_hashes(dsts[0])
+    if any(shard_hashes(d) != row.hashes for d in dsts[1:]):
+        raise StepFailed("two CLI conversions of the same checkpoint differ")
 
 
 def run_file(svc: Service, src: Path, dst: Path, timeout: float, row: Row) -> None:
@@ -965,13 +973,20 @@ def print_table(rows: list[Row], in_bytes: int) -> None:
 def verdicts(rows: dict[str, Row], cli: Row | None) -> int:
     """Print the ratio, tail and byte-identity lines; 1 when an output differs from the CLI's."""
     print()
+    pair = rows.get("cli-pair")
+    sharing = None  # what two conversions on this host cost each other: 1.0 where they share nothing
+    if cli and pair and cli.own_s and pair.own_s and not cli.error and not pair.error:
+        sharing = pair.own_s / cli.own_s
+        print(f"host: 2 CLI conversions at once take {pair.own_s:.1f} s each (own reports), one alone "
+              f"{cli.own_s:.1f} s: {sharing:.2f}x, what 2 workers on this one host cost each other")  # fmt: skip
     for store in ("file", "s3"):
         one, two = rows.get(f"{store}-1"), rows.get(f"{store}-2")
         if one and two and one.seconds and two.seconds and not one.error and not two.error:
             ratio = two.seconds / one.seconds
             verdict = "PASS" if ratio <= SPEEDUP_TARGET else "FAIL"
             print(f"{store + ':':5} 2 workers / 1 worker = {two.seconds:.1f} s / {one.seconds:.1f} s = "
-                  f"{ratio:.2f} (target ≤ {SPEEDUP_TARGET}: {verdict})")  # fmt: skip
+                  f"{ratio:.2f} (target ≤ {SPEEDUP_TARGET}: {verdict})"
+                  + (f"; over the host's {sharing:.2f}x: {ratio / sharing:.2f}" if sharing else ""))  # fmt: skip
     for r in rows.values():
         if r.tail_s is not None and r.seconds and not r.error:
             share = r.tail_s / r.seconds
@@ -980,7 +995,7 @@ def verdicts(rows: dict[str, Row], cli: Row | None) -> int:
                   f"({r.tail_s:.1f} s after the last shard) {verdict}")  # fmt: skip
     status = 0
     for r in rows.values():
-        if r.key == "cli" or r.error:
+        if r.key.startswith("cli") or r.error:
             continue
         if cli is None or cli.error:
             print(f"outputs: {ROWS[r.key]}: not compared (no CLI row)")
@@ -1039,7 +1054,10 @@ def run_bench(
             upload(store, src, "src")
             print(f"uploaded the checkpoint to {store.name} in {time.monotonic() - t:.1f} s (untimed)")
         if "cli" in rows:
-            step(rows["cli"], lambda: run_cli(src, work / "out-cli", logs, rows["cli"], worker_cpus))
+            step(rows["cli"], lambda: run_cli(src, [work / "out-cli"], logs, rows["cli"], worker_cpus))
+        if "cli-pair" in rows:
+            pair = [work / "out-cli-pair-a", work / "out-cli-pair-b"]
+            step(rows["cli-pair"], lambda: run_cli(src, pair, logs, rows["cli-pair"], worker_cpus))
         for n in (1, 2):
             mine = [k for k in rows if k.endswith(f"-{n}")]
             if not mine:
@@ -1138,8 +1156,8 @@ def main() -> int:
         elif args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
         else:
-            for name in ("src", "src.shape.json", "logs", "scratch", *(f"out-{k}" for k in ROWS),
-                         "service-1w", "service-2w", "seaweedfs"):  # fmt: skip
+            for name in ("src", "src.shape.json", "logs", "scratch", *(f"out-{k}" for k in ROWS), "out-cli-pair-a",
+                         "out-cli-pair-b", "service-1w", "service-2w", "seaweedfs"):  # fmt: skip
                 path = work / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
