@@ -161,13 +161,17 @@ def check_template(tpl: ScheduleTemplate, settings: Settings) -> None:
 
 
 def create_job(store: JobStore, settings: Settings, send_task: SendTask, body: JobRequest) -> dict[str, Any]:
-    """Check the request, record the job with its pinned source and queue its planning task."""
-    if other := store.target_holder(body.target):  # the worker claims the target when it plans
+    """Check the request, record the job with its pinned source and queue its planning task.
+
+    A target is claimed by its canonical URL (``target_claim``: no trailing or doubled slash, no
+    ``localhost``), so two spellings of one location are one target."""
+    claim = parse(body.target, "target", settings).url
+    if other := store.target_holder(claim):  # the worker claims the target when it plans
         raise HTTPProblem(409, "target_busy", f"target: {body.target} is being written by job {other}; wait "
                           "for it to end or cancel it, then submit again")  # fmt: skip
     pinned = check_job(body, settings)
     rec = store.create(body.model_dump(exclude={"labels"}), body.labels, pinned.revision)
-    store.set_fields(rec["id"], source_pinned=pinned.url)
+    store.set_fields(rec["id"], source_pinned=pinned.url, target_claim=claim)
     try:
         send_task("recast.plan", [rec["id"]])
         store.mark_enqueued(rec["id"])

@@ -83,9 +83,12 @@ def test_a_target_that_a_running_job_writes_is_busy(api, client, root):
     assert first.status_code == 202, first.text
     store = JobStore.connect(api.redis.url)
     store.transition(first.json()["id"], ("queued",), "running")  # as its worker's plan would
-    assert store.claim_target(first.json()["id"], body["target"]) is None
+    claim = store.get(first.json()["id"])["target_claim"]  # the target's canonical URL
+    assert store.claim_target(first.json()["id"], claim) is None
     problem = _refused(client.post("/v1/jobs", json=body), 409, "target_busy")
     assert first.json()["id"] in problem["detail"]
+    respelled = {**body, "target": body["target"].replace("file:///", "file://localhost/") + "/"}
+    _refused(client.post("/v1/jobs", json=respelled), 409, "target_busy")  # one location, another spelling
     store.transition(first.json()["id"], ("running",), "failed", error_code="e", error_message="m")
     assert client.post("/v1/jobs", json=body).status_code == 202
 

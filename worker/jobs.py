@@ -240,7 +240,8 @@ def plan_job(ctx: Context, job_id: str) -> None:
     def body(job: dict[str, Any]) -> None:
         if job["state"] == "queued":
             ctx.store.transition(job_id, ("queued",), "running", step="planning")
-        if other := ctx.store.claim_target(job_id, job["request"]["target"]):
+        # The API recorded the target's canonical URL; a job recorded before it did claims the URL as given.
+        if other := ctx.store.claim_target(job_id, job.get("target_claim") or job["request"]["target"]):
             raise TargetBusyError(
                 f"target: {job['request']['target']} is being written by job {other}; wait for it to end "
                 "or cancel it, then submit again"
