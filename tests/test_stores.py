@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -746,6 +747,48 @@ def test_engine_converts_from_s3_like_from_disk(
     upload_directory(s3_server, ckpt, bucket, "vendor/m")
     source = open_source(parse_location(f"s3://{bucket}/vendor/m", "source", s3_settings), s3_settings)
     _assert_same_conversion(source, ckpt, tmp_path)
+
+
+class _Latency:
+    """A remote source whose every read waits ``delay`` s for its first byte, as a store's GET does,
+    counting how many reads are in flight at once (the real source behind it does the reading)."""
+
+    def __init__(self, inner: Source, delay: float):
+        self.inner, self.delay, self.lock = inner, delay, threading.Lock()
+        self.in_flight = self.most = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        try:
+            time.sleep(self.delay)
+            return self.inner.read_range(name, start, end)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_a_remote_sources_pieces_are_read_at_once(
+    s3_server: str, s3_settings: StoreSettings, checkpoint, tmp_path: Path
+) -> None:
+    """A unit's pieces (an expert's weights and scales) from S3 are fetched together, not one GET after
+    another: each GET's wait for its first byte would otherwise add up over a shard."""
+    ckpt = checkpoint("deepseek-v3")
+    bucket = _bucket(s3_server)
+    upload_directory(s3_server, ckpt, bucket, "vendor/d")
+    s3 = open_source(parse_location(f"s3://{bucket}/vendor/d", "source", s3_settings), s3_settings)
+    slow = _Latency(s3, 0.02)
+    conv = plan_conversion(slow, api.Options(to="native"))  # headers and scales: read concurrently already
+    api.convert(ckpt, tmp_path / "local", api.Options(to="native"))
+    for name in conv.shard_names():
+        slow.most = 0
+        written = conv.write_shard(name, tmp_path / "remote", checks=conv.new_checks())
+        assert slow.most > 1, f"{name}: its pieces were read one after another"
+        assert written.read_bytes() == (tmp_path / "local" / name).read_bytes()
 
 
 def _assert_same_conversion(source: Source, local: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ of a matrix, experts of a 3-D tensor), so no tensor is ever materialised whole u
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -67,22 +68,44 @@ def read_many(src: TensorSource, keys: list[str]) -> dict[str, torch.Tensor]:
         return dict(zip(keys, pool.map(src.rows, keys), strict=True))
 
 
+_remote_readers: ThreadPoolExecutor | None = None
+_remote_lock = threading.Lock()
+
+
+def _remote_pool() -> ThreadPoolExecutor:
+    """One pool for every lane's remote reads, made on first use (in the process that reads: a Celery
+    pool child, not the parent it was forked from)."""
+    global _remote_readers
+    with _remote_lock:
+        if _remote_readers is None:
+            _remote_readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="recast-fetch")
+        return _remote_readers
+
+
 def fetch(
     src: TensorSource,
     quant: dict[str, Quant],
     requests: list[tuple[str, int | None, int | None]],
     pool: HostPool | None = None,
 ) -> dict[tuple[str, int | None, int | None], torch.Tensor]:
-    """Read the bytes ``hf_value`` calls will need (on the pipeline's reading thread), with their scales."""
-    out = {}
-    for key, r0, r1 in requests:
-        wanted = [(key, r0, r1)]
-        if key in quant:
-            wanted.append((quant[key].scale, None, None))
-        for k, a, b in wanted:
-            if (k, a, b) not in out:
-                out[(k, a, b)] = src.rows(k, a, b, pool)
-    return out
+    """Read the bytes ``hf_value`` calls will need (on the pipeline's reading thread), with their scales.
+
+    From a remote store (a source without ``read_into``: S3, the Hub) the pieces are read at once: each
+    ranged GET waits tens of milliseconds for its first byte, and a unit's experts and scales read one
+    after another spent a shard's time waiting. Local reads stay in order on the reading thread.
+    """
+    wanted = list(
+        dict.fromkeys(
+            piece
+            for key, r0, r1 in requests
+            for piece in [(key, r0, r1), *([(quant[key].scale, None, None)] if key in quant else [])]
+        )
+    )
+    if len(wanted) > 1 and getattr(src.source, "read_into", None) is None:
+        got = list(_remote_pool().map(lambda p: src.rows(*p, pool), wanted))
+    else:
+        got = [src.rows(*p, pool) for p in wanted]
+    return dict(zip(wanted, got, strict=True))
 
 
 def forward_requests(t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
