@@ -81,6 +81,7 @@ class _Repo:
         self.private = private
         self.token = token
         self.commits: dict[str, dict[str, bytes]] = {}
+        self.history: dict[str, tuple[str | None, str, str]] = {}  # sha -> (parent, title, message)
         self.refs: dict[str, str] = {}
         self.pulls = 0
 
@@ -143,7 +144,9 @@ class HubServer:
         repo = self.repos[repo_id]
         return dict(repo.commits[repo.refs.get(revision, revision)])
 
-    def _commit(self, repo: _Repo, parent: str | None, files: dict[str, bytes]) -> str:
+    def _commit(
+        self, repo: _Repo, parent: str | None, files: dict[str, bytes], title: str = "", message: str = ""
+    ) -> str:
         for path, content in files.items():
             if _is_lfs(path):
                 self.lfs[hashlib.sha256(content).hexdigest()] = content
@@ -152,6 +155,7 @@ class HubServer:
             digest.update(path.encode() + b"\0" + hashlib.sha256(files[path]).digest())
         sha = digest.hexdigest()
         repo.commits[sha] = files
+        repo.history[sha] = (parent, title, message)
         return sha
 
 
@@ -216,6 +220,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     return self._tree(repo_id, rest[1], "/".join(rest[2:]), query)
                 if method == "GET" and rest == ["refs"]:
                     return self._refs(repo_id, query)
+                if method == "GET" and rest[:1] == ["commits"]:
+                    return self._commits(repo_id, "/".join(rest[1:]))
                 if method == "POST" and rest[:1] == ["preupload"]:
                     return self._preupload(repo_id, rest[1])
                 if method == "POST" and rest[:1] == ["commit"]:
@@ -317,6 +323,18 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     refs["branches"].append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha})
             self._send_json(refs)
 
+        def _commits(self, repo_id: str, revision: str) -> None:
+            """The commits reachable from ``revision``, newest first, in one page."""
+            repo = self._repo(repo_id)
+            sha: str | None = self._sha(repo, revision)
+            out = []
+            while sha is not None:
+                parent, title, message = repo.history[sha]
+                date = "2026-01-01T00:00:00.000Z"
+                out.append({"id": sha, "title": title, "message": message, "authors": [], "date": date})
+                sha = parent
+            self._send_json(out)
+
         def _resolve(self, repo_id: str, revision: str, path: str, body: bool) -> None:
             repo = self._repo(repo_id)
             sha = self._sha(repo, revision)
@@ -384,19 +402,22 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             repo = self._repo(repo_id, write=True)
             parent = self._sha(repo, revision)
             files = dict(repo.commits[parent])
+            title = message = ""
             for line in self.payload.splitlines():
                 item = json.loads(line)
                 value = item["value"]
-                if item["key"] == "file":
+                if item["key"] == "header":
+                    title, message = value.get("summary", ""), value.get("description", "")
+                elif item["key"] == "file":
                     files[value["path"]] = base64.b64decode(value["content"])
                 elif item["key"] == "lfsFile":
                     if value["oid"] not in hub.lfs:
                         raise _Reply(422, None, f"LFS object {value['oid']} was not uploaded")
                     files[value["path"]] = hub.lfs[value["oid"]]
-                elif item["key"] != "header":
+                else:
                     raise _Reply(400, None, f"unsupported commit operation {item['key']}")
             with hub.lock:
-                sha = hub._commit(repo, parent, files)
+                sha = hub._commit(repo, parent, files, title, message)
                 pr_url = None
                 if query.get("create_pr") == "1":
                     repo.pulls += 1

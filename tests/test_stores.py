@@ -1022,6 +1022,25 @@ def test_hub_calls_time_out_and_a_lost_commit_is_not_made_twice(
         hub_server.stalls.clear()
 
 
+def test_a_later_jobs_identical_output_is_committed_by_that_job(
+    hub_server: HubServer, hub_settings: StoreSettings, tmp_path: Path
+) -> None:
+    """publish knows its own commit by the job named in it, not by the bytes alone: a second job whose
+    shards are the same bytes makes its own commit (its recast.json is its own)."""
+    out = _repo_id("same")
+    hub_server.add_repo(out)
+    shard = os.urandom(100)
+    loc = parse_location(f"hf://{out}", "target", hub_settings)
+    results = []
+    for job in ("first", "second"):
+        target = open_target(loc, hub_settings, job)
+        receipts = _stage_all(target, {"a.safetensors": shard, "recast.json": job.encode()}, tmp_path / job)
+        results.append(target.publish(receipts, "m", create_pr=False))
+        assert target.publish(receipts, "m", create_pr=False) == results[-1], "again: the same commit"
+    assert results[0]["commit"] != results[1]["commit"] and _commits(hub_server, out) == 3
+    assert hub_server.files(out)["recast.json"] == b"second"
+
+
 # -- local directories -------------------------------------------------------------------------------
 
 

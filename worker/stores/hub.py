@@ -278,6 +278,7 @@ class HubTarget:
         self.revision = loc.revision or "main"
         self.endpoint = settings.hf_endpoint
         self.job_id = job_id
+        self._signature = f"Converted by Recast, job {job_id}."  # how publish knows its own commit again
         self.create_pr = create_pr
         self.description = loc.url
         self.credential = credential
@@ -359,7 +360,7 @@ class HubTarget:
                 self.repo,
                 operations,
                 commit_message=commit_message,
-                commit_description=f"Converted by Recast, job {self.job_id}.",
+                commit_description=self._signature,
                 revision=self.revision,
                 create_pr=create_pr,
             )
@@ -371,16 +372,20 @@ class HubTarget:
     def _published(self, staged: dict[str, Receipt], create_pr: bool) -> dict[str, str] | None:
         """The result of an earlier publish of these receipts, found on the Hub, or None.
 
-        The uploaded objects' SHA-256s identify the output: a revision holding every staged name, with each
-        LFS file's SHA-256 as its receipt says, is that commit (regular files may differ, as a retried
-        finalize writes recast.json anew). Without LFS files there is nothing to recognise, and for a
-        branch huggingface_hub already drops files that did not change.
+        That commit is this job's (its description names the job: a later job whose output is the same
+        bytes still makes its own, with its own recast.json) and holds the output: every staged name, each
+        LFS file with its receipt's SHA-256 (regular files may differ, as a retried finalize writes
+        recast.json anew). Without LFS files there is nothing to recognise, and for a branch
+        huggingface_hub already drops files that did not change.
         """
         lfs = {name: r["sha256"] for name, r in staged.items() if r["lfs"]}
         if not lfs:
             return None
 
         def holds(revision: str) -> bool:
+            head = self.api.list_repo_commits(self.repo, revision=revision)[:1]
+            if not head or self._signature not in f"{head[0].title}\n{head[0].message}":
+                return False
             tree = self.api.list_repo_tree(self.repo, revision=revision, recursive=True)
             files = {e.path: e for e in tree if isinstance(e, RepoFile)}
             return staged.keys() <= files.keys() and all(
