@@ -203,7 +203,10 @@ class JobStore:
     # ------------------------------------------------------------------------------------------ write
 
     def create(self, request: dict[str, Any], labels: dict[str, str], revision: str | None) -> dict[str, Any]:
+        # An id is taken before the record is written: two API replicas' ids of one millisecond may meet.
         job_id = new_id()
+        while not self.r.hsetnx(self.key(job_id), "id", job_id):
+            job_id = new_id()
         now = _now()
         record = {
             "id": job_id,

@@ -46,6 +46,15 @@ def test_ids_made_in_a_burst_sort_in_the_order_they_were_made():
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
+def test_an_id_already_taken_is_not_reused(store, monkeypatch):
+    """Two API replicas may make the same id in one millisecond: the second record gets another."""
+    taken = store.create(REQUEST, {}, None)["id"]
+    ids = iter([taken, taken, "01a0000000000000beef"])
+    monkeypatch.setattr("core.jobstore.new_id", lambda: next(ids))
+    again = store.create(REQUEST, {"batch": "y"}, None)
+    assert again["id"] == "01a0000000000000beef" and store.get(taken)["labels"] == {}
+
+
 def test_listing_drops_expired_jobs(store):
     ids = [store.create(REQUEST, {"batch": "x"}, None)["id"] for _ in range(4)]
     store.r.delete(store.key(ids[2]))  # expired

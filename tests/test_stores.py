@@ -19,12 +19,14 @@ from types import SimpleNamespace
 
 import boto3
 import pytest
+import torch
 from botocore.exceptions import ClientError, EndpointConnectionError
 from servers import HubServer, upload_directory
 
 from worker.engine import api
 from worker.engine.convert import plan_conversion
 from worker.engine.errors import CheckpointError, RecastError, TargetExistsError
+from worker.engine.shard_stream import ShardStream, Slot
 from worker.engine.storage import Source
 from worker.stores import (
     Location,
@@ -657,6 +659,32 @@ def test_s3_stream_aborted_leaves_nothing(s3_server: str, s3_settings: StoreSett
     assert _keys(client, bucket) == []
 
 
+def test_an_abandoned_shard_stops_feeding_its_sink(tmp_path: Path) -> None:
+    """A shard given up (a failed read, a cancel) sends its sink nothing more: the bytes still queued
+    behind a slow upload are dropped, not uploaded only to be aborted."""
+    got: list[int] = []
+    first = threading.Event()
+
+    class SlowSink:
+        def write(self, data: memoryview) -> None:
+            got.append(len(data))
+            first.wait(10)  # the first write (the header) stalls, as a throttled upload would
+
+    pieces = 8
+    stream = ShardStream(
+        tmp_path / "s.safetensors",
+        b"{}",
+        {"w": Slot(0, pieces * MIB, "U8", (pieces * MIB,))},
+        sink=SlowSink(),
+    )
+    for i in range(pieces):
+        stream.put("w", i * MIB, torch.zeros(MIB, dtype=torch.uint8))
+    threading.Timer(0.3, first.set).start()
+    stream.abort()
+    assert got == [8 + 2], "only the header reached the sink"
+    assert not list(tmp_path.iterdir()), "and no file was written"
+
+
 def test_a_shard_streamed_to_s3_is_the_file_and_writes_none(
     s3_server: str, s3_settings: StoreSettings, checkpoint, tmp_path: Path
 ) -> None:
@@ -1016,8 +1044,10 @@ def test_hub_calls_time_out_and_a_lost_commit_is_not_made_twice(
         hub_server.stalls.clear()
         time.sleep(2.0)  # the stalled commit lands
         assert _commits(hub_server, out) == 2
+        ours = hub_server.repos[out].refs["main"]
+        hub_server.add_commit(out, {"README.md": b"edited after"})  # someone commits before the retry
         result = target.publish(receipts, "m", create_pr=False)
-        assert result["commit"] == hub_server.repos[out].refs["main"] and _commits(hub_server, out) == 2
+        assert result["commit"] == ours and _commits(hub_server, out) == 3
     finally:
         hub_server.stalls.clear()
 

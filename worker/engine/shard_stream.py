@@ -132,6 +132,7 @@ class ShardStream:
         self._release = release
         self._unsynced = 0
         self._error: BaseException | None = None
+        self._aborted = False  # the bytes still queued are dropped, not written or uploaded
         self._fd = -1
         if sink is None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +195,9 @@ class ShardStream:
         return self._sha.hexdigest()
 
     def abort(self) -> None:
+        """Give up the shard: what is still queued is released unwritten (a sink would otherwise upload
+        up to ``WRITE_BEHIND`` bytes of a shard that is about to be thrown away)."""
+        self._aborted = True
         self._finish()
         self._cleanup()
 
@@ -210,7 +214,7 @@ class ShardStream:
     def _drain(self, q: queue.SimpleQueue, consume, stage: str) -> None:
         while (data := q.get()) is not None:
             try:
-                if self._error is None:
+                if self._error is None and not self._aborted:
                     with self._timings.timed(stage):
                         consume(data)
             except BaseException as exc:  # surfaced to the producer on its next put or close

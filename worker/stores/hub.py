@@ -34,6 +34,7 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from itertools import islice
 from pathlib import Path
 from urllib.parse import quote
 
@@ -49,7 +50,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.lfs import UploadInfo
-from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, paginate
 from huggingface_hub.utils._http import default_client_factory
 
 from worker.engine.errors import CheckpointError, RecastError
@@ -61,6 +62,8 @@ from .locations import Location
 from .settings import StoreSettings
 
 _CONNECT_TIMEOUT = 10.0
+# Commits publish looks through for its own, newest first: those made after it by others, and its own.
+RECENT_COMMITS = 20
 # What preupload_lfs_files sets on the CommitOperationAdd it uploaded, and create_commit reads (2.4.0).
 _PREUPLOAD_MARKS = frozenset({"_upload_mode", "_should_ignore", "_is_uploaded"})
 _client_timeout: float | None = None
@@ -373,20 +376,27 @@ class HubTarget:
         """The result of an earlier publish of these receipts, found on the Hub, or None.
 
         That commit is this job's (its description names the job: a later job whose output is the same
-        bytes still makes its own, with its own recast.json) and holds the output: every staged name, each
-        LFS file with its receipt's SHA-256 (regular files may differ, as a retried finalize writes
-        recast.json anew). Without LFS files there is nothing to recognise, and for a branch
-        huggingface_hub already drops files that did not change.
+        bytes still makes its own, with its own recast.json), among the branch's or a pull request's
+        latest ``RECENT_COMMITS`` (someone may have committed after it), and holds the output: every
+        staged name, each LFS file with its receipt's SHA-256 (regular files may differ, as a retried
+        finalize writes recast.json anew). Without LFS files there is nothing to recognise, and for a
+        branch huggingface_hub already drops files that did not change.
         """
         lfs = {name: r["sha256"] for name, r in staged.items() if r["lfs"]}
         if not lfs:
             return None
 
-        def holds(revision: str) -> bool:
-            head = self.api.list_repo_commits(self.repo, revision=revision)[:1]
-            if not head or self._signature not in f"{head[0].title}\n{head[0].message}":
-                return False
-            tree = self.api.list_repo_tree(self.repo, revision=revision, recursive=True)
+        def ours(revision: str) -> str | None:
+            """This job's commit among the latest at ``revision``: one page of the history, not all of it
+            (``HfApi.list_repo_commits`` follows every page)."""
+            url = f"{self.endpoint}/api/models/{self.repo}/commits/{quote(revision, safe='')}"
+            recent = islice(
+                paginate(url, params={}, headers=build_hf_headers(token=self.api.token)), RECENT_COMMITS
+            )
+            return next((c["id"] for c in recent if self._signature in f"{c['title']}\n{c['message']}"), None)
+
+        def holds(commit: str) -> bool:
+            tree = self.api.list_repo_tree(self.repo, revision=commit, recursive=True)
             files = {e.path: e for e in tree if isinstance(e, RepoFile)}
             return staged.keys() <= files.keys() and all(
                 (lfs_info := files[name].lfs) is not None and lfs_info.sha256 == sha
@@ -394,15 +404,17 @@ class HubTarget:
             )
 
         if not create_pr:
-            head = self.api.model_info(self.repo, revision=self.revision).sha
-            return {"url": f"hf://{self.repo}@{head}", "commit": head} if head and holds(head) else None
+            commit = ours(self.revision)
+            return (
+                {"url": f"hf://{self.repo}@{commit}", "commit": commit} if commit and holds(commit) else None
+            )
         pulls = self.api.list_repo_refs(self.repo, include_pull_requests=True).pull_requests or []
         for ref in sorted(pulls, key=lambda r: int(r.ref.rsplit("/", 1)[-1]), reverse=True):
-            if holds(ref.target_commit):
+            if (commit := ours(ref.ref)) and holds(commit):
                 number = ref.ref.rsplit("/", 1)[-1]
                 return {
-                    "url": f"hf://{self.repo}@{ref.target_commit}",
-                    "commit": ref.target_commit,
+                    "url": f"hf://{self.repo}@{commit}",
+                    "commit": commit,
                     "pr_url": f"{self.endpoint}/{self.repo}/discussions/{number}",
                 }
         return None
