@@ -3,8 +3,9 @@
 The engine reads through ``Source`` (worker/engine/storage.py); job workers write through ``Target``, and
 every output byte moves once. A shard is written where it will live (``file://``: the target's own
 staging directory) or uploaded once, straight to its final place but not yet visible (``s3://``: an
-uncompleted multipart upload of the final key; ``hf://``: an LFS object that no commit references yet).
-``stage_file`` returns a small JSON receipt, which the job records in its ledger; ``publish``, on any
+uncompleted multipart upload of the final key, fed while the shard is produced through ``open_stream``;
+``hf://``: an LFS object that no commit references yet, uploaded from scratch). ``stage_file`` (or the
+stream's ``finish``) returns a small JSON receipt, which the job records in its ledger; ``publish``, on any
 machine and from the receipts alone, makes everything visible in one step where the store has one (a
 rename, a commit) and index-last where it does not (S3), so readers of the final location never see a
 half-written checkpoint, and it can be run again after dying halfway. ``discard`` removes what a failed
