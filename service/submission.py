@@ -164,8 +164,10 @@ def create_job(store: JobStore, settings: Settings, send_task: SendTask, body: J
     """Check the request, record the job with its pinned source and queue its planning task.
 
     A target is claimed by its canonical URL (``target_claim``: no trailing or doubled slash, no
-    ``localhost``), so two spellings of one location are one target."""
-    claim = parse(body.target, "target", settings).url
+    ``localhost``; a Hub repo id in lower case, as the Hub matches them), so two spellings of one
+    location are one target."""
+    dst = parse(body.target, "target", settings)
+    claim = dst.url.lower() if dst.scheme == "hf" else dst.url
     if other := store.target_holder(claim):  # the worker claims the target when it plans
         raise HTTPProblem(409, "target_busy", f"target: {body.target} is being written by job {other}; wait "
                           "for it to end or cancel it, then submit again")  # fmt: skip

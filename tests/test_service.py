@@ -684,6 +684,21 @@ def test_cancel_mid_job_removes_partial_output(slow, cli_outputs, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_a_hub_repo_is_one_target_in_any_case(slow, cli_outputs, hub_server):
+    """The Hub matches repo ids without regard to case, so while a job writes hf://team/Case-Target,
+    a submission to hf://TEAM/case-target is refused as busy rather than run beside it."""
+    src, _, _ = cli_outputs("mistral4")
+    hub_server.add_repo("team/Case-Target")
+    with slow.client() as c:
+        job = submit(c, {"source": f"file://{src}", "target": "hf://team/Case-Target", "to": "native"})
+        _running_shard(c, job["id"])  # planned: its worker holds the claim
+        other = {"source": f"file://{src}", "target": "hf://TEAM/case-target", "to": "native"}
+        r = c.post("/v1/jobs", json=other)
+        assert r.status_code == 409 and r.json()["code"] == "target_busy", r.text
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+        assert wait(c, job["id"])["state"] == "cancelled"
+
+
 def test_worker_killed_mid_shard_costs_only_that_shard(slow, cli_outputs, tmp_path):
     src, cli_native, _ = cli_outputs("mistral4")
     with slow.client() as c:
