@@ -28,6 +28,7 @@ from worker.engine.convert import plan_conversion
 from worker.engine.errors import CheckpointError, RecastError, TargetExistsError
 from worker.engine.shard_stream import ShardStream, Slot
 from worker.engine.storage import Source
+from worker.engine.tensors import _remote_pool
 from worker.stores import (
     Location,
     Receipt,
@@ -817,6 +818,21 @@ def test_a_remote_sources_pieces_are_read_at_once(
         written = conv.write_shard(name, tmp_path / "remote", checks=conv.new_checks())
         assert slow.most > 1, f"{name}: its pieces were read one after another"
         assert written.read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+def test_remote_reads_work_in_a_forked_child() -> None:
+    """A process forked after it read from a remote store (a Celery pool child of a parent that did)
+    reads with threads of its own, not with the parent's, which did not come along."""
+    assert _remote_pool().submit(lambda: 1).result() == 1  # the parent's pool now has an idle thread
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = _remote_pool().submit(lambda: 2).result(timeout=5) == 2
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's read never ran"
 
 
 def _assert_same_conversion(source: Source, local: Path, tmp_path: Path) -> None:

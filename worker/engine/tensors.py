@@ -6,6 +6,7 @@ of a matrix, experts of a 3-D tensor), so no tensor is ever materialised whole u
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -73,13 +74,22 @@ _remote_lock = threading.Lock()
 
 
 def _remote_pool() -> ThreadPoolExecutor:
-    """One pool for every lane's remote reads, made on first use (in the process that reads: a Celery
-    pool child, not the parent it was forked from)."""
+    """One pool for every lane's remote reads, made on first use."""
     global _remote_readers
     with _remote_lock:
         if _remote_readers is None:
             _remote_readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="recast-fetch")
         return _remote_readers
+
+
+def _forget_remote_pool() -> None:
+    """In a forked child: the parent's pool threads did not come along, and a pool that believes it has
+    idle threads would queue reads that nothing runs; the child makes its own on first use."""
+    global _remote_readers, _remote_lock
+    _remote_readers, _remote_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_remote_pool)
 
 
 def fetch(
