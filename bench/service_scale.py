@@ -378,24 +378,23 @@ def traffic_line(t: Traffic) -> str:
 
 
 class CountingProxy:
-    """A loopback HTTP proxy in front of the store that counts body bytes per method (one process of
-    ``ProxyFleet``; ``reuse_port`` lets several such processes listen on one port).
+    """A loopback HTTP proxy in front of the store that counts body bytes per method: one process of
+    ``ProxyFleet``, listening on ``port`` beside the others (``SO_REUSEPORT``).
 
     Request bodies are streamed through unchanged (``Content-Length`` or chunked framing); the payload
     counted is ``x-amz-decoded-content-length`` when the client sent one (aws-chunked uploads), else the
     body's length. Responses are read whole and sent on with a ``Content-Length``.
     """
 
-    def __init__(self, upstream_port: int, port: int = 0, reuse_port: bool = False):
+    def __init__(self, upstream_port: int, port: int):
         self.upstream = ("127.0.0.1", upstream_port)
         self.lock = threading.Lock()
         self.traffic = Traffic()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler(), bind_and_activate=False)
-        self.httpd.allow_reuse_port = reuse_port
+        self.httpd.allow_reuse_port = True
         self.httpd.daemon_threads = True
         self.httpd.server_bind()
         self.httpd.server_activate()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def peek(self) -> Traffic:
@@ -408,10 +407,6 @@ class CountingProxy:
         with self.lock:
             got, self.traffic = self.traffic, Traffic()
         return got
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -507,7 +502,7 @@ class CountingProxy:
 def serve_proxy(upstream_port: int, port: int, control_port: int) -> None:
     """Runs in a child: one ``CountingProxy`` on the fleet's shared port, and its counters as JSON on a
     control port of its own (``GET /peek``, ``GET /take``)."""
-    proxy = CountingProxy(upstream_port, port, reuse_port=True)
+    proxy = CountingProxy(upstream_port, port)
 
     class Control(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: object) -> None:

@@ -104,13 +104,11 @@ def fetch(
     ranged GET waits tens of milliseconds for its first byte, and a unit's experts and scales read one
     after another spent a shard's time waiting. Local reads stay in order on the reading thread.
     """
-    wanted = list(
-        dict.fromkeys(
-            piece
-            for key, r0, r1 in requests
-            for piece in [(key, r0, r1), *([(quant[key].scale, None, None)] if key in quant else [])]
-        )
-    )
+    wanted: dict[tuple[str, int | None, int | None], None] = {}  # each piece once, in request order
+    for key, r0, r1 in requests:
+        wanted[(key, r0, r1)] = None
+        if key in quant:
+            wanted[(quant[key].scale, None, None)] = None
     if len(wanted) > 1 and getattr(src.source, "read_into", None) is None:
         got = list(_remote_pool().map(lambda p: src.rows(*p, pool), wanted))
     else:

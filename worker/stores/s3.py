@@ -557,8 +557,7 @@ class S3Upload:
 
     def write(self, data: memoryview) -> None:
         """Copy ``data`` into the current part; each full part goes out."""
-        if self._sent + self._filled + len(data) > self.size:
-            raise CheckpointError(f"{self.target._url(self.key)}: more than the {self.size} bytes announced")
+        self._within(self._filled + len(data))
         while len(data):
             if not self._buf:
                 self._buf = bytearray(self.part_bytes)
@@ -572,9 +571,8 @@ class S3Upload:
 
     def send(self, data: bytes | bytearray) -> None:
         """Upload ``data`` as the next part (every part but the last is ``part_bytes`` long)."""
+        self._within(len(data))
         self._sent += len(data)
-        if self._sent > self.size:
-            raise CheckpointError(f"{self.target._url(self.key)}: more than the {self.size} bytes announced")
         self._crc = self.target.checksums.running(data, self._crc)
         if len(self._pending) >= UPLOAD_THREADS:
             with self.target._errors.about(self.target._url(self.key)):
@@ -583,6 +581,11 @@ class S3Upload:
         self._pending.append(
             self._pool.submit(self.target._upload_part, self.key, self.upload_id, number, data)
         )
+
+    def _within(self, more: int) -> None:
+        """Refuse bytes past the size announced, before any of them is kept or sent."""
+        if self._sent + more > self.size:
+            raise CheckpointError(f"{self.target._url(self.key)}: more than the {self.size} bytes announced")
 
     def finish(self, sha256: str) -> Receipt:
         """Send the last part, wait for every part, and return the receipt (completed for a fresh target)."""
