@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import boto3
+import botocore.loaders
 import pytest
 import torch
 from botocore.exceptions import ClientError, EndpointConnectionError
@@ -41,9 +42,10 @@ from worker.stores import (
     pin_revision,
     staging,
 )
+from worker.stores import s3 as s3_store
 from worker.stores.hub import HubSource, HubTarget
 from worker.stores.local import FileTarget
-from worker.stores.s3 import S3Source, S3Target, part_size, storage_error
+from worker.stores.s3 import UPLOAD_THREADS, S3Source, S3Target, make_client, part_size, storage_error
 
 MIB = 1 << 20
 S3_SECRET = "s3-secret-value-do-not-print"
@@ -379,6 +381,20 @@ def _s3_traffic(client) -> list[tuple[str, int]]:
     return sent
 
 
+def _sent_headers(client, operation: str) -> list[dict]:
+    """The headers of every ``operation`` request ``client`` sends, as signed."""
+    sent: list[dict] = []
+    client.meta.events.register(
+        f"before-send.s3.{operation}", lambda request, **_: sent.append(dict(request.headers))
+    )
+    return sent
+
+
+def _signed_headers(headers: dict) -> list[str]:
+    authorization = headers["Authorization"].decode()
+    return authorization.split("SignedHeaders=")[1].split(",")[0].split(";")
+
+
 def _keys(client, bucket: str) -> list[str]:
     return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", []))
 
@@ -604,8 +620,12 @@ def test_s3_parts_carry_the_checksum_s3_verifies(
     target.client.meta.events.register(
         "before-parameter-build.s3.UploadPart", lambda params, **_: sent.append(dict(params))
     )
+    headers = _sent_headers(target.client, "UploadPart")
     data = os.urandom(6 * MIB)
     receipt = target.stage_file("a.bin", _files(tmp_path, {"a.bin": data}) / "a.bin", _sha256(data))
+    # the body is not hashed a second time for the signature: the signed checksum header covers it
+    assert [h["X-Amz-Content-SHA256"] for h in headers] == [b"UNSIGNED-PAYLOAD"] * 2
+    assert all("x-amz-checksum-sha256" in _signed_headers(h) for h in headers)
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     assert client.list_multipart_uploads(Bucket=bucket)["Uploads"][0]["ChecksumAlgorithm"] == "SHA256"
     pieces = [data[: 5 * MIB], data[5 * MIB :]]
@@ -645,6 +665,54 @@ def test_s3_stream_uploads_while_fed_and_gives_stage_files_receipt(
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     assert client.get_object(Bucket=bucket, Key="o/a.bin")["Body"].read() == data
     assert sum(n for op, n in traffic if op == "UploadPart") == len(data), "every byte sent once"
+
+
+def test_s3_stream_fills_the_same_part_buffers_again(s3_server: str, s3_settings: StoreSettings) -> None:
+    bucket = _bucket(s3_server)
+    target = open_target(parse_location(f"s3://{bucket}/o", "target", s3_settings), s3_settings, "j")
+    bodies: list[object] = []
+    target.client.meta.events.register(
+        "before-parameter-build.s3.UploadPart", lambda params, **_: bodies.append(params["Body"])
+    )
+    data = os.urandom(12 * 5 * MIB)
+    upload = target.open_stream("a.bin", len(data))
+    for start in range(0, len(data), 3 * MIB):
+        upload.write(memoryview(data)[start : start + 3 * MIB])
+    receipt = upload.finish(_sha256(data))
+    target.publish({"a.bin": receipt}, "m", create_pr=False)
+    assert len(bodies) == 12 and len({id(b) for b in bodies}) <= UPLOAD_THREADS + 1
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    assert client.get_object(Bucket=bucket, Key="o/a.bin")["Body"].read() == data
+
+
+def test_s3_clients_share_the_parsed_model_and_keep_their_own_keys(
+    creds_file: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = json.loads(creds_file.read_text())
+    creds["other"] = {
+        **creds["minio"],
+        "aws_access_key_id": "other-key",
+        "aws_secret_access_key": "other-secret",
+    }
+    creds_file.write_text(json.dumps(creds))
+    settings = StoreSettings(credentials_file=creds_file)
+    parsed: list[str] = []
+    load = botocore.loaders.Loader.load_data_with_path
+
+    def counted(self: botocore.loaders.Loader, name: str) -> object:
+        parsed.append(name)
+        return load(self, name)
+
+    monkeypatch.setattr(botocore.loaders.Loader, "load_data_with_path", counted)
+    monkeypatch.setattr(s3_store, "_session", None)  # as in a fresh process
+    clients = {name: make_client(settings, name) for name in ("minio", "other", "minio")}
+    models = [name for name in parsed if name.endswith("service-2")]
+    assert len(models) == 1, f"S3's service model is parsed once per process, not per client: {models}"
+    bucket = _bucket(s3_server)
+    for name, client in clients.items():
+        sent = _sent_headers(client, "ListObjectsV2")
+        client.list_objects_v2(Bucket=bucket)
+        assert f"Credential={creds[name]['aws_access_key_id']}/" in sent[0]["Authorization"].decode()
 
 
 def test_s3_stream_aborted_leaves_nothing(s3_server: str, s3_settings: StoreSettings) -> None:
@@ -718,14 +786,13 @@ def test_s3_request_checksum_mode_is_applied_without_upload_checksums(
     )
     bucket = _bucket(s3_server)
     target = open_target(parse_location(f"s3://{bucket}/o", "target", settings), settings, "j")
-    sent: list[dict] = []
-    target.client.meta.events.register(
-        "before-send.s3.UploadPart", lambda request, **_: sent.append(dict(request.headers))
-    )
+    sent = _sent_headers(target.client, "UploadPart")
     payload = os.urandom(1000)
     receipts = _stage_all(target, {"x.bin": payload}, tmp_path)
     checksum_headers = [h for h in sent[0] if h.lower().startswith("x-amz-checksum-")]
     assert bool(checksum_headers) == (mode == "when_supported")
+    # no checksum the store verifies: over plain HTTP the signature covers the body, as boto3 does it
+    assert sent[0]["X-Amz-Content-SHA256"] == _sha256(payload).encode()
     assert receipts["x.bin"]["checksum"] == {}
     assert target.publish(receipts, "m", create_pr=False)["url"] == f"s3://{bucket}/o"
     source = open_source(parse_location(f"s3://{bucket}/o", "source", settings), settings)

@@ -40,6 +40,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -99,25 +101,46 @@ _ACCESS_CODES = frozenset(
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 
 
+# One boto3 session per process, shared by every client: a session parses S3's service model (about a
+# megabyte of JSON) on its first client, ~0.15 s that a fresh session per client paid on every task.
+# Clients take their credential's keys and region as arguments, so the shared session holds no secret
+# and a rotated credentials file applies to the next client as before. Creating clients from one
+# session is not thread-safe in botocore, hence the lock.
+_session: boto3.session.Session | None = None
+_session_lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    global _session_lock
+    _session_lock = threading.Lock()  # a lock another thread held at the fork would stay held
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def make_client(settings: StoreSettings, credential: str | None) -> BaseClient:
     """A boto3 S3 client from the settings, with the named credential's keys, region and endpoint on top."""
+    global _session
     cred = settings.credential(credential, "s3")
-    session = boto3.session.Session(
-        aws_access_key_id=cred.get("aws_access_key_id"),
-        aws_secret_access_key=cred.get("aws_secret_access_key"),
-        aws_session_token=cred.get("aws_session_token"),
-        region_name=cred.get("region") or settings.s3_region,
-    )
     config = Config(
         s3={"addressing_style": settings.s3_addressing_style},
         request_checksum_calculation=settings.s3_checksum,
         response_checksum_validation=settings.s3_checksum,
         retries={"max_attempts": 5, "mode": "standard"},
-        max_pool_connections=32,  # the engine's prefetch thread plus managed transfers' worker threads
+        max_pool_connections=32,  # the engine's concurrent remote reads, and the upload threads
     )
-    return session.client(
-        "s3", endpoint_url=cred.get("endpoint_url") or settings.s3_endpoint_url, config=config
-    )
+    with _session_lock:
+        if _session is None:
+            _session = boto3.session.Session()
+        return _session.client(
+            "s3",
+            aws_access_key_id=cred.get("aws_access_key_id"),
+            aws_secret_access_key=cred.get("aws_secret_access_key"),
+            aws_session_token=cred.get("aws_session_token"),
+            region_name=cred.get("region") or settings.s3_region,
+            endpoint_url=cred.get("endpoint_url") or settings.s3_endpoint_url,
+            config=config,
+        )
 
 
 def part_size(size: int, chunk: int) -> int:
@@ -257,6 +280,19 @@ def multipart_etag(parts: list[dict[str, Any]]) -> str | None:
     return f'"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(parts)}"'
 
 
+def _unsigned_part_payload(request: Any, **_: Any) -> None:
+    """Sign a part's headers but not its body (``UNSIGNED-PAYLOAD``), as boto3 already does over HTTPS.
+
+    Over plain HTTP (an in-cluster MinIO, say) boto3 signs the body too: one more SHA-256 over every
+    byte uploaded, beside the part checksum the store verifies. That checksum header is itself signed,
+    so the store still refuses a part whose bytes changed on the way; registered only when parts carry
+    one (``RECAST_S3_UPLOAD_CHECKSUM`` other than ``none``).
+    """
+    config = request.context["client_config"]
+    unsigned = Config(s3={**(config.s3 or {}), "payload_signing_enabled": False})
+    request.context["client_config"] = config.merge(unsigned)
+
+
 class _Checksums:
     """The checksum S3 verifies each part against (``RECAST_S3_UPLOAD_CHECKSUM``), and the whole object's."""
 
@@ -323,6 +359,8 @@ class S3Target:
         self.chunk = settings.s3_multipart_chunk_bytes
         self.checksums = _Checksums(settings.s3_upload_checksum)
         self._errors = _Errors(credential, RecastError)
+        if self.checksums.mode != "none":
+            self.client.meta.events.register("before-sign.s3.UploadPart", _unsigned_part_payload)
 
     def _url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -552,7 +590,10 @@ class S3Upload:
         self._sent = 0
         self._crc = 0
         self._parts: list[dict[str, Any]] = []
-        self._pending: deque[Future[dict[str, Any]]] = deque()
+        self._pending: deque[tuple[Future[dict[str, Any]], bytes | bytearray]] = deque()
+        # Part buffers whose upload is done, filled again: a fresh 64 MiB bytearray is zeroed and
+        # faulted in page by page, which cost more than copying the part into it.
+        self._spare: list[bytearray] = []
         self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="recast-upload")
 
     def write(self, data: memoryview) -> None:
@@ -560,7 +601,7 @@ class S3Upload:
         self._within(self._filled + len(data))
         while len(data):
             if not self._buf:
-                self._buf = bytearray(self.part_bytes)
+                self._buf = self._spare.pop() if self._spare else bytearray(self.part_bytes)
             n = min(len(data), self.part_bytes - self._filled)
             self._buf[self._filled : self._filled + n] = data[:n]
             self._filled += n
@@ -575,12 +616,14 @@ class S3Upload:
         self._sent += len(data)
         self._crc = self.target.checksums.running(data, self._crc)
         if len(self._pending) >= UPLOAD_THREADS:
+            future, done = self._pending.popleft()
             with self.target._errors.about(self.target._url(self.key)):
-                self._parts.append(self._pending.popleft().result())
+                self._parts.append(future.result())
+            if isinstance(done, bytearray) and len(done) == self.part_bytes:
+                self._spare.append(done)
         number = len(self._parts) + len(self._pending) + 1
-        self._pending.append(
-            self._pool.submit(self.target._upload_part, self.key, self.upload_id, number, data)
-        )
+        future = self._pool.submit(self.target._upload_part, self.key, self.upload_id, number, data)
+        self._pending.append((future, data))
 
     def _within(self, more: int) -> None:
         """Refuse bytes past the size announced, before any of them is kept or sent."""
@@ -596,7 +639,7 @@ class S3Upload:
                 f"{self.target._url(self.key)}: {self._sent} bytes uploaded, {self.size} announced"
             )
         with self.target._errors.about(self.target._url(self.key)):
-            self._parts += [future.result() for future in self._pending]
+            self._parts += [future.result() for future, _ in self._pending]
             self._pending.clear()
             self._pool.shutdown()
             return self.target._receipt(self, sha256, self._parts, self._crc)
