@@ -123,6 +123,17 @@ def cores_for(slot: int, per_worker: int | None) -> set[int] | None:
     return set(range(first, first + per_worker))
 
 
+def keep_the_rest_off_the_workers(per_worker: int) -> set[int]:
+    """Pin this process, and so every child not pinned itself (store, proxy, API, Redis), to the cores
+    neither worker slot has, where any are left: otherwise they run on the second worker's cores in the
+    2-worker rows only, and the rows would compare more than the number of workers. Returns those cores
+    (none on a machine with no core to spare)."""
+    rest = set(range((os.cpu_count() or 1) - 2 * per_worker))  # cores_for gives the slots from the top
+    if rest:
+        os.sched_setaffinity(0, rest)
+    return rest
+
+
 def pinned(cores: set[int] | None) -> Callable[[], None] | None:
     """A ``preexec_fn`` that keeps the child on ``cores``."""
     return None if cores is None else lambda: os.sched_setaffinity(0, cores)
@@ -1033,6 +1044,8 @@ def run_bench(
     print(f"input: {shards} shards, {in_bytes / 1e9:.3f} GB ({experts} experts per layer)")
     if worker_cpus:
         print(f"each worker and the CLI on {worker_cpus} cores of its own, of {os.cpu_count()}")
+        if rest := keep_the_rest_off_the_workers(worker_cpus):
+            print(f"the store, the proxy, the API, Redis and this script on cores {min(rest)}-{max(rest)}")
 
     rows: dict[str, Row] = {k: Row(k) for k in ROWS if k in keys}
     store: Store | None = None
