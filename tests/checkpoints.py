@@ -331,6 +331,13 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         fp32=("linear_attn.A_log", "linear_attn.norm.weight"),
     ),
     "qwen3.5-moe-text": TinyFamily("Qwen3_5MoeForCausalLM", _TINY_QWEN3_5_TEXT, keep=_QWEN3_5_KEEP),
+    # Qwen3-Next: Qwen3.5-MoE's text widths; the release's bf16 modules assumed from Qwen's later FP8
+    # releases (no Qwen3-Next FP8 config.json was at hand): norms, routers, conv1d, in_proj_ba.
+    "qwen3-next": TinyFamily(
+        "Qwen3NextForCausalLM",
+        _TINY_QWEN3_5_TEXT,
+        keep=("shared_expert_gate.weight", "conv1d.weight", "in_proj_ba.weight"),
+    ),
     "qwen3-vl-moe": TinyFamily(
         "Qwen3VLMoeForConditionalGeneration",
         {

@@ -48,6 +48,8 @@ _MINIMAX = [
         ({"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text"}, _SPLIT, "qwen3.5-moe"),
         ({"model_type": "qwen3_5_moe"}, ["model.layers.1.mlp.experts.gate_up_proj"], "qwen3.5-moe"),
         ({"architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash"}, _SPLIT, "mimo-v2-flash"),
+        ({"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next"},
+         [*_SPLIT, "model.layers.0.linear_attn.A_log"], "qwen3-next"),
         ({"architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
           "text_config": {"model_type": "qwen3_vl_moe_text"}},
          ["model.language_model.layers.0.mlp.experts.gate_up_proj"], "qwen3-vl-moe"),
@@ -129,7 +131,17 @@ def test_an_adapter_with_other_expert_rules_is_refused(checkpoint, tmp_path: Pat
     assert not (tmp_path / "n").exists()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gemma3-vlm", "qwen3-moe", "minimax-m2"])
+# Weights a family keeps in bf16 beyond reference.py's rules: MiniMax's router is block_sparse_moe.gate
+# (NeMo's rule); Qwen3-Next's small GatedDeltaNet projections and shared-expert gate, as Qwen's releases.
+_KEPT_BF16 = {
+    "minimax-m2": ("block_sparse_moe.gate.weight",),
+    "qwen3-next": ("shared_expert_gate.weight", "conv1d.weight", "in_proj_ba.weight"),
+}
+
+
+@pytest.mark.parametrize(
+    "family", ["llama", "qwen3", "gemma3", "gemma3-vlm", "qwen3-moe", "minimax-m2", "qwen3-next"]
+)
 def test_fresh_block_quantization_matches_reference(family, plain_checkpoint, tmp_path: Path) -> None:
     src = plain_checkpoint(family)
     out = tmp_path / "fp8"
@@ -137,10 +149,10 @@ def test_fresh_block_quantization_matches_reference(family, plain_checkpoint, tm
     s = report.summary()
     assert report.passed and s["bounded"] > 0 and s["bounded_within"] == s["bounded"]
     want = reference.quantize_state_dict(load_state_dict(src), "block")
-    if family == "minimax-m2":  # its router is named block_sparse_moe.gate, never quantized (NeMo's rule)
-        gates = [k for k in want if k.endswith("block_sparse_moe.gate.weight_scale_inv")]
-        assert gates
-        for scale in gates:
+    if kept := _KEPT_BF16.get(family):
+        scales = [k for k in want if k.endswith(tuple(f"{end}_scale_inv" for end in kept))]
+        assert len({k.rsplit(".", 2)[-2] for k in scales}) == len(kept), scales
+        for scale in scales:
             del want[scale]
             want[scale[: -len("_scale_inv")]] = load_state_dict(src)[scale[: -len("_scale_inv")]]
     assert_state_dicts_identical(load_state_dict(out), want)

@@ -98,6 +98,8 @@ CASES = [
     Case("qwen3.5-moe-text", "qwen3.5-moe", _QWEN3_5, nemo_dequantizes_only=_SPLIT_EXPERT,
          nemo_kwargs=(("text_only", True),)),
     Case("glm5-next", "glm5-next", "glm5_next.Glm5NextStateDictAdapter"),
+    # NeMo's Qwen3-Next adapter has no FP8 path (it loads the bf16 release): dequantize_from_fp8 first.
+    Case("qwen3-next", "qwen3-next", "qwen3_next.Qwen3NextStateDictAdapter", dequantizes=False),
     # NeMo's Qwen3-VL-MoE adapter drops the *_scale_inv tensors without dequantizing
     # (test_nemo_qwen3_vl_moe_drops_the_scales): dequantize_from_fp8 first, per expert for the 3-D experts.
     Case("qwen3-vl-moe", "qwen3-vl-moe", "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter", dequantizes=False),

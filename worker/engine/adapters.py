@@ -549,6 +549,30 @@ ADAPTERS: dict[str, Adapter] = {
             nemo="minimax_m2.MiniMaxM2StateDictAdapter",
         ),
         _QWEN3_5_MOE,
+        # Qwen3-Next: Qwen3.5-MoE's text model before it (fused in_proj_qkvz / in_proj_ba, split experts in
+        # both releases, no MTP renames in NeMo's adapter: MTP keys pass through as they are named).
+        replace(
+            _QWEN3_5_MOE,
+            name="qwen3-next",
+            description="Qwen3-Next (Qwen3-Next-80B-A3B, Qwen3-Coder-Next: GatedDeltaNet, split experts), "
+            "block-wise FP8",
+            architectures=("Qwen3NextForCausalLM",),
+            renames=(Rename(".mlp.shared_expert.", ".mlp.shared_experts.", infix=True),),
+            experts=(
+                *_SPLIT_EXPERTS,
+                ExpertRule("fp32", "linear_attn.A_log", "linear_attn._fp32_params.A_log"),
+                ExpertRule("fp32", "linear_attn.dt_bias", "linear_attn._fp32_params.dt_bias"),
+            ),
+            not_quantized=(
+                *_NORMS_ETC,
+                "shared_expert_gate.weight",
+                "linear_attn.conv1d.weight",
+                "linear_attn.in_proj_ba.weight",
+            ),
+            not_quantized_prefixes=(),
+            model_types=("qwen3_next",),
+            nemo="qwen3_next.Qwen3NextStateDictAdapter",
+        ),
         _QWEN3_VL_MOE,
         _GLM5_NEXT,
         _STEP3P5,
