@@ -331,6 +331,16 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         fp32=("linear_attn.A_log", "linear_attn.norm.weight"),
     ),
     "qwen3.5-moe-text": TinyFamily("Qwen3_5MoeForCausalLM", _TINY_QWEN3_5_TEXT, keep=_QWEN3_5_KEEP),
+    # Qwen3.5 dense (Qwen3.5-27B): the MoE's text model with a dense MLP.
+    "qwen3.5": TinyFamily(
+        "Qwen3_5ForConditionalGeneration",
+        {"text_config": {**_TINY_QWEN3_5_TEXT, "intermediate_size": 200}, "vision_config": _TINY_QWEN_VISION},
+        keep=_QWEN3_5_KEEP,
+        fp32=("linear_attn.A_log", "linear_attn.norm.weight"),
+    ),
+    "qwen3.5-text": TinyFamily(
+        "Qwen3_5ForCausalLM", {**_TINY_QWEN3_5_TEXT, "intermediate_size": 200}, keep=_QWEN3_5_KEEP
+    ),
     # Qwen3-Next: Qwen3.5-MoE's text widths; the release's bf16 modules assumed from Qwen's later FP8
     # releases (no Qwen3-Next FP8 config.json was at hand): norms, routers, conv1d, in_proj_ba.
     "qwen3-next": TinyFamily(

@@ -15,6 +15,7 @@ are MXFP4, not FP8: NeMo's gpt-oss adapter dequantizes them itself (tests/test_m
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -73,6 +74,8 @@ _MISTRAL4 = "mistral4.Mistral4StateDictAdapter"
 _MISTRAL4_VLM = "mistral4.Mistral4MultimodalStateDictAdapter"
 _QWEN3_5 = "qwen3_5_moe.Qwen3_5MoeStateDictAdapter"
 _SPLIT_EXPERT = r"\.mlp\.experts\.\d+\."
+_QWEN3_5_DENSE = "qwen3_5.Qwen3_5DenseStateDictAdapter"
+_FP32_HOLDERS = (("route_linear_attn_fp32_params", True),)  # as both Qwen3.5 dense model classes build it
 _GPT_OSS = "gpt_oss.GPTOSSStateDictAdapter"
 CASES = [
     Case("qwen3-moe", "qwen3-moe", "qwen3_moe.Qwen3MoeStateDictAdapter", dequantizes=False),
@@ -98,6 +101,9 @@ CASES = [
     Case("qwen3.5-moe-text", "qwen3.5-moe", _QWEN3_5, nemo_dequantizes_only=_SPLIT_EXPERT,
          nemo_kwargs=(("text_only", True),)),
     Case("glm5-next", "glm5-next", "glm5_next.Glm5NextStateDictAdapter"),
+    # NeMo's dense Qwen3.5 adapter has no FP8 path (renames and fp32 holders only): dequantize_from_fp8 first.
+    Case("qwen3.5", "qwen3.5", _QWEN3_5_DENSE, dequantizes=False, nemo_kwargs=_FP32_HOLDERS),
+    Case("qwen3.5-text", "qwen3.5", _QWEN3_5_DENSE, dequantizes=False, nemo_kwargs=_FP32_HOLDERS),
     # NeMo's Qwen3-Next adapter has no FP8 path (it loads the bf16 release): dequantize_from_fp8 first.
     Case("qwen3-next", "qwen3-next", "qwen3_next.Qwen3NextStateDictAdapter", dequantizes=False),
     # NeMo's Qwen3-VL-MoE adapter drops the *_scale_inv tensors without dequantizing
@@ -145,6 +151,8 @@ def _nemo_adapter(case: Case, cfg: dict[str, Any]) -> Any:
     cls = nemo_oracle.adapter_class(case.nemo)
     if hasattr(cls, "for_causal_lm"):  # Mistral 3: one factory per model class
         return cls.for_vlm_full(cfg) if "text_config" in cfg else cls.for_causal_lm(cfg)
+    if "config" not in inspect.signature(cls).parameters:  # a dense adapter: its model class's kwargs only
+        return cls(**dict(case.nemo_kwargs))
     return nemo_oracle.moe_adapter(
         case.nemo, cfg, torch.bfloat16, dict(case.nemo_backend), **dict(case.nemo_kwargs)
     )

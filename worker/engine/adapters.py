@@ -573,6 +573,18 @@ ADAPTERS: dict[str, Adapter] = {
             model_types=("qwen3_next",),
             nemo="qwen3_next.Qwen3NextStateDictAdapter",
         ),
+        # Qwen3.5 / 3.6 dense (Qwen3.5-27B): Qwen3.5-MoE without experts; NeMo's dense adapter renames the
+        # MTP head and holds A_log / dt_bias in fp32, nothing else.
+        replace(
+            _QWEN3_5_MOE,
+            name="qwen3.5",
+            description="Qwen3.5 / 3.6 dense, VLM and text (GatedDeltaNet), block-wise FP8",
+            architectures=("Qwen3_5ForConditionalGeneration", "Qwen3_5ForCausalLM"),
+            renames=tuple(r for r in _QWEN3_5_MOE.renames if r.hf.startswith("mtp.")),
+            experts=tuple(r for r in _QWEN3_5_MOE.experts if r.kind == "fp32"),
+            model_types=("qwen3_5", "qwen3_5_text"),
+            nemo="qwen3_5.Qwen3_5DenseStateDictAdapter",
+        ),
         _QWEN3_VL_MOE,
         _GLM5_NEXT,
         _STEP3P5,
