@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python bench/service_scale.py [--experts 24] [--rows cli,file-1,file-2,s3-1,s3-2]
         [--workdir DIR] [--keep] [--timeout 1800] [--store moto|moto-as-is|seaweedfs] [--worker-cpus N]
+        [--device auto|cpu]
 
 Why (issue 10, item 3): a job's shards are spread over the workers, so 2 workers should finish one job in
 at most 0.55x the time of 1; the work after the last shard (index, verification, publishing) should be at
@@ -145,6 +146,13 @@ def child_env(**extra: str) -> dict[str, str]:
     env.pop("AWS_ENDPOINT_URL_S3", None)
     path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return {**env, **AWS_ENV, "PYTHONPATH": path, **extra}
+
+
+def converting_on() -> str:
+    """Where the workers and the CLI convert (their engine takes a visible GPU): ``cpu`` or the GPU's name."""
+    probe = "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+    found = subprocess.run([sys.executable, "-c", probe], env=child_env(), capture_output=True, text=True)
+    return found.stdout.strip() or f"unknown ({found.stderr.strip()[-200:]})"
 
 
 def tail_of(path: Path, n: int = 3000) -> str:
@@ -1143,7 +1151,15 @@ def main() -> int:
     p.add_argument(
         "--worker-cpus", type=int, help="pin each worker (and the CLI) to this many cores of its own"
     )
+    p.add_argument(
+        "--device", choices=("auto", "cpu"), default="auto",
+        help="cpu: hide every GPU from the workers and the CLI (CUDA_VISIBLE_DEVICES empty), so a GPU host "
+        "measures CPU workers; auto: they take a GPU where one is visible, both workers the same one",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # every child inherits it (child_env)
+    print(f"workers and the CLI convert on: {converting_on()}")
     keys = [k.strip() for k in args.rows.split(",") if k.strip()]
     if unknown := sorted(set(keys) - set(ROWS)):
         p.error(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
