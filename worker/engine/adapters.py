@@ -280,6 +280,13 @@ _STEP3P5 = Adapter(
 # ``[E, 2I, H]`` (transposed as Mistral 4's); GatedDeltaNet's A_log / dt_bias move into NeMo's fp32
 # holder, in fp32 whatever the release stores (Qwen3.5: fp32, Qwen3.6: bf16); the MTP head's fixed names
 # are NeMo's table.
+# GatedDeltaNet's A_log / dt_bias, in NeMo's fp32 holder (Qwen3.5, Qwen3-Next), and Qwen's shared expert.
+_GDN_FP32 = (
+    ExpertRule("fp32", "linear_attn.A_log", "linear_attn._fp32_params.A_log"),
+    ExpertRule("fp32", "linear_attn.dt_bias", "linear_attn._fp32_params.dt_bias"),
+)
+_QWEN_SHARED_EXPERT = Rename(".mlp.shared_expert.", ".mlp.shared_experts.", infix=True)
+_GDN_NOT_QUANTIZED = (*_NORMS_ETC, "shared_expert_gate.weight", "linear_attn.conv1d.weight")
 _QWEN3_5_MOE = Adapter(
     name="qwen3.5-moe",
     description="Qwen3.5 MoE, VLM and text (split block-FP8 or aggregated bf16 experts, GatedDeltaNet)",
@@ -290,21 +297,10 @@ _QWEN3_5_MOE = Adapter(
         Rename("mtp.pre_fc_norm_embedding.weight", "mtp.layers.0.enorm.weight"),
         Rename("mtp.pre_fc_norm_hidden.weight", "mtp.layers.0.hnorm.weight"),
         Rename("mtp.norm.weight", "mtp.layers.0.final_layernorm.weight"),
-        Rename(".mlp.shared_expert.", ".mlp.shared_experts.", infix=True),
+        _QWEN_SHARED_EXPERT,
     ),
-    experts=(
-        *_SPLIT_EXPERTS,
-        *_MISTRAL4_EXPERTS,
-        ExpertRule("fp32", "linear_attn.A_log", "linear_attn._fp32_params.A_log"),
-        ExpertRule("fp32", "linear_attn.dt_bias", "linear_attn._fp32_params.dt_bias"),
-    ),
-    not_quantized=(
-        *_NORMS_ETC,
-        "shared_expert_gate.weight",
-        "linear_attn.conv1d.weight",
-        "linear_attn.in_proj_a.weight",
-        "linear_attn.in_proj_b.weight",
-    ),
+    experts=(*_SPLIT_EXPERTS, *_MISTRAL4_EXPERTS, *_GDN_FP32),
+    not_quantized=(*_GDN_NOT_QUANTIZED, "linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight"),
     not_quantized_prefixes=("model.visual.",),
     model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
     nemo="qwen3_5_moe.Qwen3_5MoeStateDictAdapter",
@@ -557,18 +553,9 @@ ADAPTERS: dict[str, Adapter] = {
             description="Qwen3-Next (Qwen3-Next-80B-A3B, Qwen3-Coder-Next: GatedDeltaNet, split experts), "
             "block-wise FP8",
             architectures=("Qwen3NextForCausalLM",),
-            renames=(Rename(".mlp.shared_expert.", ".mlp.shared_experts.", infix=True),),
-            experts=(
-                *_SPLIT_EXPERTS,
-                ExpertRule("fp32", "linear_attn.A_log", "linear_attn._fp32_params.A_log"),
-                ExpertRule("fp32", "linear_attn.dt_bias", "linear_attn._fp32_params.dt_bias"),
-            ),
-            not_quantized=(
-                *_NORMS_ETC,
-                "shared_expert_gate.weight",
-                "linear_attn.conv1d.weight",
-                "linear_attn.in_proj_ba.weight",
-            ),
+            renames=(_QWEN_SHARED_EXPERT,),
+            experts=(*_SPLIT_EXPERTS, *_GDN_FP32),
+            not_quantized=(*_GDN_NOT_QUANTIZED, "linear_attn.in_proj_ba.weight"),
             not_quantized_prefixes=(),
             model_types=("qwen3_next",),
             nemo="qwen3_next.Qwen3NextStateDictAdapter",
@@ -581,7 +568,7 @@ ADAPTERS: dict[str, Adapter] = {
             description="Qwen3.5 / 3.6 dense, VLM and text (GatedDeltaNet), block-wise FP8",
             architectures=("Qwen3_5ForConditionalGeneration", "Qwen3_5ForCausalLM"),
             renames=tuple(r for r in _QWEN3_5_MOE.renames if r.hf.startswith("mtp.")),
-            experts=tuple(r for r in _QWEN3_5_MOE.experts if r.kind == "fp32"),
+            experts=_GDN_FP32,
             model_types=("qwen3_5", "qwen3_5_text"),
             nemo="qwen3_5.Qwen3_5DenseStateDictAdapter",
         ),
