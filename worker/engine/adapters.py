@@ -276,27 +276,30 @@ _STEP3P5 = Adapter(
     model_types=("step3p5",),
     nemo="step3p5.Step3p5StateDictAdapter",
 )
-# Qwen3.5-MoE: the FP8 release splits the experts (stacked as DeepSeek's), the bf16 one aggregates them
-# ``[E, 2I, H]`` (transposed as Mistral 4's); GatedDeltaNet's A_log / dt_bias move into NeMo's fp32
-# holder, in fp32 whatever the release stores (Qwen3.5: fp32, Qwen3.6: bf16); the MTP head's fixed names
-# are NeMo's table.
-# GatedDeltaNet's A_log / dt_bias, in NeMo's fp32 holder (Qwen3.5, Qwen3-Next), and Qwen's shared expert.
+# GatedDeltaNet's A_log / dt_bias, in NeMo's fp32 holder, its small modules kept bf16, Qwen's shared
+# expert and the MTP head's fixed names (NeMo's table): shared by Qwen3.5 (MoE and dense) and Qwen3-Next.
 _GDN_FP32 = (
     ExpertRule("fp32", "linear_attn.A_log", "linear_attn._fp32_params.A_log"),
     ExpertRule("fp32", "linear_attn.dt_bias", "linear_attn._fp32_params.dt_bias"),
 )
-_QWEN_SHARED_EXPERT = Rename(".mlp.shared_expert.", ".mlp.shared_experts.", infix=True)
 _GDN_NOT_QUANTIZED = (*_NORMS_ETC, "shared_expert_gate.weight", "linear_attn.conv1d.weight")
+_QWEN_SHARED_EXPERT = Rename(".mlp.shared_expert.", ".mlp.shared_experts.", infix=True)
+_QWEN3_5_MTP = (
+    Rename("mtp.fc.weight", "mtp.layers.0.eh_proj.weight"),
+    Rename("mtp.pre_fc_norm_embedding.weight", "mtp.layers.0.enorm.weight"),
+    Rename("mtp.pre_fc_norm_hidden.weight", "mtp.layers.0.hnorm.weight"),
+    Rename("mtp.norm.weight", "mtp.layers.0.final_layernorm.weight"),
+)
+# Qwen3.5-MoE: the FP8 release splits the experts (stacked as DeepSeek's), the bf16 one aggregates them
+# ``[E, 2I, H]`` (transposed as Mistral 4's); GatedDeltaNet's A_log / dt_bias move into NeMo's fp32
+# holder, in fp32 whatever the release stores (Qwen3.5: fp32, Qwen3.6: bf16).
 _QWEN3_5_MOE = Adapter(
     name="qwen3.5-moe",
     description="Qwen3.5 MoE, VLM and text (split block-FP8 or aggregated bf16 experts, GatedDeltaNet)",
     architectures=("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM"),
     renames=(
         Rename("model.lm_head.", "lm_head.", invert=False),
-        Rename("mtp.fc.weight", "mtp.layers.0.eh_proj.weight"),
-        Rename("mtp.pre_fc_norm_embedding.weight", "mtp.layers.0.enorm.weight"),
-        Rename("mtp.pre_fc_norm_hidden.weight", "mtp.layers.0.hnorm.weight"),
-        Rename("mtp.norm.weight", "mtp.layers.0.final_layernorm.weight"),
+        *_QWEN3_5_MTP,
         _QWEN_SHARED_EXPERT,
     ),
     experts=(*_SPLIT_EXPERTS, *_MISTRAL4_EXPERTS, *_GDN_FP32),
@@ -547,8 +550,7 @@ ADAPTERS: dict[str, Adapter] = {
         _QWEN3_5_MOE,
         # Qwen3-Next: Qwen3.5-MoE's text model before it (fused in_proj_qkvz / in_proj_ba, split experts in
         # both releases, no MTP renames in NeMo's adapter: MTP keys pass through as they are named).
-        replace(
-            _QWEN3_5_MOE,
+        Adapter(
             name="qwen3-next",
             description="Qwen3-Next (Qwen3-Next-80B-A3B, Qwen3-Coder-Next: GatedDeltaNet, split experts), "
             "block-wise FP8",
@@ -556,7 +558,6 @@ ADAPTERS: dict[str, Adapter] = {
             renames=(_QWEN_SHARED_EXPERT,),
             experts=(*_SPLIT_EXPERTS, *_GDN_FP32),
             not_quantized=(*_GDN_NOT_QUANTIZED, "linear_attn.in_proj_ba.weight"),
-            not_quantized_prefixes=(),
             model_types=("qwen3_next",),
             nemo="qwen3_next.Qwen3NextStateDictAdapter",
         ),
@@ -567,7 +568,7 @@ ADAPTERS: dict[str, Adapter] = {
             name="qwen3.5",
             description="Qwen3.5 / 3.6 dense, VLM and text (GatedDeltaNet), block-wise FP8",
             architectures=("Qwen3_5ForConditionalGeneration", "Qwen3_5ForCausalLM"),
-            renames=tuple(r for r in _QWEN3_5_MOE.renames if r.hf.startswith("mtp.")),
+            renames=_QWEN3_5_MTP,
             experts=_GDN_FP32,
             model_types=("qwen3_5", "qwen3_5_text"),
             nemo="qwen3_5.Qwen3_5DenseStateDictAdapter",
