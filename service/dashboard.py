@@ -339,7 +339,8 @@ def install(app: FastAPI, sessions: Sessions) -> None:
 <div id="error" class="alert error" role="alert" hidden></div>
 <div class="figures" id="fleet">
   <div class="figure"><div class="value" id="workers-alive">—</div><div class="name">workers alive</div></div>
-  <div class="figure"><div class="value" id="workers-busy">—</div><div class="name">converting now</div></div>
+  <div class="figure"><div class="value" id="workers-busy">—</div>
+    <div class="name">shards converting, of slots</div></div>
   <div class="figure"><div class="value" id="fleet-throughput">—</div>
     <div class="name">throughput, all workers</div></div>
   <div class="figure"><div class="value" id="jobs-queued">—</div><div class="name">jobs queued</div></div>

@@ -411,8 +411,9 @@ class Readiness(BaseModel):
 
 
 class WorkerShard(BaseModel):
-    """The shard (or the metadata) a worker is writing."""
+    """A shard (or the metadata) one of a worker's pool processes is writing."""
 
+    slot: int = Field(description="the pid of the pool process converting it")
     job_id: str
     shard: str = Field(description="the output shard, or `metadata` for the unit that writes the index, "
                        "config and scales sidecar")  # fmt: skip
@@ -422,34 +423,32 @@ class WorkerShard(BaseModel):
 
 
 class Worker(BaseModel):
-    """A Celery worker (one process, one device) as its heartbeat and its shard's progress report it."""
+    """A Celery worker (one device, ``slots`` pool processes converting a shard each) as its heartbeat
+    and its shards' progress report it."""
 
     name: str
     host: str
-    pid: int
+    pid: int = Field(description="the worker's parent process")
     device: str = Field(description="cpu, or the CUDA device (its name once it has converted a shard)")
+    slots: int = Field(description="shards it converts at once (RECAST_LANES; 2 on a CPU, 3 on a GPU)")
     alive: bool = Field(description="a heartbeat came in the last 30 s (heartbeats come every 10 s)")
     started_at: datetime | None
     last_heartbeat: datetime
     shards_done: int = Field(description="shards this worker converted and recorded since it started")
-    current: WorkerShard | None = Field(description="what it is converting now; null when idle")
+    converting: list[WorkerShard] = Field(description="what its pool processes convert now, oldest first; "
+                                          "empty when idle")  # fmt: skip
 
     @classmethod
     def of(cls, rec: dict[str, Any]) -> Worker:
-        def when(field: str) -> datetime | None:
-            raw = rec.get(field)
+        def when(raw: str | float | None) -> datetime | None:
             return datetime.fromtimestamp(float(raw), UTC) if raw else None
 
-        current = None
-        if rec.get("job_id"):
-            current = WorkerShard(
-                job_id=rec["job_id"], shard=rec.get("shard", ""), started_at=when("shard_started_at"),
-                bytes_in=int(rec.get("shard_bytes") or 0), throughput_bytes_s=float(rec.get("throughput") or 0),
-            )  # fmt: skip
         return cls(
             name=rec["name"], host=rec.get("host", ""), pid=int(rec.get("pid") or 0),
-            device=rec.get("device", ""), alive=rec["alive"], started_at=when("started_at"),
-            last_heartbeat=when("heartbeat_at"), shards_done=int(rec.get("shards_done") or 0), current=current,
+            device=rec.get("device", ""), slots=int(rec.get("slots") or 1), alive=rec["alive"],
+            started_at=when(rec.get("started_at")), last_heartbeat=when(rec.get("heartbeat_at")),
+            shards_done=int(rec.get("shards_done") or 0),
+            converting=[WorkerShard(**{**u, "started_at": when(u["started_at"])}) for u in rec["converting"]],
         )  # fmt: skip
 
 

@@ -150,25 +150,28 @@ def test_throughput_samples_keep_the_whole_job_in_bounded_points(store, monkeypa
     assert Job.of(store.get(job["id"])).progress.throughput_bytes_s is None
 
 
-def test_fleet_lists_workers_alive_and_dead_with_their_shard(store, monkeypatch):
+def test_fleet_lists_workers_alive_and_dead_with_their_shards(store, monkeypatch):
     from core import fleet
 
     f = fleet.Fleet(store.r)
-    f.heartbeat("w1@h", "h", 11, "cpu", 100.0)
-    f.heartbeat("w2@h", "h", 12, "cuda (CUDA_VISIBLE_DEVICES=1)", 100.0)
-    f.working(
-        "w2@h", "job1", "model-00001-of-00002.safetensors", fleet.time.time() - 2, 4_000_000, "cuda:0 · H200"
-    )
-    f.heartbeat(
-        "w2@h", "h", 12, "cuda (CUDA_VISIBLE_DEVICES=1)", 100.0
-    )  # keeps the converting process's name
+    f.heartbeat("w1@h", "h", 11, "cpu", 100.0, 2)
+    f.heartbeat("w2@h", "h", 12, "cuda (CUDA_VISIBLE_DEVICES=1)", 100.0, 3)
+    now = fleet.time.time()
+    f.working("w2@h", 21, "job1", "model-00001-of-00002.safetensors", now - 2, 4_000_000, "cuda:0 · H200")
+    f.working("w2@h", 22, "job1", "model-00002-of-00002.safetensors", now - 1, 0, "cuda:0 · H200")
+    f.heartbeat("w2@h", "h", 12, "cuda (CUDA_VISIBLE_DEVICES=1)", 100.0, 3)  # keeps the converting name
     w1, w2 = f.workers()
-    assert w1["alive"] and w1["device"] == "cpu" and "job_id" not in w1
-    assert w2["device"] == "cuda:0 · H200" and w2["shard"].startswith("model-00001")
-    assert float(w2["throughput"]) == pytest.approx(2e6, rel=0.05)
-    f.idle("w2@h", converted=True)
+    assert w1["alive"] and w1["device"] == "cpu" and w1["converting"] == [] and w1["slots"] == "2"
+    assert w2["device"] == "cuda:0 · H200" and [u["slot"] for u in w2["converting"]] == [21, 22]
+    first = w2["converting"][0]
+    assert first["job_id"] == "job1" and first["shard"].startswith("model-00001")
+    assert first["throughput_bytes_s"] == pytest.approx(2e6, rel=0.05)
+    assert sorted(f.units("w2@h")) == [21, 22]
+    f.idle("w2@h", 21, converted=True)
     w2 = f.workers()[1]
-    assert "job_id" not in w2 and w2["shards_done"] == "1"
+    assert [u["slot"] for u in w2["converting"]] == [22] and w2["shards_done"] == "1"
+    f.heartbeat("w2@h", "h", 12, "cuda", 100.0, 3, gone=[22])  # its process died mid-unit
+    assert f.workers()[1]["converting"] == [] and f.workers()[1]["shards_done"] == "1"
     later = fleet.time.time() + fleet.ALIVE_S + 1
     monkeypatch.setattr(fleet.time, "time", lambda: later)
     assert [w["alive"] for w in f.workers()] == [False, False]  # silent: listed, not alive

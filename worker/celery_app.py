@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import warnings
+from typing import Any
 
 from celery import signals
 from celery.exceptions import SecurityWarning
@@ -35,24 +36,30 @@ def _device() -> str:
     return f"cuda (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'all')})"
 
 
-def _heartbeat(url: str, name: str) -> None:
-    """Tell /readyz and the Workers page a worker is alive (``core.fleet``), refreshed in the background."""
+def _heartbeat(url: str, name: str, pool: Any) -> None:
+    """Tell /readyz and the Workers page a worker is alive (``core.fleet``), refreshed in the background.
+    A pool process that died mid-unit cannot clear its unit; the parent, which knows its live pool
+    processes (``pool.info``, as ``celery inspect stats`` reports them), clears it."""
     import redis
 
     fleet = Fleet(redis.Redis.from_url(url, decode_responses=True))
     host, pid, started, device = socket.gethostname(), os.getpid(), time.time(), _device()
     while True:
         with contextlib.suppress(redis.RedisError):
-            fleet.heartbeat(name, host, pid, device, started)
+            recorded = fleet.units(name)  # before the live list: a unit recorded now has a live process
+            info = pool.info
+            gone = set(recorded) - set(info.get("processes", ()))
+            fleet.heartbeat(name, host, pid, device, started, int(info.get("max-concurrency", 1)), gone)
         time.sleep(HEARTBEAT_S)
 
 
 @signals.worker_ready.connect
-def _start_heartbeat(sender=None, **_: object) -> None:
+def _start_heartbeat(sender: Any = None, **_: object) -> None:
+    """``sender``: the worker's consumer, holding its hostname and its pool."""
     settings = Settings.from_env()
     if settings.redis_url:
-        name = getattr(sender, "hostname", None) or f"{socket.gethostname()}-{os.getpid()}"
-        threading.Thread(target=_heartbeat, args=(settings.redis_url, name), daemon=True).start()
+        name = sender.hostname
+        threading.Thread(target=_heartbeat, args=(settings.redis_url, name, sender.pool), daemon=True).start()
 
 
 @signals.celeryd_init.connect

@@ -286,7 +286,7 @@ def run_shard(ctx: Context, job_id: str, name: str, worker: str | None = None) -
         pending = {"bytes": 0, "at": started, "total": 0}
         device, wall_started = _device(conv), time.time()
         if worker:
-            fleet.working(worker, job_id, name, wall_started, 0, device)
+            fleet.working(worker, os.getpid(), job_id, name, wall_started, 0, device)
 
         def progress(p: dict[str, Any]) -> None:
             pending["bytes"] += p.get("bytes_in", 0)
@@ -295,7 +295,7 @@ def run_shard(ctx: Context, job_id: str, name: str, worker: str | None = None) -
                 _check_cancel(ctx, job_id)
                 ctx.store.progress(job_id, step=f"converting {name}", bytes_in=pending["bytes"])
                 if worker:
-                    fleet.working(worker, job_id, name, wall_started, pending["total"], device)
+                    fleet.working(worker, os.getpid(), job_id, name, wall_started, pending["total"], device)
                 pending.update(bytes=0, at=time.monotonic())
 
         checks = conv.new_checks() if conv.opts.verify else None
@@ -324,7 +324,7 @@ def run_shard(ctx: Context, job_id: str, name: str, worker: str | None = None) -
         guarded(ctx, job_id, f"shard {name}", body)
     finally:
         if worker:
-            fleet.idle(worker, converted)
+            fleet.idle(worker, os.getpid(), converted)
 
 
 def _device(conv: Conversion) -> str:
@@ -347,7 +347,7 @@ def write_metadata(ctx: Context, job_id: str, worker: str | None = None) -> None
         conv = _conversion(ctx, job)
         target = _target(ctx, job)
         if worker:
-            fleet.working(worker, job_id, "metadata", time.time(), 0, _device(conv))
+            fleet.working(worker, os.getpid(), job_id, "metadata", time.time(), 0, _device(conv))
         meta = _scratch(ctx, job_id, "meta")
         names = conv.write_fixed_metadata(meta)
         card = model_card.card_plan(target, meta, names, bool(job["request"].get("overwrite")))
@@ -369,7 +369,7 @@ def write_metadata(ctx: Context, job_id: str, worker: str | None = None) -> None
         guarded(ctx, job_id, "metadata", body)
     finally:
         if worker:
-            fleet.idle(worker, converted=False)
+            fleet.idle(worker, os.getpid(), converted=False)
 
 
 def finalize(ctx: Context, job_id: str) -> None:

@@ -53,7 +53,7 @@
     try {
       const { queue, workers } = await api("GET", "/v1/workers");
       const alive = workers.filter((w) => w.alive);
-      const busy = alive.filter((w) => w.current).length;
+      const busy = alive.filter((w) => w.converting.length > 0).length;
       box.replaceChildren(
         el("span", { id: "queue-jobs", text: queue.jobs_queued + " jobs queued" }), " · ",
         el("span", { text: queue.jobs_active + " active" }), " · ",
