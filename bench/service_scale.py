@@ -124,6 +124,23 @@ def cores_for(slot: int, per_worker: int | None) -> set[int] | None:
     return set(range(first, first + per_worker))
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where worker ``i`` (and the ``i``-th CLI of a row) runs: ``cpus`` cores of its own
+    (``--worker-cpus``), and with ``gpus`` (``--device each``) GPU ``i % gpus`` alone, as ``recast
+    worker`` gives each of a host's GPUs its own worker."""
+
+    cpus: int | None = None
+    gpus: int = 0
+
+    def cores(self, i: int) -> set[int] | None:
+        return cores_for(i, self.cpus)
+
+    def env(self, i: int) -> dict[str, str]:
+        env = {"OMP_NUM_THREADS": str(self.cpus)} if self.cpus else {}
+        return {**env, "CUDA_VISIBLE_DEVICES": str(i % self.gpus)} if self.gpus else env
+
+
 def keep_the_rest_off_the_workers(per_worker: int) -> set[int]:
     """Pin this process, and so every child not pinned itself (store, proxy, API, Redis), to the cores
     neither worker slot has, where any are left: otherwise they run on the second worker's cores in the
@@ -153,6 +170,13 @@ def converting_on() -> str:
     probe = "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
     found = subprocess.run([sys.executable, "-c", probe], env=child_env(), capture_output=True, text=True)
     return found.stdout.strip() or f"unknown ({found.stderr.strip()[-200:]})"
+
+
+def gpu_count() -> int:
+    """GPUs the children would see, counted in a child so that this process never initialises CUDA."""
+    probe = "import torch; print(torch.cuda.device_count())"
+    found = subprocess.run([sys.executable, "-c", probe], env=child_env(), capture_output=True, text=True)
+    return int(found.stdout.strip() or 0)
 
 
 def tail_of(path: Path, n: int = 3000) -> str:
@@ -658,7 +682,7 @@ def s3_delete(store: Store, prefix: str) -> None:
 class Service:
     """Embedded Redis, the API and ``workers`` worker processes, all children of this process."""
 
-    def __init__(self, work: Path, workers: int, s3_endpoint: str | None, worker_cpus: int | None = None):
+    def __init__(self, work: Path, workers: int, s3_endpoint: str | None, place: Placement):
         from core.embedded import EmbeddedRedis
 
         self.dir = work / f"service-{workers}w"
@@ -681,15 +705,17 @@ class Service:
             self.url = f"http://127.0.0.1:{port}"
             self._spawn("api", ["api", "--host", "127.0.0.1", "--port", str(port)])
             for i in range(workers):
-                self._spawn(f"worker-{i}", ["worker", "--loglevel", "INFO"], cores_for(i, worker_cpus))
+                self._spawn(f"worker-{i}", ["worker", "--loglevel", "INFO"], place.cores(i), place.env(i))
             self._wait_ready(workers)
         except BaseException:
             self.stop()
             raise
 
-    def _spawn(self, name: str, args: list[str], cores: set[int] | None = None) -> None:
+    def _spawn(
+        self, name: str, args: list[str], cores: set[int] | None = None, extra: dict[str, str] | None = None
+    ) -> None:
         argv = [sys.executable, "-m", "worker.cli", *args]
-        env = self.env if cores is None else {**self.env, "OMP_NUM_THREADS": str(len(cores))}
+        env = {**self.env, **(extra or {})}
         with open(self.dir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
@@ -865,9 +891,8 @@ class Row:
     error: str = ""
 
 
-def run_cli(src: Path, dsts: list[Path], logs: Path, row: Row, worker_cpus: int | None) -> None:
-    """``recast convert`` into each of ``dsts`` at once, the i-th pinned where worker i would be."""
-    threads = {"OMP_NUM_THREADS": str(worker_cpus)} if worker_cpus else {}
+def run_cli(src: Path, dsts: list[Path], logs: Path, row: Row, place: Placement) -> None:
+    """``recast convert`` into each of ``dsts`` at once, the i-th placed where worker i would be."""
     procs = []
     started = time.monotonic()
     for i, dst in enumerate(dsts):
@@ -875,8 +900,8 @@ def run_cli(src: Path, dsts: list[Path], logs: Path, row: Row, worker_cpus: int 
         argv = [sys.executable, "-m", "worker.cli", "convert", str(src), str(dst), "--to", "native", "--json"]
         with open(logs / f"{dst.name}.out", "wb") as out, open(logs / f"{dst.name}.err", "wb") as err:
             procs.append(subprocess.Popen(
-                argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=child_env(**threads), cwd=ROOT,
-                preexec_fn=pinned(cores_for(i, worker_cpus)),
+                argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=child_env(**place.env(i)), cwd=ROOT,
+                preexec_fn=pinned(place.cores(i)),
             ))  # fmt: skip
     codes = [p.wait() for p in procs]
     row.seconds = time.monotonic() - started
@@ -1041,7 +1066,7 @@ def verdicts(rows: dict[str, Row], cli: Row | None) -> int:
 
 
 def run_bench(
-    work: Path, experts: int, keys: list[str], timeout: float, store_kind: str, worker_cpus: int | None
+    work: Path, experts: int, keys: list[str], timeout: float, store_kind: str, place: Placement
 ) -> int:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -1050,9 +1075,9 @@ def run_bench(
     in_bytes = sum(p.stat().st_size for p in files_of(src))
     shards = len(list(src.glob("*.safetensors")))
     print(f"input: {shards} shards, {in_bytes / 1e9:.3f} GB ({experts} experts per layer)")
-    if worker_cpus:
-        print(f"each worker and the CLI on {worker_cpus} cores of its own, of {os.cpu_count()}")
-        if rest := keep_the_rest_off_the_workers(worker_cpus):
+    if place.cpus:
+        print(f"each worker and the CLI on {place.cpus} cores of its own, of {os.cpu_count()}")
+        if rest := keep_the_rest_off_the_workers(place.cpus):
             print(f"the store, the proxy, the API, Redis and this script on cores {min(rest)}-{max(rest)}")
 
     rows: dict[str, Row] = {k: Row(k) for k in ROWS if k in keys}
@@ -1070,17 +1095,17 @@ def run_bench(
             upload(store, src, "src")
             print(f"uploaded the checkpoint to {store.name} in {time.monotonic() - t:.1f} s (untimed)")
         if "cli" in rows:
-            step(rows["cli"], lambda: run_cli(src, [work / "out-cli"], logs, rows["cli"], worker_cpus))
+            step(rows["cli"], lambda: run_cli(src, [work / "out-cli"], logs, rows["cli"], place))
         if "cli-pair" in rows:
             pair = [work / "out-cli-pair-a", work / "out-cli-pair-b"]
-            step(rows["cli-pair"], lambda: run_cli(src, pair, logs, rows["cli-pair"], worker_cpus))
+            step(rows["cli-pair"], lambda: run_cli(src, pair, logs, rows["cli-pair"], place))
         for n in (1, 2):
             mine = [k for k in rows if k.endswith(f"-{n}")]
             if not mine:
                 continue
             t = time.monotonic()
             try:
-                svc = Service(work, n, proxy.url if proxy else None, worker_cpus)
+                svc = Service(work, n, proxy.url if proxy else None, place)
             except StepFailed as exc:
                 for k in mine:
                     rows[k].error = f"service start: {exc}"
@@ -1152,14 +1177,21 @@ def main() -> int:
         "--worker-cpus", type=int, help="pin each worker (and the CLI) to this many cores of its own"
     )
     p.add_argument(
-        "--device", choices=("auto", "cpu"), default="auto",
+        "--device", choices=("auto", "cpu", "each"), default="auto",
         help="cpu: hide every GPU from the workers and the CLI (CUDA_VISIBLE_DEVICES empty), so a GPU host "
-        "measures CPU workers; auto: they take a GPU where one is visible, both workers the same one",
+        "measures CPU workers; auto: they take a GPU where one is visible, both workers the same one; "
+        "each: worker i (and the i-th CLI) sees GPU i alone (needs 2 GPUs)",
     )  # fmt: skip
     args = p.parse_args()
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # every child inherits it (child_env)
-    print(f"workers and the CLI convert on: {converting_on()}")
+    place = Placement(args.worker_cpus, gpu_count() if args.device == "each" else 0)
+    if args.device == "each" and place.gpus < 2:
+        p.error(f"--device each needs 2 GPUs; {place.gpus} visible")
+    print(
+        f"workers and the CLI convert on: {converting_on()}"
+        + (f", one of {place.gpus} each" if place.gpus else "")
+    )
     keys = [k.strip() for k in args.rows.split(",") if k.strip()]
     if unknown := sorted(set(keys) - set(ROWS)):
         p.error(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
@@ -1169,7 +1201,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        return run_bench(work, args.experts, keys, args.timeout, args.store, args.worker_cpus)
+        return run_bench(work, args.experts, keys, args.timeout, args.store, place)
     except StepFailed as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
