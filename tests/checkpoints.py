@@ -34,11 +34,13 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = 128
 
-SCHEMES: tuple[str, ...] = ("per-tensor", "per-expert", "per-channel", "block", "mxfp4")
+SCHEMES: tuple[str, ...] = ("per-tensor", "per-expert", "per-channel", "block", "mxfp4", "mxfp8")
 # Per-expert scales only exist for the aggregated 3-D expert tensors of Mistral 4.
 _PER_EXPERT_FAMILIES = ("mistral4", "mistral4-vlm")
 # MXFP4 (blocks of 32 e2m1 values with e8m0 exponents): gpt-oss's experts, and only those.
 _MXFP4_FAMILIES = ("gpt-oss",)
+# MXFP8 (e4m3 codes with one e8m0 exponent per 32 columns of a row): MiniMax-M3's release format.
+_MXFP8_FAMILIES = ("minimax-m3",)
 
 
 # Tiny but edge-case-rich dimensions: hidden 160 and dense width 200 give partial 128-blocks on both
@@ -319,6 +321,36 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         {**_TINY_DENSE, "intermediate_size": 96, "num_local_experts": 4, "num_experts_per_tok": 2},
         keep=("block_sparse_moe.gate.weight",),
     ),
+    # MiniMax-M3 VLM: hidden 80 and expert width 48 leave a partial 32-column MXFP8 block; layer 0 dense,
+    # layer 1 sparse with the sparse-attention indexer. The vendor keeps the router, the indexer and the
+    # patch merger in bf16 (NeMo's _MXFP8_QUANT_KEY_RE: attention, dense and expert projections only).
+    "minimax-m3": TinyFamily(
+        "MiniMaxM3SparseForConditionalGeneration",
+        {
+            "text_config": {
+                "vocab_size": 300,
+                "hidden_size": 80,
+                "intermediate_size": 48,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 16,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "dense_intermediate_size": 96,
+                "shared_intermediate_size": 48,
+                "rotary_dim": 8,
+                "index_n_heads": 2,
+                "index_head_dim": 16,
+                "index_block_size": 4,
+                "mlp_layer_types": ["dense", "sparse"],
+                "layer_types": ["full_attention", "minimax_m3_sparse"],
+            },
+            "vision_config": TINY_SIGLIP,
+            "projector_hidden_size": 64,
+        },
+        keep=("block_sparse_moe.gate.weight", "self_attn.index_", "patch_merge_mlp."),
+    ),
     "step3p7": TinyFamily("Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP),
     "step3p5": TinyFamily(
         "Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP, text_only="Step3p5ForCausalLM"
@@ -425,6 +457,8 @@ def _check_args(family: str, layout: str, scheme: str | None = None) -> None:
             raise ValueError(f"scheme 'per-expert' needs aggregated 3-D experts; {family!r} has none")
         if (scheme == "mxfp4") != (family in _MXFP4_FAMILIES):
             raise ValueError(f"scheme 'mxfp4' is for {_MXFP4_FAMILIES} only, which have no other scheme")
+        if scheme == "mxfp8" and family not in _MXFP8_FAMILIES:
+            raise ValueError(f"scheme 'mxfp8' is for {_MXFP8_FAMILIES} only")
 
 
 def _make_model(family: str, layout: str, tied: bool) -> torch.nn.Module:
@@ -584,6 +618,22 @@ def _quantize(
     return q, scale.to(torch.float32).contiguous()
 
 
+def mxfp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight ``[..., out, in]`` as MiniMax-M3 stores it: e4m3 codes and ``[..., out, ⌈in/32⌉]`` uint8
+    e8m0 exponents. By the OCP Microscaling definition: per 32 values of a row, the shared exponent is
+    ``floor(log2(amax)) - 8`` (e4m3's largest exponent), each value divided by ``2^exp`` and rounded to
+    e4m3 (clamped to 448). Written by hand, independently of the engine and of NeMo's reader."""
+    v = w.float()
+    width = v.shape[-1]
+    groups = -(-width // 32)
+    padded = torch.nn.functional.pad(v, (0, groups * 32 - width)).reshape(*v.shape[:-1], groups, 32)
+    amax = padded.abs().amax(-1)
+    exp = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 8, torch.zeros_like(amax))
+    scaled = padded / torch.pow(2.0, exp).unsqueeze(-1)
+    codes = scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(*v.shape[:-1], groups * 32)[..., :width]
+    return codes.contiguous(), (exp + 127).to(torch.uint8)
+
+
 # e2m1 magnitudes of codes 0-7 (8-15 are their negatives), by the OCP Microscaling spec.
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 MXFP4_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -660,10 +710,12 @@ def _quantization_config(
         else:
             if k.endswith(".weight") and sd[k].ndim >= 2 and not _vendor_quantizes(family, k):
                 not_converted.add(k[: -len(".weight")])
+    block = {"block": [BLOCK, BLOCK], "mxfp8": [1, 32]}.get(scheme)
     return {
         "quant_method": "fp8",
         "activation_scheme": "static" if scheme == "per-tensor" else "dynamic",
-        "weight_block_size": [BLOCK, BLOCK] if scheme == "block" else None,
+        "weight_block_size": block,
+        **({"scale_fmt": "ue8m0"} if scheme == "mxfp8" else {}),
         "modules_to_not_convert": sorted(not_converted),
     }
 
@@ -683,7 +735,7 @@ def quantize_state_dict(
         if not _vendor_quantizes(family, key):
             out[key] = t
             continue
-        q, s = _quantize(t, scheme, scalar_shape)
+        q, s = mxfp8_quantize(t) if scheme == "mxfp8" else _quantize(t, scheme, scalar_shape)
         out[key] = q
         out[scale_key(key)] = s
         if scheme == "per-tensor":  # static activation scheme: any positive fp32 scalar

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import reference
+import torch
 from checkpoints import load_state_dict
 from helpers import assert_state_dicts_identical, config
+from safetensors.torch import load_file, save_file
 
 from worker.engine import api
 from worker.engine.adapters import detect
@@ -43,6 +45,9 @@ _MINIMAX = [
         ({"architectures": ["Glm4MoeLiteForCausalLM"]}, _SPLIT, "glm4-moe"),
         ({"architectures": ["GlmMoeDsaForCausalLM"]}, _SPLIT, "glm-moe-dsa"),
         ({"architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2"}, _MINIMAX, "minimax-m2"),
+        ({"architectures": ["MiniMaxM3SparseForConditionalGeneration"], "model_type": "minimax_m3_vl",
+          "text_config": {"model_type": "minimax_m3_vl_text"}}, [f"language_model.{k}" for k in _MINIMAX],
+         "minimax-m3"),
         ({"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
           "text_config": {"model_type": "qwen3_5_moe_text"}}, _SPLIT, "qwen3.5-moe"),
         ({"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text"}, _SPLIT, "qwen3.5-moe"),
@@ -257,3 +262,46 @@ def test_a_fresh_block_quantization_across_split_points_inside_a_block(
         api.convert(fp8, tmp_path / "again", api.Options(to="native"))
     api.convert(native, tmp_path / "back", api.Options(to="hf"))
     assert_state_dicts_identical(load_state_dict(tmp_path / "back"), load_state_dict(src))
+
+
+def test_mxfp8_native_goes_out_in_bf16_or_fresh_fp8(checkpoint, tmp_path: Path) -> None:
+    # MXFP8 weights are ordinary weights once dequantized (unlike MXFP4's [E, out, in] experts): a native
+    # checkpoint of MiniMax-M3 goes back to its own MXFP8 bytes (test_nemo_oracle), and also to bf16 (its
+    # native values, exactly) and to fresh 128x128 blocks within the e4m3 bound.
+    native = tmp_path / "native"
+    assert api.convert(checkpoint("minimax-m3", scheme="mxfp8"), native, api.Options(to="native")).passed
+    values = load_state_dict(native)
+    bf16 = tmp_path / "bf16"
+    assert api.convert(native, bf16, api.Options(to="hf", quantize="none")).passed
+    q = "model.layers.1.self_attn.q_proj.weight"
+    got = load_state_dict(bf16)
+    assert not [k for k in got if k.endswith("_scale_inv")] and "quantization_config" not in config(bf16)
+    assert_state_dicts_identical({q: got[f"language_model.{q}"]}, {q: values[q]})
+    block = tmp_path / "block"
+    s = api.convert(native, block, api.Options(to="hf", quantize="block")).summary()
+    assert s["bounded"] > 0 and s["bounded_within"] == s["bounded"]
+    assert load_state_dict(block)[f"language_model.{q}_scale_inv"].shape == (1, 1)
+    assert config(block)["quantization_config"]["weight_block_size"] == [128, 128]
+
+
+@pytest.mark.parametrize(
+    "dtype,shape,message",
+    [
+        (torch.uint8, (64, 2), r"scale of .*q_proj\.weight. is U8 \[64, 2\].*U8 \[64, 3\]"),
+        (torch.float8_e8m0fnu, (64, 3), r"q_proj\.weight_scale_inv.*dtype.*got .F8_E8M0."),
+    ],
+)
+def test_a_malformed_mxfp8_scale_is_refused_by_name(
+    checkpoint, tmp_path: Path, dtype, shape, message
+) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("minimax-m3", scheme="mxfp8"), src)
+    scale = "language_model.model.layers.1.self_attn.q_proj.weight_scale_inv"
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"][scale]
+    tensors = load_file(shard)
+    tensors[scale] = torch.full(shape, 127, dtype=torch.uint8).view(dtype)
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError, match=message):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
+    assert not (tmp_path / "native").exists()

@@ -92,6 +92,8 @@ CASES = [
     Case("mimo-v2-flash", "mimo-v2-flash-te", "mimo_v2_flash.MiMoV2FlashStateDictAdapter",
          nemo_backend=(("attn", "te"),), override=True),
     Case("minimax-m2", "minimax-m2", "minimax_m2.MiniMaxM2StateDictAdapter"),
+    # MXFP8: NeMo's M3 adapter dequantizes the e8m0-scaled weights itself (its dequantize_mxfp8).
+    Case("minimax-m3", "minimax-m3", "minimax_m3_vl.MiniMaxM3VLStateDictAdapter", scheme="mxfp8"),
     # NeMo's Step adapters load bf16 only: Step3p5's has no FP8 path, Step3p7's drops the *_scale_inv
     # tensors without dequantizing (test_step3p7_nemo_drops_the_scales); the FP8 step is NeMo's own
     # dequantize_from_fp8, per expert for the aggregated 3-D experts.

@@ -547,6 +547,39 @@ ADAPTERS: dict[str, Adapter] = {
             model_types=("minimax_m2",),
             nemo="minimax_m2.MiniMaxM2StateDictAdapter",
         ),
+        # MiniMax-M3 VLM: M2's experts and router under language_model., shared experts beside mlp, the
+        # sparse-attention indexer under self_attn.indexer.; MXFP8 (e8m0 exponents per 32 columns) on the
+        # attention, dense and expert projections only, as NeMo's _MXFP8_QUANT_KEY_RE lists them.
+        Adapter(
+            name="minimax-m3",
+            description="MiniMax-M3 VLM (block_sparse_moe experts w1, w3, w2; sparse-attention indexer), MXFP8",
+            architectures=("MiniMaxM3SparseForConditionalGeneration",),
+            renames=(
+                Rename("language_model.model.", "model."),
+                Rename("language_model.lm_head.", "lm_head."),
+                Rename("multi_modal_projector.", "vision_tower.multi_modal_projector."),
+                Rename("patch_merge_mlp.", "vision_tower.patch_merge_mlp."),
+                Rename(".block_sparse_moe.gate.weight", ".mlp.gate.weight", infix=True),
+                Rename(
+                    ".block_sparse_moe.e_score_correction_bias",
+                    ".mlp.gate.e_score_correction_bias",
+                    infix=True,
+                ),
+                Rename(".block_sparse_moe.shared_experts.", ".shared_experts.", infix=True),
+                Rename(".self_attn.index_", ".self_attn.indexer.index_", infix=True),
+            ),
+            experts=(
+                ExpertRule(
+                    "stack", "block_sparse_moe.experts.{e}.", "mlp.experts.gate_and_up_projs", ("w1", "w3")
+                ),
+                ExpertRule("stack", "block_sparse_moe.experts.{e}.", "mlp.experts.down_projs", ("w2",)),
+            ),
+            not_quantized=(*_NORMS_ETC, "block_sparse_moe.gate.weight", "self_attn.index_"),
+            not_quantized_prefixes=("vision_tower.", "multi_modal_projector.", "patch_merge_mlp."),
+            # its text_config.model_type is minimax_m3_vl_text
+            model_types=("minimax_m3_vl", "minimax_m3_vl_text"),
+            nemo="minimax_m3_vl.MiniMaxM3VLStateDictAdapter",
+        ),
         _QWEN3_5_MOE,
         # Qwen3-Next: Qwen3.5-MoE's text model before it (fused in_proj_qkvz / in_proj_ba, split experts in
         # both releases, no MTP renames in NeMo's adapter: MTP keys pass through as they are named).

@@ -86,7 +86,7 @@ def choose(
         return Encoding(
             key, q.kind.stored_dtype, "keep", q, act, fmt, act_out, q.zero_point if same else None, not same
         )
-    if q is not None and q.kind.exact_only:
+    if q is not None and q.kind.restore_only:
         raise RecastError(
             f"{key!r} is {q.kind.value} in the source; Recast writes {q.kind.value} only to restore the "
             f"source's own values (--quantize keep), not with --quantize {quantize_mode}"

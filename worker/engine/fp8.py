@@ -5,6 +5,9 @@ same bits and re-quantizing with the original scale restores the original FP8 by
 Functions work on a slice of rows (dim 0) so callers can stream a large tensor in pieces.
 MXFP4 (mxfp4.py) is one more ``ScaleKind`` here: the kind-dispatching functions (``decode``, ``encode``,
 ``dequantize_rows``, ``quantize_rows``, the shapes) send it there, so the directions need no branch of their own.
+MXFP8 (MiniMax-M3, Inkling 2: transformers' ``fp8`` with ``weight_block_size [1, 32]`` and ``scale_fmt:
+ue8m0``) is e4m3 codes with one e8m0 exponent (uint8, bias 127) per 32 columns of a row: its multiplier is
+a power of two, so it is plain FP8 arithmetic with a scale that ``expand_scale`` spells out.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class ScaleKind(StrEnum):
     PER_CHANNEL = "per-channel"
     BLOCK = "block"
     MXFP4 = "mxfp4"  # not FP8: e2m1 codes in blocks of 32 with e8m0 exponents (mxfp4.py)
+    MXFP8 = "mxfp8"  # e4m3 codes, one e8m0 exponent (uint8) per 32 columns of a row
 
     @property
     def stored_dtype(self) -> str:
@@ -36,8 +40,15 @@ class ScaleKind(StrEnum):
 
     @property
     def exact_only(self) -> bool:
-        """Written only to restore a source's own codes (MXFP4): a value that is not exactly one is an
-        error, never a rounding within a bound."""
+        """Written only to restore a source's own codes (MXFP4, MXFP8: Recast never chooses e8m0
+        exponents): a value that is not exactly one is an error, never a rounding within a bound."""
+        return self in (ScaleKind.MXFP4, ScaleKind.MXFP8)
+
+    @property
+    def restore_only(self) -> bool:
+        """Its tensors are laid out as only this format holds them (gpt-oss's MXFP4 experts are
+        ``[E, out, in]``, its bf16 release ``[E, in, out]``), so only a restore writes them; an MXFP8
+        weight is an ordinary weight, free to go out in bf16 or with fresh FP8 scales."""
         return self is ScaleKind.MXFP4
 
     @property
@@ -75,10 +86,26 @@ def classify_scale(key: str, weight_shape: tuple[int, ...], scale_shape: tuple[i
     )
 
 
+def classify_mx_scale(
+    key: str, weight_shape: tuple[int, ...], scale: tuple[str, tuple[int, ...]]
+) -> ScaleKind:
+    """An e8m0 (uint8) scale of an FP8 weight: MXFP8, one exponent per 32 columns of each row."""
+    dtype, shape = scale
+    want = (*weight_shape[:-1], -(-weight_shape[-1] // mxfp4.BLOCK)) if weight_shape else None
+    if dtype != "U8" or tuple(shape) != want:
+        raise CheckpointError(
+            f"scale of {key!r} is {dtype} {list(shape)}: an e8m0 (MXFP8) scale of a weight of shape "
+            f"{list(weight_shape)} is U8 {list(want or ())} (one exponent per {mxfp4.BLOCK} columns of a row)"
+        )
+    return ScaleKind.MXFP8
+
+
 def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple[int, ...]) -> torch.Tensor:
     """The fp32 scale broadcastable over ``weight[rows]`` (a dim-0 slice of a tensor of ``shape``)."""
     if kind is ScaleKind.MXFP4:
         return mxfp4.expand(scale[rows])
+    if kind is ScaleKind.MXFP8:
+        return mxfp4.expand(scale[rows])[..., : shape[-1]]
     s = scale.float()
     if kind is ScaleKind.PER_TENSOR:
         return s.reshape(())
@@ -172,6 +199,8 @@ def scale_shape(kind: ScaleKind, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (shape[0], 1, 1)
     if kind is ScaleKind.PER_CHANNEL:
         return (*shape[:-1], 1)
+    if kind is ScaleKind.MXFP8:
+        return (*shape[:-1], -(-shape[-1] // mxfp4.BLOCK))
     return (*shape[:-2], -(-shape[-2] // BLOCK), -(-shape[-1] // BLOCK))
 
 

@@ -59,7 +59,11 @@ def inspect(
         "quantization": {
             "quantized_tensors": len(quant),
             "schemes": kinds,
-            "block_size": [128, 128] if ScaleKind.BLOCK.value in kinds else None,
+            "block_size": [128, 128]
+            if ScaleKind.BLOCK.value in kinds
+            else [1, 32]
+            if ScaleKind.MXFP8.value in kinds
+            else None,
             "activation_scheme": activation,
             **describe(config),
             "output_formats": _output_formats(

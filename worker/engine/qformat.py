@@ -4,7 +4,9 @@ The FP8 formats store ``float8_e4m3fn`` weights beside a dequantization multipli
 differ only in names, in the shape of a per-tensor scale and in their ``quantization_config``:
 
 - ``fp8`` (the vendors' layout, transformers' ``quant_method: fp8``): ``K_scale_inv``, activation scales
-  ``X.activation_scale`` / ``K_activation_scale``.
+  ``X.activation_scale`` / ``K_activation_scale``. Its MXFP8 variant (``weight_block_size [1, 32]``,
+  ``scale_fmt: ue8m0``: MiniMax-M3) has uint8 exponents for ``K_scale_inv``; like MXFP4 it is only ever
+  the source's own, restored by ``--quantize keep``.
 - ``compressed-tensors`` (llm-compressor, vLLM): ``K_scale``, ``X.input_scale`` / ``K_input_scale``, an
   optional all-zero ``K_zero_point``; ``config_groups`` of ``weights`` / ``input_activations`` schemes
   and an ``ignore`` list. Its config is read and written here, by hand: the ``compressed-tensors``
@@ -29,7 +31,7 @@ from typing import Any
 
 from . import mxfp4
 from .errors import CheckpointError, RecastError
-from .fp8 import BLOCK, ScaleKind, classify_scale
+from .fp8 import BLOCK, ScaleKind, classify_mx_scale, classify_scale
 from .safetensors_io import TensorInfo
 
 # The formats a user may choose with --format; mxfp4 is only ever the source's own.
@@ -37,6 +39,9 @@ FORMAT_NAMES = ("fp8", "compressed-tensors")
 
 
 def _fp8_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
+    """A float multiplier (per tensor, expert, channel or 128x128 block), or e8m0 exponents (MXFP8)."""
+    if scale.dtype == "U8":
+        return classify_mx_scale(key, weight.shape, (scale.dtype, scale.shape))
     return classify_scale(key, weight.shape, scale.shape)
 
 
@@ -160,7 +165,7 @@ def _fp8_read(qc: dict[str, Any]) -> list[dict[str, Any]]:
         {
             "group": "all",
             "targets": ["Linear"],
-            "weights": "block" if block else "tensor",
+            "weights": "mxfp8" if qc.get("scale_fmt") == "ue8m0" else "block" if block else "tensor",
             "block_structure": block,
             "input_activations": qc.get("activation_scheme", "dynamic"),
         }
@@ -275,7 +280,7 @@ FORMATS: dict[str, QuantFormat] = {
             "activation_scale",
             None,
             (),
-            frozenset({ScaleKind.PER_TENSOR, ScaleKind.PER_EXPERT, ScaleKind.BLOCK}),
+            frozenset({ScaleKind.PER_TENSOR, ScaleKind.PER_EXPERT, ScaleKind.BLOCK, ScaleKind.MXFP8}),
             True,
             _fp8_config,
             _fp8_read,
