@@ -351,6 +351,43 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         },
         keep=("block_sparse_moe.gate.weight", "self_attn.index_", "patch_merge_mlp."),
     ),
+    # Inkling: every layer sparse (as the releases), hidden 64 with expert width 48, so the stored [E, 2I, H]
+    # and [E, H, I] experts are not square. The vendor FP8 layout is a guess (no FP8 Inkling is published):
+    # the 2-D projections, not the embeddings, convolutions, audio or vision.
+    "inkling": TinyFamily(
+        "InklingForConditionalGeneration",
+        {
+            "text_config": {
+                "vocab_size": 300,
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "head_dim": 32,
+                "swa_num_attention_heads": 2,
+                "swa_num_key_value_heads": 1,
+                "swa_head_dim": 32,
+                "sliding_window_size": 8,
+                "d_rel": 4,
+                "rel_extent": 16,
+                "intermediate_size": 96,
+                "moe_intermediate_size": 48,
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "n_shared_experts": 1,
+                "local_layer_ids": [1],
+            },
+            "vision_config": {
+                "text_hidden_size": 64,
+                "hidden_size": 32,
+                "n_layers": 1,
+                "num_attention_heads": 2,
+                "patch_size": 4,
+            },
+            "audio_config": {"text_hidden_size": 64, "n_mel_bins": 8, "mel_vocab_size": 16},
+        },
+        keep=("embed.weight", "unembed.weight", "sconv.weight", "model.audio.", "model.visual."),
+    ),
     "step3p7": TinyFamily("Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP),
     "step3p5": TinyFamily(
         "Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP, text_only="Step3p5ForCausalLM"

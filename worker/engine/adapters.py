@@ -36,6 +36,46 @@ class Rename:
     invert: bool = True
     infix: bool = False
 
+    @cached_property
+    def _numbered(self) -> tuple[re.Pattern[str], re.Pattern[str]] | None:
+        """A prefix with ``{n}`` (a module number that moves, Inkling's ``layers.linear_{n}.`` →
+        ``encoder_layers.{n}.projection.``): its patterns both ways."""
+        if "{n}" not in self.hf:
+            return None
+        return tuple(
+            re.compile("^" + re.escape(s).replace(re.escape("{n}"), r"(\d+)")) for s in (self.hf, self.native)
+        )
+
+    def prefix_to_native(self, key: str) -> str | None:
+        """``key`` renamed if this (prefix) rename matches it, else None."""
+        if self._numbered:
+            m = self._numbered[0].match(key)
+            return self.native.format(n=m.group(1)) + key[m.end() :] if m else None
+        return self.native + key[len(self.hf) :] if key.startswith(self.hf) else None
+
+    def prefix_to_hf(self, key: str) -> str | None:
+        if self._numbered:
+            m = self._numbered[1].match(key)
+            return self.hf.format(n=m.group(1)) + key[m.end() :] if m else None
+        return self.hf + key[len(self.native) :] if self.native and key.startswith(self.native) else None
+
+
+@dataclass(frozen=True)
+class Unmapped:
+    """A config.json field (top level or ``text_config``) that turns on something the rules do not map,
+    with what NeMo does instead. Set means truthy, or with ``value``, holding it (``mlp_layer_types``
+    with a ``dense`` layer)."""
+
+    field: str
+    why: str
+    value: str | None = None
+
+    def set_in(self, config: dict[str, Any]) -> bool:
+        got = config.get(self.field)
+        if self.value is None or not got:
+            return bool(got)
+        return got == self.value or (isinstance(got, list) and self.value in got)
+
 
 @dataclass(frozen=True)
 class ExpertRule:
@@ -133,7 +173,7 @@ class Adapter:
     nemo: str | None = None
     # config.json fields (top level or text_config) that turn on something these rules do not map, with
     # what NeMo does instead: a checkpoint that sets one is refused while planning.
-    unmapped_config: tuple[tuple[str, str], ...] = ()
+    unmapped_config: tuple[Unmapped, ...] = ()
     # The detected family this adapter is an alternative native layout of, where NeMo's layout depends on
     # its configuration (MiMo's attention backend): never detected, taken by --adapter on that family.
     variant_of: str | None = None
@@ -141,16 +181,16 @@ class Adapter:
     def check_config(self, config: dict[str, Any]) -> None:
         """Refuse a checkpoint whose config.json turns on what this adapter does not map."""
         for c in (config, config.get("text_config") or {}):
-            for name, why in self.unmapped_config:
-                if c.get(name):
+            for u in self.unmapped_config:
+                if u.set_in(c):
                     raise UnsupportedModelError(
-                        f"config.json {name}={c[name]!r}: adapter {self.name!r} does not map this ({why})"
+                        f"config.json {u.field}={c[u.field]!r}: adapter {self.name!r} does not map this ({u.why})"
                     )
 
     def to_native(self, key: str) -> str:
         for r in self.renames:
-            if not r.infix and key.startswith(r.hf):
-                key = r.native + key[len(r.hf) :]
+            if not r.infix and (renamed := r.prefix_to_native(key)) is not None:
+                key = renamed
                 break
         for r in self.renames:
             if r.infix and r.hf in key:
@@ -162,8 +202,8 @@ class Adapter:
             if r.infix and r.invert and r.native in key:
                 key = key.replace(r.native, r.hf, 1)
         for r in self.renames:
-            if not r.infix and r.invert and key.startswith(r.native) and r.native:
-                return r.hf + key[len(r.native) :]
+            if not r.infix and r.invert and (renamed := r.prefix_to_hf(key)) is not None:
+                return renamed
         return key
 
     def claims_expert(self, key: str) -> bool:
@@ -376,6 +416,57 @@ _GPT_OSS = Adapter(
     model_types=("gpt_oss",),
     nemo="gpt_oss.GPTOSSStateDictAdapter",
 )
+# Inkling (Thinking Machines): the release's raw names (model.llm., attn.wq_du, w13_weight, which
+# transformers also saves) to NeMo's. The experts and shared experts are stored [E, 2I, H] / [E, H, I]
+# with gate and up interleaved; NeMo transposes them as they are (the interleave it undoes is only for
+# transformers' in-memory layout). NeMo also transposes a dense layer's 2-D w13_dn / w2_md, which the
+# transpose rule (3-D) does not, so a config with dense layers is refused (the releases are all sparse).
+_INKLING = Adapter(
+    name="inkling",
+    description="Inkling (Thinking Machines; raw llm/audio/visual names, interleaved gate/up experts)",
+    architectures=("InklingForConditionalGeneration",),
+    renames=(
+        Rename("model.llm.layers.", "model.language_model.layers."),
+        Rename("model.llm.embed.weight", "model.language_model.embed_tokens.weight"),
+        Rename("model.llm.embed_norm.weight", "model.language_model.embed_norm.weight"),
+        Rename("model.llm.norm.weight", "model.language_model.norm.weight"),
+        Rename("model.llm.unembed.weight", "lm_head.weight"),
+        Rename(
+            "model.audio.encoder.weight", "model.audio_tower.embed_audio_tokens.embed_audio_tokens.weight"
+        ),
+        Rename("model.audio.final_norm.weight", "model.audio_tower.norm.weight"),
+        Rename("model.visual.layers.linear_{n}.", "model.vision_tower.encoder_layers.{n}.projection."),
+        Rename("model.visual.layers.norm_{n}.", "model.vision_tower.encoder_layers.{n}.layer_norm."),
+        Rename("model.visual.final_norm.weight", "model.vision_tower.final_norm.weight"),
+        *(
+            Rename(f".attn.{raw}.weight", f".self_attn.{proj}_proj.weight", infix=True)
+            for raw, proj in (("wq_du", "q"), ("wk_dv", "k"), ("wv_dv", "v"), ("wr_du", "r"), ("wo_ud", "o"))
+        ),
+        Rename(".attn.q_norm.weight", ".self_attn.q_norm.weight", infix=True),
+        Rename(".attn.k_norm.weight", ".self_attn.k_norm.weight", infix=True),
+        Rename(".attn.k_sconv.weight", ".self_attn.k_sconv._fp32_params.weight", infix=True),
+        Rename(".attn.v_sconv.weight", ".self_attn.v_sconv._fp32_params.weight", infix=True),
+        Rename(".attn.rel_logits_proj.proj", ".self_attn.rel_logits_proj.proj", infix=True),
+        Rename(".attn_sconv.weight", ".attn_sconv._fp32_params.weight", infix=True),
+        Rename(".mlp_sconv.weight", ".mlp_sconv._fp32_params.weight", infix=True),
+        Rename(".attn_norm.weight", ".input_layernorm.weight", infix=True),
+        Rename(".mlp_norm.weight", ".post_attention_layernorm.weight", infix=True),
+        Rename(".mlp.gate.bias", ".mlp.gate._fp32_params.e_score_correction_bias", infix=True),
+    ),
+    experts=(
+        ExpertRule("transpose", "mlp.experts.w13_weight", "mlp.experts.gate_and_up_projs"),
+        ExpertRule("transpose", "mlp.experts.w2_weight", "mlp.experts.down_projs"),
+        ExpertRule("transpose", "mlp.shared_experts.shared_w13_weight", "mlp.shared_experts.gate_up_proj"),
+        ExpertRule("transpose", "mlp.shared_experts.shared_w2_weight", "mlp.shared_experts.down_proj"),
+    ),
+    not_quantized=(*_NORMS_ETC, "embed.weight", "unembed.weight", "sconv.weight", "rel_logits_proj"),
+    not_quantized_prefixes=("model.audio.", "model.visual."),
+    model_types=("inkling_mm_model", "inkling_text"),
+    nemo="inkling.InklingStateDictAdapter",
+    unmapped_config=(
+        Unmapped("mlp_layer_types", "NeMo transposes a dense layer's 2-D mlp.w13_dn / w2_md", value="dense"),
+    ),
+)
 # Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
 _DENSE = Adapter(
     name="llama",
@@ -481,7 +572,9 @@ ADAPTERS: dict[str, Adapter] = {
             model_types=(),
             nemo="ling_v2.BailingMoeV2StateDictAdapter",
             # NeMo's adapter splits the fused weight only; a fused bias would reach its q/k/v_proj unsplit
-            unmapped_config=(("use_qkv_bias", "NeMo 0.7.0 splits query_key_value.weight, not its bias"),),
+            unmapped_config=(
+                Unmapped("use_qkv_bias", "NeMo 0.7.0 splits query_key_value.weight, not its bias"),
+            ),
         ),
         replace(
             _DEEPSEEK_V3,
@@ -625,12 +718,13 @@ ADAPTERS: dict[str, Adapter] = {
             model_types=("step3p7", "step3p5"),
             nemo="step3p7.Step3p7StateDictAdapter",
             unmapped_config=(
-                (
+                Unmapped(
                     "num_nextn_predict_layers",
                     "NeMo moves the MTP layers that follow num_hidden_layers to mtp.layers.{i}",
                 ),
             ),
         ),
+        _INKLING,
         _GPT_OSS,
         replace(
             _GPT_OSS,
