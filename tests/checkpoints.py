@@ -351,9 +351,10 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         },
         keep=("block_sparse_moe.gate.weight", "self_attn.index_", "patch_merge_mlp."),
     ),
-    # Inkling: every layer sparse (as the releases), hidden 64 with expert width 48, so the stored [E, 2I, H]
-    # and [E, H, I] experts are not square. The vendor FP8 layout is a guess (no FP8 Inkling is published):
-    # the 2-D projections, not the embeddings, convolutions, audio or vision.
+    # Inkling: layer 0 dense (its 2-D w13_dn [192, 64] and w2_md [64, 96] transposed whole), layer 1
+    # sparse; hidden 64 with expert width 48, so the stored [E, 2I, H] and [E, H, I] experts are not
+    # square. The vendor FP8 layout is a guess (no FP8 Inkling is published): the 2-D projections, not
+    # the embeddings, convolutions, audio or vision.
     "inkling": TinyFamily(
         "InklingForConditionalGeneration",
         {
@@ -376,6 +377,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                 "num_experts_per_tok": 2,
                 "n_shared_experts": 1,
                 "local_layer_ids": [1],
+                "mlp_layer_types": ["dense", "sparse"],
             },
             "vision_config": {
                 "text_hidden_size": 64,

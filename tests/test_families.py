@@ -187,22 +187,6 @@ def test_step3p7_with_mtp_layers_is_refused(checkpoint, tmp_path: Path) -> None:
     assert not (tmp_path / "native").exists()
 
 
-def test_inkling_with_dense_layers_is_refused(checkpoint, tmp_path: Path) -> None:
-    # NeMo transposes a dense layer's 2-D mlp.w13_dn / w2_md as a whole; the transpose rule moves 3-D
-    # experts, so a config with a dense layer is refused before anything is written, naming the field.
-    src = tmp_path / "src"
-    shutil.copytree(checkpoint("inkling", scheme="block"), src)
-    cfg = config(src)
-    cfg["text_config"]["mlp_layer_types"] = ["dense", "sparse"]
-    (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match=r"mlp_layer_types=\['dense', 'sparse'\].*w13_dn"):
-        api.convert(src, tmp_path / "native", api.Options(to="native"))
-    assert not (tmp_path / "native").exists()
-    cfg["text_config"]["mlp_layer_types"] = ["sparse", "sparse"]  # said outright, all sparse: converted
-    (src / "config.json").write_text(json.dumps(cfg))
-    assert api.convert(src, tmp_path / "native", api.Options(to="native")).passed
-
-
 def test_a_variant_is_never_detected_and_taken_only_on_its_family(checkpoint, tmp_path: Path) -> None:
     # mimo-v2-flash-te writes NeMo's Transformer Engine names; detection keeps the default layout.
     mimo = {"architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash"}

@@ -62,19 +62,11 @@ class Rename:
 
 @dataclass(frozen=True)
 class Unmapped:
-    """A config.json field (top level or ``text_config``) that turns on something the rules do not map,
-    with what NeMo does instead. Set means truthy, or with ``value``, holding it (``mlp_layer_types``
-    with a ``dense`` layer)."""
+    """A config.json field (top level or ``text_config``) that, when set, turns on something the rules do
+    not map, with what NeMo does instead."""
 
     field: str
     why: str
-    value: str | None = None
-
-    def set_in(self, config: dict[str, Any]) -> bool:
-        got = config.get(self.field)
-        if self.value is None or not got:
-            return bool(got)
-        return got == self.value or (isinstance(got, list) and self.value in got)
 
 
 @dataclass(frozen=True)
@@ -182,7 +174,7 @@ class Adapter:
         """Refuse a checkpoint whose config.json turns on what this adapter does not map."""
         for c in (config, config.get("text_config") or {}):
             for u in self.unmapped_config:
-                if u.set_in(c):
+                if c.get(u.field):
                     raise UnsupportedModelError(
                         f"config.json {u.field}={c[u.field]!r}: adapter {self.name!r} does not map this ({u.why})"
                     )
@@ -418,9 +410,8 @@ _GPT_OSS = Adapter(
 )
 # Inkling (Thinking Machines): the release's raw names (model.llm., attn.wq_du, w13_weight, which
 # transformers also saves) to NeMo's. The experts and shared experts are stored [E, 2I, H] / [E, H, I]
-# with gate and up interleaved; NeMo transposes them as they are (the interleave it undoes is only for
-# transformers' in-memory layout). NeMo also transposes a dense layer's 2-D w13_dn / w2_md, which the
-# transpose rule (3-D) does not, so a config with dense layers is refused (the releases are all sparse).
+# with gate and up interleaved, a dense layer's mlp.w13_dn / w2_md as 2-D [2I, H] / [H, I]; NeMo
+# transposes them all as they are (the interleave it undoes is only for transformers' in-memory layout).
 _INKLING = Adapter(
     name="inkling",
     description="Inkling (Thinking Machines; raw llm/audio/visual names, interleaved gate/up experts)",
@@ -458,14 +449,13 @@ _INKLING = Adapter(
         ExpertRule("transpose", "mlp.experts.w2_weight", "mlp.experts.down_projs"),
         ExpertRule("transpose", "mlp.shared_experts.shared_w13_weight", "mlp.shared_experts.gate_up_proj"),
         ExpertRule("transpose", "mlp.shared_experts.shared_w2_weight", "mlp.shared_experts.down_proj"),
+        ExpertRule("transpose", "mlp.w13_dn.weight", "mlp.gate_up_proj"),
+        ExpertRule("transpose", "mlp.w2_md.weight", "mlp.down_proj"),
     ),
     not_quantized=(*_NORMS_ETC, "embed.weight", "unembed.weight", "sconv.weight", "rel_logits_proj"),
     not_quantized_prefixes=("model.audio.", "model.visual."),
     model_types=("inkling_mm_model", "inkling_text"),
     nemo="inkling.InklingStateDictAdapter",
-    unmapped_config=(
-        Unmapped("mlp_layer_types", "NeMo transposes a dense layer's 2-D mlp.w13_dn / w2_md", value="dense"),
-    ),
 )
 # Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
 _DENSE = Adapter(

@@ -186,8 +186,8 @@ class RecordedTensor(_Closed):
     """One entry of the recorded key plan (``keymap.NativeTensor``)."""
 
     key: str = Field(description="a string")
-    kind: Literal["copy", "transpose", "stack", "zeros", "concat", "fp32", "split"] = Field(
-        description="one of copy, transpose, stack, zeros, concat, fp32, split"
+    kind: Literal["copy", "transpose", "stack", "zeros", "concat", "fp32", "split", "transpose2d"] = Field(
+        description="one of copy, transpose, stack, zeros, concat, fp32, split, transpose2d"
     )
     parts: list[str] = Field(description="a list of strings")
     experts: Count = Field(0, description="a non-negative integer")

@@ -39,7 +39,8 @@ class Quant:
 class NativeTensor:
     """One native tensor and the hf tensors it is made of.
 
-    kind ``copy``: one part, same layout. ``transpose``: one aggregated expert part, last two dims swapped.
+    kind ``copy``: one part, same layout. ``transpose``: one aggregated expert part, last two dims swapped
+    (``transpose2d``: a 2-D part, moved whole, operations.Transpose2d).
     ``concat``: aggregated expert parts, each transposed, concatenated on the last dim (operations.Concat).
     ``fp32``: one part, held in fp32 (operations.Fp32).
     ``split``: hf rows ``rows[0]:rows[1]`` of the one part (operations.Split); the others are siblings.
@@ -213,7 +214,9 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
         elif rule.kind == "split":
             out.extend(_split(ckpt, quant, key, m["prefix"], rule))
         else:  # transpose, fp32, copy: one hf tensor, renamed by the rule
-            out.append(NativeTensor(m["prefix"] + rule.native, rule.kind, [key]))
+            out.append(
+                NativeTensor(m["prefix"] + rule.native, _one_part_kind(rule, ckpt.tensors[key].shape), [key])
+            )
     for (prefix, idx), experts in sorted(stacks.items()):
         rule = adapter.experts[idx]
         n = len(experts)
@@ -301,15 +304,18 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             parts = [prefix + stack.hf_part(e, p) for e in range(info.shape[0]) for p in stack.parts]
             out.append(NativeTensor(key, "stack", parts, experts=info.shape[0], names=len(stack.parts)))
         elif transpose:
-            out.append(
-                NativeTensor(
-                    key, transpose.kind, [adapter.to_hf(key[: -len(transpose.native)]) + transpose.hf]
-                )
-            )
+            part = adapter.to_hf(key[: -len(transpose.native)]) + transpose.hf
+            out.append(NativeTensor(key, _one_part_kind(transpose, info.shape), [part]))
         else:
             out.append(NativeTensor(key, "copy", [adapter.to_hf(key)]))
     _check_unique(out)
     return KeyPlan(out, {})
+
+
+def _one_part_kind(rule: ExpertRule, shape: tuple[int, ...]) -> str:
+    """The kind of a one-part rule's tensor: a ``transpose`` of a 2-D tensor moves it whole
+    (operations.Transpose2d); of experts, it streams by expert."""
+    return "transpose2d" if rule.kind == "transpose" and len(shape) == 2 else rule.kind
 
 
 def _split_part(key: str, rule: ExpertRule) -> str | None:

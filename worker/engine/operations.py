@@ -5,7 +5,8 @@ here, one class each, and tensors.py (and to_native.py, for the dtype) dispatche
 ``NativeTensor.kind`` before its chains
 (the pattern transformers' ``conversion_mapping`` uses: ``Concatenate`` beside ``MergeModulelist``).
 All work on native rows ``e0:e1`` along dim 0, the axis the pipeline streams by, so an operation never
-needs a whole tensor in memory.
+needs a whole tensor in memory; the one exception says so (``whole``: a 2-D transpose, whose native rows
+are hf columns), and the directions then give it the whole tensor as one unit.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ Get = Callable[..., torch.Tensor]
 
 class Operation(Protocol):
     """One native tensor from its hf parts, and back."""
+
+    # Native rows are not hf rows: a unit takes the whole tensor (requests and views cover all of it).
+    whole: bool
 
     def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
         """The hf reads ``forward(t, e0, e1, …)`` makes: (key, first row, end row)."""
@@ -54,6 +58,8 @@ class Concat:
     ``gate_and_up_projs`` is ``[E, dim, 2·inter]``. With one part it is the plain transpose. The parts
     must share their shape (the planner checks), so the inverse is an even split.
     """
+
+    whole = False
 
     def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
         return [(p, e0, e1) for p in t.parts]
@@ -88,6 +94,8 @@ class Fp32:
     which the round-trip checks prove lossless by comparing in fp32.
     """
 
+    whole = False
+
     def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
         return [(t.parts[0], e0, e1)]
 
@@ -120,6 +128,8 @@ class Split:
     rows start on a scale row of the source.
     """
 
+    whole = False
+
     def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
         start = t.rows[0]
         return [(t.parts[0], start + e0, start + e1)]
@@ -145,4 +155,43 @@ class Split:
         return None
 
 
-OPERATIONS: dict[str, Operation] = {"concat": Concat(), "fp32": Fp32(), "split": Split()}
+class Transpose2d:
+    """A 2-D weight ``[O, I]`` held as its transpose ``[I, O]`` (Inkling's dense ``mlp.w13_dn`` /
+    ``w2_md``), which the ``transpose`` rule gives a 2-D tensor (on 3-D experts it streams by expert).
+
+    A native row is an hf column, so no row range of one is a row range of the other: a unit takes the
+    whole tensor (``whole``), about as large as one dense projection of one layer.
+    """
+
+    whole = True
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        return [(t.parts[0], None, None)]
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        return get(t.parts[0], None, None, transposed=True)[e0:e1].contiguous()
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        return [(t.parts[0], None, None, native.transpose(-1, -2))]
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        rows, cols = infos[t.parts[0]].shape
+        return (cols, rows)
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {t.parts[0]: (shape[1], shape[0])}
+
+    def native_dtype(self) -> str | None:
+        return None
+
+
+OPERATIONS: dict[str, Operation] = {
+    "concat": Concat(), "fp32": Fp32(), "split": Split(), "transpose2d": Transpose2d(),
+}  # fmt: skip
+
+
+def whole(kind: str) -> bool:
+    """Whether a native tensor of this kind is produced and checked in one unit (``Operation.whole``)."""
+    return kind in OPERATIONS and OPERATIONS[kind].whole

@@ -30,6 +30,7 @@ from .fp8 import decode, encode, expand_scale, value_shape
 from .hostpool import HostPool
 from .keymap import KeyPlan, NativeTensor, find_quant, plan_from_native
 from .layout import Layout
+from .operations import whole
 from .options import DTYPE_ARGS, STEP_BYTES, Options
 from .pipeline import Fetched, Piece, Unit
 from .qformat import FORMATS, QuantFormat, source_format
@@ -191,6 +192,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
         if it.native.kind == "stack":
             e = it.native.parts.index(it.enc.key) // it.native.names
             return [(0, it.shape[0], [(it.native.key, e, e + 1)])]
+        if whole(it.native.kind):
+            return [(0, it.shape[0], [(it.native.key, None, None)])]
         spans = row_chunks(
             info.shape, info.torch_dtype.itemsize, budget, hf_align(it.enc.scale_kind, it.shape)
         )
@@ -208,6 +211,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
         if t.kind == "stack":
             e = t.parts.index(it.enc.key) // t.names
             native, e0 = got[(t.key, e, e + 1)], e
+        elif whole(t.kind):
+            native, e0 = got[(t.key, None, None)], 0
         else:
             native, e0 = got[(t.key, r0, r1)], r0
         if not src.tensors[t.key].shape:

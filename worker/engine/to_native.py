@@ -22,7 +22,7 @@ from .fp8 import decode, encode, exact_codes, value_shape
 from .hostpool import HostPool
 from .keymap import KeyPlan, NativeTensor, plan_from_hf
 from .layout import Layout
-from .operations import OPERATIONS
+from .operations import OPERATIONS, whole
 from .options import DTYPE_ARGS, STEP_BYTES, Options
 from .pipeline import Fetched, Piece, Unit
 from .report import Report
@@ -132,7 +132,8 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
             # a split piece starts on a block boundary of its source (the planner checks), as a copy does
             align = hf_align(q.kind if q else None, first.shape) if t.kind in ("copy", "split") else 1
             n = shape[0] if shape else 1
-            for e0, e1 in row_chunks((n,), max(per_row, 1), budget, align):
+            spans = [(0, n)] if whole(t.kind) else row_chunks((n,), max(per_row, 1), budget, align)
+            for e0, e1 in spans:
                 reads = forward_requests(t, e0, e1)
 
                 def run(got: Fetched, t=t, e0=e0, e1=e1, shape=shape) -> list[Piece]:
