@@ -390,6 +390,36 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         },
         keep=("embed.weight", "unembed.weight", "sconv.weight", "model.audio.", "model.visual."),
     ),
+    # Nemotron-H / Nemotron 3: one layer of each kind (Mamba-2, MoE, attention, dense MLP), under the
+    # release's backbone. names (transformers saves them so). The vendor leaves the Mamba convolution,
+    # the router and the embeddings in bf16.
+    "nemotron-v3": TinyFamily(
+        "NemotronHForCausalLM",
+        {
+            "vocab_size": 300,
+            "hidden_size": 64,
+            "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"],
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "intermediate_size": 96,
+            "ssm_state_size": 16,
+            "mamba_num_heads": 4,
+            "mamba_head_dim": 16,
+            "n_groups": 1,
+            "conv_kernel": 4,
+            "expand": 1,
+            "n_routed_experts": 4,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 48,
+            "moe_shared_expert_intermediate_size": 48,
+            "num_experts_per_tok": 2,
+            # finite: config.json spells the default's infinity {"__float__": "Infinity"}, which only
+            # transformers' own from_pretrained reads back
+            "time_step_limit": [0.0, 100.0],
+        },
+        keep=("embeddings.weight", "mixer.gate.weight", "conv1d.weight", "norm_f.weight"),
+    ),
     "step3p7": TinyFamily("Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP),
     "step3p5": TinyFamily(
         "Step3p7ForConditionalGeneration", _TINY_STEP, keep=_STEP_KEEP, text_only="Step3p5ForCausalLM"

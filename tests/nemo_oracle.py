@@ -123,6 +123,8 @@ def moe_config(config: dict[str, Any], dtype: torch.dtype) -> Any:
         moe_inter_dim=config.get("moe_intermediate_size") or config["intermediate_size"],
         norm_topk_prob=True,
         dtype=dtype,
+        # Nemotron-H's experts are ReLU² (up_proj only): NeMo's merge reads the gating from this
+        expert_activation="relu2" if config.get("mlp_hidden_act") == "relu2" else "swiglu",
     )
 
 

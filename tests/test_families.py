@@ -45,6 +45,8 @@ _MINIMAX = [
         ({"architectures": ["Glm4MoeLiteForCausalLM"]}, _SPLIT, "glm4-moe"),
         ({"architectures": ["GlmMoeDsaForCausalLM"]}, _SPLIT, "glm-moe-dsa"),
         ({"architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2"}, _MINIMAX, "minimax-m2"),
+        ({"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"},
+         ["backbone.layers.1.mixer.experts.0.up_proj.weight", "backbone.layers.0.mixer.A_log"], "nemotron-v3"),
         ({"architectures": ["InklingForConditionalGeneration"], "model_type": "inkling_mm_model",
           "text_config": {"model_type": "inkling_text"}},
          ["model.llm.layers.0.mlp.experts.w13_weight", "model.llm.layers.0.attn.wq_du.weight"], "inkling"),

@@ -118,6 +118,8 @@ CASES = [
     # (checkpoints._as_ling), q/k/v fused as NeMo's adapter documents.
     Case("ling-v2", "ling-v2", "ling_v2.BailingMoeV2StateDictAdapter", dequantizes=False),
     Case("step3p7", "step3p7", "step3p7.Step3p7StateDictAdapter", dequantizes=False),
+    # NeMo's Nemotron-H adapter has no FP8 path (it loads the bf16 release): dequantize_from_fp8 first.
+    Case("nemotron-v3", "nemotron-v3", "nemotron_v3.NemotronV3StateDictAdapter", dequantizes=False),
     # NeMo's Inkling adapter skips every *_scale_inv and casts the FP8 codes: dequantize_from_fp8 first.
     Case("inkling", "inkling", "inkling.InklingStateDictAdapter", dequantizes=False),
     # gpt-oss: NeMo's adapter dequantizes the MXFP4 experts itself (transformers' convert_moe_packed_tensors,
@@ -237,7 +239,7 @@ def test_nemo_step_adapters_have_no_fp8_path(nemo, checkpoint) -> None:
     assert not torch.equal(got[experts], right)
 
 
-@pytest.mark.parametrize("family", ["step3p5", "step3p7", "ling-v2", "inkling"])
+@pytest.mark.parametrize("family", ["step3p5", "step3p7", "ling-v2", "inkling", "nemotron-v3"])
 def test_native_without_recast_json_goes_back_as_nemo_to_hf(family, nemo, checkpoint, tmp_path: Path) -> None:
     # A native checkpoint Recast did not write (no recast.json: the plan comes from inverting the adapter,
     # concat and split included: Ling's q/k/v_proj fuse back into query_key_value; Inkling's numbered

@@ -457,6 +457,35 @@ _INKLING = Adapter(
     model_types=("inkling_mm_model", "inkling_text"),
     nemo="inkling.InklingStateDictAdapter",
 )
+# Nemotron-H / Nemotron 3 (hybrid Mamba-2, attention and ReLU² MoE layers, each under mixer.): the
+# release's backbone. to model. (norm_f and embeddings renamed too), non-gated experts (up_proj only)
+# stacked, the Mamba A_log / dt_bias / D held in fp32 as NeMo's _fp32_params. MTP layers (mtp.layers.)
+# keep their prefix and get the same expert and fp32 rules, as in NeMo.
+_NEMOTRON_V3 = Adapter(
+    name="nemotron-v3",
+    description="Nemotron-H / Nemotron 3 (Mamba-2 + attention + ReLU² MoE under mixer.)",
+    architectures=("NemotronHForCausalLM",),
+    renames=(
+        Rename("backbone.norm_f.weight", "model.norm.weight"),
+        Rename("backbone.embeddings.weight", "model.embed_tokens.weight"),
+        Rename("backbone.embedding.weight", "model.embed_tokens.weight", invert=False),
+        Rename("model.norm_f.weight", "model.norm.weight", invert=False),
+        Rename("model.embeddings.weight", "model.embed_tokens.weight", invert=False),
+        Rename("model.embedding.weight", "model.embed_tokens.weight", invert=False),
+        Rename("backbone.", "model."),
+    ),
+    experts=(
+        ExpertRule("stack", "mixer.experts.{e}.", "mixer.experts.gate_and_up_projs", ("up_proj",)),
+        ExpertRule("stack", "mixer.experts.{e}.", "mixer.experts.down_projs", ("down_proj",)),
+        *(
+            ExpertRule("fp32", f"mixer.{name}", f"mixer._fp32_params.{name}")
+            for name in ("A_log", "dt_bias", "D")
+        ),
+    ),
+    not_quantized=(*_NORMS_ETC, "embeddings.weight", "mixer.gate.weight", "conv1d.weight"),
+    model_types=("nemotron_h",),
+    nemo="nemotron_v3.NemotronV3StateDictAdapter",
+)
 # Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
 _DENSE = Adapter(
     name="llama",
@@ -715,6 +744,7 @@ ADAPTERS: dict[str, Adapter] = {
             ),
         ),
         _INKLING,
+        _NEMOTRON_V3,
         _GPT_OSS,
         replace(
             _GPT_OSS,
