@@ -310,3 +310,17 @@ def test_a_malformed_mxfp8_scale_is_refused_by_name(
     with pytest.raises(CheckpointError, match=message):
         api.convert(src, tmp_path / "native", api.Options(to="native"))
     assert not (tmp_path / "native").exists()
+
+
+def test_fresh_scales_go_on_matrices_only(checkpoint, tmp_path: Path) -> None:
+    # Nemotron-H's final norm is backbone.norm_f.weight, which no norm pattern names: a fresh block
+    # quantization still leaves it (and every 1-D weight) in bf16, and the matrices get their scales.
+    native = tmp_path / "native"
+    assert api.convert(checkpoint("nemotron-v3", scheme="block"), native, api.Options(to="native")).passed
+    out = tmp_path / "fp8"
+    assert api.convert(native, out, api.Options(to="hf", quantize="block")).passed
+    got = load_state_dict(out)
+    assert got["backbone.norm_f.weight"].dtype == torch.bfloat16
+    assert not [k for k, t in got.items() if t.dtype == torch.float8_e4m3fn and t.dim() < 2]
+    assert got["backbone.layers.2.mixer.q_proj.weight"].dtype == torch.float8_e4m3fn
+    assert "backbone.norm_f" in config(out)["quantization_config"]["modules_to_not_convert"]

@@ -60,6 +60,7 @@ class Encoding:
 
 def choose(
     key: str,
+    shape: tuple[int, ...],
     value_dtype: str,
     quantize_mode: str,
     recorded: dict[str, Quant],
@@ -72,6 +73,8 @@ def choose(
 
     A layout Recast makes up (fresh scales, or kept scales re-spelled in another format) must be one
     transformers reads correctly (``QuantFormat.check_readable``); the source's own layout is kept as is.
+    Fresh scales go on matrices only (``shape`` of 2 or more dims): a 1-D ``*.weight`` is a norm's, whatever
+    its name (Nemotron-H's ``norm_f``), and stays high precision.
     """
     original = source_dtypes.get(key, value_dtype)
     plain = value_dtype if original.startswith("F8") else original
@@ -91,7 +94,7 @@ def choose(
             f"{key!r} is {q.kind.value} in the source; Recast writes {q.kind.value} only to restore the "
             f"source's own values (--quantize keep), not with --quantize {quantize_mode}"
         )
-    if quantize_mode in FRESH and adapter.quantizable(key):
+    if quantize_mode in FRESH and adapter.quantizable(key) and len(shape) >= 2:
         fmt.check_kind(key, FRESH[quantize_mode])
         fmt.check_readable(key, FRESH[quantize_mode], adapter.claims_expert(key))
         return Encoding(key, "F8_E4M3", quantize_mode, None, act, fmt, act_out)

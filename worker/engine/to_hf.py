@@ -75,13 +75,17 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                 pieces = joined.pop(key, None)
                 if pieces is not None:  # the fused tensor, planned where its first piece is
                     shape = (pieces[-1].rows[1], *info.shape[1:])
-                    enc = choose(key, info.dtype, opts.quantize, recorded, source_dtypes, adapter, **formats)
+                    enc = choose(
+                        key, shape, info.dtype, opts.quantize, recorded, source_dtypes, adapter, **formats
+                    )
                     items.append(HfItem(enc, shape, pieces[0], info.dtype, tuple(pieces)))
                 continue
             for k, shape in hf_shapes(t, info).items():
                 items.append(
                     HfItem(
-                        choose(k, info.dtype, opts.quantize, recorded, source_dtypes, adapter, **formats),
+                        choose(
+                            k, shape, info.dtype, opts.quantize, recorded, source_dtypes, adapter, **formats
+                        ),
                         shape,
                         t,
                         info.dtype,
@@ -94,8 +98,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
             if k in companions:
                 continue
             value_dtype = DTYPE_ARGS[opts.dtype] if k in recorded else info.dtype
-            enc = choose(k, value_dtype, opts.quantize, recorded, source_dtypes, adapter, **formats)
             shape = value_shape(recorded[k].kind, info.shape) if k in recorded else info.shape
+            enc = choose(k, shape, value_dtype, opts.quantize, recorded, source_dtypes, adapter, **formats)
             items.append(HfItem(enc, shape, None, value_dtype))
     read_quant = {} if native_src else recorded
     encoders = {it.enc.key: Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev)) for it in items}
