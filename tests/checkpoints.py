@@ -1082,6 +1082,36 @@ def build_compressed_tensors(
     return _finish(dst, family, seed, sd, config, gen, shards, split, _ct_rename(sd))
 
 
+# What NVIDIA's ModelOpt writes beside the shards (hf_quant_config.json) and, as quant_method modelopt,
+# into config.json, for its FP8 (per-tensor, static) algorithm.
+MODELOPT_PRODUCER = {"name": "modelopt", "version": "0.37.0"}
+
+
+def build_modelopt(dst: Path, family: str, *, seed: int = 0, shards: int = 3) -> Path:
+    """The model of ``build_checkpoint(scheme="per-tensor")`` (same FP8 bytes and scale values) as
+    ModelOpt exports FP8: compressed-tensors' names (``X.weight_scale``, ``X.input_scale``) with 0-d
+    scales, ``quantization_config`` ``{quant_method: modelopt, quant_algo: FP8, exclude_modules}`` and the
+    same facts in ``hf_quant_config.json``."""
+    _check_args(family, "default", "per-tensor")
+    dst = Path(dst)
+    plain, config, gen = _saved_model(family, "default", False, seed)
+    sd = quantize_state_dict(plain, family, "per-tensor", seed)
+    for k in list(sd):
+        if k.endswith(("_scale_inv", "activation_scale")):
+            sd[k] = sd[k].reshape(())
+    exclude = _quantization_config("per-tensor", list(sd), sd, family)["modules_to_not_convert"]
+    quantization = {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": exclude}
+    config = {**config, "quantization_config": {"quant_method": "modelopt", **quantization}}
+
+    def split(assign: dict[str, int]) -> None:
+        _split_work_units(sd, assign, shards)
+
+    _finish(dst, family, seed, sd, config, gen, shards, split, _ct_rename(sd))
+    hf_quant = {"producer": MODELOPT_PRODUCER, "quantization": quantization}
+    (dst / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=4))
+    return dst
+
+
 def build_plain(
     dst: Path,
     family: str,

@@ -31,7 +31,7 @@ def print_inspect(info: dict[str, Any]) -> None:
             f"{'':<14}{g['group']}: weights {g['weights']}, input activations {g['input_activations'] or '-'}"
         )
     outs = [
-        f"{name} (keep{'' if o['keep'] else ' impossible'}; {', '.join(o['quantize'])})"
+        f"{name} (keep{'' if o['keep'] else ' impossible'}; {', '.join(o['quantize']) or 'no fresh scales'})"
         for name, o in q["output_formats"].items()
     ]
     print(f"output        --format {' or '.join(outs)}")

@@ -95,6 +95,7 @@ def choose(
             f"source's own values (--quantize keep), not with --quantize {quantize_mode}"
         )
     if quantize_mode in FRESH and adapter.quantizable(key) and len(shape) >= 2:
+        fmt.check_fresh(key, quantize_mode)
         fmt.check_kind(key, FRESH[quantize_mode])
         fmt.check_readable(key, FRESH[quantize_mode], adapter.claims_expert(key))
         return Encoding(key, "F8_E4M3", quantize_mode, None, act, fmt, act_out)

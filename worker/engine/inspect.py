@@ -104,7 +104,7 @@ def _output_formats(
             "quantize": [
                 mode
                 for mode, kind in FRESH.items()
-                if kind in fmt.kinds and all(readable(fmt, k, kind) for k in quantizable)
+                if fmt.fresh and kind in fmt.kinds and all(readable(fmt, k, kind) for k in quantizable)
             ],
         }
         for name, fmt in FORMATS.items()

@@ -12,6 +12,11 @@ differ only in names, in the shape of a per-tensor scale and in their ``quantiza
   and an ``ignore`` list. Its config is read and written here, by hand: the ``compressed-tensors``
   package imports transformers (27 s, and a dependency the engine does not otherwise have), so the
   engine does not import it; the tests validate what this writes with the package's own schema.
+- ``modelopt`` (NVIDIA TensorRT Model Optimizer's FP8 export: Nemotron 3's FP8 releases): compressed-tensors'
+  names (``X.weight_scale``, ``X.input_scale``, 0-d) with ``quant_method: modelopt, quant_algo: FP8``. Read, and
+  written only by ``--quantize keep`` in its own format (its consumers, vLLM and TensorRT-LLM, are not
+  test dependencies, so Recast does not make ModelOpt layouts up); KV-cache scales (``k_scale`` /
+  ``v_scale``) are plain tensors that pass through.
 - ``mxfp4`` (gpt-oss, transformers' ``quant_method: mxfp4``): not FP8 but the same pairing, ``K_blocks``
   (packed e2m1 codes) beside ``K_scales`` (e8m0 exponents), so it is one more row. It is read, and
   written only by ``--quantize keep`` in its own format: ``ScaleKind.MXFP4`` is in no other format's
@@ -75,6 +80,8 @@ class QuantFormat:
     weight_suffix: str = ""
     # The scale kind of a quantized tensor and its scale, from their headers; errors name the key.
     classify: Callable[[str, TensorInfo, TensorInfo], ScaleKind] = _fp8_classify
+    # Whether Recast writes fresh scales in it; False: only a source's own, restored (MXFP4, ModelOpt).
+    fresh: bool = True
 
     def scale_key(self, key: str) -> str:
         if self.weight_suffix and key.endswith(self.weight_suffix):
@@ -105,6 +112,13 @@ class QuantFormat:
         """Activation scales and zero points: tensors that belong to a weight without a scale suffix."""
         activation = bool(self.activation) and key.endswith(self.activation)
         return activation or bool(self.zero_point_suffix and key.endswith(self.zero_point_suffix))
+
+    def check_fresh(self, key: str, mode: str) -> None:
+        if not self.fresh:
+            raise RecastError(
+                f"{key!r} would get fresh {mode} scales in the {self.name} format, which Recast writes only to "
+                f"restore a source's own scales (--quantize keep); choose --format {' or '.join(FORMAT_NAMES)}"
+            )
 
     def check_kind(self, key: str, kind: ScaleKind) -> None:
         if kind not in self.kinds:
@@ -254,6 +268,36 @@ def _ct_read(qc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _modelopt_config(s: Scheme) -> dict[str, Any]:
+    return {
+        "quant_method": "modelopt",
+        "quant_algo": "FP8",
+        "kv_cache_quant_algo": None,
+        "exclude_modules": s.skipped,
+    }
+
+
+def _modelopt_read(qc: dict[str, Any]) -> list[dict[str, Any]]:
+    """ModelOpt's FP8 (per-tensor weights, static activations); its other algorithms are refused. The
+    algorithm sits at the top of config.json's entry, or under ``quantization`` as hf_quant_config.json
+    nests it."""
+    algo = qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo")
+    if algo != "FP8":
+        raise CheckpointError(
+            f"config.json quantization_config.quant_algo {algo!r} (ModelOpt) is not supported; "
+            "ModelOpt's FP8 (per-tensor) is"
+        )
+    return [
+        {
+            "group": "all",
+            "targets": ["Linear"],
+            "weights": "tensor",
+            "block_structure": None,
+            "input_activations": "static",
+        }
+    ]
+
+
 def _mxfp4_config(s: Scheme) -> dict[str, Any]:
     return {"quant_method": "mxfp4", "modules_to_not_convert": s.skipped}
 
@@ -298,6 +342,19 @@ FORMATS: dict[str, QuantFormat] = {
             _ct_read,
         ),
         QuantFormat(
+            "modelopt",
+            "modelopt",
+            "_scale",
+            "input_scale",
+            None,
+            (),
+            frozenset({ScaleKind.PER_TENSOR}),
+            False,
+            _modelopt_config,
+            _modelopt_read,
+            fresh=False,
+        ),
+        QuantFormat(
             "mxfp4",
             "mxfp4",
             "_scales",
@@ -310,6 +367,7 @@ FORMATS: dict[str, QuantFormat] = {
             _mxfp4_read,
             weight_suffix="_blocks",
             classify=_mxfp4_classify,
+            fresh=False,
         ),
     )
 }
