@@ -1,8 +1,6 @@
 """Reversible tensor operations as classes: each knows its forward, its inverse and its shapes.
 
-The older operations (copy, transpose, stack, zeros) are still if-chains in tensors.py; new ones live
-here, one class each, and tensors.py (and to_native.py, for the dtype) dispatches to them by
-``NativeTensor.kind`` before its chains
+One class per ``NativeTensor.kind``, and tensors.py (and to_native.py, for the dtype) dispatches to them
 (the pattern transformers' ``conversion_mapping`` uses: ``Concatenate`` beside ``MergeModulelist``).
 All work on native rows ``e0:e1`` along dim 0, the axis the pipeline streams by, so an operation never
 needs a whole tensor in memory; the one exception says so (``whole``: a 2-D transpose, whose native rows
@@ -48,6 +46,122 @@ class Operation(Protocol):
 
     def native_dtype(self) -> str | None:
         """The native tensor's safetensors dtype where the operation fixes it (None: its parts')."""
+
+
+class Copy:
+    """One hf tensor as one native tensor, same layout (a rename at most)."""
+
+    whole = False
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        return [(t.parts[0], e0, e1)]
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        return get(t.parts[0], e0, e1)
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        return [(t.parts[0], e0, e0 + (native.shape[0] if native.dim() else 1), native)]
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        return infos[t.parts[0]].shape
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {t.parts[0]: shape}
+
+    def native_dtype(self) -> str | None:
+        return None
+
+
+class Transpose:
+    """An aggregated 3-D expert tensor ``[E, A, B]`` as ``[E, B, A]`` (Mistral 4's ``gate_up_proj``): rows
+    are experts on both sides, so it streams by expert. A 2-D tensor is Transpose2d's."""
+
+    whole = False
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        return [(t.parts[0], e0, e1)]
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        return get(t.parts[0], e0, e1, transposed=True).contiguous()
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        return [(t.parts[0], e0, e0 + native.shape[0], native.transpose(-1, -2))]
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        first = infos[t.parts[0]].shape
+        return (*first[:-2], first[-1], first[-2])
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {t.parts[0]: (*shape[:-2], shape[-1], shape[-2])}
+
+    def native_dtype(self) -> str | None:
+        return None
+
+
+class Stack:
+    """Per-expert 2-D parts as one ``[E, …]`` tensor whose slice ``e`` is ``cat(part.T for part in
+    expert e's parts, -1)`` (DeepSeek-V3's ``gate_and_up_projs``): ``t.parts[e * t.names + j]`` is expert
+    ``e``'s part ``j``, and a native row is one expert, all of its parts read whole."""
+
+    whole = False
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        return [(p, None, None) for e in range(e0, e1) for p in t.part_of(e)]
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        return torch.stack(
+            [torch.cat([get(p, None, None).T for p in t.part_of(e)], -1) for e in range(e0, e1)]
+        )
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        out = []
+        for i in range(native.shape[0]):
+            cols = torch.chunk(native[i], t.names, dim=-1)
+            out += [(key, None, None, piece.T) for key, piece in zip(t.part_of(e0 + i), cols, strict=True)]
+        return out
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        first = infos[t.parts[0]].shape
+        return (t.experts, first[1], sum(infos[p].shape[0] for p in t.part_of(0)))
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {p: (shape[2] // t.names, shape[1]) for p in t.parts}
+
+    def native_dtype(self) -> str | None:
+        return None
+
+
+class Zeros:
+    """A router bias NeMo's layout has and the source lacks, ``t.experts`` zeros in fp32, injected by
+    to_native (no parts to read); the way back drops it."""
+
+    whole = False
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        return []
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        return torch.zeros(e1 - e0, dtype=torch.float32)
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        return []
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        return (t.experts,)
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def native_dtype(self) -> str | None:
+        return "F32"
 
 
 class Concat:
@@ -188,7 +302,8 @@ class Transpose2d:
 
 
 OPERATIONS: dict[str, Operation] = {
-    "concat": Concat(), "fp32": Fp32(), "split": Split(), "transpose2d": Transpose2d(),
+    "copy": Copy(), "transpose": Transpose(), "stack": Stack(), "zeros": Zeros(), "concat": Concat(),
+    "fp32": Fp32(), "split": Split(), "transpose2d": Transpose2d(),
 }  # fmt: skip
 
 

@@ -118,11 +118,7 @@ def fetch(
 
 def forward_requests(t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
     """The ``hf_value`` calls ``forward(t, e0, e1, …)`` will make."""
-    if t.kind in OPERATIONS:
-        return OPERATIONS[t.kind].requests(t, e0, e1)
-    if t.kind in ("copy", "transpose"):
-        return [(t.parts[0], e0, e1)]
-    return [(p, None, None) for e in range(e0, e1) for p in t.part_of(e)]
+    return OPERATIONS[t.kind].requests(t, e0, e1)
 
 
 def row_chunks(shape: tuple[int, ...], itemsize: int, budget: int, align: int = 1) -> list[tuple[int, int]]:
@@ -195,74 +191,23 @@ def value_infos(tensors: dict[str, TensorInfo], quant: dict[str, Quant]) -> dict
 
 
 def native_shape(t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
-    if t.kind in OPERATIONS:
-        return OPERATIONS[t.kind].native_shape(t, infos)
-    if t.kind == "zeros":
-        return (t.experts,)
-    first = infos[t.parts[0]].shape
-    if t.kind == "copy":
-        return first
-    if t.kind == "transpose":
-        return (*first[:-2], first[-1], first[-2])
-    width = sum(infos[p].shape[0] for p in t.part_of(0))
-    return (t.experts, first[1], width)
+    return OPERATIONS[t.kind].native_shape(t, infos)
 
 
 def forward(t: NativeTensor, e0: int, e1: int, get) -> torch.Tensor:
     """Native rows ``e0:e1`` of ``t`` from its hf parts; ``get(key, r0, r1, transposed=False)`` yields
     hf values (with their last two dims swapped when asked)."""
-    if t.kind in OPERATIONS:
-        return OPERATIONS[t.kind].forward(t, e0, e1, get)
-    if t.kind == "copy":
-        return get(t.parts[0], e0, e1)
-    if t.kind == "transpose":
-        return get(t.parts[0], e0, e1, transposed=True).contiguous()
-    return torch.stack([torch.cat([get(p, None, None).T for p in t.part_of(e)], -1) for e in range(e0, e1)])
-
-
-def inverse(t: NativeTensor, native: torch.Tensor, e0: int) -> dict[str, torch.Tensor]:
-    """hf tensors (or rows of them) from native rows starting at ``e0``; keys map to ``(row0, tensor)``."""
-    if t.kind in OPERATIONS:
-        return {k: v.contiguous() for k, _, _, v in OPERATIONS[t.kind].inverse_views(t, native, e0)}
-    if t.kind == "copy":
-        return {t.parts[0]: native}
-    if t.kind == "transpose":
-        return {t.parts[0]: native.transpose(-1, -2).contiguous()}
-    out = {}
-    for i in range(native.shape[0]):
-        cols = torch.chunk(native[i], t.names, dim=-1)
-        for key, piece in zip(t.part_of(e0 + i), cols, strict=True):
-            out[key] = piece.T.contiguous()
-    return out
+    return OPERATIONS[t.kind].forward(t, e0, e1, get)
 
 
 def inverse_views(
     t: NativeTensor, native: torch.Tensor, e0: int
 ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
-    """Like ``inverse`` but as views (no copies), each with the hf rows it covers (None: all of it)."""
-    if t.kind in OPERATIONS:
-        return OPERATIONS[t.kind].inverse_views(t, native, e0)
-    e1 = e0 + (native.shape[0] if native.dim() else 1)
-    if t.kind == "copy":
-        return [(t.parts[0], e0, e1, native)]
-    if t.kind == "transpose":
-        return [(t.parts[0], e0, e1, native.transpose(-1, -2))]
-    out = []
-    for i in range(native.shape[0]):
-        cols = torch.chunk(native[i], t.names, dim=-1)
-        out += [(key, None, None, piece.T) for key, piece in zip(t.part_of(e0 + i), cols, strict=True)]
-    return out
+    """The hf tensors (or rows of them) that native rows starting at ``e0`` hold, as views (no copies),
+    each with the hf rows it covers (None: all of it)."""
+    return OPERATIONS[t.kind].inverse_views(t, native, e0)
 
 
 def hf_shapes(t: NativeTensor, info: TensorInfo) -> dict[str, tuple[int, ...]]:
     """Shapes of the hf tensors that native tensor ``t`` (described by ``info``) splits into."""
-    s = info.shape
-    if t.kind in OPERATIONS:
-        return OPERATIONS[t.kind].hf_shapes(t, s)
-    if t.kind == "copy":
-        return {t.parts[0]: s}
-    if t.kind == "transpose":
-        return {t.parts[0]: (*s[:-2], s[-1], s[-2])}
-    if t.kind == "zeros":
-        return {}
-    return {p: (s[2] // t.names, s[1]) for p in t.parts}
+    return OPERATIONS[t.kind].hf_shapes(t, info.shape)

@@ -57,13 +57,9 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
     values = value_infos(src.tensors, plan.quant)
     for t in order:
         shapes[t.key] = native_shape(t, values)
-        dt = (
-            "F32"
-            if t.kind == "zeros"
-            else (dtype_name if t.parts[0] in plan.quant else src.tensors[t.parts[0]].dtype)
+        dt = OPERATIONS[t.kind].native_dtype() or (
+            dtype_name if t.parts[0] in plan.quant else src.tensors[t.parts[0]].dtype
         )
-        if t.kind in OPERATIONS:
-            dt = OPERATIONS[t.kind].native_dtype() or dt
         layout.shards[used.index(shard_of[t.key])].append(PlannedTensor(t.key, dt, shapes[t.key]))
     layout.fix()
     budget = STEP_BYTES[dev.type]
@@ -112,7 +108,7 @@ def to_native(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.devic
             if t.kind == "zeros":
 
                 def inject(_: Fetched, t=t) -> list[Piece]:
-                    zeros = torch.zeros(t.experts)
+                    zeros = forward(t, 0, t.experts, value({}))
                     if checks is not None:
                         checks.bitwise(
                             t.key, 1, t.key not in src.tensors and not zeros.any(), "not injected zeros"
