@@ -200,7 +200,7 @@ class Concat:
         return None
 
 
-class Fp32:
+class Fp32(Copy):
     """One tensor held in fp32 natively, whatever its hf dtype: NeMo's ``_fp32_params`` holders
     (Qwen3.5's GatedDeltaNet ``A_log`` / ``dt_bias``), which its ``from_hf`` upcasts.
 
@@ -208,24 +208,8 @@ class Fp32:
     which the round-trip checks prove lossless by comparing in fp32.
     """
 
-    whole = False
-
-    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
-        return [(t.parts[0], e0, e1)]
-
     def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
         return get(t.parts[0], e0, e1).float()
-
-    def inverse_views(
-        self, t: NativeTensor, native: torch.Tensor, e0: int
-    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
-        return [(t.parts[0], e0, e0 + (native.shape[0] if native.dim() else 1), native)]
-
-    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
-        return infos[t.parts[0]].shape
-
-    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-        return {t.parts[0]: shape}
 
     def native_dtype(self) -> str | None:
         return "F32"
