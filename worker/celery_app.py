@@ -47,10 +47,20 @@ def _heartbeat(url: str, name: str, pool: Any) -> None:
     while True:
         with contextlib.suppress(redis.RedisError):
             recorded = fleet.units(name)  # before the live list: a unit recorded now has a live process
-            info = pool.info
-            gone = set(recorded) - set(info.get("processes", ()))
+            info = _pool_info(pool)
+            live = info.get("processes")
+            gone = set(recorded) - set(live) if live is not None else set()
             fleet.heartbeat(name, host, pid, device, started, int(info.get("max-concurrency", 1)), gone)
         time.sleep(HEARTBEAT_S)
+
+
+def _pool_info(pool: Any) -> dict[str, Any]:
+    """The pool's processes and size, or nothing while the pool is starting or stopping (its process
+    list is then unset): the heartbeat must go on, and must not clear a live process's unit."""
+    try:
+        return pool.info
+    except (AttributeError, TypeError):
+        return {}
 
 
 @signals.worker_ready.connect
