@@ -48,16 +48,17 @@ class Rename:
 
     def prefix_to_native(self, key: str) -> str | None:
         """``key`` renamed if this (prefix) rename matches it, else None."""
-        if self._numbered:
-            m = self._numbered[0].match(key)
-            return self.native.format(n=m.group(1)) + key[m.end() :] if m else None
-        return self.native + key[len(self.hf) :] if key.startswith(self.hf) else None
+        return self._moved(key, 0, self.hf, self.native)
 
     def prefix_to_hf(self, key: str) -> str | None:
+        return self._moved(key, 1, self.native, self.hf) if self.native else None
+
+    def _moved(self, key: str, side: int, old: str, new: str) -> str | None:
+        """``key`` with prefix ``old`` (``side`` of ``_numbered``) replaced by ``new``, or None."""
         if self._numbered:
-            m = self._numbered[1].match(key)
-            return self.hf.format(n=m.group(1)) + key[m.end() :] if m else None
-        return self.hf + key[len(self.native) :] if self.native and key.startswith(self.native) else None
+            m = self._numbered[side].match(key)
+            return new.format(n=m.group(1)) + key[m.end() :] if m else None
+        return new + key[len(old) :] if key.startswith(old) else None
 
 
 @dataclass(frozen=True)

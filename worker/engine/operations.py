@@ -74,34 +74,6 @@ class Copy:
         return None
 
 
-class Transpose:
-    """An aggregated 3-D expert tensor ``[E, A, B]`` as ``[E, B, A]`` (Mistral 4's ``gate_up_proj``): rows
-    are experts on both sides, so it streams by expert. A 2-D tensor is Transpose2d's."""
-
-    whole = False
-
-    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
-        return [(t.parts[0], e0, e1)]
-
-    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
-        return get(t.parts[0], e0, e1, transposed=True).contiguous()
-
-    def inverse_views(
-        self, t: NativeTensor, native: torch.Tensor, e0: int
-    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
-        return [(t.parts[0], e0, e0 + native.shape[0], native.transpose(-1, -2))]
-
-    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
-        first = infos[t.parts[0]].shape
-        return (*first[:-2], first[-1], first[-2])
-
-    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-        return {t.parts[0]: (*shape[:-2], shape[-1], shape[-2])}
-
-    def native_dtype(self) -> str | None:
-        return None
-
-
 class Stack:
     """Per-expert 2-D parts as one ``[E, …]`` tensor whose slice ``e`` is ``cat(part.T for part in
     expert e's parts, -1)`` (DeepSeek-V3's ``gate_and_up_projs``): ``t.parts[e * t.names + j]`` is expert
@@ -169,8 +141,10 @@ class Concat:
     native ``[E, I, n·O]`` = ``cat(part.transpose(-1, -2) for part in parts, -1)``.
 
     Step-3.5 / 3.7 store ``moe.gate_proj`` and ``moe.up_proj`` as ``[E, inter, dim]``; NeMo's
-    ``gate_and_up_projs`` is ``[E, dim, 2·inter]``. With one part it is the plain transpose. The parts
-    must share their shape (the planner checks), so the inverse is an even split.
+    ``gate_and_up_projs`` is ``[E, dim, 2·inter]``. With one part it is the plain ``transpose`` of an
+    aggregated expert tensor ``[E, A, B]`` ↔ ``[E, B, A]`` (Mistral 4's ``gate_up_proj``), which is this
+    class too; rows are experts on both sides, so it streams by expert (a 2-D tensor is Transpose2d's).
+    The parts must share their shape (the planner checks), so the inverse is an even split.
     """
 
     whole = False
@@ -179,7 +153,9 @@ class Concat:
         return [(p, e0, e1) for p in t.parts]
 
     def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
-        return torch.cat([get(p, e0, e1, transposed=True) for p in t.parts], -1).contiguous()
+        parts = [get(p, e0, e1, transposed=True) for p in t.parts]
+        # one part: no cat, whose copy would double the one contiguous() makes (none after a table decode)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).contiguous()
 
     def inverse_views(
         self, t: NativeTensor, native: torch.Tensor, e0: int
@@ -286,7 +262,7 @@ class Transpose2d:
 
 
 OPERATIONS: dict[str, Operation] = {
-    "copy": Copy(), "transpose": Transpose(), "stack": Stack(), "zeros": Zeros(), "concat": Concat(),
+    "copy": Copy(), "transpose": Concat(), "stack": Stack(), "zeros": Zeros(), "concat": Concat(),
     "fp32": Fp32(), "split": Split(), "transpose2d": Transpose2d(),
 }  # fmt: skip
 
