@@ -34,13 +34,15 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = 128
 
-SCHEMES: tuple[str, ...] = ("per-tensor", "per-expert", "per-channel", "block", "mxfp4", "mxfp8")
+SCHEMES: tuple[str, ...] = ("per-tensor", "per-expert", "per-channel", "block", "mxfp4", "mxfp8", "fp8-v4")
 # Per-expert scales only exist for the aggregated 3-D expert tensors of Mistral 4.
 _PER_EXPERT_FAMILIES = ("mistral4", "mistral4-vlm")
 # MXFP4 (blocks of 32 e2m1 values with e8m0 exponents): gpt-oss's experts, and only those.
 _MXFP4_FAMILIES = ("gpt-oss",)
 # MXFP8 (e4m3 codes with one e8m0 exponent per 32 columns of a row): MiniMax-M3's release format.
 _MXFP8_FAMILIES = ("minimax-m3",)
+# DeepSeek-V4's release format (e8m0 128x128 block scales spelled ``.scale``, FP4 routed experts): its only.
+_V4_FAMILIES = ("deepseek-v4",)
 
 
 # Tiny but edge-case-rich dimensions: hidden 160 and dense width 200 give partial 128-blocks on both
@@ -227,6 +229,33 @@ _GLM5_NEXT_KEEP = (
     "visual.",
 )
 _STEP_KEEP = ("moe.gate.weight", "vision_model.", "vit_large_projector.")
+
+
+def _as_deepseek_v4(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
+    """transformers' DeepSeek-V4 save re-spelled as the release names it (DeepSeek's inference module tree,
+    which transformers' own conversion mapping reads): no ``model.`` prefix, ``embed``, ``hc_head_*``; the
+    router bias fp32 and the hash table int32, as released; and one MTP layer ``mtp.0.`` (transformers
+    saves none): the last layer's tensors with the MTP block's own projections, norms and HC head."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        key = key.removeprefix("model.").replace("embed_tokens.", "embed.")
+        key = key.replace("hc_head.hc_", "hc_head_")
+        if key.endswith("ffn.gate.bias"):
+            t = t.float()
+        if key.endswith("ffn.gate.tid2eid"):
+            t = t.to(torch.int32)
+        out[key] = t
+    last = f"layers.{config['num_hidden_layers'] - 1}."
+    hidden = config["hidden_size"]
+    gen = torch.Generator().manual_seed(7)
+    mtp = {"mtp.0." + k[len(last) :]: t.clone() for k, t in out.items() if k.startswith(last)}
+    for name, shape in (("e_proj.weight", (hidden, hidden)), ("h_proj.weight", (hidden, hidden))):
+        mtp[f"mtp.0.{name}"] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    for name in ("enorm.weight", "hnorm.weight", "norm.weight"):
+        mtp[f"mtp.0.{name}"] = (1 + torch.randn(hidden, generator=gen) * 0.05).to(torch.bfloat16)
+    for part in ("fn", "base", "scale"):
+        mtp[f"mtp.0.hc_head_{part}"] = out[f"hc_head_{part}"].clone()
+    return {**out, **mtp}, {**config, "num_nextn_predict_layers": 1, "expert_dtype": "fp4"}
 
 
 def _as_ling(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
@@ -485,6 +514,38 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             "num_experts_per_tok": 2,
         },
     ),
+    # DeepSeek-V4: one layer of each attention kind (sliding, compressed sparse with its indexer, heavily
+    # compressed), layer 0 hash-routed (no router bias, a token-to-expert table); hidden 160 and expert
+    # width 96 (multiples of 32, for FP4) leave partial 128-blocks on the FP8 weights.
+    "deepseek-v4": TinyFamily(
+        "DeepseekV4ForCausalLM",
+        {
+            "vocab_size": 256,
+            "hidden_size": 160,
+            "moe_intermediate_size": 96,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "head_dim": 64,
+            "q_lora_rank": 96,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "o_groups": 2,
+            "o_lora_rank": 64,
+            "index_n_heads": 2,
+            "index_head_dim": 32,
+            "index_topk": 4,
+            "num_nextn_predict_layers": 0,
+            "hc_mult": 2,
+            "partial_rotary_factor": 0.5,
+            "layer_types": [
+                "sliding_attention",
+                "compressed_sparse_attention",
+                "heavily_compressed_attention",
+            ],
+            "mlp_layer_types": ["hash_moe", "moe", "moe"],
+        },
+        respell=_as_deepseek_v4,
+    ),
     "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),
     "mistral": TinyFamily("MistralForCausalLM", _TINY_DENSE),
 }
@@ -528,6 +589,8 @@ def _check_args(family: str, layout: str, scheme: str | None = None) -> None:
             raise ValueError(f"scheme 'mxfp4' is for {_MXFP4_FAMILIES} only, which have no other scheme")
         if scheme == "mxfp8" and family not in _MXFP8_FAMILIES:
             raise ValueError(f"scheme 'mxfp8' is for {_MXFP8_FAMILIES} only")
+        if (scheme == "fp8-v4") != (family in _V4_FAMILIES):
+            raise ValueError(f"scheme 'fp8-v4' is for {_V4_FAMILIES} only, which have no other scheme")
 
 
 def _make_model(family: str, layout: str, tied: bool) -> torch.nn.Module:
@@ -745,6 +808,45 @@ def mxfp4_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for index in _MXFP4_EXTREMES:
             scales[index[:3]] = index[3]
         out[f"{key}_blocks"], out[f"{key}_scales"] = blocks, scales
+    return out
+
+
+# What DeepSeek-V4's release keeps in bf16 (NeMo's _NON_QUANTIZED_PATTERNS for it, which are its to_hf's).
+_V4_KEEP = (
+    "norm.weight", "head.weight", "embed.weight", "ffn.gate.", "attn.attn_sink", "compressor.wgate.weight",
+    "compressor.wkv.weight", "indexer.weights_proj.weight", "latent_proj.weight",
+)  # fmt: skip
+# DeepSeek-V4-Flash's quantization_config (FP4 experts are declared by config.json's expert_dtype).
+V4_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "scale_fmt": "ue8m0",
+    "weight_block_size": [BLOCK, BLOCK],
+}
+
+
+def deepseek_v4_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DeepSeek-V4-Flash's release layout, each quantized ``K.weight`` beside ``K.scale``: routed experts as
+    FP4 (int8 ``[out, in/2]``, two e2m1 codes a byte, low nibble first, with ``F8_E8M0`` exponents
+    ``[out, in/32]``, by the OCP definition ``mxfp4_quantize`` writes), the other matrices as e4m3 with
+    one power-of-two scale per 128x128 block (``F8_E8M0``: amax/448 rounded up to a power of two, as
+    DeepSeek's ue8m0 kernels do). One expert group gets the extreme exponents 1 and 252."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        scale_key = key.removesuffix("weight") + "scale"
+        if ".ffn.experts." in key:
+            blocks, scales = mxfp4_quantize(t.T.unsqueeze(0))
+            if key.endswith("layers.1.ffn.experts.1.w1.weight"):
+                scales[0, 0, 0], scales[0, 1, 1] = 1, 252
+            out[key] = blocks[0].reshape(t.shape[0], -1).view(torch.int8)
+            out[scale_key] = scales[0].view(torch.float8_e8m0fnu)
+        elif key.endswith(".weight") and t.ndim == 2 and not any(p in key for p in _V4_KEEP):
+            scale = torch.exp2(torch.ceil(torch.log2(_block_scales(t.float()))))
+            out[key] = (t.float() / _expand_blocks(scale, t.shape)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            out[scale_key] = scale.to(torch.float8_e8m0fnu)
+        else:
+            out[key] = t
     return out
 
 
@@ -980,6 +1082,8 @@ def build_checkpoint(
     plain, config, gen = _saved_model(family, layout, tied, seed)
     if scheme == "mxfp4":
         sd, qcfg = mxfp4_state_dict(plain), MXFP4_CONFIG
+    elif scheme == "fp8-v4":
+        sd, qcfg = deepseek_v4_state_dict(plain), V4_CONFIG
     else:
         sd = quantize_state_dict(plain, family, scheme, seed)
         qcfg = _quantization_config(scheme, list(sd), sd, family)

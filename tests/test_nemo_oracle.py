@@ -66,6 +66,9 @@ class Case:
     # NeMo loads this family through transformers' own class (from_pretrained), whose renames make the
     # native names (Gemma 3 VLM); with ``nemo`` None the oracle loads the dequantized checkpoint that way.
     through_transformers: bool = False
+    # Keys where NeMo's adapter writes +0.0 for the FP4 code of -0 (its DeepSeek-V4 e2m1 table lists 0.0
+    # twice): equal by value, and Recast keeps the sign the way back needs (test_deepseek_v4_fp4_...).
+    nemo_unsigned_zero: str | None = None
 
 
 _DEEPSEEK = "deepseek_v3.DeepSeekV3StateDictAdapter"
@@ -118,6 +121,9 @@ CASES = [
     # (checkpoints._as_ling), q/k/v fused as NeMo's adapter documents.
     Case("ling-v2", "ling-v2", "ling_v2.BailingMoeV2StateDictAdapter", dequantizes=False),
     Case("step3p7", "step3p7", "step3p7.Step3p7StateDictAdapter", dequantizes=False),
+    # DeepSeek-V4: NeMo's adapter dequantizes the e8m0 block scales and the FP4 experts itself.
+    Case("deepseek-v4", "deepseek-v4", "deepseek_v4.DeepSeekV4StateDictAdapter", scheme="fp8-v4",
+         nemo_unsigned_zero=r"mlp\.experts\."),
     # NeMo's Nemotron-H adapter has no FP8 path (it loads the bf16 release): dequantize_from_fp8 first.
     Case("nemotron-v3", "nemotron-v3", "nemotron_v3.NemotronV3StateDictAdapter", dequantizes=False),
     # NeMo's Inkling adapter skips every *_scale_inv and casts the FP8 codes: dequantize_from_fp8 first.
@@ -211,10 +217,60 @@ def test_native_equals_nemo_and_round_trips(case: Case, nemo, checkpoint, tmp_pa
         want = reference.hf_to_native(source_sd, cfg, case.adapter)
     else:
         want = _nemo_native(case, source_sd, cfg)
+    if case.nemo_unsigned_zero:
+        want = _with_signed_zeros(want, got, case.nemo_unsigned_zero)
     assert_state_dicts_identical(got, want)
 
     api.convert(native, tmp_path / "back", api.Options(to="hf"))
     assert_state_dicts_identical(load_state_dict(tmp_path / "back"), source_sd)
+
+
+def _with_signed_zeros(
+    want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], pattern: str
+) -> dict[str, torch.Tensor]:
+    """``want`` with Recast's tensors in place of NeMo's for the keys ``pattern`` matches, once each is
+    shown equal to NeMo's by value and different in bits only where Recast has -0.0 and NeMo +0.0."""
+    out = dict(want)
+    for key in [k for k in want if re.search(pattern, k)]:
+        assert torch.equal(got[key], want[key]), key  # by value: -0.0 == +0.0
+        differ = got[key].view(torch.int16) != want[key].view(torch.int16)
+        assert bool(
+            (got[key][differ].signbit() & ~want[key][differ].signbit() & (want[key][differ] == 0)).all()
+        )
+        out[key] = got[key]
+    return out
+
+
+def test_deepseek_v4_fp4_experts_equal_transformers_dequantization(nemo, checkpoint, tmp_path: Path) -> None:
+    # NeMo's DeepSeek-V4 adapter reads the e2m1 code 8 (-0) as +0.0; the OCP definition, transformers'
+    # own FP4 loader (Fp8Dequantize, which reads DeepSeek-V4-Flash) and gpt-oss's MXFP4 path read -0.0,
+    # and the way back needs the sign to restore the code. So the FP4 experts are checked bit for bit
+    # against transformers' dequantization, stacked as NeMo stacks them, and shown to hold signed zeros.
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    src = checkpoint("deepseek-v4", scheme="fp8-v4")
+    assert api.convert(src, tmp_path / "native", api.Options(to="native")).passed
+    sd, got = load_state_dict(src), load_state_dict(tmp_path / "native")
+    one = Fp8Dequantize(None)._dequantize_one
+
+    def expert(prefix: str, e: int, part: str) -> torch.Tensor:
+        key = f"{prefix}ffn.experts.{e}.{part}"
+        return one(sd[f"{key}.weight"], sd[f"{key}.scale"], torch.bfloat16)
+
+    for prefix, native in (("layers.1.", "model.layers.1."), ("mtp.0.", "mtp.layers.0.")):
+        up = torch.stack(
+            [torch.cat([expert(prefix, e, "w1").T, expert(prefix, e, "w3").T], -1) for e in range(4)]
+        )
+        down = torch.stack([expert(prefix, e, "w2").T for e in range(4)])
+        assert_state_dicts_identical(
+            {k: got[f"{native}mlp.experts.{k}"] for k in ("gate_and_up_projs", "down_projs")},
+            {"gate_and_up_projs": up, "down_projs": down},
+        )
+    assert bool(
+        got["model.layers.1.mlp.experts.down_projs"]
+        .signbit()[got["model.layers.1.mlp.experts.down_projs"] == 0]
+        .any()
+    )
 
 
 def test_every_adapter_has_an_oracle_case() -> None:
@@ -239,14 +295,14 @@ def test_nemo_step_adapters_have_no_fp8_path(nemo, checkpoint) -> None:
     assert not torch.equal(got[experts], right)
 
 
-@pytest.mark.parametrize("family", ["step3p5", "step3p7", "ling-v2", "inkling", "nemotron-v3"])
+@pytest.mark.parametrize("family", ["step3p5", "step3p7", "ling-v2", "inkling", "nemotron-v3", "deepseek-v4"])
 def test_native_without_recast_json_goes_back_as_nemo_to_hf(family, nemo, checkpoint, tmp_path: Path) -> None:
     # A native checkpoint Recast did not write (no recast.json: the plan comes from inverting the adapter,
     # concat and split included: Ling's q/k/v_proj fuse back into query_key_value; Inkling's numbered
     # vision renames invert too) goes back to the hf
     # keys and shapes NeMo's own to_hf gives, value for value.
     case = next(c for c in CASES if c.family == family)
-    src = checkpoint(family, scheme="block")
+    src = checkpoint(family, scheme=case.scheme)
     native = tmp_path / "native"
     api.convert(src, native, api.Options(to="native"))
     (native / SIDECAR).unlink()

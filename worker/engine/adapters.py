@@ -487,6 +487,72 @@ _NEMOTRON_V3 = Adapter(
     model_types=("nemotron_h",),
     nemo="nemotron_v3.NemotronV3StateDictAdapter",
 )
+# DeepSeek-V4: the release's own names (DeepSeek's inference module tree: embed., layers.{i}.attn.wq_a,
+# ffn.experts.{e}.w1, hc_attn_fn, mtp.{k}.) to NeMo's, which mirror transformers' model. The infix renames
+# are a chain: each later one is written on what the earlier ones made (".attn." has become ".self_attn."
+# when the indexer's rules run), so the way back, undoing them last to first, meets each native spelling
+# in the form its rule wrote. The indexer's own compressor folds into the indexer (its norm, ape, wgate,
+# wkv), the rest of the indexer moves under the attention's compressor. A top-level hc_head_* keeps a
+# "model." of its own so the MTP-local hc_head rule does not claim it on the way back. MTP layers
+# (mtp.{k}.) become mtp.layers.{k}. with the layer rules, as NeMo renumbers them. Routed experts are FP4
+# (Flash) or FP8 (Base) per-expert weights, stacked as DeepSeek-V3's.
+_V4_CHAIN = (
+    (".attn.", ".self_attn."),
+    (".self_attn.indexer.", ".self_attn.compressor.indexer."),
+    (".self_attn.compressor.indexer.compressor.norm.", ".self_attn.compressor.indexer.kv_norm."),
+    (".self_attn.compressor.indexer.compressor.ape", ".self_attn.compressor.indexer.ape_param.weight"),
+    (".self_attn.compressor.indexer.compressor.wgate.", ".self_attn.compressor.indexer.wgate."),
+    (".self_attn.compressor.indexer.compressor.wkv.", ".self_attn.compressor.indexer.wkv."),
+    (".self_attn.compressor.norm.", ".self_attn.compressor.kv_norm."),
+    (".self_attn.compressor.ape", ".self_attn.compressor.ape_param.weight"),
+    (".self_attn.attn_sink", ".self_attn.sinks_param.weight"),
+    (".attn_norm.", ".input_layernorm."),
+    (".ffn_norm.", ".post_attention_layernorm."),
+    (".ffn.", ".mlp."),
+    (".mlp.gate.bias", ".mlp.gate.e_score_correction_bias"),
+    (".mlp.shared_experts.w1.", ".mlp.shared_experts.gate_proj."),
+    (".mlp.shared_experts.w3.", ".mlp.shared_experts.up_proj."),
+    (".mlp.shared_experts.w2.", ".mlp.shared_experts.down_proj."),
+    *((f".hc_{site}_{p}", f".{site}_hc.{p}") for site in ("attn", "ffn") for p in ("fn", "base", "scale")),
+    *((f".hc_head_{p}", f".hc_head.hc_{p}") for p in ("fn", "base", "scale")),
+)
+_DEEPSEEK_V4 = Adapter(
+    name="deepseek-v4",
+    description="DeepSeek-V4 (the release's names; FP8 with e8m0 block scales, FP4 routed experts)",
+    architectures=("DeepseekV4ForCausalLM",),
+    renames=(
+        Rename("embed.", "model.embed_tokens."),
+        Rename("norm.", "model.norm."),
+        Rename("head.", "lm_head."),
+        Rename("hc_head_", "model.hc_head_"),
+        Rename("layers.", "model.layers."),
+        Rename("mtp.{n}.", "mtp.layers.{n}."),
+        Rename("vision.", "model.vision."),
+        Rename("aligner.", "model.aligner."),
+        Rename("image_", "model.image_"),
+        *(Rename(hf, native, infix=True) for hf, native in _V4_CHAIN),
+    ),
+    experts=(
+        ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.gate_and_up_projs", ("w1", "w3")),
+        ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.down_projs", ("w2",)),
+    ),
+    # NeMo's _NON_QUANTIZED_PATTERNS: norms, head, embeddings, router, sinks, both compressors' gate / kv /
+    # ape, the indexer's weights_proj and the latent projections.
+    not_quantized=(
+        "norm.weight",
+        "head.weight",
+        "embed.weight",
+        "ffn.gate.",
+        "attn_sink",
+        "compressor.wgate.weight",
+        "compressor.wkv.weight",
+        "indexer.weights_proj.weight",
+        "latent_proj.weight",
+    ),
+    not_quantized_prefixes=("vision.", "aligner."),
+    model_types=("deepseek_v4",),
+    nemo="deepseek_v4.DeepSeekV4StateDictAdapter",
+)
 # Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
 _DENSE = Adapter(
     name="llama",
@@ -721,6 +787,7 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         _QWEN3_VL_MOE,
         _GLM5_NEXT,
+        _DEEPSEEK_V4,
         _STEP3P5,
         replace(
             _STEP3P5,

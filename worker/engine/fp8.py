@@ -32,17 +32,18 @@ class ScaleKind(StrEnum):
     BLOCK = "block"
     MXFP4 = "mxfp4"  # not FP8: e2m1 codes in blocks of 32 with e8m0 exponents (mxfp4.py)
     MXFP8 = "mxfp8"  # e4m3 codes, one e8m0 exponent (uint8) per 32 columns of a row
+    FP4 = "fp4"  # MXFP4's numbers spelled flat: int8 [rows, in/2] with e8m0 [rows, in/32] (DeepSeek-V4)
 
     @property
     def stored_dtype(self) -> str:
         """The safetensors dtype of a tensor quantized with scales of this kind."""
-        return "U8" if self is ScaleKind.MXFP4 else "F8_E4M3"
+        return {ScaleKind.MXFP4: "U8", ScaleKind.FP4: "I8"}.get(self, "F8_E4M3")
 
     @property
     def exact_only(self) -> bool:
-        """Written only to restore a source's own codes (MXFP4, MXFP8: Recast never chooses e8m0
+        """Written only to restore a source's own codes (MXFP4, FP4, MXFP8: Recast never chooses e8m0
         exponents): a value that is not exactly one is an error, never a rounding within a bound."""
-        return self in (ScaleKind.MXFP4, ScaleKind.MXFP8)
+        return self in (ScaleKind.MXFP4, ScaleKind.FP4, ScaleKind.MXFP8)
 
     @property
     def restore_only(self) -> bool:
@@ -89,20 +90,21 @@ def classify_scale(key: str, weight_shape: tuple[int, ...], scale_shape: tuple[i
 def classify_mx_scale(
     key: str, weight_shape: tuple[int, ...], scale: tuple[str, tuple[int, ...]]
 ) -> ScaleKind:
-    """An e8m0 (uint8) scale of an FP8 weight: MXFP8, one exponent per 32 columns of each row."""
+    """An e8m0 scale (uint8, or F8_E8M0) of an FP8 weight: MXFP8, one exponent per 32 columns of each row."""
     dtype, shape = scale
     want = (*weight_shape[:-1], -(-weight_shape[-1] // mxfp4.BLOCK)) if weight_shape else None
-    if dtype != "U8" or tuple(shape) != want:
+    if dtype not in ("U8", "F8_E8M0") or tuple(shape) != want:
         raise CheckpointError(
             f"scale of {key!r} is {dtype} {list(shape)}: an e8m0 (MXFP8) scale of a weight of shape "
-            f"{list(weight_shape)} is U8 {list(want or ())} (one exponent per {mxfp4.BLOCK} columns of a row)"
+            f"{list(weight_shape)} is U8 or F8_E8M0 {list(want or ())} (one exponent per {mxfp4.BLOCK} "
+            "columns of a row)"
         )
     return ScaleKind.MXFP8
 
 
 def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple[int, ...]) -> torch.Tensor:
     """The fp32 scale broadcastable over ``weight[rows]`` (a dim-0 slice of a tensor of ``shape``)."""
-    if kind is ScaleKind.MXFP4:
+    if kind in (ScaleKind.MXFP4, ScaleKind.FP4):
         return mxfp4.expand(scale[rows])
     if kind is ScaleKind.MXFP8:
         return mxfp4.expand(scale[rows])[..., : shape[-1]]
@@ -125,12 +127,16 @@ def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple
 
 
 def value_shape(kind: ScaleKind | None, stored: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of the value a quantized tensor stored as ``stored`` holds (MXFP4 packs two per byte)."""
-    return mxfp4.value_shape(stored) if kind is ScaleKind.MXFP4 else stored
+    """The shape of the value a quantized tensor stored as ``stored`` holds (MXFP4 and FP4 pack two per byte)."""
+    if kind is ScaleKind.MXFP4:
+        return mxfp4.value_shape(stored)
+    return (*stored[:-1], stored[-1] * 2) if kind is ScaleKind.FP4 else stored
 
 
 def stored_shape(kind: ScaleKind | None, value: tuple[int, ...]) -> tuple[int, ...]:
-    return mxfp4.stored_shape(value) if kind is ScaleKind.MXFP4 else value
+    if kind is ScaleKind.MXFP4:
+        return mxfp4.stored_shape(value)
+    return (*value[:-1], value[-1] // 2) if kind is ScaleKind.FP4 else value
 
 
 def dequantize_rows(
@@ -144,6 +150,8 @@ def dequantize_rows(
     """Rows ``rows`` of a tensor of ``shape`` dequantized by plain arithmetic (never tables)."""
     if kind is ScaleKind.MXFP4:
         return mxfp4.dequantize(q, scale[rows], dtype)
+    if kind is ScaleKind.FP4:
+        return mxfp4.dequantize(mxfp4.unflatten(q), scale[rows], dtype)
     return dequantize(q, expand_scale(kind, scale, rows, shape), dtype)
 
 
@@ -153,6 +161,8 @@ def quantize_rows(
     """Rows ``rows`` of a tensor of ``shape`` quantized with a recorded scale by plain arithmetic."""
     if kind is ScaleKind.MXFP4:
         return mxfp4.quantize(w, scale[rows])
+    if kind is ScaleKind.FP4:
+        return mxfp4.flatten(mxfp4.quantize(w, scale[rows]))
     return quantize(w, expand_scale(kind, scale, rows, shape))
 
 
@@ -199,7 +209,7 @@ def scale_shape(kind: ScaleKind, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (shape[0], 1, 1)
     if kind is ScaleKind.PER_CHANNEL:
         return (*shape[:-1], 1)
-    if kind is ScaleKind.MXFP8:
+    if kind in (ScaleKind.MXFP8, ScaleKind.FP4):
         return (*shape[:-1], -(-shape[-1] // mxfp4.BLOCK))
     return (*shape[:-2], -(-shape[-2] // BLOCK), -(-shape[-1] // BLOCK))
 

@@ -27,8 +27,12 @@ def inspect(
     native = is_native(ckpt)
     # A native checkpoint's quantization is its recorded source's, which the way back restores.
     recorded = (ckpt.sidecar or {}).get("plan") or {}
-    config = (ckpt.sidecar or {}).get("source", {}).get("config") if native else ckpt.config
-    quant, companions = ({}, []) if native else find_quant(ckpt.tensors, source_format(config))
+    source = (ckpt.sidecar or {}).get("source", {})
+    config, source_keys = (
+        (source.get("config"), source.get("dtypes", {})) if native else (ckpt.config, ckpt.tensors)
+    )
+    fmt = source_format(config, source_keys)
+    quant, companions = ({}, []) if native else find_quant(ckpt.tensors, fmt)
     if native:
         plan = plan_from_native(ckpt, chosen)
         hf_keys = list(dict.fromkeys(k for t in plan.tensors for k in hf_shapes(t, ckpt.tensors[t.key])))
@@ -65,9 +69,9 @@ def inspect(
             if ScaleKind.MXFP8.value in kinds
             else None,
             "activation_scheme": activation,
-            **describe(config),
+            **describe(config, source_keys),
             "output_formats": _output_formats(
-                kept, [k for k in hf_keys if chosen.quantizable(k)], chosen, source_format(config)
+                kept, [k for k in hf_keys if chosen.quantizable(k)], chosen, fmt
             ),
         },
         "shards": len(ckpt.shards),

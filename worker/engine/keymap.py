@@ -119,7 +119,7 @@ def find_quant(
             q = Quant(scale, kind, activation, zero_point if zero_point in tensors else None)
             quant[key] = q
             companions.update(q.companions)
-        elif info.dtype.startswith("F8") or fmt.packed(key):
+        elif info.dtype.startswith("F8") or fmt.packed(key, info.dtype):
             raise CheckpointError(
                 f"{key!r} in {info.file} is {info.dtype} but its scale {scale!r} is missing from the checkpoint"
                 f" ({fmt.name} layout, from config.json)"
@@ -192,7 +192,7 @@ def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
 
 
 def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
-    quant, companions = find_quant(ckpt.tensors, source_format(ckpt.config))
+    quant, companions = find_quant(ckpt.tensors, source_format(ckpt.config, ckpt.tensors))
     skip = set(companions)
     out: list[NativeTensor] = []
     stacks: dict[tuple[str, int], dict[int, dict[str, str]]] = {}
@@ -282,8 +282,8 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
                     f"{info.file}: {key!r} has shape {list(info.shape)}, but config.json gives it "
                     f"{sizes[i]} rows ({split.sizes[i]})"
                 )
-            prefix = adapter.to_hf(key[: -len(split.native + part)])
-            out.append(NativeTensor(key, "split", [prefix + split.hf], rows=[a, a + sizes[i]]))
+            hf = adapter.to_hf(key[: -len(split.native + part)] + split.hf)
+            out.append(NativeTensor(key, "split", [hf], rows=[a, a + sizes[i]]))
             continue
         stack = next((r for r in adapter.experts if r.kind == "stack" and key.endswith(r.native)), None)
         transpose = next(
@@ -296,15 +296,17 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
         )
         concat = next((r for r in adapter.experts if r.kind == "concat" and key.endswith(r.native)), None)
         if concat and len(info.shape) == 3:
-            prefix = adapter.to_hf(key[: -len(concat.native)])
-            parts = [prefix + concat.hf_part(0, p) for p in concat.parts]
+            prefix = key[: -len(concat.native)]
+            parts = [adapter.to_hf(prefix + concat.hf_part(0, p)) for p in concat.parts]
             out.append(NativeTensor(key, "concat", parts, names=len(parts)))
         elif stack and len(info.shape) == 3:
-            prefix = adapter.to_hf(key[: -len(stack.native)])
-            parts = [prefix + stack.hf_part(e, p) for e in range(info.shape[0]) for p in stack.parts]
+            prefix = key[: -len(stack.native)]
+            parts = [
+                adapter.to_hf(prefix + stack.hf_part(e, p)) for e in range(info.shape[0]) for p in stack.parts
+            ]
             out.append(NativeTensor(key, "stack", parts, experts=info.shape[0], names=len(stack.parts)))
         elif transpose:
-            part = adapter.to_hf(key[: -len(transpose.native)]) + transpose.hf
+            part = adapter.to_hf(key[: -len(transpose.native)] + transpose.hf)
             out.append(NativeTensor(key, _one_part_kind(transpose, info.shape), [part]))
         else:
             out.append(NativeTensor(key, "copy", [adapter.to_hf(key)]))

@@ -11,6 +11,11 @@ dequantizing is one to one and re-quantizing with the recorded scales (``quantiz
 source codes. Nothing here assumes it: ``quantize`` picks the nearest code, and the checks compare its
 bytes with the source's, so a value that is not exactly a code shows up as a changed byte. Recast writes
 MXFP4 only to restore a checkpoint's own values; it never chooses MXFP4 scales.
+
+DeepSeek-V4 stores its routed experts as the same numbers spelled flat (``ScaleKind.FP4``): a 2-D ``K.weight``
+of int8 ``[rows, in/2]`` (the same bytes as ``[rows, in/32, 16]``) beside ``K.scale`` ``[rows, in/32]`` of
+e8m0 exponents stored as ``F8_E8M0``. ``unflatten`` / ``flatten`` move between the two spellings, so one
+decoder serves both.
 """
 
 from __future__ import annotations
@@ -26,6 +31,14 @@ _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 BLOCK = 32
 PACKED = BLOCK // 2
 BIAS = 127
+
+
+def exponents(scales: torch.Tensor) -> torch.Tensor:
+    """The e8m0 exponent bytes as int32, whether stored as ``U8`` or as ``F8_E8M0`` (DeepSeek-V4), whose
+    torch dtype would otherwise convert by value."""
+    if scales.dtype == torch.float8_e8m0fnu:
+        scales = scales.view(torch.uint8)
+    return scales.to(torch.int32)
 
 
 def check(key: str, blocks: tuple[str, tuple[int, ...]], scales: tuple[str, tuple[int, ...]]) -> None:
@@ -47,6 +60,31 @@ def check(key: str, blocks: tuple[str, tuple[int, ...]], scales: tuple[str, tupl
         )
 
 
+def check_flat(key: str, weight: tuple[str, tuple[int, ...]], scale: tuple[str, tuple[int, ...]]) -> None:
+    """Refuse a DeepSeek-V4 FP4 weight and scale whose dtypes or shapes are not that layout, naming the key."""
+    (wdtype, wshape), (sdtype, sshape) = weight, scale
+    want = (*wshape[:-1], wshape[-1] // PACKED) if wshape else ()
+    if wdtype != "I8" or sdtype not in ("F8_E8M0", "U8") or not wshape or wshape[-1] % PACKED:
+        raise CheckpointError(
+            f"FP4 weight {key!r} is {wdtype} {list(wshape)} with {sdtype} scales; DeepSeek-V4's FP4 weights "
+            f"are I8 [rows, in/2] (in a multiple of {BLOCK}) with F8_E8M0 exponents"
+        )
+    if tuple(sshape) != want:
+        raise CheckpointError(
+            f"FP4 scales of {key!r} have shape {list(sshape)}, but its weight {list(wshape)} needs one "
+            f"exponent per {BLOCK} values of a row: {list(want)}"
+        )
+
+
+def unflatten(packed: torch.Tensor) -> torch.Tensor:
+    """``[..., rows, in/2]`` int8 as the ``[..., rows, in/32, 16]`` uint8 blocks it is."""
+    return packed.view(torch.uint8).reshape(*packed.shape[:-1], -1, PACKED)
+
+
+def flatten(blocks: torch.Tensor) -> torch.Tensor:
+    return blocks.reshape(*blocks.shape[:-2], -1).view(torch.int8)
+
+
 def value_shape(stored: tuple[int, ...]) -> tuple[int, ...]:
     """The dequantized tensor's shape: ``[..., rows, G, 16]`` holds ``[..., rows, 32·G]``."""
     return (*stored[:-2], stored[-2] * BLOCK)
@@ -62,7 +100,7 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     b = blocks.view(torch.uint8)
     values = torch.stack((lut[(b & 0x0F).int()], lut[(b >> 4).int()]), dim=-1)  # int32 indices: half of int64
     values = values.reshape(*b.shape[:-1], BLOCK)
-    out = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - BIAS)
+    out = torch.ldexp(values, exponents(scales).unsqueeze(-1) - BIAS)
     return out.reshape(*b.shape[:-2], -1).to(dtype)
 
 
@@ -71,7 +109,7 @@ def quantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     ``[..., rows, G, 16]`` uint8: the nearest code of each value divided by its block's power of two."""
     *lead, width = values.shape
     x = values.float().contiguous().reshape(*lead, width // BLOCK, BLOCK)
-    y = torch.ldexp(x, BIAS - scales.to(torch.int32).unsqueeze(-1))
+    y = torch.ldexp(x, BIAS - exponents(scales).unsqueeze(-1))
     bounds = torch.tensor(_MIDPOINTS, dtype=torch.float32, device=y.device)
     codes = torch.bucketize(y.abs(), bounds, out_int32=True)
     codes = (codes | (torch.signbit(y).to(torch.int32) << 3)).to(torch.uint8)
@@ -82,4 +120,4 @@ def quantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def expand(scales: torch.Tensor) -> torch.Tensor:
     """Each block's multiplier ``2^(s-127)`` in fp32, repeated over its 32 values."""
     ones = torch.ones(scales.shape, dtype=torch.float32, device=scales.device)
-    return torch.ldexp(ones, scales.to(torch.int32) - BIAS).repeat_interleave(BLOCK, -1)
+    return torch.ldexp(ones, exponents(scales) - BIAS).repeat_interleave(BLOCK, -1)

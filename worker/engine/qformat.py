@@ -17,6 +17,11 @@ differ only in names, in the shape of a per-tensor scale and in their ``quantiza
   written only by ``--quantize keep`` in its own format (its consumers, vLLM and TensorRT-LLM, are not
   test dependencies, so Recast does not make ModelOpt layouts up); KV-cache scales (``k_scale`` /
   ``v_scale``) are plain tensors that pass through.
+- ``fp8-v4`` (DeepSeek-V4): transformers' ``fp8`` spelled ``K.scale`` beside ``K.weight``, e8m0 exponents
+  (``F8_E8M0``) as 128x128 block scales of the e4m3 weights, and the routed experts in FP4 (int8 codes,
+  two per byte, one exponent per 32 columns: ``ScaleKind.FP4``). It shares ``quant_method: fp8`` with the
+  vendors' row, so the keys decide between them (``source_format``). Read, and written only by
+  ``--quantize keep`` to restore the source's own layout.
 - ``mxfp4`` (gpt-oss, transformers' ``quant_method: mxfp4``): not FP8 but the same pairing, ``K_blocks``
   (packed e2m1 codes) beside ``K_scales`` (e8m0 exponents), so it is one more row. It is read, and
   written only by ``--quantize keep`` in its own format: ``ScaleKind.MXFP4`` is in no other format's
@@ -30,13 +35,13 @@ format is the source's, restored byte for byte, and is never refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 from . import mxfp4
 from .errors import CheckpointError, RecastError
-from .fp8 import BLOCK, ScaleKind, classify_mx_scale, classify_scale
+from .fp8 import BLOCK, ScaleKind, classify_mx_scale, classify_scale, scale_shape
 from .safetensors_io import TensorInfo
 
 # The formats a user may choose with --format; mxfp4 is only ever the source's own.
@@ -44,8 +49,13 @@ FORMAT_NAMES = ("fp8", "compressed-tensors")
 
 
 def _fp8_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
-    """A float multiplier (per tensor, expert, channel or 128x128 block), or e8m0 exponents (MXFP8)."""
-    if scale.dtype == "U8":
+    """A float multiplier (per tensor, expert, channel or 128x128 block), or e8m0 exponents: per 32
+    columns (MXFP8), or per 128x128 block (DeepSeek-V4, a power-of-two block scale); FP4 int8 codes."""
+    if weight.dtype == "I8":
+        mxfp4.check_flat(key, (weight.dtype, weight.shape), (scale.dtype, scale.shape))
+        return ScaleKind.FP4
+    blocks = scale.dtype == "F8_E8M0" and tuple(scale.shape) == scale_shape(ScaleKind.BLOCK, weight.shape)
+    if scale.dtype in ("U8", "F8_E8M0") and not blocks:
         return classify_mx_scale(key, weight.shape, (scale.dtype, scale.shape))
     return classify_scale(key, weight.shape, scale.shape)
 
@@ -78,6 +88,9 @@ class QuantFormat:
     read_config: Callable[[dict[str, Any]], list[dict[str, Any]]]
     # K + weight_suffix is the quantized tensor whose scale is K + scale_suffix (mxfp4's K_blocks, K_scales)
     weight_suffix: str = ""
+    # The dtype of a tensor named K + weight_suffix that is quantized codes, so must have a scale; None: any
+    # (DeepSeek-V4 names its bf16 norms K.weight too, its FP4 codes are I8).
+    codes_dtype: str | None = None
     # The scale kind of a quantized tensor and its scale, from their headers; errors name the key.
     classify: Callable[[str, TensorInfo, TensorInfo], ScaleKind] = _fp8_classify
     # Whether Recast writes fresh scales in it; False: only a source's own, restored (MXFP4, ModelOpt).
@@ -92,9 +105,10 @@ class QuantFormat:
         """The quantized tensor a scale named ``scale_key`` belongs to."""
         return scale_key[: -len(self.scale_suffix)] + self.weight_suffix
 
-    def packed(self, key: str) -> bool:
-        """Whether ``key`` is named as a quantized tensor, which must then have a scale."""
-        return bool(self.weight_suffix) and key.endswith(self.weight_suffix)
+    def packed(self, key: str, dtype: str) -> bool:
+        """Whether ``key`` (of ``dtype``) is named as quantized codes, which must then have a scale."""
+        named = bool(self.weight_suffix) and key.endswith(self.weight_suffix)
+        return named and self.codes_dtype in (None, dtype)
 
     def activation_keys(self, key: str) -> list[str]:
         """Where ``key``'s activation scale may be, the name this format writes first."""
@@ -355,6 +369,22 @@ FORMATS: dict[str, QuantFormat] = {
             fresh=False,
         ),
         QuantFormat(
+            "fp8-v4",
+            "fp8",
+            ".scale",
+            "",
+            None,
+            (),
+            # a one-block matrix's [1, 1] scale reads as per-tensor
+            frozenset({ScaleKind.PER_TENSOR, ScaleKind.BLOCK, ScaleKind.FP4, ScaleKind.MXFP8}),
+            True,
+            _fp8_config,
+            _fp8_read,
+            weight_suffix=".weight",
+            codes_dtype="I8",
+            fresh=False,
+        ),
+        QuantFormat(
             "mxfp4",
             "mxfp4",
             "_scales",
@@ -381,11 +411,14 @@ def quantization_config_of(config: dict[str, Any] | None) -> dict[str, Any] | No
     return config.get("quantization_config") or text.get("quantization_config") or None
 
 
-def source_format(config: dict[str, Any] | None) -> QuantFormat:
-    """The format a checkpoint's config declares (vendor fp8 where it declares none)."""
+def source_format(config: dict[str, Any] | None, keys: Collection[str] = ()) -> QuantFormat:
+    """The format a checkpoint's config declares (vendor fp8 where it declares none). Where rows share a
+    ``quant_method`` (fp8, fp8-v4), the one whose scale spelling ``keys`` use: a scale beside its weight."""
     qc = quantization_config_of(config)
     method = (qc or {}).get("quant_method", "fp8")
-    fmt = next((f for f in FORMATS.values() if f.quant_method == method), None)
+    rows = [f for f in FORMATS.values() if f.quant_method == method]
+    spelled = [f for f in rows if any(k.endswith(f.scale_suffix) and f.weight_key(k) in keys for k in keys)]
+    fmt = (spelled or rows or [None])[0]
     if fmt is None:
         raise CheckpointError(
             f"config.json quantization_config.quant_method {method!r} is not supported "
@@ -396,8 +429,8 @@ def source_format(config: dict[str, Any] | None) -> QuantFormat:
     return fmt
 
 
-def describe(config: dict[str, Any] | None) -> dict[str, Any]:
+def describe(config: dict[str, Any] | None, keys: Collection[str] = ()) -> dict[str, Any]:
     """For inspect: the source format and its scheme per config group."""
     qc = quantization_config_of(config)
-    fmt = source_format(config)
+    fmt = source_format(config, keys)
     return {"format": fmt.name, "groups": fmt.read_config(qc) if qc else []}

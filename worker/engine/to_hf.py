@@ -59,7 +59,12 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
     plan: KeyPlan | None = None
     companions: list[str] = []
     items: list[HfItem] = []
-    source_fmt = source_format(sidecar.get("source", {}).get("config") if native_src else src.config)
+    source = sidecar.get("source", {})
+    source_fmt = (
+        source_format(source.get("config"), source.get("dtypes", {}))
+        if native_src
+        else source_format(src.config, src.tensors)
+    )
     fmt = FORMATS[opts.format] if opts.format else source_fmt
     formats = {"fmt": fmt, "source_fmt": source_fmt}
     if native_src:
