@@ -34,14 +34,17 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = 128
 
-SCHEMES: tuple[str, ...] = ("per-tensor", "per-expert", "per-channel", "block", "mxfp4", "mxfp8", "fp8-v4")
+SCHEMES: tuple[str, ...] = (
+    "per-tensor", "per-expert", "per-channel", "block", "mxfp4", "mxfp8", "fp8-v4", "fp8-v4-base",
+)  # fmt: skip
 # Per-expert scales only exist for the aggregated 3-D expert tensors of Mistral 4.
 _PER_EXPERT_FAMILIES = ("mistral4", "mistral4-vlm")
 # MXFP4 (blocks of 32 e2m1 values with e8m0 exponents): gpt-oss's experts, and only those.
 _MXFP4_FAMILIES = ("gpt-oss",)
 # MXFP8 (e4m3 codes with one e8m0 exponent per 32 columns of a row): MiniMax-M3's release format.
 _MXFP8_FAMILIES = ("minimax-m3",)
-# DeepSeek-V4's release format (e8m0 128x128 block scales spelled ``.scale``, FP4 routed experts): its only.
+# DeepSeek-V4's release formats (e8m0 128x128 block scales spelled ``.scale``; routed experts FP4 in
+# V4-Flash, ``fp8-v4``, or e4m3 with those block scales in V4-Flash-Base, ``fp8-v4-base``): its only.
 _V4_FAMILIES = ("deepseek-v4",)
 
 
@@ -255,7 +258,7 @@ def _as_deepseek_v4(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tupl
         mtp[f"mtp.0.{name}"] = (1 + torch.randn(hidden, generator=gen) * 0.05).to(torch.bfloat16)
     for part in ("fn", "base", "scale"):
         mtp[f"mtp.0.hc_head_{part}"] = out[f"hc_head_{part}"].clone()
-    return {**out, **mtp}, {**config, "num_nextn_predict_layers": 1, "expert_dtype": "fp4"}
+    return {**out, **mtp}, {**config, "num_nextn_predict_layers": 1}
 
 
 def _as_ling(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
@@ -589,8 +592,8 @@ def _check_args(family: str, layout: str, scheme: str | None = None) -> None:
             raise ValueError(f"scheme 'mxfp4' is for {_MXFP4_FAMILIES} only, which have no other scheme")
         if scheme == "mxfp8" and family not in _MXFP8_FAMILIES:
             raise ValueError(f"scheme 'mxfp8' is for {_MXFP8_FAMILIES} only")
-        if (scheme == "fp8-v4") != (family in _V4_FAMILIES):
-            raise ValueError(f"scheme 'fp8-v4' is for {_V4_FAMILIES} only, which have no other scheme")
+        if scheme.startswith("fp8-v4") != (family in _V4_FAMILIES):
+            raise ValueError(f"schemes 'fp8-v4*' are for {_V4_FAMILIES} only, which have no other scheme")
 
 
 def _make_model(family: str, layout: str, tied: bool) -> torch.nn.Module:
@@ -826,22 +829,24 @@ V4_CONFIG = {
 }
 
 
-def deepseek_v4_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DeepSeek-V4-Flash's release layout, each quantized ``K.weight`` beside ``K.scale``: routed experts as
-    FP4 (int8 ``[out, in/2]``, two e2m1 codes a byte, low nibble first, with ``F8_E8M0`` exponents
-    ``[out, in/32]``, by the OCP definition ``mxfp4_quantize`` writes), the other matrices as e4m3 with
-    one power-of-two scale per 128x128 block (``F8_E8M0``: amax/448 rounded up to a power of two, as
-    DeepSeek's ue8m0 kernels do). One expert group gets the extreme exponents 1 and 252."""
+def deepseek_v4_state_dict(sd: dict[str, torch.Tensor], fp4_experts: bool = True) -> dict[str, torch.Tensor]:
+    """DeepSeek-V4-Flash's release layout, each quantized ``K.weight`` beside ``K.scale``.
+
+    Routed experts as FP4 (int8 ``[out, in/2]``, two e2m1 codes a byte, low nibble first, with
+    ``F8_E8M0`` exponents ``[out, in/32]``, by the OCP definition ``mxfp4_quantize`` writes; one expert
+    group gets the extreme exponents 1 and 252), or with ``fp4_experts`` False as the other matrices
+    (V4-Flash-Base): e4m3 with one power-of-two scale per 128x128 block (``F8_E8M0``: amax/448 rounded up
+    to a power of two, as DeepSeek's ue8m0 kernels do)."""
     out: dict[str, torch.Tensor] = {}
     for key, t in sd.items():
         scale_key = key.removesuffix("weight") + "scale"
-        if ".ffn.experts." in key:
+        if ".ffn.experts." in key and fp4_experts:
             blocks, scales = mxfp4_quantize(t.T.unsqueeze(0))
             if key.endswith("layers.1.ffn.experts.1.w1.weight"):
                 scales[0, 0, 0], scales[0, 1, 1] = 1, 252
             out[key] = blocks[0].reshape(t.shape[0], -1).view(torch.int8)
             out[scale_key] = scales[0].view(torch.float8_e8m0fnu)
-        elif key.endswith(".weight") and t.ndim == 2 and not any(p in key for p in _V4_KEEP):
+        elif key.endswith(".weight") and t.ndim == 2 and not any(p in key for p in _V4_KEEP):  # e4m3 blocks
             scale = torch.exp2(torch.ceil(torch.log2(_block_scales(t.float()))))
             out[key] = (t.float() / _expand_blocks(scale, t.shape)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
             out[scale_key] = scale.to(torch.float8_e8m0fnu)
@@ -1082,8 +1087,9 @@ def build_checkpoint(
     plain, config, gen = _saved_model(family, layout, tied, seed)
     if scheme == "mxfp4":
         sd, qcfg = mxfp4_state_dict(plain), MXFP4_CONFIG
-    elif scheme == "fp8-v4":
-        sd, qcfg = deepseek_v4_state_dict(plain), V4_CONFIG
+    elif scheme.startswith("fp8-v4"):
+        sd, qcfg = deepseek_v4_state_dict(plain, fp4_experts=scheme == "fp8-v4"), V4_CONFIG
+        config = {**config, "expert_dtype": "fp4" if scheme == "fp8-v4" else "fp8"}
     else:
         sd = quantize_state_dict(plain, family, scheme, seed)
         qcfg = _quantization_config(scheme, list(sd), sd, family)

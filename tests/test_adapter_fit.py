@@ -48,6 +48,12 @@ def test_deepseek_adapter_on_mistral4_is_refused(checkpoint, tmp_path: Path) -> 
     assert "looks like mistral4" in str(err) and "model.layers.1.mlp.experts.gate_up_proj" in str(err)
 
 
+def test_deepseek_v3_adapter_on_deepseek_v4_is_refused(checkpoint, tmp_path: Path) -> None:
+    # V4's routed experts (ffn.experts.{e}.w1) are no rule of V3's: forced, they would pass through unstacked.
+    err = _refused(checkpoint("deepseek-v4", scheme="fp8-v4"), tmp_path / "native", "native", "deepseek-v3")
+    assert "deepseek-v4" in str(err) and "layers.0.ffn.experts.0.w1.weight" in str(err)
+
+
 def test_dense_adapter_on_moe_checkpoint_is_refused(checkpoint, tmp_path: Path) -> None:
     err = _refused(checkpoint("mistral4-vlm", scheme="block"), tmp_path / "native", "native", "mistral3-fp8")
     assert "mistral4-vlm" in str(err) and "gate_up_proj" in str(err)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from worker.engine import api
 from worker.engine.adapters import detect
 from worker.engine.checkpoint import MANIFEST, SIDECAR
-from worker.engine.errors import AdapterMismatchError, CheckpointError, UnsupportedModelError
+from worker.engine.errors import AdapterMismatchError, CheckpointError, RecastError, UnsupportedModelError
 
 _SPLIT = ["model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.0.down_proj.weight"]
 _DENSE = ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.input_layernorm.weight"]
@@ -45,6 +45,11 @@ _MINIMAX = [
         ({"architectures": ["Glm4MoeLiteForCausalLM"]}, _SPLIT, "glm4-moe"),
         ({"architectures": ["GlmMoeDsaForCausalLM"]}, _SPLIT, "glm-moe-dsa"),
         ({"architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2"}, _MINIMAX, "minimax-m2"),
+        (
+            {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"},
+            ["layers.1.ffn.experts.0.w1.weight", "layers.1.attn.wq_a.weight", "mtp.0.e_proj.weight"],
+            "deepseek-v4",
+        ),
         ({"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"},
          ["backbone.layers.1.mixer.experts.0.up_proj.weight", "backbone.layers.0.mixer.A_log"], "nemotron-v3"),
         ({"architectures": ["InklingForConditionalGeneration"], "model_type": "inkling_mm_model",
@@ -328,3 +333,56 @@ def test_fresh_scales_go_on_matrices_only(checkpoint, tmp_path: Path) -> None:
     assert not [k for k, t in got.items() if t.dtype == torch.float8_e4m3fn and t.dim() < 2]
     assert got["backbone.layers.2.mixer.q_proj.weight"].dtype == torch.float8_e4m3fn
     assert "backbone.norm_f" in config(out)["quantization_config"]["modules_to_not_convert"]
+
+
+def test_deepseek_v4_block_scales_go_to_another_format_as_fp32(checkpoint, tmp_path: Path) -> None:
+    # DeepSeek-V4's e8m0 block scales (F8_E8M0, spelled K.scale) kept in the vendors' fp8 spelling become
+    # fp32 K.weight_scale_inv with the same values (powers of two, exact), codes unchanged; that checkpoint
+    # converts to the same native bits. V4-Flash's FP4 experts are written only in their own format.
+    src = checkpoint("deepseek-v4", scheme="fp8-v4-base")
+    native = tmp_path / "native"
+    assert api.convert(src, native, api.Options(to="native")).passed
+    out = tmp_path / "fp8"
+    assert api.convert(native, out, api.Options(to="hf", quantize="keep", format="fp8")).passed
+    source, got = load_state_dict(src), load_state_dict(out)
+    key = "layers.1.ffn.experts.2.w2"
+    assert got[f"{key}.weight_scale_inv"].dtype == torch.float32 and f"{key}.scale" not in got
+    assert torch.equal(got[f"{key}.weight_scale_inv"], source[f"{key}.scale"].float())
+    assert torch.equal(got[f"{key}.weight"].view(torch.uint8), source[f"{key}.weight"].view(torch.uint8))
+    again = tmp_path / "again"
+    assert api.convert(out, again, api.Options(to="native")).passed
+    assert_state_dicts_identical(load_state_dict(again), load_state_dict(native))
+
+    flash = tmp_path / "flash"
+    assert api.convert(checkpoint("deepseek-v4", scheme="fp8-v4"), flash, api.Options(to="native")).passed
+    with pytest.raises(RecastError, match=r"experts\.0\.w1\.weight.*fp4 scales.*leave --format unset"):
+        api.convert(flash, tmp_path / "refused", api.Options(to="hf", quantize="keep", format="fp8"))
+    assert not (tmp_path / "refused").exists()
+
+
+def test_deepseek_v4_fp4_experts_go_out_in_bf16_or_fresh_fp8(checkpoint, tmp_path: Path) -> None:
+    # V4-Flash's FP4 experts are ordinary per-expert weights once dequantized: bf16 exactly, or fresh
+    # 128x128 FP8 blocks in the vendors' spelling, whose config.json then drops expert_dtype (transformers
+    # would allocate FP4 experts from it); the way back in the release's own layout restores it.
+    src = checkpoint("deepseek-v4", scheme="fp8-v4")
+    native = tmp_path / "native"
+    assert api.convert(src, native, api.Options(to="native")).passed
+    expert = "layers.1.ffn.experts.1.w1.weight"
+    values = load_state_dict(native)["model.layers.1.mlp.experts.gate_and_up_projs"][1, :, :96].T
+    bf16 = tmp_path / "bf16"
+    assert api.convert(native, bf16, api.Options(to="hf", quantize="none")).passed
+    assert_state_dicts_identical({expert: load_state_dict(bf16)[expert]}, {expert: values.contiguous()})
+    assert "expert_dtype" not in config(bf16) and "quantization_config" not in config(bf16)
+    block = tmp_path / "block"
+    s = api.convert(native, block, api.Options(to="hf", quantize="block", format="fp8")).summary()
+    assert s["bounded"] > 0 and s["bounded_within"] == s["bounded"]
+    assert load_state_dict(block)[expert].dtype == torch.float8_e4m3fn
+    assert (
+        "expert_dtype" not in config(block) and config(block)["quantization_config"]["quant_method"] == "fp8"
+    )
+    back = tmp_path / "back"
+    assert api.convert(native, back, api.Options(to="hf")).passed
+    assert (
+        config(back)["expert_dtype"] == "fp4"
+        and config(back)["quantization_config"] == config(src)["quantization_config"]
+    )

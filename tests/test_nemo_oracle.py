@@ -124,6 +124,7 @@ CASES = [
     # DeepSeek-V4: NeMo's adapter dequantizes the e8m0 block scales and the FP4 experts itself.
     Case("deepseek-v4", "deepseek-v4", "deepseek_v4.DeepSeekV4StateDictAdapter", scheme="fp8-v4",
          nemo_unsigned_zero=r"mlp\.experts\."),
+    Case("deepseek-v4", "deepseek-v4", "deepseek_v4.DeepSeekV4StateDictAdapter", scheme="fp8-v4-base"),
     # NeMo's Nemotron-H adapter has no FP8 path (it loads the bf16 release): dequantize_from_fp8 first.
     Case("nemotron-v3", "nemotron-v3", "nemotron_v3.NemotronV3StateDictAdapter", dequantizes=False),
     # NeMo's Inkling adapter skips every *_scale_inv and casts the FP8 codes: dequantize_from_fp8 first.

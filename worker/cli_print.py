@@ -24,7 +24,7 @@ def print_inspect(info: dict[str, Any]) -> None:
     print(f"detection     {info['detection']}")
     print(
         f"quantization  {q['format']}: {', '.join(q['schemes']) or 'none'}  activation "
-        f"{q['activation_scheme'] or '-'}  ({q['quantized_tensors']} FP8 tensors)"
+        f"{q['activation_scheme'] or '-'}  ({q['quantized_tensors']} quantized tensors)"
     )
     for g in q["groups"]:
         print(

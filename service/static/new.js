@@ -71,7 +71,7 @@
     fact(dl, "Architectures", (info.architectures || []).join(", ") || "—");
     let quant = "none (high precision)";
     if (q.quantized_tensors) {
-      quant = q.quantized_tensors + " FP8 tensors · " + (q.schemes || []).join(", ") +
+      quant = q.quantized_tensors + " quantized tensors · " + (q.schemes || []).join(", ") +
         (q.block_size ? " " + q.block_size.join("×") : "") + (q.activation_scheme ? " · " + q.activation_scheme + " activations" : "");
     }
     fact(dl, "Quantization", el("span", { id: "preview-quantization", text: quant }));

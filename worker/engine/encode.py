@@ -21,7 +21,7 @@ from .fp8 import (
 )
 from .keymap import Quant
 from .qformat import FP8_FORMAT, QuantFormat, Scheme
-from .safetensors_io import DTYPES
+from .safetensors_io import DTYPE_NAMES, DTYPES
 
 QUANTIZE_MODES = ("keep", "none", "per-tensor", "per-channel", "block")
 # Fresh scales per mode; a per-channel or block scale is computed from the rows it covers alone.
@@ -77,8 +77,9 @@ def choose(
     its name (Nemotron-H's ``norm_f``), and stays high precision.
     """
     original = source_dtypes.get(key, value_dtype)
-    plain = value_dtype if original.startswith("F8") else original
     q = recorded.get(key)
+    # a quantized source (FP8 codes, DeepSeek-V4's int8 FP4 codes) goes out unquantized in the value dtype
+    plain = value_dtype if q is not None or original.startswith("F8") else original
     same = fmt is source_fmt
     act = q.activation if q else None
     act_out = act if same else (fmt.activation_keys(key)[0] if act else None)
@@ -111,6 +112,10 @@ class Encoder:
         self._scale: torch.Tensor | None = None
         if enc.mode == "keep":
             self._scale = scales(enc.keep.scale)
+            if enc.renamed and self._scale.dtype == torch.float8_e8m0fnu:
+                # DeepSeek-V4's power-of-two block scales, spelled as the fp32 multipliers another format
+                # reads (exactly: a power of two is an fp32 value)
+                self._scale = self._scale.float()
             if enc.renamed and enc.keep.kind is ScaleKind.PER_TENSOR:
                 self._scale = self._scale.reshape(enc.fmt.tensor_scale_shape)
         elif enc.mode == "per-tensor" and amax is not None:
@@ -160,7 +165,7 @@ class Encoder:
         if enc.mode == "keep":
             info = scales_info(enc.keep.scale)
             shape = tuple(self._scale.shape) if enc.renamed else info.shape
-            out.append((enc.scale_key, info.dtype, shape))
+            out.append((enc.scale_key, DTYPE_NAMES[self._scale.dtype] if enc.renamed else info.dtype, shape))
         elif enc.mode in FRESH:
             shape = enc.fmt.tensor_scale_shape if self.kind is ScaleKind.PER_TENSOR else None
             out.append(

@@ -46,6 +46,10 @@ from .safetensors_io import TensorInfo
 
 # The formats a user may choose with --format; mxfp4 is only ever the source's own.
 FORMAT_NAMES = ("fp8", "compressed-tensors")
+# config.json fields (top level or text_config) that describe how the weights are stored, so an output
+# keeps them only when it keeps the source's own layout: DeepSeek-V4 declares its FP4 experts beside
+# quantization_config, as expert_dtype.
+QUANTIZATION_FIELDS = ("quantization_config", "expert_dtype")
 
 
 def _fp8_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
@@ -193,7 +197,7 @@ def _fp8_read(qc: dict[str, Any]) -> list[dict[str, Any]]:
         {
             "group": "all",
             "targets": ["Linear"],
-            "weights": "mxfp8" if qc.get("scale_fmt") == "ue8m0" else "block" if block else "tensor",
+            "weights": "mxfp8" if list(block or []) == [1, 32] else "block" if block else "tensor",
             "block_structure": block,
             "input_activations": qc.get("activation_scheme", "dynamic"),
         }

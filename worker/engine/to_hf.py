@@ -33,7 +33,7 @@ from .layout import Layout
 from .operations import whole
 from .options import DTYPE_ARGS, STEP_BYTES, Options
 from .pipeline import Fetched, Piece, Unit
-from .qformat import FORMATS, QuantFormat, source_format
+from .qformat import FORMATS, QUANTIZATION_FIELDS, QuantFormat, source_format
 from .report import Report, TensorResult
 from .safetensors_io import DTYPES, PlannedTensor
 from .tensors import TensorSource, fetch, hf_align, hf_shapes, hf_value, inverse_views, row_chunks
@@ -369,12 +369,13 @@ def _hf_config(
     original = sidecar.get("source", {}).get("config") if native_src else src.config
     for c in (config, config.get("text_config")):
         if isinstance(c, dict):
-            c.pop("quantization_config", None)
+            for name in QUANTIZATION_FIELDS:
+                c.pop(name, None)
     kept = opts.quantize == "keep" and any(it.enc.mode == "keep" for it in items)
     if kept and original and fmt is source_fmt:
         for c, o in ((config, original), (config.get("text_config"), original.get("text_config"))):
-            if isinstance(c, dict) and isinstance(o, dict) and "quantization_config" in o:
-                c["quantization_config"] = o["quantization_config"]
+            if isinstance(c, dict) and isinstance(o, dict):
+                c.update({name: o[name] for name in QUANTIZATION_FIELDS if name in o})
         return config
     qc = quantization_config([it.enc for it in items], adapter, fmt)
     if qc:
