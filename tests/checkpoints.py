@@ -496,6 +496,51 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         keep=("self_attn.o_proj.weight",),
     ),
     "glm5-next": TinyFamily("Glm5NextForConditionalGeneration", _TINY_GLM5_NEXT, keep=_GLM5_NEXT_KEEP),
+    # Qwen3-Omni MoE, thinker only (audio output off): the smallest audio and vision towers, head dim 32.
+    "qwen3-omni-moe": TinyFamily(
+        "Qwen3OmniMoeForConditionalGeneration",
+        {
+            "thinker_config": {
+                "text_config": {
+                    **_TINY_MOE,
+                    "intermediate_size": 320,
+                    "num_attention_heads": 5,
+                    "num_experts": 4,
+                    "moe_intermediate_size": 64,
+                    "rope_parameters": {
+                        "rope_type": "default",
+                        "rope_theta": 1e6,
+                        "mrope_section": [8, 4, 4],
+                        "mrope_interleaved": True,
+                    },
+                },
+                "vision_config": {
+                    "depth": 2,
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_heads": 2,
+                    "out_hidden_size": 160,
+                    "num_position_embeddings": 16,
+                    "deepstack_visual_indexes": [0, 1],
+                    "patch_size": 16,
+                    "temporal_patch_size": 2,
+                    "spatial_merge_size": 2,
+                },
+                "audio_config": {
+                    "num_mel_bins": 128,
+                    "encoder_layers": 1,
+                    "encoder_attention_heads": 2,
+                    "encoder_ffn_dim": 64,
+                    "d_model": 32,
+                    "output_dim": 160,
+                    "downsample_hidden_size": 32,
+                    "max_source_positions": 64,
+                },
+            },
+            "enable_audio_output": False,
+        },
+        keep=("audio_tower.", "visual."),
+    ),
     "qwen3": TinyFamily("Qwen3ForCausalLM", _TINY_DENSE),
     "gemma3": TinyFamily("Gemma3ForCausalLM", _TINY_DENSE),
     "gemma3-vlm": TinyFamily(

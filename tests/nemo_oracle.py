@@ -105,7 +105,7 @@ def moe_config(config: dict[str, Any], dtype: torch.dtype) -> Any:
     adapters read the expert count, the expert width (to split ``gate_and_up_projs``) and the activation."""
     from nemo_automodel.components.moe.config import MoEConfig
 
-    config = config.get("text_config") or config
+    config = config.get("text_config") or (config.get("thinker_config") or {}).get("text_config") or config
     experts = next(config[k] for k in ("n_routed_experts", "num_experts", "num_local_experts") if k in config)
     return MoEConfig(
         n_routed_experts=experts,

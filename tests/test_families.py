@@ -386,3 +386,15 @@ def test_deepseek_v4_fp4_experts_go_out_in_bf16_or_fresh_fp8(checkpoint, tmp_pat
         config(back)["expert_dtype"] == "fp4"
         and config(back)["quantization_config"] == config(src)["quantization_config"]
     )
+
+
+def test_qwen3_omni_with_audio_output_is_refused(checkpoint, tmp_path: Path) -> None:
+    # NeMo builds the Qwen3-Omni thinker only and passes the talker (experts per expert) and code2wav through
+    # unconverted: a release with audio output is refused by name before anything is written.
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("qwen3-omni-moe", scheme="block"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "enable_audio_output": True}))
+    with pytest.raises(UnsupportedModelError, match=r"enable_audio_output=True.*qwen3-omni-moe.*talker"):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
+    assert not (tmp_path / "native").exists()

@@ -114,6 +114,8 @@ CASES = [
     # NeMo's Qwen3-VL-MoE adapter drops the *_scale_inv tensors without dequantizing
     # (test_nemo_qwen3_vl_moe_drops_the_scales): dequantize_from_fp8 first, per expert for the 3-D experts.
     Case("qwen3-vl-moe", "qwen3-vl-moe", "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter", dequantizes=False),
+    # NeMo's Qwen3-Omni-MoE adapter drops the *_scale_inv tensors without dequantizing, as Qwen3-VL-MoE's.
+    Case("qwen3-omni-moe", "qwen3-omni-moe", "qwen3_omni_moe.Qwen3OmniMoeStateDictAdapter", dequantizes=False),
     Case("step3p5", "step3p5", "step3p5.Step3p5StateDictAdapter", dequantizes=False),
     # Ling 2.0 ships bf16 only and NeMo's adapter has no FP8 path: a block-FP8 Ling (quantized here like
     # the others) goes through dequantize_from_fp8 first; test_ling_v2_bf16_release_equals_nemo has the

@@ -487,6 +487,35 @@ _NEMOTRON_V3 = Adapter(
     model_types=("nemotron_h",),
     nemo="nemotron_v3.NemotronV3StateDictAdapter",
 )
+# Qwen3-Omni MoE: NeMo builds the thinker only; its from_hf strips "thinker." and stacks the split experts
+# as DeepSeek-V3's (gate, up), the audio and vision towers keep their names. The way back names the four
+# thinker modules (a reversible empty native side would claim every key). The talker and code2wav pass
+# through NeMo unconverted, talker experts per expert, which the stack rule would stack: a checkpoint
+# with audio output is refused.
+_QWEN3_OMNI_MOE = Adapter(
+    name="qwen3-omni-moe",
+    description="Qwen3-Omni MoE thinker (audio and vision towers, split experts under thinker.)",
+    architectures=("Qwen3OmniMoeForConditionalGeneration",),
+    renames=(
+        Rename("thinker.model.", "model."),
+        Rename("thinker.lm_head.", "lm_head."),
+        Rename("thinker.audio_tower.", "audio_tower."),
+        Rename("thinker.visual.", "visual."),
+        Rename("thinker.", "", invert=False),
+    ),
+    experts=_SPLIT_EXPERTS,
+    not_quantized=_NORMS_ETC,
+    not_quantized_prefixes=("thinker.audio_tower.", "thinker.visual."),
+    model_types=("qwen3_omni_moe",),
+    nemo="qwen3_omni_moe.Qwen3OmniMoeStateDictAdapter",
+    unmapped_config=(
+        Unmapped(
+            "enable_audio_output",
+            "NeMo builds the thinker only; its from_hf passes talker.* (experts left per expert) and code2wav.* "
+            "through unconverted, which no rule here can say",
+        ),
+    ),
+)
 # DeepSeek-V4: the release's own names (DeepSeek's inference module tree: embed., layers.{i}.attn.wq_a,
 # ffn.experts.{e}.w1, hc_attn_fn, mtp.{k}.) to NeMo's, which mirror transformers' model. The infix renames
 # are a chain: each later one is written on what the earlier ones made (".attn." has become ".self_attn."
@@ -786,6 +815,7 @@ ADAPTERS: dict[str, Adapter] = {
             nemo="qwen3_5.Qwen3_5DenseStateDictAdapter",
         ),
         _QWEN3_VL_MOE,
+        _QWEN3_OMNI_MOE,
         _GLM5_NEXT,
         _DEEPSEEK_V4,
         _STEP3P5,
