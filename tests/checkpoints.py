@@ -594,6 +594,33 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         },
         respell=_as_deepseek_v4,
     ),
+    # Hy3: layer 0 dense, layer 1 MoE with a shared expert; the vendor keeps the router in bf16.
+    "hy-v3": TinyFamily(
+        "HYV3ForCausalLM",
+        {
+            **_TINY_MOE,
+            "num_experts": 4,
+            "num_shared_experts": 1,
+            "mlp_layer_types": ["dense", "sparse"],
+            "first_k_dense_replace": 1,
+        },
+        keep=("mlp.router.gate.weight",),
+    ),
+    # ERNIE 4.5 MoE: layer 0 dense, layer 1 MoE with a shared expert; its router bias is [1, E].
+    "ernie4.5-moe": TinyFamily(
+        "Ernie4_5_MoeForCausalLM",
+        {
+            **_TINY_DENSE,
+            "use_bias": False,
+            "moe_intermediate_size": 96,
+            "moe_num_experts": 4,
+            "moe_k": 2,
+            "moe_num_shared_experts": 1,
+            "moe_layer_start_index": 1,
+            "moe_layer_interval": 1,
+        },
+    ),
+    "ernie4.5": TinyFamily("Ernie4_5ForCausalLM", {**_TINY_DENSE, "use_bias": False}),
     "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),
     "mistral": TinyFamily("MistralForCausalLM", _TINY_DENSE),
 }

@@ -106,11 +106,15 @@ def moe_config(config: dict[str, Any], dtype: torch.dtype) -> Any:
     from nemo_automodel.components.moe.config import MoEConfig
 
     config = config.get("text_config") or (config.get("thinker_config") or {}).get("text_config") or config
-    experts = next(config[k] for k in ("n_routed_experts", "num_experts", "num_local_experts") if k in config)
+    experts = next(
+        config[k]
+        for k in ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
+        if k in config
+    )
     return MoEConfig(
         n_routed_experts=experts,
         n_shared_experts=config.get("n_shared_experts") or 0,
-        n_activated_experts=config["num_experts_per_tok"],
+        n_activated_experts=config.get("num_experts_per_tok") or config["moe_k"],  # ERNIE spells it moe_k
         n_expert_groups=1,
         n_limited_groups=1,
         train_gate=False,

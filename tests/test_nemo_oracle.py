@@ -135,7 +135,12 @@ CASES = [
     # copied); under Transformer Engine it also renames the attention sinks (the gpt-oss-te variant).
     Case("gpt-oss", "gpt-oss", _GPT_OSS, scheme="mxfp4", nemo_backend=(("attn", "sdpa"),)),
     Case("gpt-oss", "gpt-oss-te", _GPT_OSS, scheme="mxfp4", nemo_backend=(("attn", "te"),), override=True),
+    # NeMo's Hy3 adapter drops the *_scale_inv tensors without dequantizing: dequantize_from_fp8 first.
+    Case("hy-v3", "hy-v3", "hy_v3.HYV3StateDictAdapter", dequantizes=False),
+    # NeMo's ERNIE 4.5 MoE adapter drops the *_scale_inv tensors without dequantizing, as Hy3's.
+    Case("ernie4.5-moe", "ernie4.5-moe", "ernie4_5.Ernie4_5_MoeStateDictAdapter", dequantizes=False),
     Case("qwen3", "qwen3", None),
+    Case("ernie4.5", "ernie4.5", None),
     Case("llama", "llama", None),
     Case("gemma3", "gemma3", None),
     Case("gemma3-vlm", "gemma3-vlm", None, through_transformers=True),
@@ -298,7 +303,10 @@ def test_nemo_step_adapters_have_no_fp8_path(nemo, checkpoint) -> None:
     assert not torch.equal(got[experts], right)
 
 
-@pytest.mark.parametrize("family", ["step3p5", "step3p7", "ling-v2", "inkling", "nemotron-v3", "deepseek-v4"])
+@pytest.mark.parametrize(
+    "family",
+    ["step3p5", "step3p7", "ling-v2", "inkling", "nemotron-v3", "deepseek-v4", "hy-v3", "ernie4.5-moe"],
+)
 def test_native_without_recast_json_goes_back_as_nemo_to_hf(family, nemo, checkpoint, tmp_path: Path) -> None:
     # A native checkpoint Recast did not write (no recast.json: the plan comes from inverting the adapter,
     # concat and split included: Ling's q/k/v_proj fuse back into query_key_value; Inkling's numbered

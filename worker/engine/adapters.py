@@ -86,6 +86,8 @@ class ExpertRule:
     (NeMo's ``_fp32_params`` holders; operations.Fp32).
     kind ``copy``: ``hf`` ends the key; an aggregated expert tensor already in the native layout, renamed
     only (Qwen3-VL-MoE's ``mlp.experts.gate_up_proj`` ``[E, H, 2I]``).
+    kind ``squeeze``: ``hf`` ends the key; an hf ``[1, N]`` renamed and held as ``[N]`` (ERNIE 4.5's router
+    bias); operations.Squeeze.
     kind ``split``: ``hf`` ends the key; its rows split into one native tensor per part, ``prefix + native +
     part``, of ``sizes`` rows each (Ling's fused ``attention.query_key_value.weight`` into
     ``self_attn.{q,k,v}_proj.weight``); operations.Split does the tensor work, the way back concatenates.
@@ -135,6 +137,10 @@ class ExpertRule:
     def hf_part(self, e: int, part: str) -> str:
         """The hf key, after ``prefix``, of expert ``e``'s ``part`` (``stack``; ``concat`` ignores ``e``)."""
         return f"{self.hf.format(e=e)}{part}.weight"
+
+
+# Rule kinds that say how one tensor is held rather than lay out experts (Adapter.claims_expert).
+_HELD = ("fp32", "squeeze")
 
 
 @dataclass(frozen=True)
@@ -200,10 +206,11 @@ class Adapter:
         return key
 
     def claims_expert(self, key: str) -> bool:
-        """Whether one of this adapter's expert rules takes ``key``, spelled hf or native. ``fp32`` rules
-        say how a tensor is held, not a layout another family could mistake, so they claim nothing."""
+        """Whether one of this adapter's expert rules takes ``key``, spelled hf or native. ``fp32`` and
+        ``squeeze`` rules say how a tensor is held, not a layout another family could mistake (ERNIE's
+        squeezed bias is named as DeepSeek's hf one), so they claim nothing."""
         renamed = self.to_native(key)
-        return any(r.match_hf(renamed) or key.endswith(r.native) for r in self.experts if r.kind != "fp32")
+        return any(r.match_hf(renamed) or key.endswith(r.native) for r in self.experts if r.kind not in _HELD)
 
     def quantizable(self, hf_key: str) -> bool:
         """Which tensors a fresh quantization turns into FP8 (DESIGN §3)."""
@@ -237,7 +244,7 @@ class Adapter:
             "expert_keys": [
                 r.hf + (f"{{{','.join(r.parts)}}}.weight" if r.parts and r.kind != "split" else "")
                 for r in self.experts
-                if r.kind != "fp32"
+                if r.kind not in _HELD
             ],
             "detection": rule
             + "; not where an architecture, model type or expert keys of another family appear",
@@ -515,6 +522,39 @@ _QWEN3_OMNI_MOE = Adapter(
             "through unconverted, which no rule here can say",
         ),
     ),
+)
+# ERNIE 4.5 MoE (ERNIE-4.5-21B-A3B / 300B-A47B -PT): split experts as DeepSeek-V3's, shared experts as they
+# are; NeMo moves moe_statics.e_score_correction_bias [1, E] into the router as [E] (squeeze). NeMo drops
+# the MTP head (model.mtp_*); Recast keeps it unchanged.
+_ERNIE4_5_MOE = Adapter(
+    name="ernie4.5-moe",
+    description="ERNIE 4.5 MoE (Ernie4_5_MoeForCausalLM: split and shared experts, moe_statics router bias)",
+    architectures=("Ernie4_5_MoeForCausalLM",),
+    renames=(),
+    experts=(
+        *_SPLIT_EXPERTS,
+        ExpertRule("squeeze", "mlp.moe_statics.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),
+    ),
+    not_quantized=_NORMS_ETC,
+    model_types=("ernie4_5_moe",),
+    nemo="ernie4_5.Ernie4_5_MoeStateDictAdapter",
+)
+# Hy3 / Hy3-preview / Hy-MT2 (HYV3ForCausalLM, NeMo's hy_v3 and hy_mt2 adapters map alike): split experts,
+# the router, its bias and the shared expert renamed into NeMo's MoE names. NeMo drops the MTP layer
+# (layers.{num_hidden_layers}.); Recast keeps it, renamed and stacked like the others.
+_HY_V3 = Adapter(
+    name="hy-v3",
+    description="Hy3 / Hy3-preview / Hy-MT2 (HYV3ForCausalLM: router.gate, expert_bias, shared_mlp)",
+    architectures=("HYV3ForCausalLM",),
+    renames=(
+        Rename(".mlp.router.gate.weight", ".mlp.gate.weight", infix=True),
+        Rename(".mlp.expert_bias", ".mlp.gate.e_score_correction_bias", infix=True),
+        Rename(".mlp.shared_mlp.", ".mlp.shared_experts.", infix=True),
+    ),
+    experts=_SPLIT_EXPERTS,
+    not_quantized=(*_NORMS_ETC, "mlp.router.gate.weight"),
+    model_types=("hy_v3",),
+    nemo="hy_v3.HYV3StateDictAdapter",
 )
 # DeepSeek-V4: the release's own names (DeepSeek's inference module tree: embed., layers.{i}.attn.wq_a,
 # ffn.experts.{e}.w1, hc_attn_fn, mtp.{k}.) to NeMo's, which mirror transformers' model. The infix renames
@@ -816,6 +856,8 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         _QWEN3_VL_MOE,
         _QWEN3_OMNI_MOE,
+        _HY_V3,
+        _ERNIE4_5_MOE,
         _GLM5_NEXT,
         _DEEPSEEK_V4,
         _STEP3P5,
@@ -886,6 +928,14 @@ ADAPTERS: dict[str, Adapter] = {
             description="Qwen3 dense (Qwen3ForCausalLM), block-wise FP8",
             architectures=("Qwen3ForCausalLM",),
             model_types=("qwen3",),
+        ),
+        # NeMo's Ernie4_5StateDictAdapter is the identity
+        replace(
+            _DENSE,
+            name="ernie4.5",
+            description="ERNIE 4.5 dense (Ernie4_5ForCausalLM)",
+            architectures=("Ernie4_5ForCausalLM",),
+            model_types=("ernie4_5",),
         ),
     )
 }

@@ -290,7 +290,7 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             (
                 r
                 for r in adapter.experts
-                if r.kind in ("transpose", "fp32", "copy") and key.endswith(r.native)
+                if r.kind in ("transpose", "fp32", "copy", "squeeze") and key.endswith(r.native)
             ),
             None,
         )

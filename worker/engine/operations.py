@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from .errors import CheckpointError
 from .keymap import NativeTensor
 from .safetensors_io import TensorInfo
 
@@ -261,9 +262,42 @@ class Transpose2d:
         return None
 
 
+class Squeeze:
+    """An hf ``[1, N]`` held as ``[N]`` (ERNIE 4.5's ``moe_statics.e_score_correction_bias``, which NeMo
+    moves into the router as a vector); the way back restores the leading 1. A few bytes: one unit."""
+
+    whole = True
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        return [(t.parts[0], None, None)]
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        return get(t.parts[0], None, None).squeeze(0)[e0:e1]
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        return [(t.parts[0], None, None, native.unsqueeze(0))]
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        info = infos[t.parts[0]]
+        if len(info.shape) < 2 or info.shape[0] != 1:
+            raise CheckpointError(
+                f"{info.file}: {t.parts[0]!r} has shape {list(info.shape)}; it is held without its leading "
+                "dimension, which must be 1"
+            )
+        return info.shape[1:]
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {t.parts[0]: (1, *shape)}
+
+    def native_dtype(self) -> str | None:
+        return None
+
+
 OPERATIONS: dict[str, Operation] = {
     "copy": Copy(), "transpose": Concat(), "stack": Stack(), "zeros": Zeros(), "concat": Concat(),
-    "fp32": Fp32(), "split": Split(), "transpose2d": Transpose2d(),
+    "fp32": Fp32(), "split": Split(), "transpose2d": Transpose2d(), "squeeze": Squeeze(),
 }  # fmt: skip
 
 
