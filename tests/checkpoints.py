@@ -261,6 +261,13 @@ def _as_deepseek_v4(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tupl
     return {**out, **mtp}, {**config, "num_nextn_predict_layers": 1}
 
 
+def _as_kimi_linear(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
+    """transformers 5.24 saves Kimi Linear's dense MLP under ``block_sparse_moe.`` (it reverses its load
+    rename on every key); the release names it ``mlp.``, as its own modeling code does."""
+    dense = re.compile(r"\.block_sparse_moe\.((?:gate|up|down)_proj\.weight)$")
+    return {dense.sub(r".mlp.\1", k): t for k, t in sd.items()}, config
+
+
 def _as_ling(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
     """GLM-4.5-MoE with QK-norm re-spelled as a Ling 2.0 (BailingMoeV2) release, by the layout NeMo's
     ling_v2 adapter documents: q/k/v fused into ``attention.query_key_value.weight`` ``[Q | K | V]``,
@@ -619,6 +626,63 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             "moe_layer_start_index": 1,
             "moe_layer_interval": 1,
         },
+    ),
+    # Kimi Linear: layer 0 KDA with a dense MLP, layer 1 MLA with experts, layer 2 KDA with experts.
+    "kimi-linear": TinyFamily(
+        "KimiLinearForCausalLM",
+        {
+            "vocab_size": 256,
+            "hidden_size": 160,
+            "intermediate_size": 256,
+            "moe_intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "q_lora_rank": None,
+            "kv_lora_rank": 64,
+            "qk_nope_head_dim": 32,
+            "qk_rope_head_dim": 16,
+            "v_head_dim": 32,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "linear_attn_config": {
+                "kda_layers": [1, 3],
+                "full_attn_layers": [2],
+                "head_dim": 32,
+                "num_heads": 4,
+                "short_conv_kernel_size": 4,
+            },
+            "first_k_dense_replace": 1,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        keep=("conv1d.", *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b"))),
+        fp32=("self_attn.dt_bias",),
+        respell=_as_kimi_linear,
+    ),
+    # Laguna: layer 0 full attention with a dense MLP, layer 1 sliding with 8 heads and experts.
+    "laguna": TinyFamily(
+        "LagunaForCausalLM",
+        {
+            **_TINY_DENSE,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "num_attention_heads_per_layer": [4, 8],
+            "layer_types": ["full_attention", "sliding_attention"],
+            "sliding_window": 16,
+            "mlp_layer_types": ["dense", "sparse"],
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 96,
+            "shared_expert_intermediate_size": 96,
+            "gating": True,
+        },
+        keep=("self_attn.g_proj.",),
     ),
     "ernie4.5": TinyFamily("Ernie4_5ForCausalLM", {**_TINY_DENSE, "use_bias": False}),
     "llama": TinyFamily("LlamaForCausalLM", _TINY_DENSE),

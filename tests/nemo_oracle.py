@@ -114,7 +114,10 @@ def moe_config(config: dict[str, Any], dtype: torch.dtype) -> Any:
     return MoEConfig(
         n_routed_experts=experts,
         n_shared_experts=config.get("n_shared_experts") or 0,
-        n_activated_experts=config.get("num_experts_per_tok") or config["moe_k"],  # ERNIE spells it moe_k
+        # ERNIE spells it moe_k, Kimi Linear num_experts_per_token
+        n_activated_experts=next(
+            config[k] for k in ("num_experts_per_tok", "moe_k", "num_experts_per_token") if k in config
+        ),
         n_expert_groups=1,
         n_limited_groups=1,
         train_gate=False,

@@ -139,6 +139,9 @@ CASES = [
     Case("hy-v3", "hy-v3", "hy_v3.HYV3StateDictAdapter", dequantizes=False),
     # NeMo's ERNIE 4.5 MoE adapter drops the *_scale_inv tensors without dequantizing, as Hy3's.
     Case("ernie4.5-moe", "ernie4.5-moe", "ernie4_5.Ernie4_5_MoeStateDictAdapter", dequantizes=False),
+    # NeMo's Kimi Linear and Laguna adapters drop the *_scale_inv tensors without dequantizing.
+    Case("kimi-linear", "kimi-linear", "kimi_linear.KimiLinear48BStateDictAdapter", dequantizes=False),
+    Case("laguna", "laguna", "laguna.LagunaStateDictAdapter", dequantizes=False),
     Case("qwen3", "qwen3", None),
     Case("ernie4.5", "ernie4.5", None),
     Case("llama", "llama", None),
@@ -305,7 +308,18 @@ def test_nemo_step_adapters_have_no_fp8_path(nemo, checkpoint) -> None:
 
 @pytest.mark.parametrize(
     "family",
-    ["step3p5", "step3p7", "ling-v2", "inkling", "nemotron-v3", "deepseek-v4", "hy-v3", "ernie4.5-moe"],
+    [
+        "step3p5",
+        "step3p7",
+        "ling-v2",
+        "inkling",
+        "nemotron-v3",
+        "deepseek-v4",
+        "hy-v3",
+        "ernie4.5-moe",
+        "kimi-linear",
+        "laguna",
+    ],
 )
 def test_native_without_recast_json_goes_back_as_nemo_to_hf(family, nemo, checkpoint, tmp_path: Path) -> None:
     # A native checkpoint Recast did not write (no recast.json: the plan comes from inverting the adapter,

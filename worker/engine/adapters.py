@@ -310,7 +310,8 @@ _STEP3P5 = Adapter(
     renames=(Rename(".moe.router_bias", ".moe.gate.e_score_correction_bias", infix=True),),
     experts=(
         ExpertRule("concat", "moe.", "moe.experts.gate_and_up_projs", ("gate_proj", "up_proj")),
-        ExpertRule("transpose", "moe.down_proj.weight", "moe.experts.down_projs"),
+        # from its dot: "moe.down_proj" alone would also take Kimi Linear's block_sparse_moe.down_proj
+        ExpertRule("transpose", ".moe.down_proj.weight", ".moe.experts.down_projs"),
     ),
     not_quantized=(*_NORMS_ETC, "moe.gate.weight"),
     model_types=("step3p5",),
@@ -538,6 +539,57 @@ _ERNIE4_5_MOE = Adapter(
     not_quantized=_NORMS_ETC,
     model_types=("ernie4_5_moe",),
     nemo="ernie4_5.Ernie4_5_MoeStateDictAdapter",
+)
+# Kimi Linear (Moonshot; KDA linear attention with MLA layers): MiniMax-style block_sparse_moe experts w1, w3,
+# w2 stacked, the router and shared experts moved under mlp.; the KDA A_log / dt_bias under _fp32_params and
+# the router bias in fp32, as NeMo's from_hf casts them. Kimi K3 shares the model type but NeMo loads it with
+# another adapter: its latent MoE and attention residual fields are refused.
+_KIMI_LINEAR = Adapter(
+    name="kimi-linear",
+    description="Kimi Linear (KDA + MLA hybrid, block_sparse_moe experts w1, w3, w2)",
+    architectures=("KimiLinearForCausalLM", "KimiLinear48BForCausalLM"),
+    renames=(
+        Rename(".block_sparse_moe.gate.", ".mlp.gate.", infix=True),
+        Rename(".block_sparse_moe.shared_experts.", ".mlp.shared_experts.", infix=True),
+    ),
+    experts=(
+        ExpertRule("stack", "block_sparse_moe.experts.{e}.", "mlp.experts.gate_and_up_projs", ("w1", "w3")),
+        ExpertRule("stack", "block_sparse_moe.experts.{e}.", "mlp.experts.down_projs", ("w2",)),
+        ExpertRule("fp32", "self_attn.A_log", "self_attn._fp32_params.A_log"),
+        ExpertRule("fp32", "self_attn.dt_bias", "self_attn._fp32_params.dt_bias"),
+        ExpertRule("fp32", "mlp.gate.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),
+    ),
+    not_quantized=(
+        *_NORMS_ETC,
+        "block_sparse_moe.gate.weight",
+        "conv1d.weight",
+        *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b")),
+    ),
+    model_types=("kimi_linear", "kimi_linear_48b_a3b"),
+    nemo="kimi_linear.KimiLinear48BStateDictAdapter",
+    unmapped_config=(
+        Unmapped(
+            "routed_expert_hidden_size", "Kimi K3's latent MoE: NeMo loads Kimi K3 with its own adapter"
+        ),
+        Unmapped(
+            "attn_res_block_size", "Kimi K3's attention residuals: NeMo loads Kimi K3 with its own adapter"
+        ),
+    ),
+)
+# Laguna (Poolside): split experts, the shared expert renamed as Qwen's, the router bias (stored beside the
+# experts) moved into the gate in its stored dtype, as NeMo's from_hf does.
+_LAGUNA = Adapter(
+    name="laguna",
+    description="Laguna (Poolside: sliding and full attention with an output gate, sigmoid MoE, shared expert)",
+    architectures=("LagunaForCausalLM",),
+    renames=(
+        _QWEN_SHARED_EXPERT,
+        Rename(".mlp.experts.e_score_correction_bias", ".mlp.gate.e_score_correction_bias", infix=True),
+    ),
+    experts=_SPLIT_EXPERTS,
+    not_quantized=(*_NORMS_ETC, "self_attn.g_proj.weight"),
+    model_types=("laguna",),
+    nemo="laguna.LagunaStateDictAdapter",
 )
 # Hy3 / Hy3-preview / Hy-MT2 (HYV3ForCausalLM, NeMo's hy_v3 and hy_mt2 adapters map alike): split experts,
 # the router, its bias and the shared expert renamed into NeMo's MoE names. NeMo drops the MTP layer
@@ -858,6 +910,8 @@ ADAPTERS: dict[str, Adapter] = {
         _QWEN3_OMNI_MOE,
         _HY_V3,
         _ERNIE4_5_MOE,
+        _KIMI_LINEAR,
+        _LAGUNA,
         _GLM5_NEXT,
         _DEEPSEEK_V4,
         _STEP3P5,
