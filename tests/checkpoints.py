@@ -554,6 +554,30 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         "Gemma3ForConditionalGeneration",
         {"text_config": _TINY_DENSE, "vision_config": TINY_SIGLIP, "mm_tokens_per_image": 4},
     ),
+    # Gemma 4 dense: a sliding and a full attention layer with per-layer inputs, a one-layer vision tower.
+    "gemma4": TinyFamily(
+        "Gemma4ForConditionalGeneration",
+        {
+            "text_config": {
+                **_TINY_DENSE,
+                "head_dim": 32,
+                "vocab_size_per_layer_input": _TINY_DENSE["vocab_size"],
+                "hidden_size_per_layer_input": 16,
+                "layer_types": ["sliding_attention", "full_attention"],
+                "sliding_window": 16,
+            },
+            "vision_config": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "head_dim": 16,
+            },
+            "audio_config": None,
+        },
+        keep=("embed_tokens_per_layer.", "model.vision_tower.", "model.embed_vision."),
+    ),
     # Widths that are multiples of 32 (MXFP4 blocks run along the input dimension): hidden 64, expert 96.
     "gpt-oss": TinyFamily(
         "GptOssForCausalLM",

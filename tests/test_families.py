@@ -388,13 +388,23 @@ def test_deepseek_v4_fp4_experts_go_out_in_bf16_or_fresh_fp8(checkpoint, tmp_pat
     )
 
 
-def test_qwen3_omni_with_audio_output_is_refused(checkpoint, tmp_path: Path) -> None:
-    # NeMo builds the Qwen3-Omni thinker only and passes the talker (experts per expert) and code2wav through
-    # unconverted: a release with audio output is refused by name before anything is written.
+@pytest.mark.parametrize(
+    "family,where,field,message",
+    [
+        # NeMo builds the Qwen3-Omni thinker only, passing the talker (experts per expert) and code2wav on
+        ("qwen3-omni-moe", None, "enable_audio_output", r"enable_audio_output=True.*qwen3-omni-moe.*talker"),
+        # NeMo folds Gemma 4 MoE's per_expert_scale into down_projs and writes ones on the way back
+        ("gemma4", "text_config", "enable_moe_block", r"enable_moe_block=True.*gemma4.*per_expert_scale"),
+    ],
+)
+def test_a_variant_nemo_maps_irreversibly_is_refused(
+    family, where, field, message, checkpoint, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
-    shutil.copytree(checkpoint("qwen3-omni-moe", scheme="block"), src)
+    shutil.copytree(checkpoint(family, scheme="block"), src)
     cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, "enable_audio_output": True}))
-    with pytest.raises(UnsupportedModelError, match=r"enable_audio_output=True.*qwen3-omni-moe.*talker"):
+    (cfg[where] if where else cfg)[field] = True
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=message):
         api.convert(src, tmp_path / "native", api.Options(to="native"))
     assert not (tmp_path / "native").exists()

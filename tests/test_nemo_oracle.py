@@ -147,6 +147,7 @@ CASES = [
     Case("llama", "llama", None),
     Case("gemma3", "gemma3", None),
     Case("gemma3-vlm", "gemma3-vlm", None, through_transformers=True),
+    Case("gemma4", "gemma4", None, through_transformers=True),
     Case("mistral", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),
     Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor", layout="causal"),
     Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),

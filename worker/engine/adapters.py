@@ -983,6 +983,29 @@ ADAPTERS: dict[str, Adapter] = {
             architectures=("Qwen3ForCausalLM",),
             model_types=("qwen3",),
         ),
+        # Gemma 4 dense (31B, E4B, …): NeMo loads it through transformers' class, the hf names as they are. The
+        # MoE variant shares the architecture; NeMo folds its per_expert_scale into down_projs: refused.
+        replace(
+            _DENSE,
+            name="gemma4",
+            description="Gemma 4 dense (Gemma4ForConditionalGeneration without the MoE block)",
+            architectures=("Gemma4ForConditionalGeneration",),
+            not_quantized=(*_NORMS_ETC, "embed_tokens_per_layer.weight"),
+            not_quantized_prefixes=(
+                "model.vision_tower.",
+                "model.embed_vision.",
+                "model.audio_tower.",
+                "model.embed_audio.",
+            ),
+            model_types=("gemma4", "gemma4_text"),
+            unmapped_config=(
+                Unmapped(
+                    "enable_moe_block",
+                    "NeMo's Gemma4MoEStateDictAdapter folds router.per_expert_scale into down_projs and writes ones "
+                    "on the way back, which cannot be undone",
+                ),
+            ),
+        ),
         # NeMo's Ernie4_5StateDictAdapter is the identity
         replace(
             _DENSE,
