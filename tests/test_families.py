@@ -297,11 +297,11 @@ def test_mxfp8_native_goes_out_in_bf16_or_fresh_fp8(checkpoint, tmp_path: Path) 
 @pytest.mark.parametrize(
     "dtype,shape,message",
     [
-        (torch.uint8, (64, 2), r"scale of .*q_proj\.weight. is U8 \[64, 2\].*F8_E8M0 \[64, 3\]"),
+        (torch.uint8, (64, 2), r"scale of .*q_proj\.weight. is U8 \[64, 2\].*\[64, 3\] \(one per 32 columns"),
         (
             torch.float8_e8m0fnu,
             (64, 2),
-            r"scale of .*q_proj\.weight. is F8_E8M0 \[64, 2\].*F8_E8M0 \[64, 3\]",
+            r"is F8_E8M0 \[64, 2\].*\[64, 3\] \(one per 32 columns.*\[1, 1\] \(per block",
         ),
     ],
 )
@@ -388,6 +388,25 @@ def test_deepseek_v4_fp4_experts_go_out_in_bf16_or_fresh_fp8(checkpoint, tmp_pat
     )
 
 
+def test_qwen3_omni_talker_keys_are_refused_without_the_field(checkpoint, tmp_path: Path) -> None:
+    # transformers' default is audio output on: a config that omits enable_audio_output is told by its keys
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("qwen3-omni-moe", scheme="block"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["enable_audio_output"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    save_file(
+        {"talker.model.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(4, 4)},
+        str(src / "talker.safetensors"),
+    )
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["talker.model.layers.0.mlp.experts.0.up_proj.weight"] = "talker.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UnsupportedModelError, match=r"talker\.model\.layers\.0.*qwen3-omni-moe.*talker\.\*"):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
+    assert not (tmp_path / "native").exists()
+
+
 @pytest.mark.parametrize(
     "family,where,field,message",
     [
@@ -408,3 +427,22 @@ def test_a_variant_nemo_maps_irreversibly_is_refused(
     with pytest.raises(UnsupportedModelError, match=message):
         api.convert(src, tmp_path / "native", api.Options(to="native"))
     assert not (tmp_path / "native").exists()
+
+
+def test_mxfp8_exponents_stored_as_f8_e8m0_read_as_uint8(checkpoint, tmp_path: Path) -> None:
+    # The same MXFP8 checkpoint with its exponents stored as safetensors' F8_E8M0 (transformers' own ue8m0
+    # spelling) rather than uint8: the same native bits, and back to its own F8_E8M0 bytes.
+    u8 = checkpoint("minimax-m3", scheme="mxfp8")
+    src = tmp_path / "src"
+    shutil.copytree(u8, src)
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors = load_file(shard)
+        for k, t in tensors.items():
+            if k.endswith("_scale_inv") and t.dtype == torch.uint8:
+                tensors[k] = t.view(torch.float8_e8m0fnu)
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert api.convert(u8, tmp_path / "from_u8", api.Options(to="native")).passed
+    assert api.convert(src, tmp_path / "native", api.Options(to="native")).passed
+    assert_state_dicts_identical(load_state_dict(tmp_path / "native"), load_state_dict(tmp_path / "from_u8"))
+    assert api.convert(tmp_path / "native", tmp_path / "back", api.Options(to="hf")).passed
+    assert_state_dicts_identical(load_state_dict(tmp_path / "back"), load_state_dict(src))

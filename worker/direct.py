@@ -108,7 +108,7 @@ def convert(
             source=requested, source_revision=opts.source_revision, target_repo=dst.root,
             hub_endpoint=settings.hf_endpoint, report=report, source_config=conv.ckpt.config,
             output_config=conv.direction.config, manifest=(meta / MANIFEST).read_text(), job_id=job_id,
-            original=original,
+            original=original, output_keys=conv.direction.layout.where,
         )  # fmt: skip
 
     job_id = f"cli-{os.getpid()}-{secrets.token_hex(4)}"

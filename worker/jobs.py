@@ -457,4 +457,5 @@ def _card(
         manifest=(meta / MANIFEST).read_text(),
         job_id=job["id"],
         original=original,
+        output_keys=conv.direction.layout.where,
     )

@@ -15,6 +15,7 @@ The card is Hub metadata, so it lives here, beside the job step that publishes, 
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,11 @@ def render(
     manifest: str,
     job_id: str,
     original: str | None = None,
+    output_keys: Collection[str] = (),
 ) -> str:
     """The card's text. ``report`` is the job's verification report (``Report.to_json``), ``manifest``
-    the SHA256SUMS it published, ``original`` the README.md the source carried, if any."""
+    the SHA256SUMS it published, ``original`` the README.md the source carried, if any; ``output_keys``
+    the tensors written, whose scale spelling tells formats that share a ``quant_method`` apart."""
     on_hub = source.scheme == "hf"
     relation = quantized_from_unquantized(source_config, output_config)
     output_format = report["direction"].split("->")[-1]
@@ -91,8 +94,8 @@ def render(
         f"| adapter | `{report['adapter']}` |",
         f"| direction | {report['direction'].replace('->', ' → ')} |",
         f"| dtype | {_dtype(opts, output_config)} |",
-        f"| scheme | {_scheme(output_config)} |",
-        f"| format | {_format(output_format, output_config)} |",
+        f"| scheme | {_scheme(output_config, output_keys)} |",
+        f"| format | {_format(output_format, output_config, output_keys)} |",
         "",
         "## Verification",
         "",
@@ -114,12 +117,12 @@ def render(
 
 def _dtype(opts: dict[str, Any], output_config: dict[str, Any]) -> str:
     if quantization_config_of(output_config):
-        return "float8_e4m3fn weights with their scales; other tensors as in the source"
+        return "quantized weights with their scales; other tensors as in the source"
     return f"{opts.get('dtype', 'bf16')} (dequantized weights; other tensors keep their dtype)"
 
 
-def _scheme(output_config: dict[str, Any]) -> str:
-    groups = describe(output_config)["groups"] if quantization_config_of(output_config) else []
+def _scheme(output_config: dict[str, Any], keys: Collection[str]) -> str:
+    groups = describe(output_config, keys)["groups"] if quantization_config_of(output_config) else []
     if not groups:
         return "none (not quantized)"
     parts = []
@@ -131,11 +134,11 @@ def _scheme(output_config: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _format(output_format: str, output_config: dict[str, Any]) -> str:
+def _format(output_format: str, output_config: dict[str, Any], keys: Collection[str]) -> str:
     if output_format == "native":
         return "NeMo AutoModel native layout (safetensors)"
     if quantization_config_of(output_config):
-        return f"Hugging Face safetensors, `{describe(output_config)['format']}` quantization"
+        return f"Hugging Face safetensors, `{describe(output_config, keys)['format']}` quantization"
     return "Hugging Face safetensors"
 
 

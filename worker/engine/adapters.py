@@ -15,6 +15,7 @@ cannot tell a wrong adapter apart. The table follows NeMo AutoModel 0.7.0's stat
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -109,7 +110,8 @@ class ExpertRule:
             module = re.escape(self.hf).replace(re.escape("{e}"), r"(?P<e>\d+)")
             parts = "|".join(map(re.escape, self.parts))
             return re.compile(rf"^(?P<prefix>.*\.){module}(?P<part>{parts})\.weight$")
-        return re.compile(rf"^(?P<prefix>.*){re.escape(self.hf)}$")
+        # from a module boundary: Step's "moe.down_proj.weight" is not Kimi's "block_sparse_moe.down_proj.weight"
+        return re.compile(rf"^(?P<prefix>(?:.*\.)?){re.escape(self.hf)}$")
 
     def match_hf(self, renamed: str) -> re.Match[str] | None:
         """This rule on a renamed hf key: group ``prefix``, for ``stack`` also ``e`` and ``part``, for
@@ -173,6 +175,8 @@ class Adapter:
     # config.json fields (top level or text_config) that turn on something these rules do not map, with
     # what NeMo does instead: a checkpoint that sets one is refused while planning.
     unmapped_config: tuple[Unmapped, ...] = ()
+    # The same for key prefixes (``Unmapped.field`` names one): a checkpoint with such a key is refused.
+    unmapped_keys: tuple[Unmapped, ...] = ()
     # The detected family this adapter is an alternative native layout of, where NeMo's layout depends on
     # its configuration (MiMo's attention backend): never detected, taken by --adapter on that family.
     variant_of: str | None = None
@@ -184,6 +188,15 @@ class Adapter:
                 if c.get(u.field):
                     raise UnsupportedModelError(
                         f"config.json {u.field}={c[u.field]!r}: adapter {self.name!r} does not map this ({u.why})"
+                    )
+
+    def check_keys(self, keys: Iterable[str]) -> None:
+        """Refuse a checkpoint holding a module this adapter does not map (a key under an unmapped prefix)."""
+        for key in keys:
+            for u in self.unmapped_keys:
+                if key.startswith(u.field):
+                    raise UnsupportedModelError(
+                        f"{key!r}: adapter {self.name!r} does not map {u.field}* ({u.why})"
                     )
 
     def to_native(self, key: str) -> str:
@@ -310,8 +323,7 @@ _STEP3P5 = Adapter(
     renames=(Rename(".moe.router_bias", ".moe.gate.e_score_correction_bias", infix=True),),
     experts=(
         ExpertRule("concat", "moe.", "moe.experts.gate_and_up_projs", ("gate_proj", "up_proj")),
-        # from its dot: "moe.down_proj" alone would also take Kimi Linear's block_sparse_moe.down_proj
-        ExpertRule("transpose", ".moe.down_proj.weight", ".moe.experts.down_projs"),
+        ExpertRule("transpose", "moe.down_proj.weight", "moe.experts.down_projs"),
     ),
     not_quantized=(*_NORMS_ETC, "moe.gate.weight"),
     model_types=("step3p5",),
@@ -500,6 +512,10 @@ _NEMOTRON_V3 = Adapter(
 # thinker modules (a reversible empty native side would claim every key). The talker and code2wav pass
 # through NeMo unconverted, talker experts per expert, which the stack rule would stack: a checkpoint
 # with audio output is refused.
+_OMNI_AUDIO = (
+    "NeMo builds the thinker only; its from_hf passes talker.* (experts left per expert) and code2wav.* through "
+    "unconverted, which no rule here can say"
+)
 _QWEN3_OMNI_MOE = Adapter(
     name="qwen3-omni-moe",
     description="Qwen3-Omni MoE thinker (audio and vision towers, split experts under thinker.)",
@@ -516,13 +532,9 @@ _QWEN3_OMNI_MOE = Adapter(
     not_quantized_prefixes=("thinker.audio_tower.", "thinker.visual."),
     model_types=("qwen3_omni_moe",),
     nemo="qwen3_omni_moe.Qwen3OmniMoeStateDictAdapter",
-    unmapped_config=(
-        Unmapped(
-            "enable_audio_output",
-            "NeMo builds the thinker only; its from_hf passes talker.* (experts left per expert) and code2wav.* "
-            "through unconverted, which no rule here can say",
-        ),
-    ),
+    unmapped_config=(Unmapped("enable_audio_output", _OMNI_AUDIO),),
+    # transformers' default is audio output on: a config without the field is told by its keys
+    unmapped_keys=(Unmapped("talker.", _OMNI_AUDIO), Unmapped("code2wav.", _OMNI_AUDIO)),
 )
 # ERNIE 4.5 MoE (ERNIE-4.5-21B-A3B / 300B-A47B -PT): split experts as DeepSeek-V3's, shared experts as they
 # are; NeMo moves moe_statics.e_score_correction_bias [1, E] into the router as [E] (squeeze). NeMo drops

@@ -112,7 +112,7 @@ class Encoder:
         self._scale: torch.Tensor | None = None
         if enc.mode == "keep":
             self._scale = scales(enc.keep.scale)
-            if enc.renamed and self._scale.dtype == torch.float8_e8m0fnu:
+            if enc.renamed and self._scale.dtype == torch.float8_e8m0fnu and not enc.keep.kind.exact_only:
                 # DeepSeek-V4's power-of-two block scales, spelled as the fp32 multipliers another format
                 # reads (exactly: a power of two is an fp32 value)
                 self._scale = self._scale.float()

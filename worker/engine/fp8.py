@@ -87,19 +87,32 @@ def classify_scale(key: str, weight_shape: tuple[int, ...], scale_shape: tuple[i
     )
 
 
-def classify_mx_scale(
+# The dtypes e8m0 exponents are stored as: uint8 (MiniMax-M3) or safetensors' own F8_E8M0 (DeepSeek-V4,
+# and transformers' ue8m0 FP8 quantizer).
+E8M0_DTYPES = ("U8", "F8_E8M0")
+
+
+def classify_e8m0_scale(
     key: str, weight_shape: tuple[int, ...], scale: tuple[str, tuple[int, ...]]
 ) -> ScaleKind:
-    """An e8m0 scale (uint8, or F8_E8M0) of an FP8 weight: MXFP8, one exponent per 32 columns of each row."""
+    """e8m0 exponents of an FP8 weight: one per 32 columns of a row (MXFP8), or, stored as F8_E8M0, one per
+    128x128 block: a power-of-two block scale, which is plain block FP8 (a one-block matrix's reads as
+    per-tensor, as a float scale's does)."""
     dtype, shape = scale
-    want = (*weight_shape[:-1], -(-weight_shape[-1] // mxfp4.BLOCK)) if weight_shape else None
-    if dtype not in ("U8", "F8_E8M0") or tuple(shape) != want:
-        raise CheckpointError(
-            f"scale of {key!r} is {dtype} {list(shape)}: an e8m0 (MXFP8) scale of a weight of shape "
-            f"{list(weight_shape)} is U8 or F8_E8M0 {list(want or ())} (one exponent per {mxfp4.BLOCK} "
-            "columns of a row)"
-        )
-    return ScaleKind.MXFP8
+    if len(weight_shape) >= 2:
+        per_32 = scale_shape(ScaleKind.MXFP8, weight_shape)
+        blocks = scale_shape(ScaleKind.BLOCK, weight_shape)
+        if dtype == "F8_E8M0" and tuple(shape) == blocks:
+            return classify_scale(key, weight_shape, shape)
+        if tuple(shape) == per_32:
+            return ScaleKind.MXFP8
+        grids = f"{list(per_32)} (one per {mxfp4.BLOCK} columns of a row) or, as F8_E8M0, {list(blocks)} (per block)"
+    else:
+        grids = "none: only a matrix has them"
+    raise CheckpointError(
+        f"scale of {key!r} is {dtype} {list(shape)}: e8m0 exponents of a weight of shape {list(weight_shape)} "
+        f"are {grids}"
+    )
 
 
 def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple[int, ...]) -> torch.Tensor:
@@ -130,13 +143,13 @@ def value_shape(kind: ScaleKind | None, stored: tuple[int, ...]) -> tuple[int, .
     """The shape of the value a quantized tensor stored as ``stored`` holds (MXFP4 and FP4 pack two per byte)."""
     if kind is ScaleKind.MXFP4:
         return mxfp4.value_shape(stored)
-    return (*stored[:-1], stored[-1] * 2) if kind is ScaleKind.FP4 else stored
+    return mxfp4.flat_value_shape(stored) if kind is ScaleKind.FP4 else stored
 
 
 def stored_shape(kind: ScaleKind | None, value: tuple[int, ...]) -> tuple[int, ...]:
     if kind is ScaleKind.MXFP4:
         return mxfp4.stored_shape(value)
-    return (*value[:-1], value[-1] // 2) if kind is ScaleKind.FP4 else value
+    return mxfp4.flat_stored_shape(value) if kind is ScaleKind.FP4 else value
 
 
 def dequantize_rows(

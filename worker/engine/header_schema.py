@@ -188,7 +188,7 @@ class RecordedTensor(_Closed):
     key: str = Field(description="a string")
     kind: Literal[
         "copy", "transpose", "stack", "zeros", "concat", "fp32", "split", "transpose2d", "squeeze"
-    ] = Field(description="one of copy, transpose, stack, zeros, concat, fp32, split, transpose2d")
+    ] = Field(description="one of copy, transpose, stack, zeros, concat, fp32, split, transpose2d, squeeze")
     parts: list[str] = Field(description="a list of strings")
     experts: Count = Field(0, description="a non-negative integer")
     names: Annotated[int, Field(ge=1)] = Field(1, description="a positive integer")

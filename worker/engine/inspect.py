@@ -9,7 +9,7 @@ from typing import Any
 from .adapters import Adapter, detect
 from .checkpoint import open_checkpoint
 from .encode import FRESH
-from .formats import is_native
+from .formats import hf_side, is_native
 from .fp8 import ScaleKind, value_shape
 from .keymap import Quant, find_quant, plan_from_native
 from .options import DTYPE_ARGS, STEP_BYTES
@@ -27,10 +27,7 @@ def inspect(
     native = is_native(ckpt)
     # A native checkpoint's quantization is its recorded source's, which the way back restores.
     recorded = (ckpt.sidecar or {}).get("plan") or {}
-    source = (ckpt.sidecar or {}).get("source", {})
-    config, source_keys = (
-        (source.get("config"), source.get("dtypes", {})) if native else (ckpt.config, ckpt.tensors)
-    )
+    config, source_keys = hf_side(ckpt)
     fmt = source_format(config, source_keys)
     quant, companions = ({}, []) if native else find_quant(ckpt.tensors, fmt)
     if native:

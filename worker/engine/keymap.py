@@ -96,6 +96,10 @@ class KeyPlan:
         )
 
 
+# Rule kinds whose native tensor is one hf tensor, renamed by the rule (and reshaped or widened).
+ONE_PART = ("transpose", "fp32", "copy", "squeeze")
+
+
 def find_quant(
     tensors: dict[str, TensorInfo], fmt: QuantFormat = FP8_FORMAT
 ) -> tuple[dict[str, Quant], list[str]]:
@@ -185,6 +189,7 @@ def _split(
 def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     """Apply the adapter to an hf checkpoint's keys; refuse it if its rules do not fit them."""
     adapter.check_config(ckpt.config)
+    adapter.check_keys(ckpt.tensors)
     plan = _hf_plan(ckpt, adapter)
     copied = [t.parts[0] for t in plan.tensors if t.kind == "copy"]
     _check_fit(ckpt, adapter, plan, copied, lambda other: _hf_plan(ckpt, other))
@@ -213,7 +218,7 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             concats.setdefault((m["prefix"], idx), {})[m["part"]] = key
         elif rule.kind == "split":
             out.extend(_split(ckpt, quant, key, m["prefix"], rule))
-        else:  # transpose, fp32, copy: one hf tensor, renamed by the rule
+        else:  # ONE_PART: one hf tensor, renamed by the rule
             out.append(
                 NativeTensor(m["prefix"] + rule.native, _one_part_kind(rule, ckpt.tensors[key].shape), [key])
             )
@@ -287,11 +292,7 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             continue
         stack = next((r for r in adapter.experts if r.kind == "stack" and key.endswith(r.native)), None)
         transpose = next(
-            (
-                r
-                for r in adapter.experts
-                if r.kind in ("transpose", "fp32", "copy", "squeeze") and key.endswith(r.native)
-            ),
+            (r for r in adapter.experts if r.kind in ONE_PART and key.endswith(r.native)),
             None,
         )
         concat = next((r for r in adapter.experts if r.kind == "concat" and key.endswith(r.native)), None)

@@ -67,13 +67,22 @@ def check_flat(key: str, weight: tuple[str, tuple[int, ...]], scale: tuple[str, 
     if wdtype != "I8" or sdtype not in ("F8_E8M0", "U8") or not wshape or wshape[-1] % PACKED:
         raise CheckpointError(
             f"FP4 weight {key!r} is {wdtype} {list(wshape)} with {sdtype} scales; DeepSeek-V4's FP4 weights "
-            f"are I8 [rows, in/2] (in a multiple of {BLOCK}) with F8_E8M0 exponents"
+            f"are I8 [rows, in/2] (in a multiple of {BLOCK}) with e8m0 exponents (F8_E8M0 or U8)"
         )
     if tuple(sshape) != want:
         raise CheckpointError(
             f"FP4 scales of {key!r} have shape {list(sshape)}, but its weight {list(wshape)} needs one "
             f"exponent per {BLOCK} values of a row: {list(want)}"
         )
+
+
+def flat_value_shape(stored: tuple[int, ...]) -> tuple[int, ...]:
+    """The value a flat ``[..., rows, in/2]`` FP4 tensor holds: ``[..., rows, in]``."""
+    return (*stored[:-1], stored[-1] * 2)
+
+
+def flat_stored_shape(value: tuple[int, ...]) -> tuple[int, ...]:
+    return (*value[:-1], value[-1] // 2)
 
 
 def unflatten(packed: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from typing import Any
 
 from . import mxfp4
 from .errors import CheckpointError, RecastError
-from .fp8 import BLOCK, ScaleKind, classify_mx_scale, classify_scale, scale_shape
+from .fp8 import BLOCK, E8M0_DTYPES, ScaleKind, classify_e8m0_scale, classify_scale, scale_shape
 from .safetensors_io import TensorInfo
 
 # The formats a user may choose with --format; mxfp4 is only ever the source's own.
@@ -53,15 +53,28 @@ QUANTIZATION_FIELDS = ("quantization_config", "expert_dtype")
 
 
 def _fp8_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
-    """A float multiplier (per tensor, expert, channel or 128x128 block), or e8m0 exponents: per 32
-    columns (MXFP8), or per 128x128 block (DeepSeek-V4, a power-of-two block scale); FP4 int8 codes."""
+    """A float multiplier (per tensor, expert, channel or 128x128 block), or e8m0 exponents (MXFP8, or
+    power-of-two blocks)."""
+    if scale.dtype in E8M0_DTYPES:
+        return classify_e8m0_scale(key, weight.shape, (scale.dtype, scale.shape))
+    return classify_scale(key, weight.shape, scale.shape)
+
+
+_V4_KINDS = frozenset({ScaleKind.PER_TENSOR, ScaleKind.BLOCK, ScaleKind.FP4})
+
+
+def _v4_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
+    """DeepSeek-V4: int8 FP4 codes with per-32 exponents, or e4m3 with (power-of-two) 128x128 blocks."""
     if weight.dtype == "I8":
         mxfp4.check_flat(key, (weight.dtype, weight.shape), (scale.dtype, scale.shape))
         return ScaleKind.FP4
-    blocks = scale.dtype == "F8_E8M0" and tuple(scale.shape) == scale_shape(ScaleKind.BLOCK, weight.shape)
-    if scale.dtype in ("U8", "F8_E8M0") and not blocks:
-        return classify_mx_scale(key, weight.shape, (scale.dtype, scale.shape))
-    return classify_scale(key, weight.shape, scale.shape)
+    kind = _fp8_classify(key, weight, scale)
+    if kind not in _V4_KINDS:
+        raise CheckpointError(
+            f"scale of {key!r} is {kind.value} ({scale.dtype} {list(scale.shape)}); DeepSeek-V4's e4m3 weights "
+            f"have one scale per {BLOCK}x{BLOCK} block: {list(scale_shape(ScaleKind.BLOCK, weight.shape))}"
+        )
+    return kind
 
 
 def _mxfp4_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
@@ -379,13 +392,13 @@ FORMATS: dict[str, QuantFormat] = {
             "",
             None,
             (),
-            # a one-block matrix's [1, 1] scale reads as per-tensor
-            frozenset({ScaleKind.PER_TENSOR, ScaleKind.BLOCK, ScaleKind.FP4, ScaleKind.MXFP8}),
+            _V4_KINDS,  # a one-block matrix's [1, 1] scale reads as per-tensor
             True,
             _fp8_config,
             _fp8_read,
             weight_suffix=".weight",
             codes_dtype="I8",
+            classify=_v4_classify,
             fresh=False,
         ),
         QuantFormat(

@@ -25,7 +25,7 @@ from .checks import Checks, same_bits
 from .direction import Direction, account_rest
 from .encode import Encoder, Encoding, choose, quantization_config
 from .errors import CheckpointError
-from .formats import is_native, sidecar_tensors
+from .formats import hf_side, is_native, sidecar_tensors
 from .fp8 import decode, encode, expand_scale, value_shape
 from .hostpool import HostPool
 from .keymap import KeyPlan, NativeTensor, find_quant, plan_from_native
@@ -59,12 +59,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
     plan: KeyPlan | None = None
     companions: list[str] = []
     items: list[HfItem] = []
-    source = sidecar.get("source", {})
-    source_fmt = (
-        source_format(source.get("config"), source.get("dtypes", {}))
-        if native_src
-        else source_format(src.config, src.tensors)
-    )
+    source_fmt = source_format(*hf_side(src))
     fmt = FORMATS[opts.format] if opts.format else source_fmt
     formats = {"fmt": fmt, "source_fmt": source_fmt}
     if native_src:
