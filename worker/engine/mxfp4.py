@@ -20,6 +20,8 @@ decoder serves both.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import CheckpointError
@@ -104,29 +106,58 @@ def stored_shape(value: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[..., rows, G, 16]`` codes with ``[..., rows, G]`` exponents → ``[..., rows, 32·G]`` in ``dtype``."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    """``[..., rows, G, 16]`` codes with ``[..., rows, G]`` exponents → ``[..., rows, 32·G]`` in ``dtype``.
+
+    Each byte looks up its two values at once (an embedding row of a ``[256, 2]`` table: one gather instead
+    of two nibble lookups), then the block's power of two multiplies them in fp32, which is ``ldexp``
+    exactly (a product with a power of two rounds nothing, subnormals included)."""
     b = blocks.view(torch.uint8)
-    values = torch.stack((lut[(b & 0x0F).int()], lut[(b >> 4).int()]), dim=-1)  # int32 indices: half of int64
-    values = values.reshape(*b.shape[:-1], BLOCK)
-    out = torch.ldexp(values, exponents(scales).unsqueeze(-1) - BIAS)
-    return out.reshape(*b.shape[:-2], -1).to(dtype)
+    values = torch.nn.functional.embedding(b.to(torch.int32), _pairs(b.device))
+    values = values.reshape(*b.shape[:-1], BLOCK).mul_(_powers(exponents(scales) - BIAS).unsqueeze(-1))
+    return values.reshape(*b.shape[:-2], -1).to(dtype)
 
 
 def quantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The codes of ``[..., rows, 32·G]`` values under recorded ``[..., rows, G]`` exponents, packed as
-    ``[..., rows, G, 16]`` uint8: the nearest code of each value divided by its block's power of two."""
+    ``[..., rows, G, 16]`` uint8: the nearest code of each value divided by its block's power of two.
+
+    Every boundary between neighbouring codes is a multiple of 1/4, so ``ceil(4·|y|)`` names the interval
+    a magnitude falls in and a 25-entry table its code: ``bucketize`` over the midpoints, computed once
+    for those 25 points (a NaN takes the top code, as ``bucketize`` gives it)."""
     *lead, width = values.shape
-    x = values.float().contiguous().reshape(*lead, width // BLOCK, BLOCK)
-    y = torch.ldexp(x, BIAS - exponents(scales).unsqueeze(-1))
-    bounds = torch.tensor(_MIDPOINTS, dtype=torch.float32, device=y.device)
-    codes = torch.bucketize(y.abs(), bounds, out_int32=True)
-    codes = (codes | (torch.signbit(y).to(torch.int32) << 3)).to(torch.uint8)
+    y = (
+        values.float()
+        .reshape(*lead, width // BLOCK, BLOCK)
+        .mul_(_powers(BIAS - exponents(scales)).unsqueeze(-1))
+    )
+    table = _codes(y.device)
+    top = len(table) - 1
+    k = y.abs().mul_(4).ceil_().nan_to_num_(float(top)).clamp_(0, top).to(torch.int64)
+    codes = table[k] | (torch.signbit(y).to(torch.uint8) << 3)
     pairs = codes.reshape(*lead, width // BLOCK, PACKED, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
+@functools.cache
+def _pairs(device: torch.device) -> torch.Tensor:
+    """``[256, 2]``: the two e2m1 values of each byte, low nibble first."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    byte = torch.arange(256)
+    return torch.stack((lut[byte & 0x0F], lut[byte >> 4]), dim=-1).to(device)
+
+
+@functools.cache
+def _codes(device: torch.device) -> torch.Tensor:
+    """The code of each interval ``ceil(4·|y|)`` = 0 … 24 (magnitudes up to 6, the largest)."""
+    quarters = torch.arange(int(4 * FP4_VALUES[7]) + 1, dtype=torch.float32) / 4
+    return torch.bucketize(quarters, torch.tensor(_MIDPOINTS)).to(torch.uint8).to(device)
+
+
+def _powers(e: torch.Tensor) -> torch.Tensor:
+    """``2^e`` in fp32, exactly (``ldexp`` of ones)."""
+    return torch.ldexp(torch.ones(e.shape, dtype=torch.float32, device=e.device), e)
+
+
 def expand(scales: torch.Tensor) -> torch.Tensor:
     """Each block's multiplier ``2^(s-127)`` in fp32, repeated over its 32 values."""
-    ones = torch.ones(scales.shape, dtype=torch.float32, device=scales.device)
-    return torch.ldexp(ones, exponents(scales) - BIAS).repeat_interleave(BLOCK, -1)
+    return _powers(exponents(scales) - BIAS).repeat_interleave(BLOCK, -1)
