@@ -109,11 +109,14 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     """``[..., rows, G, 16]`` codes with ``[..., rows, G]`` exponents → ``[..., rows, 32·G]`` in ``dtype``.
 
     Each byte looks up its two values at once (an embedding row of a ``[256, 2]`` table: one gather instead
-    of two nibble lookups), then the block's power of two multiplies them in fp32, which is ``ldexp``
-    exactly (a product with a power of two rounds nothing, subnormals included)."""
+    of two nibble lookups), then the block's power of two multiplies them in fp32, in two halves: ``2^128``
+    (exponent 255) is no fp32 value, ``2^64`` is, and each product rounds at most once, to what ``ldexp``
+    gives (0 · 2^128 stays 0, not NaN)."""
     b = blocks.view(torch.uint8)
-    values = torch.nn.functional.embedding(b.to(torch.int32), _pairs(b.device))
-    values = values.reshape(*b.shape[:-1], BLOCK).mul_(_powers(exponents(scales) - BIAS).unsqueeze(-1))
+    values = torch.nn.functional.embedding(b.to(torch.int32), _pairs(b.device)).reshape(*b.shape[:-1], BLOCK)
+    e = exponents(scales) - BIAS
+    half = torch.div(e, 2, rounding_mode="floor")
+    values.mul_(_powers(half).unsqueeze(-1)).mul_(_powers(e - half).unsqueeze(-1))
     return values.reshape(*b.shape[:-2], -1).to(dtype)
 
 
