@@ -388,30 +388,9 @@ def test_deepseek_v4_fp4_experts_go_out_in_bf16_or_fresh_fp8(checkpoint, tmp_pat
     )
 
 
-def test_qwen3_omni_talker_keys_are_refused_without_the_field(checkpoint, tmp_path: Path) -> None:
-    # transformers' default is audio output on: a config that omits enable_audio_output is told by its keys
-    src = tmp_path / "src"
-    shutil.copytree(checkpoint("qwen3-omni-moe", scheme="block"), src)
-    cfg = json.loads((src / "config.json").read_text())
-    del cfg["enable_audio_output"]
-    (src / "config.json").write_text(json.dumps(cfg))
-    save_file(
-        {"talker.model.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(4, 4)},
-        str(src / "talker.safetensors"),
-    )
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    index["weight_map"]["talker.model.layers.0.mlp.experts.0.up_proj.weight"] = "talker.safetensors"
-    (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(UnsupportedModelError, match=r"talker\.model\.layers\.0.*qwen3-omni-moe.*talker\.\*"):
-        api.convert(src, tmp_path / "native", api.Options(to="native"))
-    assert not (tmp_path / "native").exists()
-
-
 @pytest.mark.parametrize(
     "family,where,field,message",
     [
-        # NeMo builds the Qwen3-Omni thinker only, passing the talker (experts per expert) and code2wav on
-        ("qwen3-omni-moe", None, "enable_audio_output", r"enable_audio_output=True.*qwen3-omni-moe.*talker"),
         # NeMo folds Gemma 4 MoE's per_expert_scale into down_projs and writes ones on the way back
         ("gemma4", "text_config", "enable_moe_block", r"enable_moe_block=True.*gemma4.*per_expert_scale"),
     ],

@@ -15,7 +15,6 @@ cannot tell a wrong adapter apart. The table follows NeMo AutoModel 0.7.0's stat
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -175,8 +174,9 @@ class Adapter:
     # config.json fields (top level or text_config) that turn on something these rules do not map, with
     # what NeMo does instead: a checkpoint that sets one is refused while planning.
     unmapped_config: tuple[Unmapped, ...] = ()
-    # The same for key prefixes (``Unmapped.field`` names one): a checkpoint with such a key is refused.
-    unmapped_keys: tuple[Unmapped, ...] = ()
+    # Key prefixes of modules NeMo passes on unconverted (Qwen3-Omni's talker, whose experts stay per expert,
+    # and code2wav): copied under their own names, and this family's, so no other family's rules take them.
+    passthrough: tuple[str, ...] = ()
     # The detected family this adapter is an alternative native layout of, where NeMo's layout depends on
     # its configuration (MiMo's attention backend): never detected, taken by --adapter on that family.
     variant_of: str | None = None
@@ -190,14 +190,9 @@ class Adapter:
                         f"config.json {u.field}={c[u.field]!r}: adapter {self.name!r} does not map this ({u.why})"
                     )
 
-    def check_keys(self, keys: Iterable[str]) -> None:
-        """Refuse a checkpoint holding a module this adapter does not map (a key under an unmapped prefix)."""
-        for key in keys:
-            for u in self.unmapped_keys:
-                if key.startswith(u.field):
-                    raise UnsupportedModelError(
-                        f"{key!r}: adapter {self.name!r} does not map {u.field}* ({u.why})"
-                    )
+    def passes(self, key: str) -> bool:
+        """Whether ``key`` (hf or native: the two spellings agree there) is passed on unconverted."""
+        return key.startswith(self.passthrough) if self.passthrough else False
 
     def to_native(self, key: str) -> str:
         for r in self.renames:
@@ -222,6 +217,8 @@ class Adapter:
         """Whether one of this adapter's expert rules takes ``key``, spelled hf or native. ``fp32`` and
         ``squeeze`` rules say how a tensor is held, not a layout another family could mistake (ERNIE's
         squeezed bias is named as DeepSeek's hf one), so they claim nothing."""
+        if self.passes(key):
+            return True
         renamed = self.to_native(key)
         return any(r.match_hf(renamed) or key.endswith(r.native) for r in self.experts if r.kind not in _HELD)
 
@@ -509,13 +506,9 @@ _NEMOTRON_V3 = Adapter(
 )
 # Qwen3-Omni MoE: NeMo builds the thinker only; its from_hf strips "thinker." and stacks the split experts
 # as DeepSeek-V3's (gate, up), the audio and vision towers keep their names. The way back names the four
-# thinker modules (a reversible empty native side would claim every key). The talker and code2wav pass
-# through NeMo unconverted, talker experts per expert, which the stack rule would stack: a checkpoint
-# with audio output is refused.
-_OMNI_AUDIO = (
-    "NeMo builds the thinker only; its from_hf passes talker.* (experts left per expert) and code2wav.* through "
-    "unconverted, which no rule here can say"
-)
+# thinker modules (a reversible empty native side would claim every key). The talker (the Instruct
+# release's speech model, experts left per expert) and code2wav pass through NeMo unconverted, so here too;
+# code2wav's convolutions are never quantized.
 _QWEN3_OMNI_MOE = Adapter(
     name="qwen3-omni-moe",
     description="Qwen3-Omni MoE thinker (audio and vision towers, split experts under thinker.)",
@@ -529,12 +522,10 @@ _QWEN3_OMNI_MOE = Adapter(
     ),
     experts=_SPLIT_EXPERTS,
     not_quantized=_NORMS_ETC,
-    not_quantized_prefixes=("thinker.audio_tower.", "thinker.visual."),
+    not_quantized_prefixes=("thinker.audio_tower.", "thinker.visual.", "code2wav."),
     model_types=("qwen3_omni_moe",),
     nemo="qwen3_omni_moe.Qwen3OmniMoeStateDictAdapter",
-    unmapped_config=(Unmapped("enable_audio_output", _OMNI_AUDIO),),
-    # transformers' default is audio output on: a config without the field is told by its keys
-    unmapped_keys=(Unmapped("talker.", _OMNI_AUDIO), Unmapped("code2wav.", _OMNI_AUDIO)),
+    passthrough=("talker.", "code2wav."),
 )
 # ERNIE 4.5 MoE (ERNIE-4.5-21B-A3B / 300B-A47B -PT): split experts as DeepSeek-V3's, shared experts as they
 # are; NeMo moves moe_statics.e_score_correction_bias [1, E] into the router as [E] (squeeze). NeMo drops

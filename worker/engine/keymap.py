@@ -189,7 +189,6 @@ def _split(
 def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     """Apply the adapter to an hf checkpoint's keys; refuse it if its rules do not fit them."""
     adapter.check_config(ckpt.config)
-    adapter.check_keys(ckpt.tensors)
     plan = _hf_plan(ckpt, adapter)
     copied = [t.parts[0] for t in plan.tensors if t.kind == "copy"]
     _check_fit(ckpt, adapter, plan, copied, lambda other: _hf_plan(ckpt, other))
@@ -207,7 +206,7 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             continue
         renamed = adapter.to_native(key)
         matched = next(((i, m) for i, r in enumerate(adapter.experts) if (m := r.match_hf(renamed))), None)
-        if matched is None:
+        if matched is None or adapter.passes(key):
             out.append(NativeTensor(renamed, "copy", [key]))
             continue
         idx, m = matched
@@ -276,6 +275,9 @@ def plan_from_native(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
 def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     out: list[NativeTensor] = []
     for key, info in ckpt.tensors.items():
+        if adapter.passes(key):
+            out.append(NativeTensor(key, "copy", [key]))
+            continue
         split = next((r for r in adapter.experts if r.kind == "split" and _split_part(key, r)), None)
         if split:
             part = _split_part(key, split)
