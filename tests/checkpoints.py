@@ -234,6 +234,18 @@ _GLM5_NEXT_KEEP = (
 _STEP_KEEP = ("moe.gate.weight", "vision_model.", "vit_large_projector.")
 
 
+# Qwen3-Omni's talker and its code predictor: one small layer each.
+_TINY_SPEECH: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+}
+
+
 def _as_deepseek_v4(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
     """transformers' DeepSeek-V4 save re-spelled as the release names it (DeepSeek's inference module tree,
     which transformers' own conversion mapping reads): no ``model.`` prefix, ``embed``, ``hc_head_*``; the
@@ -548,16 +560,10 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             "enable_audio_output": True,
             "talker_config": {
                 "text_config": {
-                    "vocab_size": 128,
-                    "hidden_size": 64,
-                    "intermediate_size": 128,
-                    "num_hidden_layers": 1,
-                    "num_attention_heads": 2,
-                    "num_key_value_heads": 1,
+                    **_TINY_SPEECH,
                     "moe_intermediate_size": 32,
                     "num_experts": 4,
                     "num_experts_per_tok": 2,
-                    "head_dim": 32,
                     "shared_expert_intermediate_size": 64,
                     "rope_parameters": {
                         "rope_type": "default",
@@ -566,16 +572,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                         "mrope_interleaved": True,
                     },
                 },
-                "code_predictor_config": {
-                    "vocab_size": 128,
-                    "hidden_size": 64,
-                    "intermediate_size": 128,
-                    "num_hidden_layers": 1,
-                    "num_attention_heads": 2,
-                    "num_key_value_heads": 1,
-                    "head_dim": 32,
-                    "num_code_groups": 4,
-                },
+                "code_predictor_config": {**_TINY_SPEECH, "num_code_groups": 4},
                 "num_code_groups": 4,
                 "thinker_hidden_size": 160,
                 "accept_hidden_layer": 1,
