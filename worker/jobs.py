@@ -198,6 +198,9 @@ def guarded(ctx: Context, job_id: str, unit: str, body: Callable[[dict[str, Any]
         log.info("job %s %s: stopped, the job is now %s", job_id, unit, exc.state)
         if exc.state == "cancelling":
             _settle_cancel(ctx, job_id)
+        elif exc.state in ("failed", "cancelled"):
+            # this unit staged its output after the unit that ended the job discarded the job's
+            _discard(ctx, job_id)
     except TransientStorageError as exc:
         ctx.store.attempt(job_id, unit, -1)
         log.warning("job %s %s: transient storage error, will retry: %s", job_id, unit, exc)
@@ -231,8 +234,9 @@ def give_up(ctx: Context, job_id: str, message: str) -> None:
 
 
 def _check_cancel(ctx: Context, job_id: str) -> None:
+    """Stop a unit whose job was cancelled, or failed in another unit: its output would only be discarded."""
     job = ctx.store.get(job_id)
-    if job is None or job["state"] in ("cancelling", "cancelled"):
+    if job is None or job["state"] in ("cancelling", "cancelled", "failed"):
         raise JobCancelled
 
 
