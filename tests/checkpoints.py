@@ -624,6 +624,30 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         },
         keep=("embed_tokens_per_layer.", "model.vision_tower.", "model.embed_vision."),
     ),
+    "gemma4-text": TinyFamily(
+        "Gemma4ForCausalLM", {**_TINY_DENSE, "head_dim": 32, "hidden_size_per_layer_input": 0}
+    ),
+    # Gemma 4 Unified: a sliding and a full attention layer, the smallest vision embedder.
+    "gemma4-unified": TinyFamily(
+        "Gemma4UnifiedForConditionalGeneration",
+        {
+            "text_config": {
+                **_TINY_DENSE,
+                "head_dim": 32,
+                "layer_types": ["sliding_attention", "full_attention"],
+                "sliding_window": 16,
+            },
+            "vision_config": {
+                "patch_size": 4,
+                "pooling_kernel_size": 2,
+                "mm_embed_dim": 32,
+                "mm_posemb_size": 16,
+                "output_proj_dims": 160,
+            },
+            "audio_config": None,
+        },
+        keep=("vision_embedder.", "embed_vision."),
+    ),
     # Widths that are multiples of 32 (MXFP4 blocks run along the input dimension): hidden 64, expert 96.
     "gpt-oss": TinyFamily(
         "GptOssForCausalLM",

@@ -148,6 +148,9 @@ CASES = [
     Case("gemma3", "gemma3", None),
     Case("gemma3-vlm", "gemma3-vlm", None, through_transformers=True),
     Case("gemma4", "gemma4", None, through_transformers=True),
+    Case("gemma4-text", "gemma4", None, through_transformers=True),
+    # NeMo's Gemma 4 Unified adapter renames only (no FP8 path): dequantize_from_fp8 first.
+    Case("gemma4-unified", "gemma4-unified", "gemma4_unified.Gemma4UnifiedStateDictAdapter", dequantizes=False),
     Case("mistral", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),
     Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor", layout="causal"),
     Case("mistral3-fp8", "mistral3-fp8", _MISTRAL3, scheme="per-tensor"),
@@ -202,7 +205,8 @@ def _transformers_state_dict(sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -
     import transformers
 
     cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    cfg["text_config"] = {k: v for k, v in cfg.get("text_config", {}).items() if k != "quantization_config"}
+    if "text_config" in cfg:
+        cfg["text_config"] = {k: v for k, v in cfg["text_config"].items() if k != "quantization_config"}
     with tempfile.TemporaryDirectory(prefix="recast-oracle-") as tmp:
         save_file({k: t.contiguous() for k, t in sd.items()}, str(Path(tmp) / "model.safetensors"))
         (Path(tmp) / "config.json").write_text(json.dumps(cfg))

@@ -991,8 +991,8 @@ ADAPTERS: dict[str, Adapter] = {
         replace(
             _DENSE,
             name="gemma4",
-            description="Gemma 4 dense (Gemma4ForConditionalGeneration without the MoE block)",
-            architectures=("Gemma4ForConditionalGeneration",),
+            description="Gemma 4 dense (Gemma4ForConditionalGeneration without the MoE block, Gemma4ForCausalLM)",
+            architectures=("Gemma4ForConditionalGeneration", "Gemma4ForCausalLM"),
             not_quantized=(*_NORMS_ETC, "embed_tokens_per_layer.weight"),
             not_quantized_prefixes=(
                 "model.vision_tower.",
@@ -1008,6 +1008,32 @@ ADAPTERS: dict[str, Adapter] = {
                     "on the way back, which cannot be undone",
                 ),
             ),
+        ),
+        # Gemma 4 Unified: NeMo's adapter renames the published vision embedder into its embed_vision module
+        # (with or without the model. prefix); the rest keeps the hf names.
+        replace(
+            _DENSE,
+            name="gemma4-unified",
+            description="Gemma 4 Unified (Gemma4UnifiedForConditionalGeneration)",
+            architectures=("Gemma4UnifiedForConditionalGeneration",),
+            renames=tuple(
+                Rename(f"{p}{hf}", f"{p}{native}")
+                for p in ("model.", "")
+                for hf, native in (
+                    (
+                        "embed_vision.embedding_projection.",
+                        "embed_vision.multimodal_embedder.embedding_projection.",
+                    ),
+                    *(
+                        (f"vision_embedder.{m}", f"embed_vision.{m}")
+                        for m in ("patch_ln1.", "patch_dense.", "patch_ln2.", "pos_embedding", "pos_norm.")
+                    ),
+                )
+            ),
+            not_quantized=(*_NORMS_ETC, "embed_tokens_per_layer.weight"),
+            not_quantized_prefixes=("vision_embedder.", "embed_vision.", "embed_audio."),
+            model_types=("gemma4_unified", "gemma4_unified_text"),
+            nemo="gemma4_unified.Gemma4UnifiedStateDictAdapter",
         ),
         # NeMo's Ernie4_5StateDictAdapter is the identity
         replace(
