@@ -3,6 +3,7 @@
     PYTHONPATH=. python bench/gpu_scale.py [--workdir DIR] [--keep] [--device auto|cpu|cuda]
         [--layers 6] [--experts 32] [--shards 6] [--inter 2048] [--hidden 7168] [--vocab 4096]
         [--repeat N] [--rows floor,overlap,naive,recast,recast-nv,back,back-nv] [--no-drop-caches]
+        [--family deepseek-v3|deepseek-v4]
 
 Why: converting a checkpoint is disk-bound. On the H200 the disk reads the input and writes the bf16 output
 in about 19 s (8.5 GB in, 17 GB out), while recast took 3-5x that (PITFALLS.md, "Where the time goes").
@@ -15,7 +16,10 @@ What: it writes a synthetic DeepSeek-V3-shaped checkpoint (``DeepseekV3ForCausal
 ``weight_scale_inv``, MLA attention projections in FP8 with block scales, a bf16 router, an fp32
 ``e_score_correction_bias``, bf16 norms, embeddings and ``lm_head``), cut into shards so that a layer's
 experts, and a weight and its scale, straddle shard boundaries as in the real checkpoint. The default,
-6 layers x 32 experts of 2048 x 7168 in 6 shards, is 8.73 GB of FP8 in and 17.34 GB of bf16 out. Then each
+6 layers x 32 experts of 2048 x 7168 in 6 shards, is 8.73 GB of FP8 in and 17.34 GB of bf16 out.
+``--family deepseek-v4`` writes DeepSeek-V4-Flash's release layout instead (``layers.{i}.ffn.experts.{e}.w1``
+in FP4: int8 ``[out, in/2]`` with an e8m0 ``.scale`` per 32 columns; attention and shared experts e4m3
+with e8m0 128x128 ``.scale``), whose bf16 output is four times its experts' bytes (no naive row). Then each
 row runs in its own fresh child process, with the page cache dropped before it when this process may:
 
     floor      read every input byte, then write as many bytes as the bf16 output has, fsync'ed
@@ -61,6 +65,7 @@ from synthetic import Spec, write_checkpoint
 BLOCK = 128  # weight_block_size [128, 128]
 HEADS = 8  # MLA attention heads (DeepSeek-V3 has 128; 8 keeps attention a small share, as in the real model)
 ROPE, NOPE, V_HEAD = 64, 128, 128  # qk_rope_head_dim, qk_nope_head_dim, v_head_dim
+V4_HEAD = 512  # DeepSeek-V4's head_dim
 PIECE = 64 << 20  # I/O floor piece size
 WRITERS = 2  # writer threads of the overlapped floor
 GIB = 1 << 30
@@ -92,6 +97,7 @@ class Shape:
     vocab: int
     shards: int
     model_type: str = "deepseek_v3"  # kimi_k2 for Kimi K2, the same architecture
+    family: str = "deepseek-v3"  # or deepseek-v4: its release names, FP4 experts, e8m0 block scales
 
     @property
     def q_lora(self) -> int:
@@ -102,6 +108,31 @@ class Shape:
         return max(16, self.hidden // 14)  # 512 for H = 7168
 
     def config(self) -> dict:
+        if self.family == "deepseek-v4":
+            return {
+                "architectures": ["DeepseekV4ForCausalLM"],
+                "model_type": "deepseek_v4",
+                "hidden_size": self.hidden,
+                "moe_intermediate_size": self.inter,
+                "num_hidden_layers": self.layers,
+                "n_routed_experts": self.experts,
+                "n_shared_experts": 1,
+                "num_experts_per_tok": min(6, self.experts),
+                "num_attention_heads": HEADS,
+                "head_dim": V4_HEAD,
+                "q_lora_rank": self.q_lora,
+                "num_nextn_predict_layers": 0,
+                "vocab_size": self.vocab,
+                "torch_dtype": "bfloat16",
+                "expert_dtype": "fp4",
+                "quantization_config": {
+                    "quant_method": "fp8",
+                    "activation_scheme": "dynamic",
+                    "fmt": "e4m3",
+                    "scale_fmt": "ue8m0",
+                    "weight_block_size": [BLOCK, BLOCK],
+                },
+            }
         return {
             "architectures": ["DeepseekV3ForCausalLM"],
             "model_type": self.model_type,
@@ -168,9 +199,50 @@ def tensor_specs(s: Shape) -> list[Spec]:
     return specs
 
 
+def v4_tensor_specs(s: Shape) -> list[Spec]:
+    """DeepSeek-V4-Flash's release layout in file order: routed experts FP4 (int8 ``[out, in/2]`` beside an
+    e8m0 ``.scale`` per 32 columns), the attention and shared experts e4m3 with e8m0 128x128 ``.scale``."""
+    h, i = s.hidden, s.inter
+    specs: list[Spec] = [("embed.weight", (s.vocab, h), "bf16")]
+
+    def fp8(key: str, shape: tuple[int, int]) -> None:
+        specs.append((f"{key}.weight", shape, "fp8"))
+        specs.append((f"{key}.scale", (math.ceil(shape[0] / BLOCK), math.ceil(shape[1] / BLOCK)), "e8m0"))
+
+    def fp4(key: str, shape: tuple[int, int]) -> None:
+        specs.append((f"{key}.weight", (shape[0], shape[1] // 2), "fp4"))
+        specs.append((f"{key}.scale", (shape[0], shape[1] // 32), "e8m0"))
+
+    for layer in range(s.layers):
+        p = f"layers.{layer}"
+        specs.append((f"{p}.attn_norm.weight", (h,), "norm"))
+        specs.append((f"{p}.attn.attn_sink", (HEADS,), "f32"))
+        specs.append((f"{p}.attn.norm.weight", (V4_HEAD,), "norm"))
+        specs.append((f"{p}.attn.q_norm.weight", (s.q_lora,), "norm"))
+        fp8(f"{p}.attn.wkv", (V4_HEAD, h))
+        fp8(f"{p}.attn.wo_a", (s.q_lora, HEADS * V4_HEAD))
+        fp8(f"{p}.attn.wo_b", (h, s.q_lora))
+        fp8(f"{p}.attn.wq_a", (s.q_lora, h))
+        fp8(f"{p}.attn.wq_b", (HEADS * V4_HEAD, s.q_lora))
+        for e in range(s.experts):
+            fp4(f"{p}.ffn.experts.{e}.w1", (i, h))
+            fp4(f"{p}.ffn.experts.{e}.w2", (h, i))
+            fp4(f"{p}.ffn.experts.{e}.w3", (i, h))
+        specs.append((f"{p}.ffn.gate.bias", (s.experts,), "f32"))
+        specs.append((f"{p}.ffn.gate.weight", (s.experts, h), "bf16"))
+        fp8(f"{p}.ffn.shared_experts.w1", (i, h))
+        fp8(f"{p}.ffn.shared_experts.w2", (h, i))
+        fp8(f"{p}.ffn.shared_experts.w3", (i, h))
+        specs.append((f"{p}.ffn_norm.weight", (h,), "norm"))
+    specs.append(("norm.weight", (h,), "norm"))
+    specs.append(("head.weight", (s.vocab, h), "bf16"))
+    return specs
+
+
 def generate(src: Path, s: Shape) -> None:
     """Write the checkpoint one shard at a time (``synthetic.write_checkpoint``); runs in a child process."""
-    write_checkpoint(src, tensor_specs(s), s.shards, s.config())
+    specs = v4_tensor_specs(s) if s.family == "deepseek-v4" else tensor_specs(s)
+    write_checkpoint(src, specs, s.shards, s.config())
 
 
 # ---------------------------------------------------------------------------------------- child workloads
@@ -378,7 +450,8 @@ def st_bytes(d: Path) -> int:
 
 
 def bf16_sizes(src: Path) -> list[int]:
-    """Per input shard, the bytes of its bf16 output: FP8 weights doubled, scales dropped, the rest kept.
+    """Per input shard, the bytes of its bf16 output: FP8 weights doubled, FP4 (int8, two codes a byte)
+    quadrupled, scales dropped, the rest kept.
 
     Read from the safetensors headers (8-byte length, then JSON), so the floor can run before recast has.
     """
@@ -390,8 +463,8 @@ def bf16_sizes(src: Path) -> list[int]:
         n = 0
         for key, info in header.items():
             lo, hi = info["data_offsets"]
-            if not key.endswith("_scale_inv"):
-                n += 2 * (hi - lo) if info["dtype"].startswith("F8") else hi - lo
+            if not key.endswith(("_scale_inv", ".scale")):
+                n += {"F8_E4M3": 2, "I8": 4}.get(info["dtype"], 1) * (hi - lo)
         sizes.append(n)
     return sizes
 
@@ -584,7 +657,8 @@ class Bench:
         s = self.shape
         print(
             f"input: {s.layers} layers x {s.experts} experts (I={s.inter}, H={s.hidden}), "
-            f"{len(st_files(self.src))} shards, {in_bytes / 1e9:.2f} GB FP8; bf16 output {sum(out_sizes) / 1e9:.2f} GB",
+            f"{len(st_files(self.src))} shards, {in_bytes / 1e9:.2f} GB quantized; "
+            f"bf16 output {sum(out_sizes) / 1e9:.2f} GB",
             flush=True,
         )
         need = in_bytes + sum(out_sizes) + (in_bytes if {"back", "back-nv"} & set(rows) else 0)
@@ -687,8 +761,16 @@ def main() -> int:
     p.add_argument("--rows", type=parse_rows, default=list(DEFAULT_ROWS),
                    help=f"comma-separated, from {','.join(ROWS)} (default: all but back-nv)")  # fmt: skip
     p.add_argument("--no-drop-caches", action="store_true", help="leave the page cache alone (warm figures)")
+    p.add_argument("--family", choices=("deepseek-v3", "deepseek-v4"), default="deepseek-v3",
+                   help="deepseek-v4: the release's names, FP4 routed experts, e8m0 block scales")  # fmt: skip
     args = p.parse_args()
-    shape = Shape(args.layers, args.experts, args.inter, args.hidden, args.vocab, args.shards)
+    if args.family == "deepseek-v4" and "naive" in args.rows:
+        p.error(
+            "the naive row reads DeepSeek-V3's *_scale_inv layout only: leave it out with --family deepseek-v4"
+        )
+    shape = Shape(
+        args.layers, args.experts, args.inter, args.hidden, args.vocab, args.shards, family=args.family
+    )
     work = args.workdir or Path(tempfile.mkdtemp(prefix="recast-gpu-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     bench = Bench(work.resolve(), shape, args.device, max(1, args.repeat), PageCache(not args.no_drop_caches))
