@@ -134,6 +134,13 @@ def find_quant(
     return quant, sorted(companions)
 
 
+def source_quant(
+    config: dict[str, Any] | None, tensors: dict[str, TensorInfo]
+) -> tuple[dict[str, Quant], list[str]]:
+    """``find_quant`` in the format the checkpoint declares and spells (``qformat.source_format``)."""
+    return find_quant(tensors, source_format(config, tensors))
+
+
 def _check_stackable(ckpt: Checkpoint, parts: list[str], names: int) -> None:
     """Experts stack into one ``[E, H, sum(w)]`` tensor only if every expert's parts are 2-D, part ``j``
     has one shape across experts and all parts share their second dimension; refuse anything else here,
@@ -196,7 +203,7 @@ def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
 
 
 def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
-    quant, companions = find_quant(ckpt.tensors, source_format(ckpt.config, ckpt.tensors))
+    quant, companions = source_quant(ckpt.config, ckpt.tensors)
     skip = set(companions)
     out: list[NativeTensor] = []
     stacks: dict[tuple[str, int], dict[int, dict[str, str]]] = {}
@@ -204,9 +211,12 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     for key in ckpt.tensors:
         if key in skip:
             continue
+        if adapter.passes(key):
+            out.append(NativeTensor(key, "copy", [key]))
+            continue
         renamed = adapter.to_native(key)
         matched = next(((i, m) for i, r in enumerate(adapter.experts) if (m := r.match_hf(renamed))), None)
-        if matched is None or adapter.passes(key):
+        if matched is None:
             out.append(NativeTensor(renamed, "copy", [key]))
             continue
         idx, m = matched

@@ -16,9 +16,8 @@ from .checks import Acc, same_bits
 from .errors import CheckpointError
 from .formats import is_native, sidecar_tensors
 from .fp8 import BLOCK, ScaleKind, dequantize_rows, expand_scale, quantize_rows, value_shape
-from .keymap import KeyPlan, find_quant, plan_from_native
+from .keymap import KeyPlan, plan_from_native, source_quant
 from .options import DTYPE_ARGS
-from .qformat import source_format
 from .report import Report, TensorResult
 from .safetensors_io import DTYPES
 from .storage import Source
@@ -50,7 +49,7 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
     plan = KeyPlan.from_json(dst.sidecar["plan"])
     sts = TensorSource.of(src)
     dts = TensorSource.of(dst, sidecar_tensors(dst))
-    quant, companions = find_quant(src.tensors, source_format(src.config, src.tensors))
+    quant, companions = source_quant(src.config, src.tensors)
     expected_keys = {t.key for t in plan.tensors}
     if set(dst.tensors) != expected_keys:
         extra, missing = set(dst.tensors) - expected_keys, expected_keys - set(dst.tensors)
@@ -113,7 +112,7 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
 
 def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.device) -> None:
     """→ hf: dequantize the written tensors and rebuild each source tensor from them."""
-    dquant, _ = find_quant(dst.tensors, source_format(dst.config, dst.tensors))
+    dquant, _ = source_quant(dst.config, dst.tensors)
     dts = TensorSource.of(dst)
     lossy_ok = options.get("quantize") != "none"
     dtype = DTYPES[DTYPE_ARGS[options.get("dtype", "bf16")]]
@@ -167,7 +166,7 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
             report.accounting["mapped"].append(t.key)
         _account(src, report)
         return
-    squant, companions = find_quant(src.tensors, source_format(src.config, src.tensors))
+    squant, companions = source_quant(src.config, src.tensors)
     sts = TensorSource.of(src)
     for key, info in src.tensors.items():
         if key in companions:
