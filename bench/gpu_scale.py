@@ -166,6 +166,11 @@ class Shape:
         }
 
 
+def blocks(shape: tuple[int, int]) -> tuple[int, int]:
+    """The 128x128 scale grid of a 2-D weight."""
+    return math.ceil(shape[0] / BLOCK), math.ceil(shape[1] / BLOCK)
+
+
 def tensor_specs(s: Shape) -> list[Spec]:
     """Every tensor of the checkpoint in file order, each FP8 weight followed by its block scale."""
     h, i = s.hidden, s.inter
@@ -173,9 +178,7 @@ def tensor_specs(s: Shape) -> list[Spec]:
 
     def fp8(key: str, shape: tuple[int, int]) -> None:
         specs.append((key, shape, "fp8"))
-        specs.append(
-            (key + "_scale_inv", (math.ceil(shape[0] / BLOCK), math.ceil(shape[1] / BLOCK)), "scale")
-        )
+        specs.append((key + "_scale_inv", blocks(shape), "scale"))
 
     for layer in range(s.layers):
         p = f"model.layers.{layer}"
@@ -207,7 +210,7 @@ def v4_tensor_specs(s: Shape) -> list[Spec]:
 
     def fp8(key: str, shape: tuple[int, int]) -> None:
         specs.append((f"{key}.weight", shape, "fp8"))
-        specs.append((f"{key}.scale", (math.ceil(shape[0] / BLOCK), math.ceil(shape[1] / BLOCK)), "e8m0"))
+        specs.append((f"{key}.scale", blocks(shape), "e8m0"))
 
     def fp4(key: str, shape: tuple[int, int]) -> None:
         specs.append((f"{key}.weight", (shape[0], shape[1] // 2), "fp4"))
