@@ -121,6 +121,9 @@ class TinyFamily:
     # The release's own spelling of the saved state dict and config.json, where transformers has no class
     # of the family and the checkpoint is a related class's re-spelled (Ling 2.0 from GLM-4.5-MoE).
     respell: Callable[[dict[str, torch.Tensor], dict[str, Any]], tuple[dict, dict]] | None = None
+    # A key ending the vendor saves as ``n`` tensor-parallel row shards, each with a 128x128 block grid of
+    # its own (MiMo-V2.5-Pro's fused qkv_proj), and that ``n``.
+    row_shards: tuple[str, int] | None = None
 
 
 # Two layers (the first dense where the family has dense layers), four experts, widths 160 / 200 / 96
@@ -271,6 +274,47 @@ def _as_deepseek_v4(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tupl
     for part in ("fn", "base", "scale"):
         mtp[f"mtp.0.hc_head_{part}"] = out[f"hc_head_{part}"].clone()
     return {**out, **mtp}, {**config, "num_nextn_predict_layers": 1}
+
+
+# MiMo-V2.5-Pro's sliding-window layers have head counts and dims of their own (hybrid_layer_pattern 1).
+_MIMO_SWA = {
+    "swa_num_attention_heads": 8,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 24,
+    "swa_v_head_dim": 16,
+}
+
+
+def _as_mimo_v25(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
+    """transformers' MiMo-V2-Flash save re-spelled as a MiMo-V2.5-Pro release, by the layout NeMo's mimo_v25
+    adapter documents: each layer's q/k/v fused into ``self_attn.qkv_proj.weight`` saved as one shard per
+    key/value head, ``[Q_0 | K_0 | V_0 | Q_1 | …]``, sized by the full-attention head counts, or the
+    ``swa_*`` ones on sliding-window layers (``hybrid_layer_pattern`` 1, from transformers' layer_types).
+    The q/k/v are drawn afresh: transformers' class sizes its sliding-window layers its own way."""
+    c = {**config, **_MIMO_SWA}
+    tp, hidden = c["num_key_value_heads"], c["hidden_size"]
+    pattern = [int(t == "sliding_attention") for t in c["layer_types"]]
+    gen = torch.Generator().manual_seed(11)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            continue
+        if not key.endswith("self_attn.q_proj.weight"):
+            out[key] = t
+            continue
+        swa = "swa_" if pattern[int(key.split(".layers.")[1].split(".")[0])] else ""
+        heads, kv = c[swa + "num_attention_heads"], c[swa + "num_key_value_heads"]
+        rows = (heads * c[swa + "head_dim"], kv * c[swa + "head_dim"], kv * c[swa + "v_head_dim"])
+        parts = [(torch.randn(r, hidden, generator=gen) * 0.02).to(t.dtype) for r in rows]
+        shards = [torch.cat([p.chunk(tp)[s] for p in parts]) for s in range(tp)]
+        out[key[: -len("q_proj.weight")] + "qkv_proj.weight"] = torch.cat(shards)
+    return out, {
+        **c,
+        "architectures": ["MiMoV25ForCausalLM"],
+        "model_type": "mimo_v2",
+        "attention_projection_layout": "fused_qkv",
+        "hybrid_layer_pattern": pattern,
+    }
 
 
 def _as_kimi_linear(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
@@ -513,6 +557,22 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         "MiMoV2FlashForCausalLM",
         {**_TINY_MOE, "n_routed_experts": 4, "v_head_dim": 32, "mlp_layer_types": ["dense", "sparse"]},
         keep=("self_attn.o_proj.weight",),
+    ),
+    # MiMo-V2.5-Pro: two key/value heads, so two shards of 152 (full) and 136 (sliding-window) rows, which
+    # no 128-row grid fits: the scale restarts its blocks at every shard.
+    "mimo-v2.5-pro": TinyFamily(
+        "MiMoV2FlashForCausalLM",
+        {
+            **_TINY_MOE,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "n_routed_experts": 4,
+            "v_head_dim": 32,
+            "mlp_layer_types": ["dense", "sparse"],
+        },
+        keep=("self_attn.o_proj.weight",),
+        respell=_as_mimo_v25,
+        row_shards=("self_attn.qkv_proj.weight", 2),
     ),
     "glm5-next": TinyFamily("Glm5NextForConditionalGeneration", _TINY_GLM5_NEXT, keep=_GLM5_NEXT_KEEP),
     # Qwen3-Omni MoE as the Instruct release (audio output on: a talker with its own experts and code2wav):
@@ -1141,7 +1201,12 @@ def quantize_state_dict(
         if not _vendor_quantizes(family, key):
             out[key] = t
             continue
-        q, s = mxfp8_quantize(t) if scheme == "mxfp8" else _quantize(t, scheme, scalar_shape)
+        sharded = TINY_FAMILIES[family].row_shards if family in TINY_FAMILIES else None
+        if sharded and scheme == "block" and key.endswith(sharded[0]):  # a grid per shard
+            q, s = _quantize(t.reshape(sharded[1], -1, t.shape[-1]), scheme, scalar_shape)
+            q, s = q.reshape(t.shape), s.reshape(-1, s.shape[-1])
+        else:
+            q, s = mxfp8_quantize(t) if scheme == "mxfp8" else _quantize(t, scheme, scalar_shape)
         out[key] = q
         out[scale_key(key)] = s
         if scheme == "per-tensor":  # static activation scheme: any positive fp32 scalar

@@ -63,6 +63,8 @@ _MINIMAX = [
         ({"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text"}, _SPLIT, "qwen3.5-moe"),
         ({"model_type": "qwen3_5_moe"}, ["model.layers.1.mlp.experts.gate_up_proj"], "qwen3.5-moe"),
         ({"architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash"}, _SPLIT, "mimo-v2-flash"),
+        ({"architectures": ["MiMoV25ForCausalLM"], "model_type": "mimo_v2"},
+         ["model.layers.0.self_attn.qkv_proj.weight", *_SPLIT], "mimo-v2.5-pro"),
         ({"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
           "text_config": {"model_type": "qwen3_5_text"}}, [*_DENSE, "model.language_model.layers.0.linear_attn.A_log"],
          "qwen3.5"),
@@ -224,6 +226,29 @@ def test_a_split_off_the_config_or_the_scale_blocks_is_refused(
     (src / "config.json").write_text(
         json.dumps({**cfg, "num_attention_heads": heads, "num_key_value_heads": kv_heads})
     )
+    with pytest.raises(CheckpointError, match=message):
+        api.convert(src, tmp_path / "native", api.Options(to="native"))
+    assert not (tmp_path / "native").exists() or not any((tmp_path / "native").iterdir())
+
+
+@pytest.mark.parametrize(
+    "kv_heads,message",
+    [
+        # one shard: the [4, 2] per-shard scale is not the [3, 2] of one grid over 304 rows
+        (1, r"scale of 'model\.layers\.\d\.self_attn\.qkv_proj\.weight' has shape \[4, 2\].*128x128 blocks"),
+        # four shards of 76 rows would need [4, 2] too, but two of 152 fit it first: ambiguous, refused
+        (4, r"qkv_proj\.weight' \[4, 2\] also fits fewer than 4 row shards.*ambiguous"),
+    ],
+)
+def test_a_sharded_scale_grid_that_does_not_fit_the_config_is_refused(
+    kv_heads, message, checkpoint, tmp_path: Path
+) -> None:
+    # MiMo-V2.5-Pro's fused qkv_proj is saved as num_key_value_heads shards, each with its own block grid;
+    # a config.json that names another shard count does not fit the scales, and nothing is written.
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("mimo-v2.5-pro", scheme="block"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": kv_heads}))
     with pytest.raises(CheckpointError, match=message):
         api.convert(src, tmp_path / "native", api.Options(to="native"))
     assert not (tmp_path / "native").exists() or not any((tmp_path / "native").iterdir())

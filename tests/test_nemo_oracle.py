@@ -94,6 +94,8 @@ CASES = [
          nemo_backend=(("attn", "sdpa"),)),
     Case("mimo-v2-flash", "mimo-v2-flash-te", "mimo_v2_flash.MiMoV2FlashStateDictAdapter",
          nemo_backend=(("attn", "te"),), override=True),
+    # MiMo-V2.5-Pro: NeMo's adapter regroups the shard-interleaved FP8 qkv_proj itself, grid by grid.
+    Case("mimo-v2.5-pro", "mimo-v2.5-pro", "mimo_v25.MiMoV2StateDictAdapter"),
     Case("minimax-m2", "minimax-m2", "minimax_m2.MiniMaxM2StateDictAdapter"),
     # MXFP8: NeMo's M3 adapter dequantizes the e8m0-scaled weights itself (its dequantize_mxfp8).
     Case("minimax-m3", "minimax-m3", "minimax_m3_vl.MiniMaxM3VLStateDictAdapter", scheme="mxfp8"),
@@ -324,6 +326,7 @@ def test_nemo_step_adapters_have_no_fp8_path(nemo, checkpoint) -> None:
         "ernie4.5-moe",
         "kimi-linear",
         "laguna",
+        "mimo-v2.5-pro",
     ],
 )
 def test_native_without_recast_json_goes_back_as_nemo_to_hf(family, nemo, checkpoint, tmp_path: Path) -> None:
@@ -389,6 +392,32 @@ def test_ling_v2_bf16_release_equals_nemo_and_quantizes_afresh(
     assert api.convert(fp8, again, api.Options(to="native")).passed
     want = _nemo_adapter(case, config(fp8)).from_hf(nemo_oracle.dequantize(fp8_sd, torch.bfloat16))
     assert_state_dicts_identical(load_state_dict(again), want)
+
+
+def test_mimo_v25_pro_regroups_only_the_fp8_release(
+    nemo, checkpoint, plain_checkpoint, tmp_path: Path
+) -> None:
+    # NeMo's MiMo-V2.5-Pro adapter regroups the shard-interleaved qkv_proj only where it is FP8 (the
+    # release); a bf16 one, as its own to_hf writes it, is taken to be [Q | K | V] already and passed on.
+    # Recast does the same, so both equal NeMo; the FP8 one's scales restart at each shard's 152 rows.
+    case = next(c for c in CASES if c.adapter == "mimo-v2.5-pro")
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    fp8 = load_state_dict(checkpoint("mimo-v2.5-pro", scheme="block"))
+    assert fp8[qkv].shape == (304, 160) and fp8[qkv + "_scale_inv"].shape == (4, 2)  # a plain grid: [3, 2]
+    src = plain_checkpoint("mimo-v2.5-pro")
+    native = tmp_path / "native"
+    assert api.convert(src, native, api.Options(to="native")).adapter == "mimo-v2.5-pro"
+    source_sd, cfg = load_state_dict(src), config(src)
+    got = load_state_dict(native)
+    assert_state_dicts_identical(got, _nemo_adapter(case, cfg).from_hf(dict(source_sd)))
+    assert torch.equal(got[qkv], source_sd[qkv])
+    # A fresh block quantization leaves qkv_proj in bf16: one grid over the whole tensor is not the
+    # per-shard grid MiMo's loaders read.
+    report = api.convert(native, tmp_path / "fp8", api.Options(to="hf", quantize="block"))
+    assert report.passed
+    fresh = load_state_dict(tmp_path / "fp8")
+    assert fresh[qkv].dtype == torch.bfloat16 and qkv + "_scale_inv" not in fresh
+    assert fresh["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float8_e4m3fn
 
 
 def test_nemo_qwen3_5_moe_dequantizes_only_the_experts(nemo, checkpoint) -> None:

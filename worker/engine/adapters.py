@@ -95,6 +95,14 @@ class ExpertRule:
 
     ``sizes`` (``split``): per part, a product of config.json fields and integers, ``"num_key_value_heads *
     head_dim"``, read from the config (or its ``text_config``) when the checkpoint is planned.
+    ``shards`` (``split``): a product of fields too, where the fused tensor is saved as that many
+    tensor-parallel shards ``[Q_s | K_s | V_s]`` (MiMo-V2.5-Pro), each part's rows then split evenly
+    among them; its FP8 block grid restarts at every shard (``fp8.ScaleKind.SHARDED``).
+    ``by_layer`` (``split``): a config.json list and a field prefix: where the list is true at the key's
+    layer, each field is read with the prefix if the config has it (MiMo's ``hybrid_layer_pattern`` and
+    its ``swa_*`` head counts for sliding-window layers).
+    ``fused`` (``split``): the parts are gathered, part by part, into one native tensor of this name rather
+    than one each (MiMo-V2.5-Pro's canonical ``[Q | K | V]`` from its shard-interleaved one).
     """
 
     kind: str
@@ -102,6 +110,9 @@ class ExpertRule:
     native: str
     parts: tuple[str, ...] = ()
     sizes: tuple[str, ...] = ()
+    shards: str = ""
+    by_layer: tuple[str, str] = ()
+    fused: str = ""
 
     @cached_property
     def _hf_pattern(self) -> re.Pattern[str]:
@@ -117,23 +128,41 @@ class ExpertRule:
         ``concat`` also ``part``."""
         return self._hf_pattern.match(renamed)
 
-    def split_sizes(self, config: dict[str, Any]) -> list[int]:
-        """Each part's rows (``split``), from config.json; refuses a config that lacks a field they name."""
+    def split_sizes(self, config: dict[str, Any], key: str = "") -> list[int]:
+        """Each part's rows (``split``) in tensor ``key``, from config.json; refuses a config that lacks a
+        field they name."""
         c = {**config, **(config.get("text_config") or {})}
-        out = []
-        for expr in self.sizes:
-            n = 1
-            for name in (f.strip() for f in expr.split("*")):
-                if name.isdigit():
-                    n *= int(name)
-                elif isinstance(c.get(name), int) and not isinstance(c.get(name), bool):
-                    n *= c[name]
-                else:
-                    raise UnsupportedModelError(
-                        f"config.json lacks the integer {name!r} that splits {self.hf!r} ({expr})"
-                    )
-            out.append(n)
-        return out
+        prefix = ""
+        if self.by_layer:
+            field, prefix = self.by_layer
+            m = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
+            pattern = c.get(field)
+            if m is None or not isinstance(pattern, list) or int(m.group(1)) >= len(pattern):
+                raise UnsupportedModelError(
+                    f"config.json {field} does not say which attention layer {key!r} is"
+                )
+            prefix = prefix if pattern[int(m.group(1))] else ""
+        return [self._product(c, expr, prefix) for expr in self.sizes]
+
+    def shard_count(self, config: dict[str, Any]) -> int:
+        """How many shards the fused tensor is saved as (``shards``; 1 where the rule has none)."""
+        return (
+            self._product({**config, **(config.get("text_config") or {})}, self.shards) if self.shards else 1
+        )
+
+    def _product(self, c: dict[str, Any], expr: str, prefix: str = "") -> int:
+        n = 1
+        for name in (f.strip() for f in expr.split("*")):
+            field = prefix + name if prefix + name in c else name
+            if name.isdigit():
+                n *= int(name)
+            elif isinstance(c.get(field), int) and not isinstance(c.get(field), bool):
+                n *= c[field]
+            else:
+                raise UnsupportedModelError(
+                    f"config.json lacks the integer {field!r} that splits {self.hf!r} ({expr})"
+                )
+        return n
 
     def hf_part(self, e: int, part: str) -> str:
         """The hf key, after ``prefix``, of expert ``e``'s ``part`` (``stack``; ``concat`` ignores ``e``)."""
@@ -189,6 +218,12 @@ class Adapter:
                     raise UnsupportedModelError(
                         f"config.json {u.field}={c[u.field]!r}: adapter {self.name!r} does not map this ({u.why})"
                     )
+
+    def row_shards(self, config: dict[str, Any], hf_key: str) -> int:
+        """How many shards hf tensor ``hf_key`` is saved as, each with its own FP8 block grid (1: one grid)."""
+        renamed = self.to_native(hf_key)
+        rule = next((r for r in self.experts if r.kind == "split" and r.shards and r.match_hf(renamed)), None)
+        return rule.shard_count(config) if rule else 1
 
     def passes(self, key: str) -> bool:
         """Whether ``key`` (hf or native: the two spellings agree there) is passed on unconverted."""
@@ -826,6 +861,37 @@ ADAPTERS: dict[str, Adapter] = {
             model_types=("mimo_v2_flash",),
             nemo="mimo_v2_flash.MiMoV2FlashStateDictAdapter",
             variant_of="mimo-v2-flash",
+        ),
+        # MiMo-V2.5-Pro saves its fused qkv_proj shard by shard, one shard per key/value head; NeMo's
+        # adapter regroups an FP8 one into [Q | K | V] (a bf16 one, as NeMo's own to_hf writes it, is that
+        # already) with the swa_* head counts on sliding-window layers.
+        replace(
+            _DEEPSEEK_V3,
+            name="mimo-v2.5-pro",
+            description="MiMo-V2.5-Pro (MiMoV25ForCausalLM: fused qkv_proj saved per tensor-parallel shard, "
+            "regrouped), block-wise FP8",
+            architectures=("MiMoV25ForCausalLM",),
+            experts=(
+                *_SPLIT_EXPERTS,
+                ExpertRule(
+                    "split",
+                    "self_attn.qkv_proj.weight",
+                    "self_attn.",
+                    ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
+                    (
+                        "num_attention_heads * head_dim",
+                        "num_key_value_heads * head_dim",
+                        "num_key_value_heads * v_head_dim",
+                    ),
+                    shards="num_key_value_heads",
+                    by_layer=("hybrid_layer_pattern", "swa_"),
+                    fused="qkv_proj.weight",
+                ),
+            ),
+            # a fresh grid over the whole interleaved tensor is not the per-shard one MiMo's loaders read
+            not_quantized=(*_NORMS_ETC, "self_attn.o_proj.weight", "self_attn.qkv_proj.weight"),
+            model_types=(),
+            nemo="mimo_v25.MiMoV2StateDictAdapter",
         ),
         replace(
             _DEEPSEEK_V3,

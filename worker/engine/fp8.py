@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cache
 
 import torch
 
@@ -33,6 +34,9 @@ class ScaleKind(StrEnum):
     MXFP4 = "mxfp4"  # not FP8: e2m1 codes in blocks of 32 with e8m0 exponents (mxfp4.py)
     MXFP8 = "mxfp8"  # e4m3 codes, one e8m0 exponent (uint8) per 32 columns of a row
     FP4 = "fp4"  # MXFP4's numbers spelled flat: int8 [rows, in/2] with e8m0 [rows, in/32] (DeepSeek-V4)
+    # 128x128 blocks whose grid restarts at every one of n equal row shards (MiMo-V2.5-Pro's fused qkv,
+    # saved TP shard by TP shard): [n * ceil(rows/n/128), ceil(cols/128)]
+    SHARDED = "sharded-block"
 
     @property
     def stored_dtype(self) -> str:
@@ -115,6 +119,44 @@ def classify_e8m0_scale(
     )
 
 
+@cache
+def shard_period(rows: int, scale_rows: int) -> int | None:
+    """The rows of one shard of a sharded block grid with ``scale_rows`` scale rows over ``rows`` rows: the
+    grid of the fewest (two or more) equal shards that fits, None where none does. Read from the shapes
+    alone, so every step expands a recorded scale the same way; ``classify_sharded`` refuses a checkpoint
+    whose configured shard count is not that one."""
+    for n in range(2, scale_rows + 1):  # every shard has a scale row
+        if rows % n == 0 and n * -(-(rows // n) // BLOCK) == scale_rows:
+            return rows // n
+    return None
+
+
+def classify_sharded(
+    key: str, weight_shape: tuple[int, ...], scale_shape_: tuple[int, ...], shards: int, why: str
+) -> ScaleKind:
+    """The scale of a weight saved as ``shards`` equal row shards (``why``: where that count comes from),
+    each with a 128x128 grid of its own; plain blocks where the shards end on block boundaries."""
+    if len(weight_shape) != 2 or weight_shape[0] % shards:
+        raise CheckpointError(
+            f"{key!r} has shape {list(weight_shape)}, which does not split into {shards} equal row shards ({why})"
+        )
+    period = weight_shape[0] // shards
+    if period % BLOCK == 0:
+        return classify_scale(key, weight_shape, scale_shape_)
+    want = (shards * -(-period // BLOCK), -(-weight_shape[1] // BLOCK))
+    if tuple(scale_shape_) != want:
+        raise CheckpointError(
+            f"scale of {key!r} has shape {list(scale_shape_)}; {shards} row shards of {period} rows ({why}), "
+            f"each with its own {BLOCK}x{BLOCK} grid, need {list(want)}"
+        )
+    if shard_period(weight_shape[0], want[0]) != period:
+        raise CheckpointError(
+            f"scale of {key!r} {list(scale_shape_)} also fits fewer than {shards} row shards of its weight "
+            f"{list(weight_shape)}: the grid is ambiguous, so Recast does not read it"
+        )
+    return ScaleKind.SHARDED
+
+
 def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple[int, ...]) -> torch.Tensor:
     """The fp32 scale broadcastable over ``weight[rows]`` (a dim-0 slice of a tensor of ``shape``)."""
     if kind in (ScaleKind.MXFP4, ScaleKind.FP4):
@@ -122,6 +164,12 @@ def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple
     if kind is ScaleKind.MXFP8:
         return mxfp4.expand(scale[rows])[..., : shape[-1]]
     s = scale.float()
+    if kind is ScaleKind.SHARDED:  # any rows: each row's scale row, gathered
+        period = shard_period(shape[0], s.shape[0])
+        r = torch.arange(rows.start, rows.stop, device=s.device)
+        return s[(r // period) * -(-period // BLOCK) + (r % period) // BLOCK].repeat_interleave(BLOCK, 1)[
+            :, : shape[-1]
+        ]
     if kind is ScaleKind.PER_TENSOR:
         return s.reshape(())
     if kind is ScaleKind.PER_EXPERT:

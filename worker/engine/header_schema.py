@@ -192,17 +192,21 @@ class RecordedTensor(_Closed):
     parts: list[str] = Field(description="a list of strings")
     experts: Count = Field(0, description="a non-negative integer")
     names: Annotated[int, Field(ge=1)] = Field(1, description="a positive integer")
-    rows: Annotated[list[Count], Field(min_length=2, max_length=2)] | None = Field(
-        None, description="[first row, end row] of the one part (split only)"
+    rows: Annotated[list[Count], Field(min_length=2)] | None = Field(
+        None, description="[first row, end row, …]: the row ranges of the one part, in order (split only)"
     )
 
     @model_validator(mode="after")
     def _split_rows(self) -> RecordedTensor:
-        """A split piece names its row range of its one part; nothing else has one."""
+        """A split piece names its row ranges of its one part; nothing else has them."""
         if (self.kind == "split") != (self.rows is not None):
             raise ValueError("rows are given for kind split, and only for it")
-        if self.rows is not None and (self.rows[0] >= self.rows[1] or len(self.parts) != 1):
-            raise ValueError("a split piece is rows [first, end) of one part, first < end")
+        if self.rows is not None and (
+            len(self.rows) % 2
+            or len(self.parts) != 1
+            or any(a >= b for a, b in zip(self.rows[::2], self.rows[1::2], strict=True))
+        ):
+            raise ValueError("a split piece is row ranges [first, end) of one part, each first < end")
         return self
 
 

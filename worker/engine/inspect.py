@@ -11,7 +11,7 @@ from .checkpoint import open_checkpoint
 from .encode import FRESH
 from .formats import hf_side, is_native
 from .fp8 import ScaleKind, value_shape
-from .keymap import Quant, find_quant, plan_from_native
+from .keymap import Quant, plan_from_native, source_quant
 from .options import DTYPE_ARGS, STEP_BYTES
 from .qformat import FORMAT_NAMES, FORMATS, QuantFormat, describe, source_format
 from .safetensors_io import DTYPES
@@ -29,7 +29,7 @@ def inspect(
     recorded = (ckpt.sidecar or {}).get("plan") or {}
     config, source_keys = hf_side(ckpt)
     fmt = source_format(config, source_keys)
-    quant, companions = ({}, []) if native else find_quant(ckpt.tensors, fmt)
+    quant, companions = ({}, []) if native else source_quant(ckpt.config, ckpt.tensors)
     if native:
         plan = plan_from_native(ckpt, chosen)
         hf_keys = list(dict.fromkeys(k for t in plan.tensors for k in hf_shapes(t, ckpt.tensors[t.key])))

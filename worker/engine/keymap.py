@@ -15,7 +15,7 @@ from typing import Any
 from .adapters import ADAPTERS, Adapter, ExpertRule, describe_config, detected, expert_owner, supported
 from .checkpoint import Checkpoint
 from .errors import AdapterMismatchError, CheckpointError
-from .fp8 import BLOCK, ScaleKind, value_shape
+from .fp8 import BLOCK, ScaleKind, classify_sharded, value_shape
 from .qformat import FP8_FORMAT, QuantFormat, source_format
 from .safetensors_io import TensorInfo
 
@@ -101,10 +101,13 @@ ONE_PART = ("transpose", "fp32", "copy", "squeeze")
 
 
 def find_quant(
-    tensors: dict[str, TensorInfo], fmt: QuantFormat = FP8_FORMAT
+    tensors: dict[str, TensorInfo],
+    fmt: QuantFormat = FP8_FORMAT,
+    shards: Callable[[str], int] | None = None,
 ) -> tuple[dict[str, Quant], list[str]]:
     """Pair every FP8 tensor with its scale (looked up across shards), named as ``fmt`` names them;
-    error on a missing one, and on a companion that belongs to no quantized tensor."""
+    error on a missing one, and on a companion that belongs to no quantized tensor. ``shards(key)``: how
+    many row shards, each with a block grid of its own, a tensor is saved as (``Adapter.row_shards``)."""
     quant: dict[str, Quant] = {}
     companions: set[str] = set()
     for key, info in tensors.items():
@@ -117,7 +120,12 @@ def find_quant(
             continue
         scale = fmt.scale_key(key)
         if scale in tensors:
-            kind = fmt.classify(key, info, tensors[scale])
+            n = shards(key) if shards else 1
+            kind = (
+                classify_sharded(key, info.shape, tensors[scale].shape, n, "shards named by config.json")
+                if n > 1
+                else fmt.classify(key, info, tensors[scale])
+            )
             activation = next((c for c in fmt.activation_keys(key) if c in tensors), None)
             zero_point = fmt.zero_point_key(key)
             q = Quant(scale, kind, activation, zero_point if zero_point in tensors else None)
@@ -137,8 +145,12 @@ def find_quant(
 def source_quant(
     config: dict[str, Any] | None, tensors: dict[str, TensorInfo]
 ) -> tuple[dict[str, Quant], list[str]]:
-    """``find_quant`` in the format the checkpoint declares and spells (``qformat.source_format``)."""
-    return find_quant(tensors, source_format(config, tensors))
+    """``find_quant`` in the format the checkpoint declares and spells (``qformat.source_format``), with
+    the row shards of the family detection finds (how the checkpoint was saved, whatever the adapter)."""
+    family = detected(config, list(tensors)) if config else None
+    sharded = family is not None and any(r.shards for r in family.experts)
+    shards = (lambda key: family.row_shards(config, key)) if sharded else None
+    return find_quant(tensors, source_format(config, tensors), shards)
 
 
 def _check_stackable(ckpt: Checkpoint, parts: list[str], names: int) -> None:
@@ -167,29 +179,69 @@ def _check_concatenable(ckpt: Checkpoint, parts: list[str]) -> None:
             )
 
 
+def _split_rows(
+    rule: ExpertRule, config: dict[str, Any], key: str, sharded: bool
+) -> tuple[list[int], list[list[int]]]:
+    """Each part's rows in ``key`` and the hf row ranges it takes (``operations.Split``'s flat ``rows``): one
+    range each, or, ``sharded``, one in every shard the tensor is saved as (``ExpertRule.shards``: MiMo's
+    FP8 release; NeMo's adapter takes a bf16 one, as its to_hf writes it, to be in part order already)."""
+    sizes = rule.split_sizes(config, key)
+    n = rule.shard_count(config) if sharded else 1
+    if any(size % n for size in sizes):
+        raise CheckpointError(
+            f"{key!r}: config.json gives its parts {dict(zip(rule.parts, sizes, strict=True))} rows, which "
+            f"do not divide among the {n} shards ({rule.shards}) it is saved as"
+        )
+    per = [size // n for size in sizes]
+    return sizes, [
+        _merged(
+            [r for k in range(n) for r in (k * sum(per) + sum(per[:j]), k * sum(per) + sum(per[: j + 1]))]
+        )
+        for j in range(len(per))
+    ]
+
+
+def _merged(rows: list[int]) -> list[int]:
+    """Flat row ranges with each range that starts where the one before ends joined to it."""
+    out: list[int] = []
+    for a, b in zip(rows[::2], rows[1::2], strict=True):
+        if out and out[-1] == a:
+            out[-1] = b
+        else:
+            out += [a, b]
+    return out
+
+
 def _split(
     ckpt: Checkpoint, quant: dict[str, Quant], key: str, prefix: str, rule: ExpertRule
 ) -> list[NativeTensor]:
-    """One native tensor per part of the split rule, each a row range of ``key``; refuse a tensor whose
-    rows are not the sizes config.json gives, or block-FP8 split points off the scale blocks."""
+    """One native tensor per part of the split rule (or one for all, ``fused``), each rows of ``key``;
+    refuse a tensor whose rows are not the sizes config.json gives, or block-FP8 split points off the
+    scale blocks."""
     info = ckpt.tensors[key]
-    sizes = rule.split_sizes(ckpt.config)
+    sizes, ranges = _split_rows(rule, ckpt.config, key, key in quant)
     shape = value_shape(quant[key].kind, info.shape) if key in quant else info.shape
+    shards = (
+        f" in {rule.shard_count(ckpt.config)} shards ({rule.shards})" if rule.shards and key in quant else ""
+    )
     if not shape or shape[0] != sum(sizes):
         raise CheckpointError(
             f"{info.file}: {key!r} has shape {list(shape)}, but config.json splits it into "
-            f"{dict(zip(rule.parts, sizes, strict=True))} = {sum(sizes)} rows ({', '.join(rule.sizes)})"
+            f"{dict(zip(rule.parts, sizes, strict=True))} = {sum(sizes)} rows ({', '.join(rule.sizes)}){shards}"
         )
-    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    bounds = sorted({b for r in ranges for b in r})
     q = quant.get(key)
     if q is not None and q.kind is ScaleKind.BLOCK and any(b % BLOCK for b in bounds):
         raise CheckpointError(
             f"{info.file}: {key!r} is block-scaled FP8 ({BLOCK} rows a scale), but config.json splits it "
             f"at rows {bounds[1:-1]}, inside a block: its scales cannot be split with it"
         )
+    if rule.fused:
+        rows = _merged([r for part in ranges for r in part])
+        return [NativeTensor(prefix + rule.native + rule.fused, "split", [key], rows=rows)]
     return [
-        NativeTensor(prefix + rule.native + part, "split", [key], rows=[a, b])
-        for part, a, b in zip(rule.parts, bounds, bounds[1:], strict=False)
+        NativeTensor(prefix + rule.native + part, "split", [key], rows=rows)
+        for part, rows in zip(rule.parts, ranges, strict=True)
     ]
 
 
@@ -291,16 +343,23 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
         split = next((r for r in adapter.experts if r.kind == "split" and _split_part(key, r)), None)
         if split:
             part = _split_part(key, split)
-            sizes = split.split_sizes(ckpt.config)
-            i = split.parts.index(part)
-            a = sum(sizes[:i])
-            if not info.shape or info.shape[0] != sizes[i]:
+            sizes, ranges = _split_rows(split, ckpt.config, key, False)
+            if split.fused:
+                want, rows, why = (
+                    sum(sizes),
+                    _merged([r for part in ranges for r in part]),
+                    " + ".join(split.sizes),
+                )
+            else:
+                i = split.parts.index(part)
+                want, rows, why = sizes[i], ranges[i], split.sizes[i]
+            if not info.shape or info.shape[0] != want:
                 raise CheckpointError(
                     f"{info.file}: {key!r} has shape {list(info.shape)}, but config.json gives it "
-                    f"{sizes[i]} rows ({split.sizes[i]})"
+                    f"{want} rows ({why})"
                 )
             hf = adapter.to_hf(key[: -len(split.native + part)] + split.hf)
-            out.append(NativeTensor(key, "split", [hf], rows=[a, a + sizes[i]]))
+            out.append(NativeTensor(key, "split", [hf], rows=rows))
             continue
         stack = next((r for r in adapter.experts if r.kind == "stack" and key.endswith(r.native)), None)
         transpose = next(
@@ -334,8 +393,9 @@ def _one_part_kind(rule: ExpertRule, shape: tuple[int, ...]) -> str:
 
 
 def _split_part(key: str, rule: ExpertRule) -> str | None:
-    """The part of a ``split`` rule that native ``key`` is, if any."""
-    return next((p for p in rule.parts if key.endswith(rule.native + p)), None)
+    """The part of a ``split`` rule that native ``key`` is (its ``fused`` name for a fused one), if any."""
+    names = (rule.fused,) if rule.fused else rule.parts
+    return next((p for p in names if key.endswith(rule.native + p)), None)
 
 
 def _check_fit(

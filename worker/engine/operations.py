@@ -193,34 +193,38 @@ class Fp32(Copy):
 
 
 class Split:
-    """Rows ``rows[0]:rows[1]`` of one hf tensor as a native tensor of their own: one of the pieces a
-    fused tensor splits into along dim 0 (Ling's ``query_key_value`` into ``q_proj`` / ``k_proj`` /
-    ``v_proj``, by head counts from config.json).
+    """Row ranges of one hf tensor as a native tensor of their own, in order: ``rows`` is ``[a0, b0, a1, b1,
+    …]``. One range is one of the pieces a fused tensor splits into along dim 0 (Ling's
+    ``query_key_value`` into ``q_proj`` / ``k_proj`` / ``v_proj``, by head counts from config.json); several
+    gather a part from every tensor-parallel shard of a tensor saved shard by shard (MiMo-V2.5-Pro's
+    ``[Q_0 | K_0 | V_0 | Q_1 | …]``), or all of them regrouped (its canonical ``[Q | K | V]``).
 
     Each piece is a ``NativeTensor`` with the source as its one part, so planning, streaming and checking
-    stay per native tensor; the way back (to_hf) gathers the pieces of one hf tensor and concatenates
-    them. Block-FP8 sources split only on block boundaries (the planner refuses others), so each piece's
-    rows start on a scale row of the source.
+    stay per native tensor; the way back (to_hf) gathers the pieces of one hf tensor and lays their rows
+    back where they came from. Block-FP8 sources split only on block boundaries (the planner refuses
+    others), so each range starts on a scale row of the source; a sharded grid (``ScaleKind.SHARDED``)
+    reads any row.
     """
 
     whole = False
 
     def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
-        start = t.rows[0]
-        return [(t.parts[0], start + e0, start + e1)]
+        return [(t.parts[0], a, b) for a, b, _ in spans(t.rows, e0, e1)]
 
     def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
-        start = t.rows[0]
-        return get(t.parts[0], start + e0, start + e1)
+        got = [get(t.parts[0], a, b) for a, b, _ in spans(t.rows, e0, e1)]
+        return got[0] if len(got) == 1 else torch.cat(got)
 
     def inverse_views(
         self, t: NativeTensor, native: torch.Tensor, e0: int
     ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
-        start = t.rows[0] + e0
-        return [(t.parts[0], start, start + native.shape[0], native)]
+        return [
+            (t.parts[0], a, b, native[at - e0 : at - e0 + b - a])
+            for a, b, at in spans(t.rows, e0, e0 + native.shape[0])
+        ]
 
     def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
-        return (t.rows[1] - t.rows[0], *infos[t.parts[0]].shape[1:])
+        return (sum(b - a for a, b in ranges(t.rows)), *infos[t.parts[0]].shape[1:])
 
     def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """The shape of the rows of the hf tensor this piece holds (to_hf joins the pieces)."""
@@ -228,6 +232,23 @@ class Split:
 
     def native_dtype(self) -> str | None:
         return None
+
+
+def ranges(rows: list[int]) -> list[tuple[int, int]]:
+    """A split piece's hf row ranges from its flat ``[a0, b0, a1, b1, …]``."""
+    return list(zip(rows[::2], rows[1::2], strict=True))
+
+
+def spans(rows: list[int], e0: int, e1: int) -> list[tuple[int, int, int]]:
+    """The hf rows ``(a, b)`` that native rows ``e0:e1`` of a split piece are, each with the native row
+    ``a`` lands on."""
+    out, at = [], 0
+    for a, b in ranges(rows):
+        lo, hi = max(e0, at), min(e1, at + b - a)
+        if lo < hi:
+            out.append((a + lo - at, a + hi - at, lo))
+        at += b - a
+    return out
 
 
 class Transpose2d:

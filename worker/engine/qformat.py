@@ -199,7 +199,7 @@ def _fp8_config(s: Scheme) -> dict[str, Any]:
     return {
         "quant_method": "fp8",
         "activation_scheme": "static" if s.static else "dynamic",
-        "weight_block_size": [BLOCK, BLOCK] if ScaleKind.BLOCK in s.kinds else None,
+        "weight_block_size": [BLOCK, BLOCK] if s.kinds & {ScaleKind.BLOCK, ScaleKind.SHARDED} else None,
         "modules_to_not_convert": s.skipped,
     }
 
@@ -355,7 +355,15 @@ FORMATS: dict[str, QuantFormat] = {
             "activation_scale",
             None,
             (),
-            frozenset({ScaleKind.PER_TENSOR, ScaleKind.PER_EXPERT, ScaleKind.BLOCK, ScaleKind.MXFP8}),
+            frozenset(
+                {
+                    ScaleKind.PER_TENSOR,
+                    ScaleKind.PER_EXPERT,
+                    ScaleKind.BLOCK,
+                    ScaleKind.MXFP8,
+                    ScaleKind.SHARDED,
+                }
+            ),
             True,
             _fp8_config,
             _fp8_read,

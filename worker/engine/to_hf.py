@@ -28,9 +28,9 @@ from .errors import CheckpointError
 from .formats import hf_side, is_native, sidecar_tensors
 from .fp8 import decode, encode, expand_scale, value_shape
 from .hostpool import HostPool
-from .keymap import KeyPlan, NativeTensor, find_quant, plan_from_native
+from .keymap import KeyPlan, NativeTensor, plan_from_native, source_quant
 from .layout import Layout
-from .operations import whole
+from .operations import ranges, whole
 from .options import DTYPE_ARGS, STEP_BYTES, Options
 from .pipeline import Fetched, Piece, Unit
 from .qformat import FORMATS, QUANTIZATION_FIELDS, QuantFormat, source_format
@@ -74,7 +74,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                 key = t.parts[0]
                 pieces = joined.pop(key, None)
                 if pieces is not None:  # the fused tensor, planned where its first piece is
-                    shape = (pieces[-1].rows[1], *info.shape[1:])
+                    shape = (max(t.rows[-1] for t in pieces), *info.shape[1:])
                     enc = choose(
                         key, shape, info.dtype, opts.quantize, recorded, source_dtypes, adapter, **formats
                     )
@@ -92,7 +92,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                     )
                 )
     else:
-        recorded, companions = find_quant(src.tensors, source_fmt)
+        recorded, companions = source_quant(src.config, src.tensors)
         source_dtypes = {k: v.dtype for k, v in src.tensors.items()}
         for k, info in src.tensors.items():
             if k in companions:
@@ -297,7 +297,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
 
 
 def _joined(src: Checkpoint, plan: KeyPlan) -> dict[str, list[NativeTensor]]:
-    """The split pieces of each fused hf tensor, in row order; refuses pieces that do not tile it."""
+    """The split pieces of each fused hf tensor, the first rows' first; refuses pieces whose row ranges do
+    not tile it."""
     out: dict[str, list[NativeTensor]] = {}
     for t in plan.tensors:
         if t.kind == "split":
@@ -305,22 +306,27 @@ def _joined(src: Checkpoint, plan: KeyPlan) -> dict[str, list[NativeTensor]]:
     for key, pieces in out.items():
         pieces.sort(key=lambda t: t.rows[0])
         end = 0
-        for t in pieces:
-            info = src.tensors[t.key]
-            if t.rows[0] != end or not info.shape or info.shape[0] != t.rows[1] - t.rows[0]:
+        for a, b, piece in sorted(((a, b, p) for p in pieces for a, b in ranges(p.rows)), key=lambda r: r[0]):
+            info = src.tensors[piece.key]
+            if a != end or not info.shape or info.shape[0] != sum(y - x for x, y in ranges(piece.rows)):
                 raise CheckpointError(
-                    f"{info.file}: {t.key!r} ({list(info.shape)}) is not rows {t.rows} of {key!r} that "
-                    f"follow its other pieces {[p.key for p in pieces if p is not t]}"
+                    f"{info.file}: {piece.key!r} ({list(info.shape)}) is not rows {piece.rows} of {key!r} that "
+                    f"tile it with its other pieces {[p.key for p in pieces if p is not piece]}"
                 )
-            end = t.rows[1]
+            end = b
     return out
 
 
 def _piece_reads(it: HfItem, r0: int, r1: int) -> list[tuple[str, int, int]]:
-    """The native rows that hold hf rows ``r0:r1`` of a fused tensor, piece by piece."""
-    return [
-        (t.key, max(r0, a) - a, min(r1, b) - a) for t in it.pieces for a, b in [t.rows] if a < r1 and r0 < b
-    ]
+    """The native rows that hold hf rows ``r0:r1`` of a fused tensor, in hf row order."""
+    reads = []
+    for t in it.pieces:
+        at = 0
+        for a, b in ranges(t.rows):
+            if a < r1 and r0 < b:
+                reads.append((max(r0, a), (t.key, at + max(r0, a) - a, at + min(r1, b) - a)))
+            at += b - a
+    return [read for _, read in sorted(reads)]
 
 
 def _tail_keys(enc: Encoding) -> list[str]:
