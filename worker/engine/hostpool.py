@@ -18,7 +18,9 @@ import torch
 GRAIN = 8 << 20  # size classes: buffers are rounded up to this, so similar units share them
 # A free buffer up to this many times the size asked for serves the request: with exact classes only,
 # the pool kept each class's high-water mark, and DeepSeek-V4's eight classes held 5.8 GiB of buffers
-# for 3.5 GiB ever lent at once (H200, 4.6 GB V4-Flash-shaped checkpoint).
+# for 3.5 GiB ever lent at once (H200, 4.6 GB V4-Flash-shaped checkpoint); with this, 5.45 GiB. The
+# rest is classes too far apart to share (8-56 MiB against 144-256 MiB), which a cap on idle bytes
+# would bound.
 FIT = 2
 
 
