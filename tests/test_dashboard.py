@@ -335,7 +335,9 @@ def test_workers_page_and_a_running_jobs_throughput(
     """The fleet as the workers report it: the one worker alive, on the CPU, converting a shard of a
     running job at a rate; that job's page shows its throughput, time left and the chart over time; the
     jobs list shows the queue's depth (two jobs of three shards each, one worker: work waits)."""
-    src = checkpoint("mistral4")
+    # 2.7 MB at 150 kB/s: about 18 s a job, long enough for every check below to see both running (a
+    # 1 MB Mistral 4 finished first on a loaded machine, and its page showed no rate)
+    src = checkpoint("deepseek-v3", scheme="block")
     with service.client() as c:
         ids = [
             submit(c, {"source": f"file://{src}", "target": f"file://{tmp_path}/out-{i}", "to": "native"})[
