@@ -402,8 +402,18 @@ def test_mimo_v25_pro_regroups_only_the_fp8_release(
     # Recast does the same, so both equal NeMo; the FP8 one's scales restart at each shard's 152 rows.
     case = next(c for c in CASES if c.adapter == "mimo-v2.5-pro")
     qkv = "model.layers.0.self_attn.qkv_proj.weight"
-    fp8 = load_state_dict(checkpoint("mimo-v2.5-pro", scheme="block"))
+    release = checkpoint("mimo-v2.5-pro", scheme="block")
+    fp8 = load_state_dict(release)
     assert fp8[qkv].shape == (304, 160) and fp8[qkv + "_scale_inv"].shape == (4, 2)  # a plain grid: [3, 2]
+    # The FP8 release's native checkpoint written back in bf16 is in that order too, whatever the recorded
+    # plan's interleaving, so NeMo (and Recast) read it back to the same native tensors.
+    assert api.convert(release, tmp_path / "from-fp8", api.Options(to="native")).passed
+    report = api.convert(tmp_path / "from-fp8", tmp_path / "bf16", api.Options(to="hf", quantize="none"))
+    assert report.passed
+    bf16, from_fp8 = load_state_dict(tmp_path / "bf16"), load_state_dict(tmp_path / "from-fp8")
+    assert torch.equal(bf16[qkv], from_fp8[qkv])
+    assert_state_dicts_identical(_nemo_adapter(case, config(release)).from_hf(dict(bf16)), from_fp8)
+    assert api.verify(tmp_path / "from-fp8", tmp_path / "bf16").passed
     src = plain_checkpoint("mimo-v2.5-pro")
     native = tmp_path / "native"
     assert api.convert(src, native, api.Options(to="native")).adapter == "mimo-v2.5-pro"

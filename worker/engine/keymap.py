@@ -9,7 +9,7 @@ and an adapter whose rules do not account for the checkpoint is refused here, be
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .adapters import ADAPTERS, Adapter, ExpertRule, describe_config, detected, expert_owner, supported
@@ -210,6 +210,22 @@ def _merged(rows: list[int]) -> list[int]:
         else:
             out += [a, b]
     return out
+
+
+def as_unquantized(adapter: Adapter, config: dict[str, Any], t: NativeTensor) -> NativeTensor:
+    """Split piece ``t`` with the rows it takes in an unquantized hf tensor. Where a family saves only a
+    quantized fused tensor shard by shard (MiMo-V2.5-Pro, as NeMo's adapter reads it), a bf16 one is in
+    part order, so the way back writes it so whatever the recorded plan's FP8 source had."""
+    if t.kind != "split":
+        return t
+    renamed = adapter.to_native(t.parts[0])
+    rule = next((r for r in adapter.experts if r.kind == "split" and r.shards and r.match_hf(renamed)), None)
+    if rule is None:
+        return t
+    _, ranges = _split_rows(rule, config, t.parts[0], False)
+    if rule.fused:
+        return replace(t, rows=_merged([r for part in ranges for r in part]))
+    return replace(t, rows=ranges[rule.parts.index(_split_part(t.key, rule))])
 
 
 def _split(

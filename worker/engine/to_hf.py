@@ -28,7 +28,7 @@ from .errors import CheckpointError
 from .formats import hf_side, is_native, sidecar_tensors
 from .fp8 import decode, encode, expand_scale, value_shape
 from .hostpool import HostPool
-from .keymap import KeyPlan, NativeTensor, plan_from_native, source_quant
+from .keymap import KeyPlan, NativeTensor, as_unquantized, plan_from_native, source_quant
 from .layout import Layout
 from .operations import ranges, whole
 from .options import DTYPE_ARGS, STEP_BYTES, Options
@@ -78,6 +78,10 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                     enc = choose(
                         key, shape, info.dtype, opts.quantize, recorded, source_dtypes, adapter, **formats
                     )
+                    if enc.mode != "keep":
+                        pieces = sorted(
+                            (as_unquantized(adapter, src.config, p) for p in pieces), key=lambda p: p.rows[0]
+                        )
                     items.append(HfItem(enc, shape, pieces[0], info.dtype, tuple(pieces)))
                 continue
             for k, shape in hf_shapes(t, info).items():

@@ -16,7 +16,7 @@ from .checks import Acc, same_bits
 from .errors import CheckpointError
 from .formats import is_native, sidecar_tensors
 from .fp8 import BLOCK, ScaleKind, dequantize_rows, expand_scale, quantize_rows, value_shape
-from .keymap import KeyPlan, plan_from_native, source_quant
+from .keymap import KeyPlan, as_unquantized, plan_from_native, source_quant
 from .options import DTYPE_ARGS
 from .report import Report, TensorResult
 from .safetensors_io import DTYPES
@@ -120,6 +120,8 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
         sts = TensorSource.of(src, sidecar_tensors(src))
         plan = plan_from_native(src, adapter)
         for t in plan.tensors:
+            if t.kind == "split" and t.parts[0] not in dquant:
+                t = as_unquantized(adapter, src.config, t)
             info = src.tensors[t.key]
             if t.kind == "zeros" and src.sidecar:
                 ok = all(k != t.key for k in dst.tensors)
