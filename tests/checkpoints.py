@@ -21,7 +21,8 @@ import math
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,8 @@ class TinyFamily:
     # A key ending the vendor saves as ``n`` tensor-parallel row shards, each with a 128x128 block grid of
     # its own (MiMo-V2.5-Pro's fused qkv_proj), and that ``n``.
     row_shards: tuple[str, int] | None = None
+    # Fields the vendor writes into model.safetensors.index.json's metadata (MiMo-V2.5's tp_size).
+    index_metadata: dict[str, Any] = field(default_factory=dict)
 
 
 # Two layers (the first dense where the family has dense layers), four experts, widths 160 / 200 / 96
@@ -134,6 +137,15 @@ _TINY_MOE: dict[str, Any] = {
     "moe_intermediate_size": 96,
     "num_experts_per_tok": 2,
     "norm_topk_prob": True,
+}
+# MiMo: two key/value heads (so two tensor-parallel shards of its fused qkv_proj), v_head_dim of its own.
+_TINY_MIMO: dict[str, Any] = {
+    **_TINY_MOE,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "n_routed_experts": 4,
+    "v_head_dim": 32,
+    "mlp_layer_types": ["dense", "sparse"],
 }
 _TINY_MLA: dict[str, Any] = {
     **{k: v for k, v in TINY_MOE_TEXT.items() if k != "first_k_dense_replace"},
@@ -285,7 +297,9 @@ _MIMO_SWA = {
 }
 
 
-def _as_mimo_v25(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
+def _as_mimo_v25(
+    sd: dict[str, torch.Tensor], config: dict[str, Any], architecture: str = "MiMoV25ForCausalLM"
+) -> tuple[dict, dict]:
     """transformers' MiMo-V2-Flash save re-spelled as a MiMo-V2.5-Pro release, by the layout NeMo's mimo_v25
     adapter documents: each layer's q/k/v fused into ``self_attn.qkv_proj.weight`` saved as one shard per
     key/value head, ``[Q_0 | K_0 | V_0 | Q_1 | …]``, sized by the full-attention head counts, or the
@@ -310,7 +324,7 @@ def _as_mimo_v25(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[d
         out[key[: -len("q_proj.weight")] + "qkv_proj.weight"] = torch.cat(shards)
     return out, {
         **c,
-        "architectures": ["MiMoV25ForCausalLM"],
+        "architectures": [architecture],
         "model_type": "mimo_v2",
         "attention_projection_layout": "fused_qkv",
         "hybrid_layer_pattern": pattern,
@@ -562,17 +576,19 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     # no 128-row grid fits: the scale restarts its blocks at every shard.
     "mimo-v2.5-pro": TinyFamily(
         "MiMoV2FlashForCausalLM",
-        {
-            **_TINY_MOE,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "n_routed_experts": 4,
-            "v_head_dim": 32,
-            "mlp_layer_types": ["dense", "sparse"],
-        },
+        _TINY_MIMO,
         keep=("self_attn.o_proj.weight",),
         respell=_as_mimo_v25,
         row_shards=("self_attn.qkv_proj.weight", 2),
+    ),
+    # MiMo-V2.5 as MiMoV2ForCausalLM: the same release layout, its shard count in the index (tp_size).
+    "mimo-v2": TinyFamily(
+        "MiMoV2FlashForCausalLM",
+        _TINY_MIMO,
+        keep=("self_attn.o_proj.weight",),
+        respell=partial(_as_mimo_v25, architecture="MiMoV2ForCausalLM"),
+        row_shards=("self_attn.qkv_proj.weight", 2),
+        index_metadata={"tp_size": 2},
     ),
     "glm5-next": TinyFamily("Glm5NextForConditionalGeneration", _TINY_GLM5_NEXT, keep=_GLM5_NEXT_KEEP),
     # Qwen3-Omni MoE as the Instruct release (audio output on: a talker with its own experts and code2wav):
@@ -1273,7 +1289,9 @@ def _split_work_units(sd: dict[str, torch.Tensor], assign: dict[str, int], shard
             assign[k] = target
 
 
-def _write_shards(dst: Path, sd: dict[str, torch.Tensor], assign: dict[str, int], shards: int) -> None:
+def _write_shards(
+    dst: Path, sd: dict[str, torch.Tensor], assign: dict[str, int], shards: int, metadata: dict[str, Any]
+) -> None:
     names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
     for i, name in enumerate(names):
         part = {k: t.contiguous() for k, t in sd.items() if assign[k] == i}
@@ -1281,7 +1299,7 @@ def _write_shards(dst: Path, sd: dict[str, torch.Tensor], assign: dict[str, int]
             raise RuntimeError(f"shard {name} would be empty; use fewer than {shards} shards")
         save_file(part, str(dst / name), metadata={"format": "pt"})
     index = {
-        "metadata": {"total_size": sum(_nbytes(t) for t in sd.values())},
+        "metadata": {**metadata, "total_size": sum(_nbytes(t) for t in sd.values())},
         "weight_map": {k: names[assign[k]] for k in sorted(sd)},
     }
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -1348,7 +1366,9 @@ def _finish(
     if rename is not None:
         sd = {rename(k): t for k, t in sd.items()}
         assign = {rename(k): i for k, i in assign.items()}
-    _write_shards(dst, sd, assign, shards)
+    _write_shards(
+        dst, sd, assign, shards, TINY_FAMILIES[family].index_metadata if family in TINY_FAMILIES else {}
+    )
     _write_side_files(dst, family, seed, config, gen)
     return dst
 

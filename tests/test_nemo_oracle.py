@@ -69,6 +69,9 @@ class Case:
     # Keys where NeMo's adapter writes +0.0 for the FP4 code of -0 (its DeepSeek-V4 e2m1 table lists 0.0
     # twice): equal by value, and Recast keeps the sign the way back needs (test_deepseek_v4_fp4_...).
     nemo_unsigned_zero: str | None = None
+    # NeMo's adapter reads model.safetensors.index.json beside config.json (MiMo-V2.5's tp_size): the
+    # oracle's config names the checkpoint's directory, as from_pretrained's does.
+    reads_index: bool = False
 
 
 _DEEPSEEK = "deepseek_v3.DeepSeekV3StateDictAdapter"
@@ -96,6 +99,9 @@ CASES = [
          nemo_backend=(("attn", "te"),), override=True),
     # MiMo-V2.5-Pro: NeMo's adapter regroups the shard-interleaved FP8 qkv_proj itself, grid by grid.
     Case("mimo-v2.5-pro", "mimo-v2.5-pro", "mimo_v25.MiMoV2StateDictAdapter"),
+    # MiMo-V2.5 as MiMoV2ForCausalLM: NeMo's MiMo-V2-Flash adapter splits it into q/k/v_proj, by tp_size.
+    Case("mimo-v2", "mimo-v2", "mimo_v2_flash.MiMoV2FlashStateDictAdapter", nemo_backend=(("attn", "sdpa"),),
+         reads_index=True),
     Case("minimax-m2", "minimax-m2", "minimax_m2.MiniMaxM2StateDictAdapter"),
     # MXFP8: NeMo's M3 adapter dequantizes the e8m0-scaled weights itself (its dequantize_mxfp8).
     Case("minimax-m3", "minimax-m3", "minimax_m3_vl.MiniMaxM3VLStateDictAdapter", scheme="mxfp8"),
@@ -227,6 +233,8 @@ def test_native_equals_nemo_and_round_trips(case: Case, nemo, checkpoint, tmp_pa
     )
     assert report.passed and report.adapter == case.adapter
     source_sd, cfg = load_state_dict(src), config(src)
+    if case.reads_index:
+        cfg = {**cfg, "name_or_path": str(src)}
     got = load_state_dict(native)
 
     if case.nemo_raises:
@@ -428,6 +436,34 @@ def test_mimo_v25_pro_regroups_only_the_fp8_release(
     fresh = load_state_dict(tmp_path / "fp8")
     assert fresh[qkv].dtype == torch.bfloat16 and qkv + "_scale_inv" not in fresh
     assert fresh["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+def test_mimo_v2_reads_its_shard_count_from_the_index(
+    nemo, checkpoint, plain_checkpoint, tmp_path: Path
+) -> None:
+    # MiMo-V2.5 as MiMoV2ForCausalLM: NeMo's MiMo-V2-Flash adapter takes the shard count of the fused
+    # qkv_proj from the index's metadata.tp_size and regroups a bf16 one too; so does Recast. An hf output
+    # carries tp_size in its index (written afresh, here in bf16), so NeMo reads it back the same.
+    case = next(c for c in CASES if c.adapter == "mimo-v2")
+    for name, src in (("bf16", plain_checkpoint("mimo-v2")), ("fp8", checkpoint("mimo-v2", scheme="block"))):
+        native = tmp_path / f"native-{name}"
+        assert api.convert(src, native, api.Options(to="native")).adapter == "mimo-v2"
+        cfg = {**config(src), "name_or_path": str(src)}
+        got = load_state_dict(native)
+        want = _nemo_native(case, load_state_dict(src), cfg)
+        assert_state_dicts_identical(got, want)
+    out = tmp_path / "bf16-out"
+    assert api.convert(native, out, api.Options(to="hf", quantize="none")).passed
+    assert json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["tp_size"] == 2
+    again = _nemo_native(case, load_state_dict(out), {**config(out), "name_or_path": str(out)})
+    assert_state_dicts_identical(again, got)
+    # without tp_size the same fused tensor splits as one shard: different q/k/v
+    q = "model.layers.0.self_attn.q_proj.weight"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    (out / "model.safetensors.index.json").write_text(json.dumps({**index, "metadata": {}}))
+    assert not torch.equal(
+        _nemo_native(case, load_state_dict(out), {**config(out), "name_or_path": str(out)})[q], got[q]
+    )
 
 
 def test_nemo_qwen3_5_moe_dequantizes_only_the_experts(nemo, checkpoint) -> None:

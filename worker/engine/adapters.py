@@ -97,7 +97,10 @@ class ExpertRule:
     head_dim"``, read from the config (or its ``text_config``) when the checkpoint is planned.
     ``shards`` (``split``): a product of fields too, where the fused tensor is saved as that many
     tensor-parallel shards ``[Q_s | K_s | V_s]`` (MiMo-V2.5-Pro), each part's rows then split evenly
-    among them; its FP8 block grid restarts at every shard (``fp8.ScaleKind.SHARDED``).
+    among them; its FP8 block grid restarts at every shard (``fp8.ScaleKind.SHARDED``). ``index:FIELD``
+    reads the count from ``model.safetensors.index.json``'s ``metadata`` instead, 1 where it is absent
+    (MiMo-V2.5's ``tp_size``, as NeMo's MiMo-V2-Flash adapter reads it). Only a quantized tensor is
+    saved so, unless ``shards_unquantized`` (that adapter regroups a bf16 one too).
     ``by_layer`` (``split``): a config.json list and a field prefix: where the list is true at the key's
     layer, each field is read with the prefix if the config has it (MiMo's ``hybrid_layer_pattern`` and
     its ``swa_*`` head counts for sliding-window layers).
@@ -113,6 +116,7 @@ class ExpertRule:
     shards: str = ""
     by_layer: tuple[str, str] = ()
     fused: str = ""
+    shards_unquantized: bool = False
 
     @cached_property
     def _hf_pattern(self) -> re.Pattern[str]:
@@ -144,11 +148,20 @@ class ExpertRule:
             prefix = prefix if pattern[int(m.group(1))] else ""
         return [self._product(c, expr, prefix) for expr in self.sizes]
 
-    def shard_count(self, config: dict[str, Any]) -> int:
+    def shard_count(self, config: dict[str, Any], index_metadata: dict[str, Any] | None = None) -> int:
         """How many shards the fused tensor is saved as (``shards``; 1 where the rule has none)."""
-        return (
-            self._product({**config, **(config.get("text_config") or {})}, self.shards) if self.shards else 1
-        )
+        if not self.shards:
+            return 1
+        if self.shards.startswith("index:"):
+            name = self.shards[len("index:") :]
+            n = (index_metadata or {}).get(name, 1)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise UnsupportedModelError(
+                    f"model.safetensors.index.json metadata.{name} is {n!r}, not the positive number of "
+                    f"shards {self.hf!r} is saved as"
+                )
+            return n
+        return self._product({**config, **(config.get("text_config") or {})}, self.shards)
 
     def _product(self, c: dict[str, Any], expr: str, prefix: str = "") -> int:
         n = 1
@@ -219,11 +232,13 @@ class Adapter:
                         f"config.json {u.field}={c[u.field]!r}: adapter {self.name!r} does not map this ({u.why})"
                     )
 
-    def row_shards(self, config: dict[str, Any], hf_key: str) -> int:
+    def row_shards(
+        self, config: dict[str, Any], hf_key: str, index_metadata: dict[str, Any] | None = None
+    ) -> int:
         """How many shards hf tensor ``hf_key`` is saved as, each with its own FP8 block grid (1: one grid)."""
         renamed = self.to_native(hf_key)
         rule = next((r for r in self.experts if r.kind == "split" and r.shards and r.match_hf(renamed)), None)
-        return rule.shard_count(config) if rule else 1
+        return rule.shard_count(config, index_metadata) if rule else 1
 
     def passes(self, key: str) -> bool:
         """Whether ``key`` (hf or native: the two spellings agree there) is passed on unconverted."""
@@ -322,6 +337,13 @@ _MISTRAL4_EXPERTS = (
 _SPLIT_EXPERTS = (
     ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.gate_and_up_projs", ("gate_proj", "up_proj")),
     ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.down_projs", ("down_proj",)),
+)
+
+# MiMo's fused qkv_proj: q, k and v rows by head counts (the swa_* ones on sliding-window layers).
+_MIMO_QKV = (
+    "num_attention_heads * head_dim",
+    "num_key_value_heads * head_dim",
+    "num_key_value_heads * v_head_dim",
 )
 
 _MISTRAL4 = Adapter(
@@ -862,6 +884,31 @@ ADAPTERS: dict[str, Adapter] = {
             nemo="mimo_v2_flash.MiMoV2FlashStateDictAdapter",
             variant_of="mimo-v2-flash",
         ),
+        # MiMo-V2.5 / V2.6 as MiMoV2ForCausalLM, which NeMo loads with its MiMo-V2-Flash adapter: the fused
+        # qkv_proj, saved as index metadata.tp_size shards whatever its dtype, split into q/k/v_proj.
+        replace(
+            _DEEPSEEK_V3,
+            name="mimo-v2",
+            description="MiMo-V2.5 / V2.6 (MiMoV2ForCausalLM: fused qkv_proj saved per tensor-parallel shard, "
+            "split into q/k/v, NeMo's non-Transformer-Engine attention names), block-wise FP8",
+            architectures=("MiMoV2ForCausalLM",),
+            experts=(
+                *_SPLIT_EXPERTS,
+                ExpertRule(
+                    "split",
+                    "self_attn.qkv_proj.weight",
+                    "self_attn.",
+                    ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
+                    _MIMO_QKV,
+                    shards="index:tp_size",
+                    by_layer=("hybrid_layer_pattern", "swa_"),
+                    shards_unquantized=True,
+                ),
+            ),
+            not_quantized=(*_NORMS_ETC, "self_attn.o_proj.weight", "self_attn.qkv_proj.weight"),
+            model_types=(),
+            nemo="mimo_v2_flash.MiMoV2FlashStateDictAdapter",
+        ),
         # MiMo-V2.5-Pro saves its fused qkv_proj shard by shard, one shard per key/value head; NeMo's
         # adapter regroups an FP8 one into [Q | K | V] (a bf16 one, as NeMo's own to_hf writes it, is that
         # already) with the swa_* head counts on sliding-window layers.
@@ -878,11 +925,7 @@ ADAPTERS: dict[str, Adapter] = {
                     "self_attn.qkv_proj.weight",
                     "self_attn.",
                     ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
-                    (
-                        "num_attention_heads * head_dim",
-                        "num_key_value_heads * head_dim",
-                        "num_key_value_heads * v_head_dim",
-                    ),
+                    _MIMO_QKV,
                     shards="num_key_value_heads",
                     by_layer=("hybrid_layer_pattern", "swa_"),
                     fused="qkv_proj.weight",

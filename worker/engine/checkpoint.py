@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,14 @@ def _shard_exists(source: Source, name: str) -> bool:
         raise CheckpointError(
             f"{source.description}/{INDEX}: names shard {name!r}, which cannot be looked up ({exc.strerror})"
         ) from None
+
+
+def index_metadata(ckpt: Checkpoint) -> dict[str, Any]:
+    """The ``metadata`` of the checkpoint's index (MiMo-V2.5's ``tp_size`` is there), empty without one."""
+    if not ckpt.index_raw:
+        return {}
+    metadata = json.loads(ckpt.index_raw).get("metadata")
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def open_checkpoint(source: Source) -> Checkpoint:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .adapters import ADAPTERS, Adapter, ExpertRule, describe_config, detected, expert_owner, supported
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, index_metadata
 from .errors import AdapterMismatchError, CheckpointError
 from .fp8 import BLOCK, ScaleKind, classify_sharded, value_shape
 from .qformat import FP8_FORMAT, QuantFormat, source_format
@@ -131,6 +131,11 @@ def find_quant(
             q = Quant(scale, kind, activation, zero_point if zero_point in tensors else None)
             quant[key] = q
             companions.update(q.companions)
+        elif info.dtype in ("U8", "I8") and key.endswith(".weight") and f"{key}_scale" in tensors:
+            raise CheckpointError(
+                f"{key!r} in {info.file} is {info.dtype} with a scale {key + '_scale'!r}: packed codes (MiMo-V2.6's "
+                f"MXFP4 experts spell theirs so) that the {fmt.name} layout, from config.json, does not read"
+            )
         elif info.dtype.startswith("F8") or fmt.packed(key, info.dtype):
             raise CheckpointError(
                 f"{key!r} in {info.file} is {info.dtype} but its scale {scale!r} is missing from the checkpoint"
@@ -142,15 +147,17 @@ def find_quant(
     return quant, sorted(companions)
 
 
-def source_quant(
-    config: dict[str, Any] | None, tensors: dict[str, TensorInfo]
-) -> tuple[dict[str, Quant], list[str]]:
-    """``find_quant`` in the format the checkpoint declares and spells (``qformat.source_format``), with
-    the row shards of the family detection finds (how the checkpoint was saved, whatever the adapter)."""
+def source_quant(ckpt: Checkpoint) -> tuple[dict[str, Quant], list[str]]:
+    """``find_quant`` of an hf checkpoint in the format it declares and spells (``qformat.source_format``),
+    with the row shards of the family detection finds (how the checkpoint was saved, whatever the adapter)."""
+    config, tensors = ckpt.config, ckpt.tensors
     family = detected(config, list(tensors)) if config else None
-    sharded = family is not None and any(r.shards for r in family.experts)
-    shards = (lambda key: family.row_shards(config, key)) if sharded else None
-    return find_quant(tensors, source_format(config, tensors), shards)
+    if family is None or not any(r.shards for r in family.experts):
+        return find_quant(tensors, source_format(config, tensors))
+    metadata = index_metadata(ckpt)
+    return find_quant(
+        tensors, source_format(config, tensors), lambda key: family.row_shards(config, key, metadata)
+    )
 
 
 def _check_stackable(ckpt: Checkpoint, parts: list[str], names: int) -> None:
@@ -180,13 +187,17 @@ def _check_concatenable(ckpt: Checkpoint, parts: list[str]) -> None:
 
 
 def _split_rows(
-    rule: ExpertRule, config: dict[str, Any], key: str, sharded: bool
+    rule: ExpertRule,
+    config: dict[str, Any],
+    key: str,
+    sharded: bool,
+    index_metadata: dict[str, Any] | None = None,
 ) -> tuple[list[int], list[list[int]]]:
     """Each part's rows in ``key`` and the hf row ranges it takes (``operations.Split``'s flat ``rows``): one
     range each, or, ``sharded``, one in every shard the tensor is saved as (``ExpertRule.shards``: MiMo's
     FP8 release; NeMo's adapter takes a bf16 one, as its to_hf writes it, to be in part order already)."""
     sizes = rule.split_sizes(config, key)
-    n = rule.shard_count(config) if sharded else 1
+    n = rule.shard_count(config, index_metadata) if sharded else 1
     if any(size % n for size in sizes):
         raise CheckpointError(
             f"{key!r}: config.json gives its parts {dict(zip(rule.parts, sizes, strict=True))} rows, which "
@@ -220,7 +231,7 @@ def as_unquantized(adapter: Adapter, config: dict[str, Any], t: NativeTensor) ->
         return t
     renamed = adapter.to_native(t.parts[0])
     rule = next((r for r in adapter.experts if r.kind == "split" and r.shards and r.match_hf(renamed)), None)
-    if rule is None:
+    if rule is None or rule.shards_unquantized:
         return t
     _, ranges = _split_rows(rule, config, t.parts[0], False)
     if rule.fused:
@@ -235,10 +246,14 @@ def _split(
     refuse a tensor whose rows are not the sizes config.json gives, or block-FP8 split points off the
     scale blocks."""
     info = ckpt.tensors[key]
-    sizes, ranges = _split_rows(rule, ckpt.config, key, key in quant)
+    sharded = key in quant or rule.shards_unquantized
+    metadata = index_metadata(ckpt)
+    sizes, ranges = _split_rows(rule, ckpt.config, key, sharded, metadata)
     shape = value_shape(quant[key].kind, info.shape) if key in quant else info.shape
     shards = (
-        f" in {rule.shard_count(ckpt.config)} shards ({rule.shards})" if rule.shards and key in quant else ""
+        f" in {rule.shard_count(ckpt.config, metadata)} shards ({rule.shards})"
+        if rule.shards and sharded
+        else ""
     )
     if not shape or shape[0] != sum(sizes):
         raise CheckpointError(
@@ -271,7 +286,7 @@ def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
 
 
 def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
-    quant, companions = source_quant(ckpt.config, ckpt.tensors)
+    quant, companions = source_quant(ckpt)
     skip = set(companions)
     out: list[NativeTensor] = []
     stacks: dict[tuple[str, int], dict[int, dict[str, str]]] = {}

@@ -96,7 +96,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                     )
                 )
     else:
-        recorded, companions = source_quant(src.config, src.tensors)
+        recorded, companions = source_quant(src)
         source_dtypes = {k: v.dtype for k, v in src.tensors.items()}
         for k, info in src.tensors.items():
             if k in companions:

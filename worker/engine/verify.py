@@ -49,7 +49,7 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
     plan = KeyPlan.from_json(dst.sidecar["plan"])
     sts = TensorSource.of(src)
     dts = TensorSource.of(dst, sidecar_tensors(dst))
-    quant, companions = source_quant(src.config, src.tensors)
+    quant, companions = source_quant(src)
     expected_keys = {t.key for t in plan.tensors}
     if set(dst.tensors) != expected_keys:
         extra, missing = set(dst.tensors) - expected_keys, expected_keys - set(dst.tensors)
@@ -112,7 +112,7 @@ def _verify_native_target(src: Checkpoint, dst: Checkpoint, report: Report, dev:
 
 def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.device) -> None:
     """→ hf: dequantize the written tensors and rebuild each source tensor from them."""
-    dquant, _ = source_quant(dst.config, dst.tensors)
+    dquant, _ = source_quant(dst)
     dts = TensorSource.of(dst)
     lossy_ok = options.get("quantize") != "none"
     dtype = DTYPES[DTYPE_ARGS[options.get("dtype", "bf16")]]
@@ -168,7 +168,7 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
             report.accounting["mapped"].append(t.key)
         _account(src, report)
         return
-    squant, companions = source_quant(src.config, src.tensors)
+    squant, companions = source_quant(src)
     sts = TensorSource.of(src)
     for key, info in src.tensors.items():
         if key in companions:
