@@ -36,7 +36,7 @@ FP8_MAX = 448.0
 BLOCK = 128
 
 SCHEMES: tuple[str, ...] = (
-    "per-tensor", "per-expert", "per-channel", "block", "mxfp4", "mxfp8", "fp8-v4", "fp8-v4-base",
+    "per-tensor", "per-expert", "per-channel", "block", "mxfp4", "mxfp8", "fp8-v4", "fp8-v4-base", "fp8-v41",
 )  # fmt: skip
 # Per-expert scales only exist for the aggregated 3-D expert tensors of Mistral 4.
 _PER_EXPERT_FAMILIES = ("mistral4", "mistral4-vlm")
@@ -47,6 +47,9 @@ _MXFP8_FAMILIES = ("minimax-m3",)
 # DeepSeek-V4's release formats (e8m0 128x128 block scales spelled ``.scale``; routed experts FP4 in
 # V4-Flash, ``fp8-v4``, or e4m3 with those block scales in V4-Flash-Base, ``fp8-v4-base``): its only.
 _V4_FAMILIES = ("deepseek-v4",)
+# DeepSeek-V4.1's (``fp8-v41``): e8m0 scales per 32x32 block, FP4 routed experts, e8m0 per 32 columns of a
+# row on the Engram tables.
+_V41_FAMILIES = ("deepseek-v4.1",)
 
 
 # Tiny but edge-case-rich dimensions: hidden 160 and dense width 200 give partial 128-blocks on both
@@ -146,6 +149,34 @@ _TINY_MIMO: dict[str, Any] = {
     "n_routed_experts": 4,
     "v_head_dim": 32,
     "mlp_layer_types": ["dense", "sparse"],
+}
+# DeepSeek-V4: one layer of each attention kind (sliding, compressed sparse with its indexer, heavily
+# compressed), layer 0 hash-routed (no router bias, a token-to-expert table); hidden 160 and expert
+# width 96 (multiples of 32, for FP4) leave partial 128-blocks on the FP8 weights.
+_TINY_V4: dict[str, Any] = {
+    "vocab_size": 256,
+    "hidden_size": 160,
+    "moe_intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "head_dim": 64,
+    "q_lora_rank": 96,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "o_groups": 2,
+    "o_lora_rank": 64,
+    "index_n_heads": 2,
+    "index_head_dim": 32,
+    "index_topk": 4,
+    "num_nextn_predict_layers": 0,
+    "hc_mult": 2,
+    "partial_rotary_factor": 0.5,
+    "layer_types": [
+        "sliding_attention",
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+    ],
+    "mlp_layer_types": ["hash_moe", "moe", "moe"],
 }
 _TINY_MLA: dict[str, Any] = {
     **{k: v for k, v in TINY_MOE_TEXT.items() if k != "first_k_dense_replace"},
@@ -328,6 +359,26 @@ def _as_mimo_v25(
         "model_type": "mimo_v2",
         "attention_projection_layout": "fused_qkv",
         "hybrid_layer_pattern": pattern,
+    }
+
+
+def _as_deepseek_v41(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
+    """DeepSeek-V4's release re-spelled as a V4.1 one (transformers has no V4.1 class; NeMo's adapter
+    documents the names): V4's module tree, one MTP (DSpark draft) layer, and an Engram on layer 1, its
+    table of 70 rows and its projection drawn here; config.json nests the text model as V4.1's does."""
+    out, config = _as_deepseek_v4(sd, config)
+    gen = torch.Generator().manual_seed(13)
+    rows, channels, hidden = 70, 256, config["hidden_size"]
+    for name, shape in (("embed.weight", (rows, channels)), ("wkv.weight", (hidden, channels))):
+        out[f"layers.1.engram.{name}"] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    out["layers.1.engram.norm.weight"] = (1 + torch.randn(channels, generator=gen) * 0.05).to(torch.bfloat16)
+    text = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}
+    text |= {"model_type": "deepseek_v41_text", "engram_layer_ids": [1], "engram_num_embeddings": [rows]}
+    return out, {
+        "architectures": ["DeepseekV41ForCausalLM"],
+        "model_type": "deepseek_v41",
+        "text_config": text,
+        "transformers_version": config.get("transformers_version"),
     }
 
 
@@ -739,38 +790,9 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             "num_experts_per_tok": 2,
         },
     ),
-    # DeepSeek-V4: one layer of each attention kind (sliding, compressed sparse with its indexer, heavily
-    # compressed), layer 0 hash-routed (no router bias, a token-to-expert table); hidden 160 and expert
-    # width 96 (multiples of 32, for FP4) leave partial 128-blocks on the FP8 weights.
-    "deepseek-v4": TinyFamily(
-        "DeepseekV4ForCausalLM",
-        {
-            "vocab_size": 256,
-            "hidden_size": 160,
-            "moe_intermediate_size": 96,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "head_dim": 64,
-            "q_lora_rank": 96,
-            "n_routed_experts": 4,
-            "num_experts_per_tok": 2,
-            "o_groups": 2,
-            "o_lora_rank": 64,
-            "index_n_heads": 2,
-            "index_head_dim": 32,
-            "index_topk": 4,
-            "num_nextn_predict_layers": 0,
-            "hc_mult": 2,
-            "partial_rotary_factor": 0.5,
-            "layer_types": [
-                "sliding_attention",
-                "compressed_sparse_attention",
-                "heavily_compressed_attention",
-            ],
-            "mlp_layer_types": ["hash_moe", "moe", "moe"],
-        },
-        respell=_as_deepseek_v4,
-    ),
+    "deepseek-v4": TinyFamily("DeepseekV4ForCausalLM", _TINY_V4, respell=_as_deepseek_v4),
+    # DeepSeek-V4.1: V4's tiny model re-spelled (_as_deepseek_v41), an Engram on layer 1.
+    "deepseek-v4.1": TinyFamily("DeepseekV4ForCausalLM", _TINY_V4, respell=_as_deepseek_v41),
     # Hy3: layer 0 dense, layer 1 MoE with a shared expert; the vendor keeps the router in bf16.
     "hy-v3": TinyFamily(
         "HYV3ForCausalLM",
@@ -898,8 +920,10 @@ def _check_args(family: str, layout: str, scheme: str | None = None) -> None:
             raise ValueError(f"scheme 'mxfp4' is for {_MXFP4_FAMILIES} only, which have no other scheme")
         if scheme == "mxfp8" and family not in _MXFP8_FAMILIES:
             raise ValueError(f"scheme 'mxfp8' is for {_MXFP8_FAMILIES} only")
-        if scheme.startswith("fp8-v4") != (family in _V4_FAMILIES):
+        if scheme in ("fp8-v4", "fp8-v4-base") != (family in _V4_FAMILIES):
             raise ValueError(f"schemes 'fp8-v4*' are for {_V4_FAMILIES} only, which have no other scheme")
+        if (scheme == "fp8-v41") != (family in _V41_FAMILIES):
+            raise ValueError(f"scheme 'fp8-v41' is for {_V41_FAMILIES} only, which have no other scheme")
 
 
 def _make_model(family: str, layout: str, tied: bool) -> torch.nn.Module:
@@ -1161,6 +1185,48 @@ def deepseek_v4_state_dict(sd: dict[str, torch.Tensor], fp4_experts: bool = True
     return out
 
 
+# DeepSeek-V4.1's quantized weights (NeMo's DeepseekV41StateDictAdapter.to_hf lists them so): the
+# attention projections, the indexer's query, the experts and the Engram table and projection.
+_V41_QUANTIZED = re.compile(
+    r"(?:layers|mtp)\.\d+\.(?:attn\.(?:wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)"
+    r"|ffn\.(?:shared_experts|experts\.\d+)\.w[123]|engram\.(?:embed|wkv))\.weight"
+)
+V41_CONFIG = {**V4_CONFIG, "weight_block_size": [32, 32]}
+
+
+def _e8m0_blocks(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Power-of-two scales (amax / 448 rounded up, as DeepSeek's ue8m0 kernels do) per ``rows x cols`` block."""
+    r, c = w.shape
+    nr, nc = -(-r // rows), -(-c // cols)
+    padded = torch.zeros(nr * rows, nc * cols)
+    padded[:r, :c] = w.float().abs()
+    amax = padded.reshape(nr, rows, nc, cols).amax(dim=(1, 3))
+    return torch.exp2(torch.ceil(torch.log2(_safe_scale(amax))))
+
+
+def deepseek_v41_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DeepSeek-V4.1-Flash's release layout (NeMo's adapter documents it from the shard headers), each
+    quantized ``K.weight`` beside an ``F8_E8M0`` ``K.scale``: routed experts FP4 as V4-Flash's; the Engram
+    table e4m3 with one scale per 32 columns of a row; the other quantized matrices e4m3 with one scale per
+    32x32 block."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        scale_key = key.removesuffix("weight") + "scale"
+        if ".ffn.experts." in key:
+            blocks, scales = mxfp4_quantize(t.T.unsqueeze(0))
+            out[key] = blocks[0].reshape(t.shape[0], -1).view(torch.int8)
+            out[scale_key] = scales[0].view(torch.float8_e8m0fnu)
+        elif _V41_QUANTIZED.fullmatch(key):
+            rows = 1 if ".engram.embed." in key else 32
+            scale = _e8m0_blocks(t, rows, 32)
+            full = scale.repeat_interleave(rows, 0).repeat_interleave(32, 1)[: t.shape[0], : t.shape[1]]
+            out[key] = (t.float() / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            out[scale_key] = scale.to(torch.float8_e8m0fnu)
+        else:
+            out[key] = t
+    return out
+
+
 # What OpenAI's gpt-oss config.json says (its quantization_config, verbatim).
 MXFP4_CONFIG = {
     "modules_to_not_convert": [
@@ -1402,6 +1468,9 @@ def build_checkpoint(
     plain, config, gen = _saved_model(family, layout, tied, seed)
     if scheme == "mxfp4":
         sd, qcfg = mxfp4_state_dict(plain), MXFP4_CONFIG
+    elif scheme == "fp8-v41":
+        sd, qcfg = deepseek_v41_state_dict(plain), V41_CONFIG
+        config = {**config, "text_config": {**config["text_config"], "quantization_config": qcfg}}
     elif scheme.startswith("fp8-v4"):
         sd, qcfg = deepseek_v4_state_dict(plain, fp4_experts=scheme == "fp8-v4"), V4_CONFIG
         config = {**config, "expert_dtype": "fp4" if scheme == "fp8-v4" else "fp8"}

@@ -97,7 +97,11 @@ def adapter_class(spec: str) -> type:
 
 # hf configs that only NeMo defines (its registry's _CUSTOM_CONFIG_REGISTRATIONS: the releases ship them
 # as remote code): model_type -> ``module.Class`` under nemo_automodel.components.models.
-NEMO_CONFIGS = {"bailing_moe": "ling_v2.config.BailingMoeV2Config", "mimo_v2": "mimo_v25.config.MiMoV2Config"}
+NEMO_CONFIGS = {
+    "bailing_moe": "ling_v2.config.BailingMoeV2Config",
+    "mimo_v2": "mimo_v25.config.MiMoV2Config",
+    "deepseek_v41": "deepseek_v41.config.DeepseekV41Config",
+}
 
 
 def moe_config(config: dict[str, Any], dtype: torch.dtype) -> Any:
