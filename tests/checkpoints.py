@@ -364,15 +364,19 @@ def _as_mimo_v25(
 
 def _as_deepseek_v41(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
     """DeepSeek-V4's release re-spelled as a V4.1 one (transformers has no V4.1 class; NeMo's adapter
-    documents the names): V4's module tree, one MTP (DSpark draft) layer, and an Engram on layer 1, its
-    table of 70 rows and its projection drawn here; config.json nests the text model as V4.1's does."""
+    documents the names): V4's module tree, one MTP (DSpark draft) layer, and on layer 1 an Engram, its
+    table of 70 rows and its projection drawn here, and a vision-language router bias ``bias_vl``;
+    config.json nests the text model as V4.1's does."""
     out, config = _as_deepseek_v4(sd, config)
     gen = torch.Generator().manual_seed(13)
     rows, channels, hidden = 70, 256, config["hidden_size"]
     for name, shape in (("embed.weight", (rows, channels)), ("wkv.weight", (hidden, channels))):
         out[f"layers.1.engram.{name}"] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
     out["layers.1.engram.norm.weight"] = (1 + torch.randn(channels, generator=gen) * 0.05).to(torch.bfloat16)
-    text = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}
+    # the vision-language router's bias beside the text one (NeMo keeps its name: not a ".ffn.gate.bias")
+    out["layers.1.ffn.gate.bias_vl"] = torch.randn(config["n_routed_experts"], generator=gen)
+    v4_only = ("architectures", "transformers_version", "layer_types", "mlp_layer_types")
+    text = {k: v for k, v in config.items() if k not in v4_only}
     text |= {"model_type": "deepseek_v41_text", "engram_layer_ids": [1], "engram_num_embeddings": [rows]}
     return out, {
         "architectures": ["DeepseekV41ForCausalLM"],
@@ -920,7 +924,7 @@ def _check_args(family: str, layout: str, scheme: str | None = None) -> None:
             raise ValueError(f"scheme 'mxfp4' is for {_MXFP4_FAMILIES} only, which have no other scheme")
         if scheme == "mxfp8" and family not in _MXFP8_FAMILIES:
             raise ValueError(f"scheme 'mxfp8' is for {_MXFP8_FAMILIES} only")
-        if scheme in ("fp8-v4", "fp8-v4-base") != (family in _V4_FAMILIES):
+        if (scheme in ("fp8-v4", "fp8-v4-base")) != (family in _V4_FAMILIES):
             raise ValueError(f"schemes 'fp8-v4*' are for {_V4_FAMILIES} only, which have no other scheme")
         if (scheme == "fp8-v41") != (family in _V41_FAMILIES):
             raise ValueError(f"scheme 'fp8-v41' is for {_V41_FAMILIES} only, which have no other scheme")

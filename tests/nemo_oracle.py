@@ -101,6 +101,7 @@ NEMO_CONFIGS = {
     "bailing_moe": "ling_v2.config.BailingMoeV2Config",
     "mimo_v2": "mimo_v25.config.MiMoV2Config",
     "deepseek_v41": "deepseek_v41.config.DeepseekV41Config",
+    "deepseek_v41_text": "deepseek_v41.config.DeepseekV41TextConfig",
 }
 
 

@@ -18,8 +18,9 @@ def _shards(path: Path) -> dict[str, bytes]:
 
 # Back with their own scales: 3-D experts that transformers would not load with fresh ones (Mistral 4's
 # gate_up_proj, Inkling's w13_weight: tests/test_consumers.py), and MXFP8, MXFP4 and DeepSeek-V4's FP4 and
-# e8m0 block scales, whose exponents only a restore writes, and MiMo-V2.5-Pro's per-shard block grids.
-_KEPT = ("mistral4-vlm", "minimax-m3", "inkling", "deepseek-v4", "gpt-oss", "mimo-v2.5-pro")
+# e8m0 block scales (V4.1's of 32x32), whose exponents only a restore writes, and MiMo-V2.5-Pro's
+# per-shard block grids.
+_KEPT = ("mistral4-vlm", "minimax-m3", "inkling", "deepseek-v4", "deepseek-v4.1", "gpt-oss", "mimo-v2.5-pro")
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,7 @@ _KEPT = ("mistral4-vlm", "minimax-m3", "inkling", "deepseek-v4", "gpt-oss", "mim
         ("inkling", "block"),
         ("nemotron-v3", "block"),
         ("deepseek-v4", "fp8-v4"),
+        ("deepseek-v4.1", "fp8-v41"),
         ("gpt-oss", "mxfp4"),
         ("mimo-v2.5-pro", "block"),
     ],

@@ -72,9 +72,9 @@ class Case:
     # NeMo's adapter reads model.safetensors.index.json beside config.json (MiMo-V2.5's tp_size): the
     # oracle's config names the checkpoint's directory, as from_pretrained's does.
     reads_index: bool = False
-    # Keys NeMo's from_hf drops that Recast keeps (DeepSeek-V4.1's MTP draft): compared with the source
-    # instead, dequantized.
-    nemo_drops: str | None = None
+    # NeMo's adapter for the mtp.* layers its backbone adapter drops (DeepSeek-V4.1's DSpark draft), built
+    # on the text config.
+    nemo_mtp: str | None = None
 
 
 _DEEPSEEK = "deepseek_v3.DeepSeekV3StateDictAdapter"
@@ -140,9 +140,9 @@ CASES = [
     Case("deepseek-v4", "deepseek-v4", "deepseek_v4.DeepSeekV4StateDictAdapter", scheme="fp8-v4-base"),
     # DeepSeek-V4.1: NeMo's adapter dequantizes the 32x32 e8m0 blocks, the FP4 experts (reading the code
     # of -0 as +0, as V4's) and the Engram table's per-row exponents itself; it drops the MTP (DSpark
-    # draft) layers, which its draft adapter loads apart and Recast keeps under their own names.
+    # draft) layers, which its draft adapter loads apart: the two together are the oracle.
     Case("deepseek-v4.1", "deepseek-v4.1", "deepseek_v41.DeepseekV41StateDictAdapter", scheme="fp8-v41",
-         nemo_unsigned_zero=r"ffn\.experts\.", nemo_drops=r"^mtp\."),
+         nemo_unsigned_zero=r"ffn\.experts\.", nemo_mtp="deepseek_v41.DeepseekV41DSparkStateDictAdapter"),
     # NeMo's Nemotron-H adapter has no FP8 path (it loads the bf16 release): dequantize_from_fp8 first.
     Case("nemotron-v3", "nemotron-v3", "nemotron_v3.NemotronV3StateDictAdapter", dequantizes=False),
     # NeMo's Inkling adapter skips every *_scale_inv and casts the FP8 codes: dequantize_from_fp8 first.
@@ -213,7 +213,13 @@ def _nemo_native(case: Case, sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -
         return _transformers_state_dict(sd, cfg)
     if case.nemo is None:
         return sd
-    return _nemo_adapter(case, cfg).from_hf(sd)
+    native = _nemo_adapter(case, cfg).from_hf(dict(sd))
+    if case.nemo_mtp:
+        text = {**cfg["text_config"], "architectures": cfg["architectures"]}
+        draft = nemo_oracle.moe_adapter(case.nemo_mtp, text, torch.bfloat16).from_hf(dict(sd))
+        assert not [k for k in native if k.startswith("mtp.")]
+        native |= {k: t for k, t in draft.items() if k.startswith("mtp.")}
+    return native
 
 
 def _transformers_state_dict(sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -253,31 +259,10 @@ def test_native_equals_nemo_and_round_trips(case: Case, nemo, checkpoint, tmp_pa
         want = _nemo_native(case, source_sd, cfg)
     if case.nemo_unsigned_zero:
         want = _with_signed_zeros(want, got, case.nemo_unsigned_zero)
-    if case.nemo_drops:
-        kept = {k: t for k, t in got.items() if re.search(case.nemo_drops, k)}
-        assert kept and not [k for k in want if re.search(case.nemo_drops, k)]
-        source = _transformers_dequantized(source_sd)
-        assert_state_dicts_identical(kept, {k: source[k] for k in kept})
-        got = {k: t for k, t in got.items() if k not in kept}
     assert_state_dicts_identical(got, want)
 
     api.convert(native, tmp_path / "back", api.Options(to="hf"))
     assert_state_dicts_identical(load_state_dict(tmp_path / "back"), source_sd)
-
-
-def _transformers_dequantized(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A ``K.weight`` / ``K.scale`` state dict (DeepSeek-V4's spelling) as transformers' own FP8 and FP4
-    loader (``Fp8Dequantize``) reads it, in bf16; the block size is read from each scale's grid."""
-    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
-
-    one = Fp8Dequantize(None)._dequantize_one
-    return {
-        k: one(t, sd[k.removesuffix("weight") + "scale"], torch.bfloat16)
-        if k.removesuffix("weight") + "scale" in sd and k.endswith(".weight")
-        else t
-        for k, t in sd.items()
-        if not k.endswith(".scale")
-    }
 
 
 def _with_signed_zeros(

@@ -28,13 +28,27 @@ class Rename:
 
     ``invert`` says whether the way back may guess the hf spelling from the native one. An infix names
     whole module segments with their dots (``.block_sparse_moe.gate.weight``), so it cannot match
-    part of another name.
+    part of another name; one that ends a key (``.ffn.gate.bias``, beside DeepSeek-V4.1's
+    ``.ffn.gate.bias_vl``) is a ``suffix``: it matches only there.
     """
 
     hf: str
     native: str
     invert: bool = True
     infix: bool = False
+    suffix: bool = False
+
+    def infix_to_native(self, key: str) -> str:
+        """``key`` with this infix (or suffix) rename applied where it matches."""
+        return self._swapped(key, self.hf, self.native)
+
+    def infix_to_hf(self, key: str) -> str:
+        return self._swapped(key, self.native, self.hf)
+
+    def _swapped(self, key: str, old: str, new: str) -> str:
+        if self.suffix:
+            return key[: -len(old)] + new if key.endswith(old) else key
+        return key.replace(old, new, 1)
 
     @cached_property
     def _numbered(self) -> tuple[re.Pattern[str], re.Pattern[str]] | None:
@@ -250,14 +264,14 @@ class Adapter:
                 key = renamed
                 break
         for r in self.renames:
-            if r.infix and r.hf in key:
-                key = key.replace(r.hf, r.native, 1)
+            if r.infix:
+                key = r.infix_to_native(key)
         return key
 
     def to_hf(self, key: str) -> str:
         for r in reversed(self.renames):
-            if r.infix and r.invert and r.native in key:
-                key = key.replace(r.native, r.hf, 1)
+            if r.infix and r.invert:
+                key = r.infix_to_hf(key)
         for r in self.renames:
             if not r.infix and r.invert and (renamed := r.prefix_to_hf(key)) is not None:
                 return renamed
@@ -734,6 +748,58 @@ _DEEPSEEK_V4 = Adapter(
     model_types=("deepseek_v4",),
     nemo="deepseek_v4.DeepSeekV4StateDictAdapter",
 )
+# DeepSeek-V4.1: the release's names as V4's, but NeMo keeps the attention and FFN module names (attn.,
+# ffn., attn_norm) and renames only the sink, the router bias, the shared experts' w1 / w3 / w2 and the
+# hyper-connection mixers. The MTP (DSpark draft) layers keep their mtp.{k}. prefix with the same renames
+# inside, as NeMo's DSpark adapter has them (its backbone adapter drops them); Engram modules keep their
+# names. Dense weights carry e8m0 scales per 32x32 block, routed experts are FP4 (as V4-Flash's).
+_DEEPSEEK_V41 = Adapter(
+    name="deepseek-v4.1",
+    description="DeepSeek-V4.1 (the release's names; FP8 with e8m0 32x32 block scales, FP4 routed experts, "
+    "Engram tables)",
+    architectures=("DeepseekV41ForCausalLM",),
+    renames=(
+        Rename("embed.", "model.embed_tokens."),
+        Rename("norm.", "model.norm."),
+        Rename("head.", "lm_head."),
+        Rename("layers.", "model.layers."),
+        Rename("vision.", "model.vision."),
+        Rename("aligner.", "model.aligner."),
+        Rename("image_", "model.image_"),
+        Rename(".attn.attn_sink", ".attn.sinks_param.weight", infix=True, suffix=True),
+        Rename(".ffn.gate.bias", ".ffn.gate.e_score_correction_bias", infix=True, suffix=True),
+        Rename(".ffn.shared_experts.w1.", ".ffn.shared_experts.gate_proj.", infix=True),
+        Rename(".ffn.shared_experts.w3.", ".ffn.shared_experts.up_proj.", infix=True),
+        Rename(".ffn.shared_experts.w2.", ".ffn.shared_experts.down_proj.", infix=True),
+        *(
+            Rename(f".hc_{site}_{p}", f".{site}_hc.{p}", infix=True, suffix=True)
+            for site in ("attn", "ffn")
+            for p in ("fn", "base", "scale")
+        ),
+    ),
+    experts=(
+        ExpertRule("stack", "ffn.experts.{e}.", "ffn.experts.gate_and_up_projs", ("w1", "w3")),
+        ExpertRule("stack", "ffn.experts.{e}.", "ffn.experts.down_projs", ("w2",)),
+    ),
+    # NeMo's to_hf quantizes attn.{wq_a,wq_b,wkv,wo_a,wo_b}, indexer.wq_b, the experts and engram.{embed,wkv}
+    # only; a fresh quantization leaves the rest, and the Engram table (named as the embeddings are), alone.
+    not_quantized=(
+        "norm.weight",
+        "head.weight",
+        "embed.weight",
+        "ffn.gate.",
+        "attn_sink",
+        "compressor.",
+        "indexer.wk.",
+        "indexer.weights_proj.",
+        "hc_",
+        "e_proj.",
+        "h_proj.",
+    ),
+    not_quantized_prefixes=("vision.", "aligner."),
+    model_types=("deepseek_v41", "deepseek_v41_text"),
+    nemo="deepseek_v41.DeepseekV41StateDictAdapter",
+)
 # Dense families: NeMo AutoModel's own model classes use the hf key names, so only the FP8 rules apply.
 _DENSE = Adapter(
     name="llama",
@@ -1026,6 +1092,7 @@ ADAPTERS: dict[str, Adapter] = {
         _LAGUNA,
         _GLM5_NEXT,
         _DEEPSEEK_V4,
+        _DEEPSEEK_V41,
         _STEP3P5,
         replace(
             _STEP3P5,

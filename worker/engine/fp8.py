@@ -37,6 +37,8 @@ class ScaleKind(StrEnum):
     # 128x128 blocks whose grid restarts at every one of n equal row shards (MiMo-V2.5-Pro's fused qkv,
     # saved TP shard by TP shard): [n * ceil(rows/n/128), ceil(cols/128)]
     SHARDED = "sharded-block"
+    # e4m3 with one (e8m0, power-of-two) scale per 32x32 block: DeepSeek-V4.1's dense weights
+    BLOCK32 = "block-32"
 
     @property
     def stored_dtype(self) -> str:
@@ -178,13 +180,19 @@ def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple
         return s[rows]
     r, c = shape[-2], shape[-1]
     if len(shape) == 2:
+        size = block_size(kind)
         lo, hi = rows.start, rows.stop
-        if lo % BLOCK:
+        if lo % size:
             raise ValueError("block-scaled row slices must start on a block boundary")
-        s = s[lo // BLOCK : -(-hi // BLOCK)]
-        return s.repeat_interleave(BLOCK, 0)[: hi - lo].repeat_interleave(BLOCK, 1)[:, :c]
+        s = s[lo // size : -(-hi // size)]
+        return s.repeat_interleave(size, 0)[: hi - lo].repeat_interleave(size, 1)[:, :c]
     s = s[rows]
     return s.repeat_interleave(BLOCK, -2)[:, :r].repeat_interleave(BLOCK, -1)[..., :c]
+
+
+def block_size(kind: ScaleKind) -> int:
+    """The rows (and columns) one scale of a block kind covers."""
+    return 32 if kind is ScaleKind.BLOCK32 else BLOCK
 
 
 def value_shape(kind: ScaleKind | None, stored: tuple[int, ...]) -> tuple[int, ...]:
@@ -272,7 +280,8 @@ def scale_shape(kind: ScaleKind, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (*shape[:-1], 1)
     if kind in (ScaleKind.MXFP8, ScaleKind.FP4):
         return (*shape[:-1], -(-shape[-1] // mxfp4.BLOCK))
-    return (*shape[:-2], -(-shape[-2] // BLOCK), -(-shape[-1] // BLOCK))
+    size = block_size(kind)
+    return (*shape[:-2], -(-shape[-2] // size), -(-shape[-1] // size))
 
 
 @dataclass

@@ -60,19 +60,30 @@ def _fp8_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
     return classify_scale(key, weight.shape, scale.shape)
 
 
-_V4_KINDS = frozenset({ScaleKind.PER_TENSOR, ScaleKind.BLOCK, ScaleKind.FP4})
+_V4_KINDS = frozenset(
+    {ScaleKind.PER_TENSOR, ScaleKind.BLOCK, ScaleKind.FP4, ScaleKind.BLOCK32, ScaleKind.MXFP8}
+)
 
 
 def _v4_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
-    """DeepSeek-V4: int8 FP4 codes with per-32 exponents, or e4m3 with (power-of-two) 128x128 blocks."""
+    """DeepSeek-V4 and V4.1: int8 FP4 codes with per-32 exponents, or e4m3 with power-of-two scales per
+    128x128 block (V4), per 32x32 block (V4.1), or per 32 columns of a row (V4.1's Engram tables)."""
     if weight.dtype == "I8":
         mxfp4.check_flat(key, (weight.dtype, weight.shape), (scale.dtype, scale.shape))
         return ScaleKind.FP4
+    blocks32 = scale_shape(ScaleKind.BLOCK32, weight.shape) if len(weight.shape) == 2 else None
+    if (
+        scale.dtype in E8M0_DTYPES
+        and tuple(scale.shape) == blocks32
+        and blocks32 != scale_shape(ScaleKind.BLOCK, weight.shape)
+    ):
+        return ScaleKind.BLOCK32
     kind = _fp8_classify(key, weight, scale)
     if kind not in _V4_KINDS:
         raise CheckpointError(
             f"scale of {key!r} is {kind.value} ({scale.dtype} {list(scale.shape)}); DeepSeek-V4's e4m3 weights "
-            f"have one scale per {BLOCK}x{BLOCK} block: {list(scale_shape(ScaleKind.BLOCK, weight.shape))}"
+            f"have one scale per {BLOCK}x{BLOCK} block: {list(scale_shape(ScaleKind.BLOCK, weight.shape))}, "
+            f"V4.1's per 32x32 block: {list(scale_shape(ScaleKind.BLOCK32, weight.shape))}"
         )
     return kind
 

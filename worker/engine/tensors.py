@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .checkpoint import Checkpoint
-from .fp8 import BLOCK, ScaleKind, decode, value_shape
+from .fp8 import BLOCK, ScaleKind, block_size, decode, value_shape
 from .hostpool import HostPool
 from .keymap import NativeTensor, Quant
 from .operations import OPERATIONS
@@ -136,7 +136,7 @@ def row_chunks(shape: tuple[int, ...], itemsize: int, budget: int, align: int = 
 
 
 def hf_align(kind: ScaleKind | None, shape: tuple[int, ...]) -> int:
-    return BLOCK if kind is ScaleKind.BLOCK and len(shape) == 2 else 1
+    return block_size(kind) if kind in (ScaleKind.BLOCK, ScaleKind.BLOCK32) and len(shape) == 2 else 1
 
 
 def hf_value(
