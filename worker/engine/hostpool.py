@@ -19,15 +19,18 @@ GRAIN = 8 << 20  # size classes: buffers are rounded up to this, so similar unit
 # A free buffer up to this many times the size asked for serves the request: with exact classes only,
 # the pool kept each class's high-water mark, and DeepSeek-V4's eight classes held 5.8 GiB of buffers
 # for 3.5 GiB ever lent at once (H200, 4.6 GB V4-Flash-shaped checkpoint); with this, 5.45 GiB. The
-# rest is classes too far apart to share (8-56 MiB against 144-256 MiB), which a cap on idle bytes
-# would bound.
+# rest is classes too far apart to share (8-56 MiB against 144-256 MiB), which IDLE bounds.
 FIT = 2
+# Free buffers kept at most, in bytes: one given back beyond it is let go (its pages go back to the
+# system), so the pool holds what is lent at once plus this, not every class's high-water mark.
+IDLE = 1 << 30
 
 
 class HostPool:
     def __init__(self) -> None:
         self._free: dict[int, list[torch.Tensor]] = {}
         self._lent: dict[int, torch.Tensor] = {}
+        self._idle = 0  # bytes in self._free
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> torch.Tensor:
@@ -36,6 +39,7 @@ class HostPool:
         with self._lock:
             fits = sorted(n for n, free in self._free.items() if free and size <= n <= FIT * size)
             buf = self._free[fits[0]].pop() if fits else None
+            self._idle -= buf.numel() if buf is not None else 0
         if buf is None:
             buf = torch.empty(size, dtype=torch.uint8)
         with self._lock:
@@ -48,8 +52,9 @@ class HostPool:
             return
         with self._lock:
             buf = self._lent.pop(t.untyped_storage().data_ptr(), None)
-            if buf is not None:
+            if buf is not None and self._idle + buf.numel() <= IDLE:
                 self._free.setdefault(buf.numel(), []).append(buf)
+                self._idle += buf.numel()
 
     def to_host(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` copied into a pooled host buffer (``x`` itself if it is already on the host)."""
