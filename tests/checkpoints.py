@@ -37,6 +37,7 @@ BLOCK = 128
 
 SCHEMES: tuple[str, ...] = (
     "per-tensor", "per-expert", "per-channel", "block", "mxfp4", "mxfp8", "fp8-v4", "fp8-v4-base", "fp8-v41",
+    "fp8-mxfp4",
 )  # fmt: skip
 # Per-expert scales only exist for the aggregated 3-D expert tensors of Mistral 4.
 _PER_EXPERT_FAMILIES = ("mistral4", "mistral4-vlm")
@@ -50,6 +51,8 @@ _V4_FAMILIES = ("deepseek-v4",)
 # DeepSeek-V4.1's (``fp8-v41``): e8m0 scales per 32x32 block, FP4 routed experts, e8m0 per 32 columns of a
 # row on the Engram tables.
 _V41_FAMILIES = ("deepseek-v4.1",)
+# MiMo-V2.6's (``fp8-mxfp4``): block FP8 with uint8 FP4 routed experts beside, K.weight with K.weight_scale.
+_V26_FAMILIES = ("mimo-v2",)
 
 
 # Tiny but edge-case-rich dimensions: hidden 160 and dense width 200 give partial 128-blocks on both
@@ -928,6 +931,8 @@ def _check_args(family: str, layout: str, scheme: str | None = None) -> None:
             raise ValueError(f"schemes 'fp8-v4*' are for {_V4_FAMILIES} only, which have no other scheme")
         if (scheme == "fp8-v41") != (family in _V41_FAMILIES):
             raise ValueError(f"scheme 'fp8-v41' is for {_V41_FAMILIES} only, which have no other scheme")
+        if scheme == "fp8-mxfp4" and family not in _V26_FAMILIES:
+            raise ValueError(f"scheme 'fp8-mxfp4' is for {_V26_FAMILIES} only")
 
 
 def _make_model(family: str, layout: str, tied: bool) -> torch.nn.Module:
@@ -1231,6 +1236,25 @@ def deepseek_v41_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+def mimo_v26_state_dict(
+    fp8: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """MiMo-V2.6's release layout, by NeMo's MiMo-V2-Flash adapter: the block-FP8 state dict ``fp8`` with
+    its routed experts MXFP4 instead, uint8 ``K.weight`` ``[out, in/2]`` (two e2m1 codes a byte, low nibble
+    first) and uint8 e8m0 ``K.weight_scale`` ``[out, in/32]``, from their bf16 values in ``plain``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in fp8.items():
+        if re.search(r"\.mlp\.experts\.\d+\.\w+\.weight_scale_inv$", key):
+            continue
+        if re.search(r"\.mlp\.experts\.\d+\.\w+\.weight$", key):
+            blocks, scales = mxfp4_quantize(plain[key].T.unsqueeze(0))
+            out[key] = blocks[0].reshape(plain[key].shape[0], -1)
+            out[key + "_scale"] = scales[0]
+            continue
+        out[key] = t
+    return out
+
+
 # What OpenAI's gpt-oss config.json says (its quantization_config, verbatim).
 MXFP4_CONFIG = {
     "modules_to_not_convert": [
@@ -1472,6 +1496,9 @@ def build_checkpoint(
     plain, config, gen = _saved_model(family, layout, tied, seed)
     if scheme == "mxfp4":
         sd, qcfg = mxfp4_state_dict(plain), MXFP4_CONFIG
+    elif scheme == "fp8-mxfp4":
+        sd = mimo_v26_state_dict(quantize_state_dict(plain, family, "block", seed), plain)
+        qcfg = _quantization_config("block", list(sd), sd, family)
     elif scheme == "fp8-v41":
         sd, qcfg = deepseek_v41_state_dict(plain), V41_CONFIG
         config = {**config, "text_config": {**config["text_config"], "quantization_config": qcfg}}

@@ -259,23 +259,26 @@ def test_a_sharded_scale_grid_that_does_not_fit_the_config_is_refused(
     assert not (tmp_path / "native").exists() or not any((tmp_path / "native").iterdir())
 
 
-def test_mxfp4_codes_spelled_weight_scale_are_refused(checkpoint, tmp_path: Path) -> None:
-    # MiMo-V2.6 ships its experts as uint8 MXFP4 codes with *.weight_scale exponents beside the *_scale_inv
-    # FP8 weights; Recast does not read that yet, and must not copy the codes on as if they were weights.
-    sd = load_state_dict(checkpoint("mimo-v2", scheme="block"))
-    key = "model.layers.1.mlp.experts.0.gate_proj.weight"
+def test_uint8_codes_with_a_scale_their_format_does_not_pair_are_refused(checkpoint, tmp_path: Path) -> None:
+    # The vendors' fp8 format pairs uint8 FP4 codes K.weight with K.weight_scale (MiMo-V2.6's experts);
+    # DeepSeek-V4's spells its scales K.scale. There such a pair is refused by name, never copied on as if
+    # the codes were weights.
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("deepseek-v4", scheme="fp8-v4"), src)
+    shard = next(p for p in sorted(src.glob("*.safetensors")) if "layers.1.attn.wq_a.weight" in load_file(p))
+    sd = load_file(shard)
+    key = "layers.1.attn.wq_a.weight"
     rows, cols = sd[key].shape
-    del sd[key + "_scale_inv"]
+    del sd["layers.1.attn.wq_a.scale"]
     sd[key] = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8)
     sd[key + "_scale"] = torch.full((rows, cols // 32), 127, dtype=torch.uint8)
-    src = tmp_path / "src"
-    src.mkdir()
-    save_file(sd, str(src / "model.safetensors"))
-    shutil.copy(checkpoint("mimo-v2", scheme="block") / "config.json", src)
-    index = {"metadata": {"tp_size": 2}, "weight_map": dict.fromkeys(sd, "model.safetensors")}
+    save_file(sd, str(shard))
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].pop("layers.1.attn.wq_a.scale", None)
+    index["weight_map"][key + "_scale"] = shard.name
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(
-        CheckpointError, match=r"gate_proj\.weight' in model\.safetensors is U8 with a scale .*_scale'"
+        CheckpointError, match=r"wq_a\.weight' in .* is U8 with a scale '.*wq_a\.weight_scale'"
     ):
         api.convert(src, tmp_path / "native", api.Options(to="native"))
     assert not (tmp_path / "native").exists() or not any((tmp_path / "native").iterdir())

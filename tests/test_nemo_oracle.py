@@ -105,6 +105,9 @@ CASES = [
     # MiMo-V2.5 as MiMoV2ForCausalLM: NeMo's MiMo-V2-Flash adapter splits it into q/k/v_proj, by tp_size.
     Case("mimo-v2", "mimo-v2", "mimo_v2_flash.MiMoV2FlashStateDictAdapter", nemo_backend=(("attn", "sdpa"),),
          reads_index=True),
+    # MiMo-V2.6: the same, its routed experts uint8 MXFP4 (K.weight_scale), which NeMo dequantizes itself.
+    Case("mimo-v2", "mimo-v2", "mimo_v2_flash.MiMoV2FlashStateDictAdapter", nemo_backend=(("attn", "sdpa"),),
+         reads_index=True, scheme="fp8-mxfp4"),
     Case("minimax-m2", "minimax-m2", "minimax_m2.MiniMaxM2StateDictAdapter"),
     # MXFP8: NeMo's M3 adapter dequantizes the e8m0-scaled weights itself (its dequantize_mxfp8).
     Case("minimax-m3", "minimax-m3", "minimax_m3_vl.MiniMaxM3VLStateDictAdapter", scheme="mxfp8"),

@@ -49,7 +49,9 @@ class Encoding:
 
     @property
     def scale_key(self) -> str:
-        return self.fmt.scale_key(self.key)
+        """The scale's name: a kept one's own in its own format (MiMo-V2.6's uint8 FP4 experts spell theirs
+        apart from the format's other scales), else the format's."""
+        return self.keep.scale if self.mode == "keep" and not self.renamed else self.fmt.scale_key(self.key)
 
     @property
     def scale_kind(self) -> ScaleKind | None:

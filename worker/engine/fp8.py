@@ -39,17 +39,19 @@ class ScaleKind(StrEnum):
     SHARDED = "sharded-block"
     # e4m3 with one (e8m0, power-of-two) scale per 32x32 block: DeepSeek-V4.1's dense weights
     BLOCK32 = "block-32"
+    # FP4 as DeepSeek-V4's, the codes stored uint8 (MiMo-V2.6's experts: K.weight with K.weight_scale)
+    FP4_U8 = "fp4-u8"
 
     @property
     def stored_dtype(self) -> str:
         """The safetensors dtype of a tensor quantized with scales of this kind."""
-        return {ScaleKind.MXFP4: "U8", ScaleKind.FP4: "I8"}.get(self, "F8_E4M3")
+        return {ScaleKind.MXFP4: "U8", ScaleKind.FP4: "I8", ScaleKind.FP4_U8: "U8"}.get(self, "F8_E4M3")
 
     @property
     def exact_only(self) -> bool:
         """Written only to restore a source's own codes (MXFP4, FP4, MXFP8: Recast never chooses e8m0
         exponents): a value that is not exactly one is an error, never a rounding within a bound."""
-        return self in (ScaleKind.MXFP4, ScaleKind.FP4, ScaleKind.MXFP8)
+        return self in (ScaleKind.MXFP4, ScaleKind.MXFP8) or self.flat_fp4
 
     @property
     def restore_only(self) -> bool:
@@ -57,6 +59,11 @@ class ScaleKind(StrEnum):
         ``[E, out, in]``, its bf16 release ``[E, in, out]``), so only a restore writes them; an MXFP8
         weight is an ordinary weight, free to go out in bf16 or with fresh FP8 scales."""
         return self is ScaleKind.MXFP4
+
+    @property
+    def flat_fp4(self) -> bool:
+        """MXFP4's numbers spelled flat, ``[rows, in/2]`` codes with ``[rows, in/32]`` exponents."""
+        return self in (ScaleKind.FP4, ScaleKind.FP4_U8)
 
     @property
     def tabulated(self) -> bool:
@@ -161,7 +168,7 @@ def classify_sharded(
 
 def expand_scale(kind: ScaleKind, scale: torch.Tensor, rows: slice, shape: tuple[int, ...]) -> torch.Tensor:
     """The fp32 scale broadcastable over ``weight[rows]`` (a dim-0 slice of a tensor of ``shape``)."""
-    if kind in (ScaleKind.MXFP4, ScaleKind.FP4):
+    if kind is ScaleKind.MXFP4 or kind.flat_fp4:
         return mxfp4.expand(scale[rows])
     if kind is ScaleKind.MXFP8:
         return mxfp4.expand(scale[rows])[..., : shape[-1]]
@@ -199,13 +206,13 @@ def value_shape(kind: ScaleKind | None, stored: tuple[int, ...]) -> tuple[int, .
     """The shape of the value a quantized tensor stored as ``stored`` holds (MXFP4 and FP4 pack two per byte)."""
     if kind is ScaleKind.MXFP4:
         return mxfp4.value_shape(stored)
-    return mxfp4.flat_value_shape(stored) if kind is ScaleKind.FP4 else stored
+    return mxfp4.flat_value_shape(stored) if kind is not None and kind.flat_fp4 else stored
 
 
 def stored_shape(kind: ScaleKind | None, value: tuple[int, ...]) -> tuple[int, ...]:
     if kind is ScaleKind.MXFP4:
         return mxfp4.stored_shape(value)
-    return mxfp4.flat_stored_shape(value) if kind is ScaleKind.FP4 else value
+    return mxfp4.flat_stored_shape(value) if kind is not None and kind.flat_fp4 else value
 
 
 def dequantize_rows(
@@ -219,7 +226,7 @@ def dequantize_rows(
     """Rows ``rows`` of a tensor of ``shape`` dequantized by plain arithmetic (never tables)."""
     if kind is ScaleKind.MXFP4:
         return mxfp4.dequantize(q, scale[rows], dtype)
-    if kind is ScaleKind.FP4:
+    if kind.flat_fp4:
         return mxfp4.dequantize(mxfp4.unflatten(q), scale[rows], dtype)
     return dequantize(q, expand_scale(kind, scale, rows, shape), dtype)
 
@@ -230,8 +237,9 @@ def quantize_rows(
     """Rows ``rows`` of a tensor of ``shape`` quantized with a recorded scale by plain arithmetic."""
     if kind is ScaleKind.MXFP4:
         return mxfp4.quantize(w, scale[rows])
-    if kind is ScaleKind.FP4:
-        return mxfp4.flatten(mxfp4.quantize(w, scale[rows]))
+    if kind.flat_fp4:
+        codes = mxfp4.flatten(mxfp4.quantize(w, scale[rows]))
+        return codes.view(torch.uint8) if kind is ScaleKind.FP4_U8 else codes
     return quantize(w, expand_scale(kind, scale, rows, shape))
 
 
@@ -278,7 +286,7 @@ def scale_shape(kind: ScaleKind, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (shape[0], 1, 1)
     if kind is ScaleKind.PER_CHANNEL:
         return (*shape[:-1], 1)
-    if kind in (ScaleKind.MXFP8, ScaleKind.FP4):
+    if kind is ScaleKind.MXFP8 or kind.flat_fp4:
         return (*shape[:-1], -(-shape[-1] // mxfp4.BLOCK))
     size = block_size(kind)
     return (*shape[:-2], -(-shape[-2] // size), -(-shape[-1] // size))

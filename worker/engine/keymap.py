@@ -119,6 +119,8 @@ def find_quant(
                 raise CheckpointError(f"scale {key!r} (in {info.file}) has no weight {base!r}")
             continue
         scale = fmt.scale_key(key)
+        if scale not in tensors and fmt.codes_scale_suffix and info.dtype == "U8":
+            scale = key + fmt.codes_scale_suffix
         if scale in tensors:
             n = shards(key) if shards else 1
             kind = (
@@ -133,8 +135,9 @@ def find_quant(
             companions.update(q.companions)
         elif info.dtype in ("U8", "I8") and key.endswith(".weight") and f"{key}_scale" in tensors:
             raise CheckpointError(
-                f"{key!r} in {info.file} is {info.dtype} with a scale {key + '_scale'!r}: packed codes (MiMo-V2.6's "
-                f"MXFP4 experts spell theirs so) that the {fmt.name} layout, from config.json, does not read"
+                f"{key!r} in {info.file} is {info.dtype} with a scale {key + '_scale'!r}: packed codes spelled as "
+                f"the vendors' fp8 layout spells uint8 FP4 (MiMo-V2.6's experts), which the {fmt.name} layout, "
+                "from config.json, does not read"
             )
         elif info.dtype.startswith("F8") or fmt.packed(key, info.dtype):
             raise CheckpointError(

@@ -62,14 +62,17 @@ def check(key: str, blocks: tuple[str, tuple[int, ...]], scales: tuple[str, tupl
         )
 
 
-def check_flat(key: str, weight: tuple[str, tuple[int, ...]], scale: tuple[str, tuple[int, ...]]) -> None:
-    """Refuse a DeepSeek-V4 FP4 weight and scale whose dtypes or shapes are not that layout, naming the key."""
+def check_flat(
+    key: str, weight: tuple[str, tuple[int, ...]], scale: tuple[str, tuple[int, ...]], codes: str = "I8"
+) -> None:
+    """Refuse a flat FP4 weight (``codes``: I8 as DeepSeek-V4 stores them, U8 as MiMo-V2.6 does) and scale
+    whose dtypes or shapes are not that layout, naming the key."""
     (wdtype, wshape), (sdtype, sshape) = weight, scale
     want = (*wshape[:-1], wshape[-1] // PACKED) if wshape else ()
-    if wdtype != "I8" or sdtype not in ("F8_E8M0", "U8") or not wshape or wshape[-1] % PACKED:
+    if wdtype != codes or sdtype not in ("F8_E8M0", "U8") or not wshape or wshape[-1] % PACKED:
         raise CheckpointError(
-            f"FP4 weight {key!r} is {wdtype} {list(wshape)} with {sdtype} scales; DeepSeek-V4's FP4 weights "
-            f"are I8 [rows, in/2] (in a multiple of {BLOCK}) with e8m0 exponents (F8_E8M0 or U8)"
+            f"FP4 weight {key!r} is {wdtype} {list(wshape)} with {sdtype} scales; flat FP4 weights here "
+            f"are {codes} [rows, in/2] (in a multiple of {BLOCK}) with e8m0 exponents (F8_E8M0 or U8)"
         )
     if tuple(sshape) != want:
         raise CheckpointError(

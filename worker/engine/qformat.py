@@ -54,7 +54,10 @@ QUANTIZATION_FIELDS = ("quantization_config", "expert_dtype")
 
 def _fp8_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
     """A float multiplier (per tensor, expert, channel or 128x128 block), or e8m0 exponents (MXFP8, or
-    power-of-two blocks)."""
+    power-of-two blocks, or those of uint8 FP4 codes: MiMo-V2.6's experts)."""
+    if weight.dtype == "U8":
+        mxfp4.check_flat(key, (weight.dtype, weight.shape), (scale.dtype, scale.shape), codes="U8")
+        return ScaleKind.FP4_U8
     if scale.dtype in E8M0_DTYPES:
         return classify_e8m0_scale(key, weight.shape, (scale.dtype, scale.shape))
     return classify_scale(key, weight.shape, scale.shape)
@@ -123,6 +126,9 @@ class QuantFormat:
     classify: Callable[[str, TensorInfo, TensorInfo], ScaleKind] = _fp8_classify
     # Whether Recast writes fresh scales in it; False: only a source's own, restored (MXFP4, ModelOpt).
     fresh: bool = True
+    # K + this is the scale of uint8 FP4 codes K where the format's other scales are K + scale_suffix
+    # (MiMo-V2.6's experts K.weight_scale beside its FP8 weights' K.weight_scale_inv).
+    codes_scale_suffix: str = ""
 
     def scale_key(self, key: str) -> str:
         if self.weight_suffix and key.endswith(self.weight_suffix):
@@ -373,11 +379,13 @@ FORMATS: dict[str, QuantFormat] = {
                     ScaleKind.BLOCK,
                     ScaleKind.MXFP8,
                     ScaleKind.SHARDED,
+                    ScaleKind.FP4_U8,
                 }
             ),
             True,
             _fp8_config,
             _fp8_read,
+            codes_scale_suffix="_scale",
         ),
         QuantFormat(
             "compressed-tensors",
