@@ -353,11 +353,16 @@ _SPLIT_EXPERTS = (
     ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.down_projs", ("down_proj",)),
 )
 
-# MiMo's fused qkv_proj: q, k and v rows by head counts (the swa_* ones on sliding-window layers).
-_MIMO_QKV = (
-    "num_attention_heads * head_dim",
-    "num_key_value_heads * head_dim",
-    "num_key_value_heads * v_head_dim",
+# MiMo's fused qkv_proj: q, k and v rows by head counts (the swa_* ones on sliding-window layers); the
+# adapters say how it is saved and held. A fresh grid over the whole interleaved tensor is not the
+# per-shard one MiMo's loaders read, so a fresh quantization leaves it alone.
+_MIMO_QKV = ExpertRule(
+    "split",
+    "self_attn.qkv_proj.weight",
+    "self_attn.",
+    ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
+    ("num_attention_heads * head_dim", "num_key_value_heads * head_dim", "num_key_value_heads * v_head_dim"),
+    by_layer=("hybrid_layer_pattern", "swa_"),
 )
 
 _MISTRAL4 = Adapter(
@@ -711,34 +716,43 @@ _V4_CHAIN = (
     *((f".hc_{site}_{p}", f".{site}_hc.{p}") for site in ("attn", "ffn") for p in ("fn", "base", "scale")),
     *((f".hc_head_{p}", f".hc_head.hc_{p}") for p in ("fn", "base", "scale")),
 )
+# The top-level names both DeepSeek-V4 releases (V4, V4.1) share, and what both leave unquantized.
+_V4_RELEASE_PREFIXES = (
+    Rename("embed.", "model.embed_tokens."),
+    Rename("norm.", "model.norm."),
+    Rename("head.", "lm_head."),
+    Rename("layers.", "model.layers."),
+    Rename("vision.", "model.vision."),
+    Rename("aligner.", "model.aligner."),
+    Rename("image_", "model.image_"),
+)
+_V4_NOT_QUANTIZED = ("norm.weight", "head.weight", "embed.weight", "ffn.gate.", "attn_sink")
+
+
+def _w123_experts(ffn: str) -> tuple[ExpertRule, ...]:
+    """DeepSeek's inference names for routed experts under ``ffn`` (``w1`` gate, ``w3`` up, ``w2`` down),
+    stacked as DeepSeek-V3's."""
+    return (
+        ExpertRule("stack", ffn + "experts.{e}.", ffn + "experts.gate_and_up_projs", ("w1", "w3")),
+        ExpertRule("stack", ffn + "experts.{e}.", ffn + "experts.down_projs", ("w2",)),
+    )
+
+
 _DEEPSEEK_V4 = Adapter(
     name="deepseek-v4",
     description="DeepSeek-V4 (the release's names; FP8 with e8m0 block scales, FP4 routed experts)",
     architectures=("DeepseekV4ForCausalLM",),
     renames=(
-        Rename("embed.", "model.embed_tokens."),
-        Rename("norm.", "model.norm."),
-        Rename("head.", "lm_head."),
+        *_V4_RELEASE_PREFIXES,
         Rename("hc_head_", "model.hc_head_"),
-        Rename("layers.", "model.layers."),
         Rename("mtp.{n}.", "mtp.layers.{n}."),
-        Rename("vision.", "model.vision."),
-        Rename("aligner.", "model.aligner."),
-        Rename("image_", "model.image_"),
         *(Rename(hf, native, infix=True) for hf, native in _V4_CHAIN),
     ),
-    experts=(
-        ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.gate_and_up_projs", ("w1", "w3")),
-        ExpertRule("stack", "mlp.experts.{e}.", "mlp.experts.down_projs", ("w2",)),
-    ),
+    experts=_w123_experts("mlp."),
     # NeMo's _NON_QUANTIZED_PATTERNS: norms, head, embeddings, router, sinks, both compressors' gate / kv /
     # ape, the indexer's weights_proj and the latent projections.
     not_quantized=(
-        "norm.weight",
-        "head.weight",
-        "embed.weight",
-        "ffn.gate.",
-        "attn_sink",
+        *_V4_NOT_QUANTIZED,
         "compressor.wgate.weight",
         "compressor.wkv.weight",
         "indexer.weights_proj.weight",
@@ -759,13 +773,7 @@ _DEEPSEEK_V41 = Adapter(
     "Engram tables)",
     architectures=("DeepseekV41ForCausalLM",),
     renames=(
-        Rename("embed.", "model.embed_tokens."),
-        Rename("norm.", "model.norm."),
-        Rename("head.", "lm_head."),
-        Rename("layers.", "model.layers."),
-        Rename("vision.", "model.vision."),
-        Rename("aligner.", "model.aligner."),
-        Rename("image_", "model.image_"),
+        *_V4_RELEASE_PREFIXES,
         Rename(".attn.attn_sink", ".attn.sinks_param.weight", infix=True, suffix=True),
         Rename(".ffn.gate.bias", ".ffn.gate.e_score_correction_bias", infix=True, suffix=True),
         Rename(".ffn.shared_experts.w1.", ".ffn.shared_experts.gate_proj.", infix=True),
@@ -777,18 +785,11 @@ _DEEPSEEK_V41 = Adapter(
             for p in ("fn", "base", "scale")
         ),
     ),
-    experts=(
-        ExpertRule("stack", "ffn.experts.{e}.", "ffn.experts.gate_and_up_projs", ("w1", "w3")),
-        ExpertRule("stack", "ffn.experts.{e}.", "ffn.experts.down_projs", ("w2",)),
-    ),
+    experts=_w123_experts("ffn."),
     # NeMo's to_hf quantizes attn.{wq_a,wq_b,wkv,wo_a,wo_b}, indexer.wq_b, the experts and engram.{embed,wkv}
     # only; a fresh quantization leaves the rest, and the Engram table (named as the embeddings are), alone.
     not_quantized=(
-        "norm.weight",
-        "head.weight",
-        "embed.weight",
-        "ffn.gate.",
-        "attn_sink",
+        *_V4_NOT_QUANTIZED,
         "compressor.",
         "indexer.wk.",
         "indexer.weights_proj.",
@@ -958,19 +959,7 @@ ADAPTERS: dict[str, Adapter] = {
             description="MiMo-V2.5 / V2.6 (MiMoV2ForCausalLM: fused qkv_proj saved per tensor-parallel shard, "
             "split into q/k/v, NeMo's non-Transformer-Engine attention names), block-wise FP8",
             architectures=("MiMoV2ForCausalLM",),
-            experts=(
-                *_SPLIT_EXPERTS,
-                ExpertRule(
-                    "split",
-                    "self_attn.qkv_proj.weight",
-                    "self_attn.",
-                    ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
-                    _MIMO_QKV,
-                    shards="index:tp_size",
-                    by_layer=("hybrid_layer_pattern", "swa_"),
-                    shards_unquantized=True,
-                ),
-            ),
+            experts=(*_SPLIT_EXPERTS, replace(_MIMO_QKV, shards="index:tp_size", shards_unquantized=True)),
             not_quantized=(*_NORMS_ETC, "self_attn.o_proj.weight", "self_attn.qkv_proj.weight"),
             model_types=(),
             nemo="mimo_v2_flash.MiMoV2FlashStateDictAdapter",
@@ -986,18 +975,8 @@ ADAPTERS: dict[str, Adapter] = {
             architectures=("MiMoV25ForCausalLM",),
             experts=(
                 *_SPLIT_EXPERTS,
-                ExpertRule(
-                    "split",
-                    "self_attn.qkv_proj.weight",
-                    "self_attn.",
-                    ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
-                    _MIMO_QKV,
-                    shards="num_key_value_heads",
-                    by_layer=("hybrid_layer_pattern", "swa_"),
-                    fused="qkv_proj.weight",
-                ),
+                replace(_MIMO_QKV, shards="num_key_value_heads", fused="qkv_proj.weight"),
             ),
-            # a fresh grid over the whole interleaved tensor is not the per-shard one MiMo's loaders read
             not_quantized=(*_NORMS_ETC, "self_attn.o_proj.weight", "self_attn.qkv_proj.weight"),
             model_types=(),
             nemo="mimo_v25.MiMoV2StateDictAdapter",
