@@ -105,6 +105,8 @@ CASES = [
     # MiMo-V2.5 as MiMoV2ForCausalLM: NeMo's MiMo-V2-Flash adapter splits it into q/k/v_proj, by tp_size.
     Case("mimo-v2", "mimo-v2", "mimo_v2_flash.MiMoV2FlashStateDictAdapter", nemo_backend=(("attn", "sdpa"),),
          reads_index=True),
+    Case("mimo-v2", "mimo-v2-te", "mimo_v2_flash.MiMoV2FlashStateDictAdapter", nemo_backend=(("attn", "te"),),
+         reads_index=True, override=True),
     # MiMo-V2.6: the same, its routed experts uint8 MXFP4 (K.weight_scale), which NeMo dequantizes itself.
     Case("mimo-v2", "mimo-v2", "mimo_v2_flash.MiMoV2FlashStateDictAdapter", nemo_backend=(("attn", "sdpa"),),
          reads_index=True, scheme="fp8-mxfp4"),
@@ -367,6 +369,26 @@ def test_native_without_recast_json_goes_back_as_nemo_to_hf(family, nemo, checkp
     report = api.convert(native, tmp_path / "hf", api.Options(to="hf", quantize="none"))
     assert report.passed and report.adapter == case.adapter
     want = _nemo_adapter(case, config(src)).to_hf(load_state_dict(native))
+    assert_state_dicts_identical(load_state_dict(tmp_path / "hf"), want)
+
+
+def test_deepseek_v41_native_without_recast_json_goes_back_as_nemo_to_hf(
+    nemo, checkpoint, tmp_path: Path
+) -> None:
+    # As test_native_without_recast_json_goes_back_as_nemo_to_hf, with NeMo's two V4.1 adapters: the
+    # backbone's to_hf for everything but the MTP (DSpark draft) layers, which it leaves out, and the
+    # draft's to_hf for those.
+    case = next(c for c in CASES if c.adapter == "deepseek-v4.1")
+    src = checkpoint("deepseek-v4.1", scheme="fp8-v41")
+    native = tmp_path / "native"
+    api.convert(src, native, api.Options(to="native"))
+    (native / SIDECAR).unlink()
+    assert api.convert(native, tmp_path / "hf", api.Options(to="hf", quantize="none")).passed
+    sd, cfg = load_state_dict(native), config(src)
+    draft = {k: t for k, t in sd.items() if k.startswith("mtp.")}
+    text = {**cfg["text_config"], "architectures": cfg["architectures"]}
+    want = _nemo_adapter(case, cfg).to_hf({k: t for k, t in sd.items() if k not in draft})
+    want |= nemo_oracle.moe_adapter(case.nemo_mtp, text, torch.bfloat16).to_hf(draft)
     assert_state_dicts_identical(load_state_dict(tmp_path / "hf"), want)
 
 

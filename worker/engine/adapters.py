@@ -812,6 +812,22 @@ _DENSE = Adapter(
     model_types=("llama",),
 )
 
+# MiMo-V2.5 / V2.6 as MiMoV2ForCausalLM, which NeMo loads with its MiMo-V2-Flash adapter: the fused
+# qkv_proj, saved as index metadata.tp_size shards whatever its dtype, split into q/k/v_proj.
+_MIMO_V2 = replace(
+    _DEEPSEEK_V3,
+    name="mimo-v2",
+    description="MiMo-V2.5 / V2.6 (MiMoV2ForCausalLM: fused qkv_proj saved per tensor-parallel shard, "
+    "split into q/k/v, NeMo's non-Transformer-Engine attention names), block-wise FP8",
+    architectures=("MiMoV2ForCausalLM",),
+    experts=(*_SPLIT_EXPERTS, replace(_MIMO_QKV, shards="index:tp_size", shards_unquantized=True)),
+    not_quantized=(*_NORMS_ETC, "self_attn.o_proj.weight", "self_attn.qkv_proj.weight"),
+    model_types=(),
+    nemo="mimo_v2_flash.MiMoV2FlashStateDictAdapter",
+)
+# Under Transformer Engine, NeMo's MiMo adapters hold the attention sink as the attention module's offset.
+_MIMO_TE_SINK = ExpertRule("fp32", "self_attn.attention_sink_bias", "self_attn.attn_module.softmax_offset")
+
 ADAPTERS: dict[str, Adapter] = {
     a.name: a
     for a in (
@@ -944,25 +960,21 @@ ADAPTERS: dict[str, Adapter] = {
             architectures=("MiMoV2FlashForCausalLM",),
             experts=(
                 *_SPLIT_EXPERTS,
-                ExpertRule("fp32", "self_attn.attention_sink_bias", "self_attn.attn_module.softmax_offset"),
+                _MIMO_TE_SINK,
             ),
             not_quantized=(*_NORMS_ETC, "self_attn.o_proj.weight"),
             model_types=("mimo_v2_flash",),
             nemo="mimo_v2_flash.MiMoV2FlashStateDictAdapter",
             variant_of="mimo-v2-flash",
         ),
-        # MiMo-V2.5 / V2.6 as MiMoV2ForCausalLM, which NeMo loads with its MiMo-V2-Flash adapter: the fused
-        # qkv_proj, saved as index metadata.tp_size shards whatever its dtype, split into q/k/v_proj.
+        _MIMO_V2,
         replace(
-            _DEEPSEEK_V3,
-            name="mimo-v2",
-            description="MiMo-V2.5 / V2.6 (MiMoV2ForCausalLM: fused qkv_proj saved per tensor-parallel shard, "
-            "split into q/k/v, NeMo's non-Transformer-Engine attention names), block-wise FP8",
-            architectures=("MiMoV2ForCausalLM",),
-            experts=(*_SPLIT_EXPERTS, replace(_MIMO_QKV, shards="index:tp_size", shards_unquantized=True)),
-            not_quantized=(*_NORMS_ETC, "self_attn.o_proj.weight", "self_attn.qkv_proj.weight"),
-            model_types=(),
-            nemo="mimo_v2_flash.MiMoV2FlashStateDictAdapter",
+            _MIMO_V2,
+            name="mimo-v2-te",
+            description="MiMo-V2.5 / V2.6 for NeMo's Transformer Engine attention: the attention sink becomes "
+            "attn_module.softmax_offset, fp32",
+            experts=(*_MIMO_V2.experts, _MIMO_TE_SINK),
+            variant_of="mimo-v2",
         ),
         # MiMo-V2.5-Pro saves its fused qkv_proj shard by shard, one shard per key/value head; NeMo's
         # adapter regroups an FP8 one into [Q | K | V] (a bf16 one, as NeMo's own to_hf writes it, is that
