@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .adapters import ADAPTERS, Adapter, ExpertRule, describe_config, detected, expert_owner, supported
+from .adapters import ADAPTERS, Adapter, ExpertRule, describe_config, detected, expert_owner, fits, supported
 from .checkpoint import Checkpoint, index_metadata
 from .errors import AdapterMismatchError, CheckpointError
 from .fp8 import BLOCK, ScaleKind, classify_sharded, value_shape
@@ -154,8 +154,10 @@ def source_quant(ckpt: Checkpoint) -> tuple[dict[str, Quant], list[str]]:
     """``find_quant`` of an hf checkpoint in the format it declares and spells (``qformat.source_format``),
     with the row shards of the family detection finds (how the checkpoint was saved, whatever the adapter)."""
     config, tensors = ckpt.config, ckpt.tensors
-    family = detected(config, list(tensors)) if config else None
-    if family is None or not any(r.shards for r in family.experts):
+    # only families with sharded rules matter here, and detection reads every key: ask those alone
+    sharded = [a for a in ADAPTERS.values() if any(r.shards for r in a.experts)]
+    family = next((a for a in sharded if fits(a, config, list(tensors))), None) if config else None
+    if family is None:
         return find_quant(tensors, source_format(config, tensors))
     metadata = index_metadata(ckpt)
     return find_quant(
