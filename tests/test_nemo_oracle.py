@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from worker.engine import api
 from worker.engine.adapters import ADAPTERS
 from worker.engine.checkpoint import SIDECAR
+from worker.engine.errors import RecastError
 
 pytestmark = pytest.mark.nemo
 
@@ -461,6 +462,13 @@ def test_mimo_v25_pro_regroups_only_the_fp8_release(
     assert torch.equal(bf16[qkv], from_fp8[qkv])
     assert_state_dicts_identical(_nemo_adapter(case, config(release)).from_hf(dict(bf16)), from_fp8)
     assert api.verify(tmp_path / "from-fp8", tmp_path / "bf16").passed
+    # Re-encoding the release in place would leave that tensor in its shard order: refused, nothing written.
+    with pytest.raises(
+        RecastError, match=r"qkv_proj\.weight' is saved as 2 tensor-parallel shards .*--to native"
+    ):
+        api.convert(release, tmp_path / "in-place", api.Options(to="hf", quantize="none"))
+    assert not (tmp_path / "in-place").exists() or not any((tmp_path / "in-place").iterdir())
+    assert api.convert(release, tmp_path / "kept", api.Options(to="hf", quantize="keep")).passed
     src = plain_checkpoint("mimo-v2.5-pro")
     native = tmp_path / "native"
     assert api.convert(src, native, api.Options(to="native")).adapter == "mimo-v2.5-pro"

@@ -228,15 +228,26 @@ def _merged(rows: list[int]) -> list[int]:
     return out
 
 
+def quantized_shards(adapter: Adapter, hf_key: str) -> ExpertRule | None:
+    """The split rule of a tensor the family saves shard by shard only when it is quantized, if ``hf_key``
+    is one: a bf16 one is in part order (MiMo-V2.5-Pro, as NeMo's adapter reads it)."""
+    renamed = adapter.to_native(hf_key)
+    return next(
+        (
+            r
+            for r in adapter.experts
+            if r.kind == "split" and r.shards and not r.shards_unquantized and r.match_hf(renamed)
+        ),
+        None,
+    )
+
+
 def as_unquantized(adapter: Adapter, config: dict[str, Any], t: NativeTensor) -> NativeTensor:
-    """Split piece ``t`` with the rows it takes in an unquantized hf tensor. Where a family saves only a
-    quantized fused tensor shard by shard (MiMo-V2.5-Pro, as NeMo's adapter reads it), a bf16 one is in
-    part order, so the way back writes it so whatever the recorded plan's FP8 source had."""
-    if t.kind != "split":
-        return t
-    renamed = adapter.to_native(t.parts[0])
-    rule = next((r for r in adapter.experts if r.kind == "split" and r.shards and r.match_hf(renamed)), None)
-    if rule is None or rule.shards_unquantized:
+    """Split piece ``t`` with the rows it takes in an unquantized hf tensor: in part order where the family
+    saves only quantized ones shard by shard (``quantized_shards``), so the way back writes it so whatever
+    the recorded plan's FP8 source had."""
+    rule = quantized_shards(adapter, t.parts[0]) if t.kind == "split" else None
+    if rule is None:
         return t
     _, ranges = _split_rows(rule, config, t.parts[0], False)
     if rule.fused:

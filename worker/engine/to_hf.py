@@ -20,15 +20,15 @@ from typing import Any
 import torch
 
 from .adapters import Adapter
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, index_metadata
 from .checks import Checks, same_bits
 from .direction import Direction, account_rest
 from .encode import Encoder, Encoding, choose, quantization_config
-from .errors import CheckpointError
+from .errors import CheckpointError, RecastError
 from .formats import hf_side, is_native, sidecar_tensors
 from .fp8 import decode, encode, expand_scale, value_shape
 from .hostpool import HostPool
-from .keymap import KeyPlan, NativeTensor, as_unquantized, plan_from_native, source_quant
+from .keymap import KeyPlan, NativeTensor, as_unquantized, plan_from_native, quantized_shards, source_quant
 from .layout import Layout
 from .operations import ranges, whole
 from .options import DTYPE_ARGS, STEP_BYTES, Options
@@ -104,6 +104,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
             value_dtype = DTYPE_ARGS[opts.dtype] if k in recorded else info.dtype
             shape = value_shape(recorded[k].kind, info.shape) if k in recorded else info.shape
             enc = choose(k, shape, value_dtype, opts.quantize, recorded, source_dtypes, adapter, **formats)
+            if k in recorded:
+                _check_kept_shards(src, adapter, k, enc)
             items.append(HfItem(enc, shape, None, value_dtype))
     read_quant = {} if native_src else recorded
     encoders = {it.enc.key: Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev)) for it in items}
@@ -297,6 +299,21 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
         expected=expected,
         account=account,
         pool=pool,
+    )
+
+
+def _check_kept_shards(src: Checkpoint, adapter: Adapter, key: str, enc: Encoding) -> None:
+    """Refuse re-encoding, other than keeping, a quantized source tensor saved shard by shard whose family reads an
+    unquantized one in part order (MiMo-V2.5-Pro's qkv_proj): written here as it lies, it would be misread;
+    the way through the native layout regroups it."""
+    rule = quantized_shards(adapter, key)
+    if rule is None or enc.mode == "keep" or rule.shard_count(src.config, index_metadata(src)) == 1:
+        return
+    raise RecastError(
+        f"{key!r} is saved as {rule.shard_count(src.config)} tensor-parallel shards ({rule.shards}) because it "
+        f"is quantized; {adapter.name}'s loaders read an unquantized one in {' | '.join(rule.parts)} order, "
+        "which re-encoding it in place would not give. Keep its scales (--quantize keep), or convert "
+        "--to native and from there --to hf"
     )
 
 
