@@ -177,6 +177,13 @@ class ExpertRule:
             return n
         return self._product({**config, **(config.get("text_config") or {})}, self.shards)
 
+    @property
+    def shards_from(self) -> str:
+        """Where ``shard_count`` reads the count, for messages."""
+        if self.shards.startswith("index:"):
+            return f"metadata.{self.shards[len('index:') :]} in model.safetensors.index.json"
+        return f"{self.shards} in config.json"
+
     def _product(self, c: dict[str, Any], expr: str, prefix: str = "") -> int:
         n = 1
         for name in (f.strip() for f in expr.split("*")):
@@ -246,13 +253,10 @@ class Adapter:
                         f"config.json {u.field}={c[u.field]!r}: adapter {self.name!r} does not map this ({u.why})"
                     )
 
-    def row_shards(
-        self, config: dict[str, Any], hf_key: str, index_metadata: dict[str, Any] | None = None
-    ) -> int:
-        """How many shards hf tensor ``hf_key`` is saved as, each with its own FP8 block grid (1: one grid)."""
+    def shard_rule(self, hf_key: str) -> ExpertRule | None:
+        """The split rule that saves hf tensor ``hf_key`` shard by shard (``ExpertRule.shards``), if any."""
         renamed = self.to_native(hf_key)
-        rule = next((r for r in self.experts if r.kind == "split" and r.shards and r.match_hf(renamed)), None)
-        return rule.shard_count(config, index_metadata) if rule else 1
+        return next((r for r in self.experts if r.kind == "split" and r.shards and r.match_hf(renamed)), None)
 
     def passes(self, key: str) -> bool:
         """Whether ``key`` (hf or native: the two spellings agree there) is passed on unconverted."""

@@ -7,6 +7,7 @@ import binascii
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from .errors import CheckpointError
@@ -33,6 +34,12 @@ class Checkpoint:
     config_raw: bytes
     sidecar: dict[str, Any] | None = None
     extra_files: list[str] = field(default_factory=list)
+
+    @cached_property
+    def index_metadata(self) -> dict[str, Any]:
+        """The ``metadata`` of the index (MiMo-V2.5's ``tp_size`` is there), empty without one; parsed once,
+        though planning asks for it per fused tensor."""
+        return metadata_of(self.index_raw)
 
     @property
     def total_bytes(self) -> int:
@@ -85,11 +92,9 @@ def _shard_exists(source: Source, name: str) -> bool:
         ) from None
 
 
-def index_metadata(ckpt: Checkpoint) -> dict[str, Any]:
-    """The ``metadata`` of the checkpoint's index (MiMo-V2.5's ``tp_size`` is there), empty without one."""
-    if not ckpt.index_raw:
-        return {}
-    metadata = json.loads(ckpt.index_raw).get("metadata")
+def metadata_of(index_raw: str | bytes | None) -> dict[str, Any]:
+    """The ``metadata`` of an index's text (a checkpoint's, or the one recast.json records), empty without."""
+    metadata = json.loads(index_raw).get("metadata") if index_raw else None
     return metadata if isinstance(metadata, dict) else {}
 
 

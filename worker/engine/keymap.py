@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .adapters import ADAPTERS, Adapter, ExpertRule, describe_config, detected, expert_owner, fits, supported
-from .checkpoint import Checkpoint, index_metadata
+from .checkpoint import Checkpoint
 from .errors import AdapterMismatchError, CheckpointError
 from .fp8 import BLOCK, ScaleKind, classify_sharded, value_shape
 from .qformat import FP8_FORMAT, QuantFormat, source_format
@@ -103,11 +103,12 @@ ONE_PART = ("transpose", "fp32", "copy", "squeeze")
 def find_quant(
     tensors: dict[str, TensorInfo],
     fmt: QuantFormat = FP8_FORMAT,
-    shards: Callable[[str], int] | None = None,
+    shards: Callable[[str], tuple[int, str]] | None = None,
 ) -> tuple[dict[str, Quant], list[str]]:
     """Pair every FP8 tensor with its scale (looked up across shards), named as ``fmt`` names them;
     error on a missing one, and on a companion that belongs to no quantized tensor. ``shards(key)``: how
-    many row shards, each with a block grid of its own, a tensor is saved as (``Adapter.row_shards``)."""
+    many row shards, each with a block grid of its own, a tensor is saved as, and where that count is
+    read (``source_quant``)."""
     quant: dict[str, Quant] = {}
     companions: set[str] = set()
     for key, info in tensors.items():
@@ -122,9 +123,9 @@ def find_quant(
         if scale not in tensors and fmt.codes_scale_suffix and info.dtype == "U8":
             scale = key + fmt.codes_scale_suffix
         if scale in tensors:
-            n = shards(key) if shards else 1
+            n, why = shards(key) if shards else (1, "")
             kind = (
-                classify_sharded(key, info.shape, tensors[scale].shape, n, "shards named by config.json")
+                classify_sharded(key, info.shape, tensors[scale].shape, n, why)
                 if n > 1
                 else fmt.classify(key, info, tensors[scale])
             )
@@ -133,9 +134,13 @@ def find_quant(
             q = Quant(scale, kind, activation, zero_point if zero_point in tensors else None)
             quant[key] = q
             companions.update(q.companions)
-        elif info.dtype in ("U8", "I8") and key.endswith(".weight") and f"{key}_scale" in tensors:
+        elif (
+            info.dtype in ("U8", "I8")
+            and key.endswith(".weight")
+            and (codes := key + FP8_FORMAT.codes_scale_suffix) in tensors
+        ):
             raise CheckpointError(
-                f"{key!r} in {info.file} is {info.dtype} with a scale {key + '_scale'!r}: packed codes spelled as "
+                f"{key!r} in {info.file} is {info.dtype} with a scale {codes!r}: packed codes spelled as "
                 f"the vendors' fp8 layout spells uint8 FP4 (MiMo-V2.6's experts), which the {fmt.name} layout, "
                 "from config.json, does not read"
             )
@@ -159,10 +164,13 @@ def source_quant(ckpt: Checkpoint) -> tuple[dict[str, Quant], list[str]]:
     family = next((a for a in sharded if fits(a, config, list(tensors))), None) if config else None
     if family is None:
         return find_quant(tensors, source_format(config, tensors))
-    metadata = index_metadata(ckpt)
-    return find_quant(
-        tensors, source_format(config, tensors), lambda key: family.row_shards(config, key, metadata)
-    )
+    metadata = ckpt.index_metadata
+
+    def shards(key: str) -> tuple[int, str]:
+        rule = family.shard_rule(key)
+        return (rule.shard_count(config, metadata), rule.shards_from) if rule else (1, "")
+
+    return find_quant(tensors, source_format(config, tensors), shards)
 
 
 def _check_stackable(ckpt: Checkpoint, parts: list[str], names: int) -> None:
@@ -197,24 +205,26 @@ def _split_rows(
     key: str,
     sharded: bool,
     index_metadata: dict[str, Any] | None = None,
-) -> tuple[list[int], list[list[int]]]:
-    """Each part's rows in ``key`` and the hf row ranges it takes (``operations.Split``'s flat ``rows``): one
-    range each, or, ``sharded``, one in every shard the tensor is saved as (``ExpertRule.shards``: MiMo's
-    FP8 release; NeMo's adapter takes a bf16 one, as its to_hf writes it, to be in part order already)."""
+) -> tuple[list[int], dict[str, list[int]]]:
+    """Each part's rows in ``key``, and each native piece's hf row ranges (``operations.Split``'s flat
+    ``rows``) by its name: a part's, one range each or, ``sharded``, one in every shard the tensor is saved
+    as (``ExpertRule.shards``: MiMo's FP8 release; NeMo's adapter takes a bf16 one, as its to_hf writes it,
+    to be in part order already); a ``fused`` rule's one piece, all of them part by part."""
     sizes = rule.split_sizes(config, key)
     n = rule.shard_count(config, index_metadata) if sharded else 1
     if any(size % n for size in sizes):
         raise CheckpointError(
             f"{key!r}: config.json gives its parts {dict(zip(rule.parts, sizes, strict=True))} rows, which "
-            f"do not divide among the {n} shards ({rule.shards}) it is saved as"
+            f"do not divide among the {n} shards ({rule.shards_from}) it is saved as"
         )
     per = [size // n for size in sizes]
-    return sizes, [
-        _merged(
-            [r for k in range(n) for r in (k * sum(per) + sum(per[:j]), k * sum(per) + sum(per[: j + 1]))]
-        )
+    parts = [
+        [r for k in range(n) for r in (k * sum(per) + sum(per[:j]), k * sum(per) + sum(per[: j + 1]))]
         for j in range(len(per))
     ]
+    if rule.fused:
+        return sizes, {rule.fused: _merged([r for part in parts for r in part])}
+    return sizes, {name: _merged(rows) for name, rows in zip(rule.parts, parts, strict=True)}
 
 
 def _merged(rows: list[int]) -> list[int]:
@@ -231,15 +241,8 @@ def _merged(rows: list[int]) -> list[int]:
 def quantized_shards(adapter: Adapter, hf_key: str) -> ExpertRule | None:
     """The split rule of a tensor the family saves shard by shard only when it is quantized, if ``hf_key``
     is one: a bf16 one is in part order (MiMo-V2.5-Pro, as NeMo's adapter reads it)."""
-    renamed = adapter.to_native(hf_key)
-    return next(
-        (
-            r
-            for r in adapter.experts
-            if r.kind == "split" and r.shards and not r.shards_unquantized and r.match_hf(renamed)
-        ),
-        None,
-    )
+    rule = adapter.shard_rule(hf_key)
+    return rule if rule is not None and not rule.shards_unquantized else None
 
 
 def as_unquantized(adapter: Adapter, config: dict[str, Any], t: NativeTensor) -> NativeTensor:
@@ -249,10 +252,7 @@ def as_unquantized(adapter: Adapter, config: dict[str, Any], t: NativeTensor) ->
     rule = quantized_shards(adapter, t.parts[0]) if t.kind == "split" else None
     if rule is None:
         return t
-    _, ranges = _split_rows(rule, config, t.parts[0], False)
-    if rule.fused:
-        return replace(t, rows=_merged([r for part in ranges for r in part]))
-    return replace(t, rows=ranges[rule.parts.index(_split_part(t.key, rule))])
+    return replace(t, rows=_split_rows(rule, config, t.parts[0], False)[1][_split_part(t.key, rule)])
 
 
 def _split(
@@ -263,32 +263,25 @@ def _split(
     scale blocks."""
     info = ckpt.tensors[key]
     sharded = key in quant or rule.shards_unquantized
-    metadata = index_metadata(ckpt)
-    sizes, ranges = _split_rows(rule, ckpt.config, key, sharded, metadata)
+    metadata = ckpt.index_metadata
+    sizes, pieces = _split_rows(rule, ckpt.config, key, sharded, metadata)
     shape = value_shape(quant[key].kind, info.shape) if key in quant else info.shape
-    shards = (
-        f" in {rule.shard_count(ckpt.config, metadata)} shards ({rule.shards})"
-        if rule.shards and sharded
-        else ""
-    )
     if not shape or shape[0] != sum(sizes):
+        n = rule.shard_count(ckpt.config, metadata) if sharded else 1
+        shards = f" in {n} shards ({rule.shards_from})" if n > 1 else ""
         raise CheckpointError(
             f"{info.file}: {key!r} has shape {list(shape)}, but config.json splits it into "
             f"{dict(zip(rule.parts, sizes, strict=True))} = {sum(sizes)} rows ({', '.join(rule.sizes)}){shards}"
         )
-    bounds = sorted({b for r in ranges for b in r})
+    bounds = sorted({b for rows in pieces.values() for b in rows})
     q = quant.get(key)
     if q is not None and q.kind is ScaleKind.BLOCK and any(b % BLOCK for b in bounds):
         raise CheckpointError(
             f"{info.file}: {key!r} is block-scaled FP8 ({BLOCK} rows a scale), but config.json splits it "
             f"at rows {bounds[1:-1]}, inside a block: its scales cannot be split with it"
         )
-    if rule.fused:
-        rows = _merged([r for part in ranges for r in part])
-        return [NativeTensor(prefix + rule.native + rule.fused, "split", [key], rows=rows)]
     return [
-        NativeTensor(prefix + rule.native + part, "split", [key], rows=rows)
-        for part, rows in zip(rule.parts, ranges, strict=True)
+        NativeTensor(prefix + rule.native + name, "split", [key], rows=rows) for name, rows in pieces.items()
     ]
 
 
@@ -390,16 +383,9 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
         split = next((r for r in adapter.experts if r.kind == "split" and _split_part(key, r)), None)
         if split:
             part = _split_part(key, split)
-            sizes, ranges = _split_rows(split, ckpt.config, key, False)
-            if split.fused:
-                want, rows, why = (
-                    sum(sizes),
-                    _merged([r for part in ranges for r in part]),
-                    " + ".join(split.sizes),
-                )
-            else:
-                i = split.parts.index(part)
-                want, rows, why = sizes[i], ranges[i], split.sizes[i]
+            rows = _split_rows(split, ckpt.config, key, False)[1][part]
+            want = sum(rows[1::2]) - sum(rows[::2])
+            why = " + ".join(split.sizes) if split.fused else split.sizes[split.parts.index(part)]
             if not info.shape or info.shape[0] != want:
                 raise CheckpointError(
                     f"{info.file}: {key!r} has shape {list(info.shape)}, but config.json gives it "

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .adapters import Adapter
-from .checkpoint import INDEX, MANIFEST, SIDECAR, SIDECAR_TENSORS, Checkpoint
+from .checkpoint import INDEX, MANIFEST, SIDECAR, SIDECAR_TENSORS, Checkpoint, metadata_of
 from .direction import Direction
 from .options import Options
 from .report import Report
@@ -84,9 +84,7 @@ def write_fixed_metadata(
         # an hf output keeps what the source's index says beside the sizes (MiMo's tp_size: how its fused
         # qkv_proj is laid out)
         kept = (
-            {}
-            if native_out
-            else _index_metadata(prev.get("source", {}).get("index") if prev else ckpt.index_raw)
+            {} if native_out else metadata_of(prev.get("source", {}).get("index") if prev else ckpt.index_raw)
         )
         index = {
             "metadata": {**kept, "total_size": layout.total_bytes()},
@@ -94,12 +92,6 @@ def write_fixed_metadata(
         }
         (stage / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return written
-
-
-def _index_metadata(raw: str | bytes | None) -> dict[str, Any]:
-    """The ``metadata`` of an index's text, less the sizes an output has of its own."""
-    metadata = json.loads(raw).get("metadata") if raw else None
-    return {k: v for k, v in metadata.items() if k != "total_size"} if isinstance(metadata, dict) else {}
 
 
 def write_record(ckpt: Checkpoint, stage: Path, direction: Direction, adapter: Adapter, opts: Options) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .adapters import Adapter
-from .checkpoint import Checkpoint, index_metadata
+from .checkpoint import Checkpoint
 from .checks import Checks, same_bits
 from .direction import Direction, account_rest
 from .encode import Encoder, Encoding, choose, quantization_config
@@ -74,7 +74,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                 key = t.parts[0]
                 pieces = joined.pop(key, None)
                 if pieces is not None:  # the fused tensor, planned where its first piece is
-                    shape = (max(t.rows[-1] for t in pieces), *info.shape[1:])
+                    shape = (max(p.rows[-1] for p in pieces), *info.shape[1:])
                     enc = choose(
                         key, shape, info.dtype, opts.quantize, recorded, source_dtypes, adapter, **formats
                     )
@@ -307,10 +307,11 @@ def _check_kept_shards(src: Checkpoint, adapter: Adapter, key: str, enc: Encodin
     unquantized one in part order (MiMo-V2.5-Pro's qkv_proj): written here as it lies, it would be misread;
     the way through the native layout regroups it."""
     rule = quantized_shards(adapter, key)
-    if rule is None or enc.mode == "keep" or rule.shard_count(src.config, index_metadata(src)) == 1:
+    n = rule.shard_count(src.config, src.index_metadata) if rule is not None else 1
+    if n == 1 or enc.mode == "keep":
         return
     raise RecastError(
-        f"{key!r} is saved as {rule.shard_count(src.config)} tensor-parallel shards ({rule.shards}) because it "
+        f"{key!r} is saved as {n} tensor-parallel shards ({rule.shards_from}) because it "
         f"is quantized; {adapter.name}'s loaders read an unquantized one in {' | '.join(rule.parts)} order, "
         "which re-encoding it in place would not give. Keep its scales (--quantize keep), or convert "
         "--to native and from there --to hf"
