@@ -37,7 +37,7 @@ BLOCK = 128
 
 SCHEMES: tuple[str, ...] = (
     "per-tensor", "per-expert", "per-channel", "block", "mxfp4", "mxfp8", "fp8-v4", "fp8-v4-base", "fp8-v41",
-    "fp8-mxfp4",
+    "fp8-mxfp4", "mxfp4-ct",
 )  # fmt: skip
 # Per-expert scales only exist for the aggregated 3-D expert tensors of Mistral 4.
 _PER_EXPERT_FAMILIES = ("mistral4", "mistral4-vlm")
@@ -53,6 +53,8 @@ _V4_FAMILIES = ("deepseek-v4",)
 _V41_FAMILIES = ("deepseek-v4.1",)
 # MiMo-V2.6's (``fp8-mxfp4``): block FP8 with uint8 FP4 routed experts beside, K.weight with K.weight_scale.
 _V26_FAMILIES = ("mimo-v2",)
+# Kimi K3's (``mxfp4-ct``): bf16 with MXFP4 routed experts in compressed-tensors' mxfp4-pack-quantized spelling.
+_K3_FAMILIES = ("kimi-k3",)
 
 
 # Tiny but edge-case-rich dimensions: hidden 160 and dense width 200 give partial 128-blocks on both
@@ -143,6 +145,37 @@ _TINY_MOE: dict[str, Any] = {
     "moe_intermediate_size": 96,
     "num_experts_per_tok": 2,
     "norm_topk_prob": True,
+}
+# Kimi Linear: layer 0 KDA with a dense MLP, layer 1 MLA with experts, layer 2 KDA with experts.
+_TINY_KIMI_LINEAR: dict[str, Any] = {
+    "vocab_size": 256,
+    "hidden_size": 160,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": None,
+    "kv_lora_rank": 64,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "linear_attn_config": {
+        "kda_layers": [1, 3],
+        "full_attn_layers": [2],
+        "head_dim": 32,
+        "num_heads": 4,
+        "short_conv_kernel_size": 4,
+    },
+    "first_k_dense_replace": 1,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
 }
 # MiMo: two key/value heads (so two tensor-parallel shards of its fused qkv_proj), v_head_dim of its own.
 _TINY_MIMO: dict[str, Any] = {
@@ -394,6 +427,126 @@ def _as_kimi_linear(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tupl
     rename on every key); the release names it ``mlp.``, as its own modeling code does."""
     dense = re.compile(r"\.block_sparse_moe\.((?:gate|up|down)_proj\.weight)$")
     return {dense.sub(r".mlp.\1", k): t for k, t in sd.items()}, config
+
+
+# Kimi K3's routed experts work in a latent width of their own (routed_expert_hidden_size); 96 is a
+# multiple of 32 (MXFP4 groups) and not the hidden 160, so a swapped dimension shows.
+_K3_LATENT = 96
+# What Kimi K3 stores padded: the KDA A_log, 128 entries (NeMo's _pad_checkpoint_a_log).
+_K3_A_LOG = 128
+
+
+def _as_kimi_k3(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
+    """Kimi Linear re-spelled as a Kimi K3 release, by the layout NeMo's KimiK3StateDictAdapter and K3
+    model document (transformers has no K3 class): the text model under ``language_model.``; A_log as
+    ``[128]`` fp32, zero padded past the heads; a latent MoE (``routed_expert_{down,up}_proj``,
+    ``routed_expert_norm`` under ``block_sparse_moe.``, the experts drawn here in the latent width);
+    attention residual mixers on every layer and the output; a vision tower and projector. config.json is
+    the vision-language wrapper's, the text model's (model_type ``kimi_linear``) in ``text_config``."""
+    sd, config = _as_kimi_linear(sd, config)
+    gen = torch.Generator().manual_seed(17)
+    hidden, heads = config["hidden_size"], config["linear_attn_config"]["num_heads"]
+
+    def draw(shape: tuple[int, ...], base: float = 0.0) -> torch.Tensor:
+        return (base + torch.randn(shape, generator=gen) * 0.05).to(torch.bfloat16)
+
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        expert = re.search(r"\.block_sparse_moe\.experts\.\d+\.(w[123])\.weight$", key)
+        if expert:
+            out[key] = draw((_K3_LATENT, t.shape[1]) if expert.group(1) == "w2" else (t.shape[0], _K3_LATENT))
+        elif key.endswith(".self_attn.A_log"):
+            out[key] = torch.nn.functional.pad(t.float().reshape(heads), (0, _K3_A_LOG - heads))
+        else:
+            out[key] = t
+    layers = sorted({m.group(0) for k in sd if (m := re.match(r"model\.layers\.\d+\.", k))})
+    for layer in layers:
+        if any(k.startswith(layer + "block_sparse_moe.experts.") for k in sd):
+            moe = layer + "block_sparse_moe."
+            out[moe + "routed_expert_down_proj.weight"] = draw((_K3_LATENT, hidden))
+            out[moe + "routed_expert_up_proj.weight"] = draw((hidden, _K3_LATENT))
+            out[moe + "routed_expert_norm.weight"] = draw((_K3_LATENT,), 1.0)
+        for mixer in ("self_attention", "mlp"):
+            out[f"{layer}{mixer}_res_norm.weight"] = draw((hidden,), 1.0)
+            out[f"{layer}{mixer}_res_proj.weight"] = draw((1, hidden))
+    out["model.output_attn_res_norm.weight"] = draw((hidden,), 1.0)
+    out["model.output_attn_res_proj.weight"] = draw((1, hidden))
+    out = {("language_model." + k if k.startswith(("model.", "lm_head.")) else k): t for k, t in out.items()}
+    out["vision_tower.patch_embed.proj.weight"] = draw((32, 48))
+    out["mm_projector.proj.0.weight"] = draw((hidden, 128))
+    text = {
+        **{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")},
+        "architectures": ["KimiK3ForCausalLM"],
+        "routed_expert_hidden_size": _K3_LATENT,
+        "latent_moe_use_norm": True,
+        "attn_res_block_size": 2,
+    }
+    vision = {
+        "model_type": "kimi_k3_vision",
+        "vt_hidden_size": 32,
+        "vt_num_hidden_layers": 1,
+        "text_hidden_size": hidden,
+    }
+    return out, {
+        "architectures": ["KimiK3ForConditionalGeneration"],
+        "model_type": "kimi_k3",
+        "text_config": text,
+        "vision_config": vision,
+        "transformers_version": config.get("transformers_version"),
+    }
+
+
+def kimi_k3_state_dict(plain: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Kimi K3's release layout: its routed experts MXFP4 in compressed-tensors' mxfp4-pack-quantized
+    spelling, uint8 ``K.weight_packed`` ``[out, in/2]`` (two e2m1 codes a byte, low nibble first) beside
+    uint8 e8m0 ``K.weight_scale`` ``[out, in/32]``; the rest as it is. One expert gets the extreme
+    exponents a bf16 value can still hold every code of (1 and 252)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in plain.items():
+        if not re.search(r"\.block_sparse_moe\.experts\.\d+\.w[123]\.weight$", key):
+            out[key] = t
+            continue
+        blocks, scales = mxfp4_quantize(t.T.unsqueeze(0))
+        if key.endswith("layers.1.block_sparse_moe.experts.1.w1.weight"):
+            scales[0, 0, 0], scales[0, 1, 1] = 1, 252
+        out[key + "_packed"] = blocks[0].reshape(t.shape[0], -1)
+        out[key + "_scale"] = scales[0]
+    return out
+
+
+def k3_quantization_config(keys: list[str]) -> dict[str, Any]:
+    """The compressed-tensors config of ``kimi_k3_state_dict``'s layout: one MXFP4 (weights only, as
+    llm-compressor's MXFP4A16 preset) group for the routed experts, every other Linear ignored."""
+    ignored = sorted(
+        k.removesuffix(".weight")
+        for k in keys
+        if k.endswith(".weight") and k.startswith("language_model.model.layers.")
+    )
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "mxfp4-pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": [r"re:.*block_sparse_moe\.experts\.\d+\.w[123]$"],
+                "weights": {
+                    "num_bits": 4,
+                    "type": "float",
+                    "symmetric": True,
+                    "strategy": "group",
+                    "group_size": 32,
+                    "dynamic": False,
+                    "scale_dtype": "torch.uint8",
+                    "zp_dtype": "torch.uint8",
+                },
+                "input_activations": None,
+                "output_activations": None,
+                "format": "mxfp4-pack-quantized",
+            }
+        },
+        "ignore": ["lm_head", "re:vision_tower.*", "re:mm_projector.*", *ignored],
+        "kv_cache_scheme": None,
+    }
 
 
 def _as_ling(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
@@ -826,42 +979,20 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             "moe_layer_interval": 1,
         },
     ),
-    # Kimi Linear: layer 0 KDA with a dense MLP, layer 1 MLA with experts, layer 2 KDA with experts.
     "kimi-linear": TinyFamily(
         "KimiLinearForCausalLM",
-        {
-            "vocab_size": 256,
-            "hidden_size": 160,
-            "intermediate_size": 256,
-            "moe_intermediate_size": 64,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "q_lora_rank": None,
-            "kv_lora_rank": 64,
-            "qk_nope_head_dim": 32,
-            "qk_rope_head_dim": 16,
-            "v_head_dim": 32,
-            "num_local_experts": 4,
-            "num_experts_per_tok": 2,
-            "n_shared_experts": 1,
-            "n_group": 1,
-            "topk_group": 1,
-            "linear_attn_config": {
-                "kda_layers": [1, 3],
-                "full_attn_layers": [2],
-                "head_dim": 32,
-                "num_heads": 4,
-                "short_conv_kernel_size": 4,
-            },
-            "first_k_dense_replace": 1,
-            "pad_token_id": 0,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        },
+        _TINY_KIMI_LINEAR,
         keep=("conv1d.", *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b"))),
         fp32=("self_attn.dt_bias",),
         respell=_as_kimi_linear,
+    ),
+    # Kimi K3: Kimi Linear's layers re-spelled (see _as_kimi_k3); its release quantizes the experts only.
+    "kimi-k3": TinyFamily(
+        "KimiLinearForCausalLM",
+        _TINY_KIMI_LINEAR,
+        keep=("conv1d.", *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b")), "_res_proj."),
+        fp32=("self_attn.dt_bias",),
+        respell=_as_kimi_k3,
     ),
     # Laguna: layer 0 full attention with a dense MLP, layer 1 sliding with 8 heads and experts.
     "laguna": TinyFamily(
@@ -933,6 +1064,8 @@ def _check_args(family: str, layout: str, scheme: str | None = None) -> None:
             raise ValueError(f"scheme 'fp8-v41' is for {_V41_FAMILIES} only, which have no other scheme")
         if scheme == "fp8-mxfp4" and family not in _V26_FAMILIES:
             raise ValueError(f"scheme 'fp8-mxfp4' is for {_V26_FAMILIES} only")
+        if scheme == "mxfp4-ct" and family not in _K3_FAMILIES:
+            raise ValueError(f"scheme 'mxfp4-ct' is for {_K3_FAMILIES} only")
 
 
 def _make_model(family: str, layout: str, tied: bool) -> torch.nn.Module:
@@ -1499,6 +1632,9 @@ def build_checkpoint(
     elif scheme == "fp8-mxfp4":
         sd = mimo_v26_state_dict(quantize_state_dict(plain, family, "block", seed), plain)
         qcfg = _quantization_config("block", list(sd), sd, family)
+    elif scheme == "mxfp4-ct":
+        sd = kimi_k3_state_dict(plain)
+        qcfg = k3_quantization_config(list(sd))
     elif scheme == "fp8-v41":
         sd, qcfg = deepseek_v41_state_dict(plain), V41_CONFIG
         config = {**config, "text_config": {**config["text_config"], "quantization_config": qcfg}}

@@ -102,6 +102,7 @@ NEMO_CONFIGS = {
     "mimo_v2": "mimo_v25.config.MiMoV2Config",
     "deepseek_v41": "deepseek_v41.config.DeepseekV41Config",
     "deepseek_v41_text": "deepseek_v41.config.DeepseekV41TextConfig",
+    "kimi_k3": "kimi_k3.config.KimiK3Config",
 }
 
 

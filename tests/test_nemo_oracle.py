@@ -164,6 +164,9 @@ CASES = [
     # NeMo's Kimi Linear and Laguna adapters drop the *_scale_inv tensors without dequantizing.
     Case("kimi-linear", "kimi-linear", "kimi_linear.KimiLinear48BStateDictAdapter", dequantizes=False),
     Case("laguna", "laguna", "laguna.LagunaStateDictAdapter", dequantizes=False),
+    # Kimi K3: NeMo's adapter dequantizes the MXFP4 experts (compressed-tensors' weight_packed / weight_scale)
+    # itself and strips A_log's zero padding.
+    Case("kimi-k3", "kimi-k3", "kimi_k3.KimiK3StateDictAdapter", scheme="mxfp4-ct"),
     Case("qwen3", "qwen3", None),
     Case("ernie4.5", "ernie4.5", None),
     Case("llama", "llama", None),
@@ -353,6 +356,7 @@ def test_nemo_step_adapters_have_no_fp8_path(nemo, checkpoint) -> None:
         "hy-v3",
         "ernie4.5-moe",
         "kimi-linear",
+        "kimi-k3",
         "laguna",
         "mimo-v2.5-pro",
     ],

@@ -92,7 +92,8 @@ class ExpertRule:
     kind ``stack``: per-expert 2-D weights ``…experts.{e}.{part}.weight`` ↔ one ``[E, …]`` tensor whose
     slice ``e`` is ``cat(part.T for part in parts, -1)`` (DeepSeek-V3); ``hf`` is the expert module with
     ``{e}`` for its number (``mlp.experts.{e}.``, MiniMax's ``block_sparse_moe.experts.{e}.``), followed
-    by one of ``parts`` and ``.weight``.
+    by one of ``parts`` and ``.weight``, or ``.weight_packed`` where the part is stored as packed codes
+    (compressed-tensors' pack-quantized spelling: Kimi K3's MXFP4 experts).
     kind ``concat``: aggregated 3-D parts ``…{hf}{part}.weight`` ``[E, O, I]`` ↔ one ``[E, I, n·O]`` tensor,
     ``cat(part.transpose(-1, -2) for part in parts, -1)`` (Step-3.5's ``moe.gate_proj`` / ``moe.up_proj``);
     ``hf`` is the module (``moe.``), without ``{e}``. operations.Concat does the tensor work.
@@ -102,13 +103,18 @@ class ExpertRule:
     only (Qwen3-VL-MoE's ``mlp.experts.gate_up_proj`` ``[E, H, 2I]``).
     kind ``squeeze``: ``hf`` ends the key; an hf ``[1, N]`` renamed and held as ``[N]`` (ERNIE 4.5's router
     bias); operations.Squeeze.
+    kind ``unpad``: ``hf`` ends the key; an hf tensor stored zero-padded along its last dim to a multiple
+    of ``pad_to``, held in fp32 with its first ``sizes[0]`` entries only (Kimi K3's KDA ``A_log``: 128
+    entries stored, ``linear_attn_config.num_heads`` used); operations.Unpad, which refuses padding that
+    is not zeros, since dropping it could not be undone.
     kind ``split``: ``hf`` ends the key; its rows split into one native tensor per part, ``prefix + native +
     part``, of ``sizes`` rows each (Ling's fused ``attention.query_key_value.weight`` into
     ``self_attn.{q,k,v}_proj.weight``); operations.Split does the tensor work, the way back concatenates.
     Not an expert layout, but the same kind of reversible operation, so it lives in the same table.
 
-    ``sizes`` (``split``): per part, a product of config.json fields and integers, ``"num_key_value_heads *
-    head_dim"``, read from the config (or its ``text_config``) when the checkpoint is planned.
+    ``sizes`` (``split``, ``unpad``): per part, a product of config.json fields and integers,
+    ``"num_key_value_heads * head_dim"``, read from the config (or its ``text_config``) when the
+    checkpoint is planned; a dotted field reads inside an object (``linear_attn_config.num_heads``).
     ``shards`` (``split``): a product of fields too, where the fused tensor is saved as that many
     tensor-parallel shards ``[Q_s | K_s | V_s]`` (MiMo-V2.5-Pro), each part's rows then split evenly
     among them; its FP8 block grid restarts at every shard (``fp8.ScaleKind.SHARDED``). ``index:FIELD``
@@ -131,13 +137,14 @@ class ExpertRule:
     by_layer: tuple[str, str] = ()
     fused: str = ""
     shards_unquantized: bool = False
+    pad_to: int = 0
 
     @cached_property
     def _hf_pattern(self) -> re.Pattern[str]:
         if self.kind in ("stack", "concat"):
             module = re.escape(self.hf).replace(re.escape("{e}"), r"(?P<e>\d+)")
             parts = "|".join(map(re.escape, self.parts))
-            return re.compile(rf"^(?P<prefix>.*\.){module}(?P<part>{parts})\.weight$")
+            return re.compile(rf"^(?P<prefix>.*\.){module}(?P<part>{parts})\.weight(?:_packed)?$")
         # from a module boundary: Step's "moe.down_proj.weight" is not Kimi's "block_sparse_moe.down_proj.weight"
         return re.compile(rf"^(?P<prefix>(?:.*\.)?){re.escape(self.hf)}$")
 
@@ -184,14 +191,19 @@ class ExpertRule:
             return f"metadata.{self.shards[len('index:') :]} in model.safetensors.index.json"
         return f"{self.shards} in config.json"
 
+    def padded(self, kept: int) -> int:
+        """The stored length of an ``unpad`` tensor that holds ``kept`` entries."""
+        return -(-kept // self.pad_to) * self.pad_to
+
     def _product(self, c: dict[str, Any], expr: str, prefix: str = "") -> int:
         n = 1
         for name in (f.strip() for f in expr.split("*")):
             field = prefix + name if prefix + name in c else name
+            value = _field(c, field)
             if name.isdigit():
                 n *= int(name)
-            elif isinstance(c.get(field), int) and not isinstance(c.get(field), bool):
-                n *= c[field]
+            elif isinstance(value, int) and not isinstance(value, bool):
+                n *= value
             else:
                 raise UnsupportedModelError(
                     f"config.json lacks the integer {field!r} that splits {self.hf!r} ({expr})"
@@ -203,8 +215,16 @@ class ExpertRule:
         return f"{self.hf.format(e=e)}{part}.weight"
 
 
+def _field(config: dict[str, Any], name: str) -> Any:
+    """config.json field ``name``; ``a.b`` is field ``b`` of object ``a``."""
+    value: Any = config
+    for part in name.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 # Rule kinds that say how one tensor is held rather than lay out experts (Adapter.claims_expert).
-_HELD = ("fp32", "squeeze")
+_HELD = ("fp32", "squeeze", "unpad")
 
 
 @dataclass(frozen=True)
@@ -645,7 +665,19 @@ _ERNIE4_5_MOE = Adapter(
 # Kimi Linear (Moonshot; KDA linear attention with MLA layers): MiniMax-style block_sparse_moe experts w1, w3,
 # w2 stacked, the router and shared experts moved under mlp.; the KDA A_log / dt_bias under _fp32_params and
 # the router bias in fp32, as NeMo's from_hf casts them. Kimi K3 shares the model type but NeMo loads it with
-# another adapter: its latent MoE and attention residual fields are refused.
+# another adapter (kimi-k3): its latent MoE and attention residual fields are refused here.
+_KIMI_STACKS = (
+    ExpertRule("stack", "block_sparse_moe.experts.{e}.", "mlp.experts.gate_and_up_projs", ("w1", "w3")),
+    ExpertRule("stack", "block_sparse_moe.experts.{e}.", "mlp.experts.down_projs", ("w2",)),
+)
+_KIMI_ROUTER_BIAS = ExpertRule("fp32", "mlp.gate.e_score_correction_bias", "mlp.gate.e_score_correction_bias")
+_KIMI_KDA_DT_BIAS = ExpertRule("fp32", "self_attn.dt_bias", "self_attn._fp32_params.dt_bias")
+_KIMI_NOT_QUANTIZED = (
+    *_NORMS_ETC,
+    "block_sparse_moe.gate.weight",
+    "conv1d.weight",
+    *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b")),
+)
 _KIMI_LINEAR = Adapter(
     name="kimi-linear",
     description="Kimi Linear (KDA + MLA hybrid, block_sparse_moe experts w1, w3, w2)",
@@ -655,28 +687,68 @@ _KIMI_LINEAR = Adapter(
         Rename(".block_sparse_moe.shared_experts.", ".mlp.shared_experts.", infix=True),
     ),
     experts=(
-        ExpertRule("stack", "block_sparse_moe.experts.{e}.", "mlp.experts.gate_and_up_projs", ("w1", "w3")),
-        ExpertRule("stack", "block_sparse_moe.experts.{e}.", "mlp.experts.down_projs", ("w2",)),
+        *_KIMI_STACKS,
         ExpertRule("fp32", "self_attn.A_log", "self_attn._fp32_params.A_log"),
-        ExpertRule("fp32", "self_attn.dt_bias", "self_attn._fp32_params.dt_bias"),
-        ExpertRule("fp32", "mlp.gate.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),
+        _KIMI_KDA_DT_BIAS,
+        _KIMI_ROUTER_BIAS,
     ),
-    not_quantized=(
-        *_NORMS_ETC,
-        "block_sparse_moe.gate.weight",
-        "conv1d.weight",
-        *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b")),
-    ),
+    not_quantized=_KIMI_NOT_QUANTIZED,
     model_types=("kimi_linear", "kimi_linear_48b_a3b"),
     nemo="kimi_linear.KimiLinear48BStateDictAdapter",
     unmapped_config=(
         Unmapped(
-            "routed_expert_hidden_size", "Kimi K3's latent MoE: NeMo loads Kimi K3 with its own adapter"
+            "routed_expert_hidden_size", "Kimi K3's latent MoE: a Kimi K3 checkpoint is adapter kimi-k3's"
         ),
         Unmapped(
-            "attn_res_block_size", "Kimi K3's attention residuals: NeMo loads Kimi K3 with its own adapter"
+            "attn_res_block_size", "Kimi K3's attention residuals: a Kimi K3 checkpoint is adapter kimi-k3's"
         ),
     ),
+)
+# Kimi K3 (Moonshot; NeMo's KimiK3StateDictAdapter): Kimi Linear's tensors under language_model. (the vision
+# tower and projector keep their names), a latent MoE whose routed_expert_{down,up}_proj / routed_expert_norm
+# move under mlp. with the router and shared experts, attention residual mixers (*_res_norm, *_res_proj) kept
+# as they are, the KDA short convolutions and output norm in fp32 holders of their own, A_log stored padded
+# with zeros to 128 entries (NeMo keeps linear_attn_config.num_heads of them), and the routed experts released
+# as MXFP4 in compressed-tensors' mxfp4-pack-quantized spelling (K.weight_packed beside K.weight_scale).
+_KIMI_K3 = Adapter(
+    name="kimi-k3",
+    description="Kimi K3 (KDA + MLA hybrid with a latent MoE under language_model., MXFP4 experts)",
+    architectures=("KimiK3ForConditionalGeneration", "KimiK3ForCausalLM"),
+    renames=(
+        Rename("language_model.model.", "model."),
+        Rename("language_model.lm_head.", "lm_head."),
+        *(
+            Rename(f".block_sparse_moe.{m}.", f".mlp.{m}.", infix=True)
+            for m in (
+                "gate",
+                "shared_experts",
+                "routed_expert_down_proj",
+                "routed_expert_up_proj",
+                "routed_expert_norm",
+            )
+        ),
+    ),
+    experts=(
+        *_KIMI_STACKS,
+        ExpertRule(
+            "unpad",
+            "self_attn.A_log",
+            "self_attn._fp32_params.A_log",
+            sizes=("linear_attn_config.num_heads",),
+            pad_to=128,
+        ),
+        _KIMI_KDA_DT_BIAS,
+        *(
+            ExpertRule("fp32", f"self_attn.{m}.weight", f"self_attn.{m}._fp32_params.weight")
+            for m in ("q_conv1d", "k_conv1d", "v_conv1d", "o_norm")
+        ),
+        _KIMI_ROUTER_BIAS,
+    ),
+    not_quantized=(*_KIMI_NOT_QUANTIZED, "_res_proj.weight"),
+    not_quantized_prefixes=("vision_tower.", "mm_projector."),
+    # the text model's (text_config.model_type, or a text-only release's own) is kimi_linear
+    model_types=("kimi_k3", "kimi_linear"),
+    nemo="kimi_k3.KimiK3StateDictAdapter",
 )
 # Laguna (Poolside): split experts, the shared expert renamed as Qwen's, the router bias (stored beside the
 # experts) moved into the gate in its stored dtype, as NeMo's from_hf does.
@@ -1103,6 +1175,7 @@ ADAPTERS: dict[str, Adapter] = {
         _HY_V3,
         _ERNIE4_5_MOE,
         _KIMI_LINEAR,
+        _KIMI_K3,
         _LAGUNA,
         _GLM5_NEXT,
         _DEEPSEEK_V4,

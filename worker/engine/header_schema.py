@@ -187,21 +187,29 @@ class RecordedTensor(_Closed):
 
     key: str = Field(description="a string")
     kind: Literal[
-        "copy", "transpose", "stack", "zeros", "concat", "fp32", "split", "transpose2d", "squeeze"
-    ] = Field(description="one of copy, transpose, stack, zeros, concat, fp32, split, transpose2d, squeeze")
+        "copy", "transpose", "stack", "zeros", "concat", "fp32", "split", "transpose2d", "squeeze", "unpad"
+    ] = Field(
+        description="one of copy, transpose, stack, zeros, concat, fp32, split, transpose2d, squeeze, unpad"
+    )
     parts: list[str] = Field(description="a list of strings")
     experts: Count = Field(0, description="a non-negative integer")
     names: Annotated[int, Field(ge=1)] = Field(1, description="a positive integer")
     rows: Annotated[list[Count], Field(min_length=2)] | None = Field(
-        None, description="[first row, end row, …]: the row ranges of the one part, in order (split only)"
+        None,
+        description="split: [first row, end row, …], the row ranges of the one part, in order; unpad: "
+        "[kept, stored], the entries of the one part's last dimension held and stored",
     )
 
     @model_validator(mode="after")
     def _split_rows(self) -> RecordedTensor:
-        """A split piece names its row ranges of its one part; nothing else has them."""
-        if (self.kind == "split") != (self.rows is not None):
-            raise ValueError("rows are given for kind split, and only for it")
-        if self.rows is not None and (
+        """A split piece names its row ranges of its one part, an unpadded tensor what it keeps of its one
+        part; nothing else has rows."""
+        if (self.kind in ("split", "unpad")) != (self.rows is not None):
+            raise ValueError("rows are given for kinds split and unpad, and only for them")
+        if self.kind == "unpad":
+            if len(self.rows) != 2 or len(self.parts) != 1 or not 0 < self.rows[0] <= self.rows[1]:
+                raise ValueError("an unpadded tensor is [kept, stored] of one part, 0 < kept <= stored")
+        elif self.rows is not None and (
             len(self.rows) % 2
             or len(self.parts) != 1
             or any(a >= b for a, b in zip(self.rows[::2], self.rows[1::2], strict=True))

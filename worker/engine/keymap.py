@@ -44,6 +44,8 @@ class NativeTensor:
     ``concat``: aggregated expert parts, each transposed, concatenated on the last dim (operations.Concat).
     ``fp32``: one part, held in fp32 (operations.Fp32).
     ``split``: hf rows ``rows[0]:rows[1]`` of the one part (operations.Split); the others are siblings.
+    ``unpad``: the first ``rows[0]`` of the one part's ``rows[1]`` entries along its last dim, in fp32
+    (operations.Unpad).
     ``stack``: ``parts[e * len(names) + j]`` is expert ``e``'s part ``j``; slice ``e`` is ``cat(part.T)``.
     ``zeros``: injected by Recast (no parts); the way back drops it.
     """
@@ -319,6 +321,11 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             concats.setdefault((m["prefix"], idx), {})[m["part"]] = key
         elif rule.kind == "split":
             out.extend(_split(ckpt, quant, key, m["prefix"], rule))
+        elif rule.kind == "unpad":
+            kept = rule.split_sizes(ckpt.config, key)[0]
+            out.append(
+                NativeTensor(m["prefix"] + rule.native, "unpad", [key], rows=[kept, rule.padded(kept)])
+            )
         else:  # ONE_PART: one hf tensor, renamed by the rule
             out.append(
                 NativeTensor(m["prefix"] + rule.native, _one_part_kind(rule, ckpt.tensors[key].shape), [key])
@@ -393,6 +400,12 @@ def _native_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
                 )
             hf = adapter.to_hf(key[: -len(split.native + part)] + split.hf)
             out.append(NativeTensor(key, "split", [hf], rows=rows))
+            continue
+        unpad = next((r for r in adapter.experts if r.kind == "unpad" and key.endswith(r.native)), None)
+        if unpad:
+            part = adapter.to_hf(key[: -len(unpad.native)] + unpad.hf)
+            kept = info.shape[-1] if info.shape else 0
+            out.append(NativeTensor(key, "unpad", [part], rows=[kept, unpad.padded(kept)]))
             continue
         stack = next((r for r in adapter.experts if r.kind == "stack" and key.endswith(r.native)), None)
         transpose = next(

@@ -316,9 +316,50 @@ class Squeeze:
         return None
 
 
+class Unpad(Fp32):
+    """An hf tensor stored zero-padded along its last dim, held in fp32 without the padding (Kimi K3's KDA
+    ``A_log``: 128 entries stored, one per head used, NeMo's ``from_hf`` keeps those); ``t.rows`` is
+    ``[kept, stored]``. The way back pads with zeros, so only zero padding can be dropped: anything else is
+    refused here, naming the tensor, before it is written. A few bytes: one unit."""
+
+    whole = True
+
+    def requests(self, t: NativeTensor, e0: int, e1: int) -> list[tuple[str, int | None, int | None]]:
+        return [(t.parts[0], None, None)]
+
+    def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
+        kept, stored = t.rows
+        value = get(t.parts[0], None, None)
+        if bool(value[..., kept:].any()):
+            raise CheckpointError(
+                f"{t.parts[0]!r} holds {stored} entries of which its layout uses {kept}; the other "
+                f"{stored - kept} must be zero padding, and are not: dropping them could not be undone"
+            )
+        return value[..., :kept].float()[e0:e1]
+
+    def inverse_views(
+        self, t: NativeTensor, native: torch.Tensor, e0: int
+    ) -> list[tuple[str, int | None, int | None, torch.Tensor]]:
+        kept, stored = t.rows
+        return [(t.parts[0], None, None, torch.nn.functional.pad(native, (0, stored - kept)))]
+
+    def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
+        kept, stored = t.rows
+        info = infos[t.parts[0]]
+        if not info.shape or info.shape[-1] != stored:
+            raise CheckpointError(
+                f"{info.file}: {t.parts[0]!r} has shape {list(info.shape)}; its layout stores {kept} entries "
+                f"padded to {stored} along the last dimension"
+            )
+        return (*info.shape[:-1], kept)
+
+    def hf_shapes(self, t: NativeTensor, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {t.parts[0]: (*shape[:-1], t.rows[1])}
+
+
 OPERATIONS: dict[str, Operation] = {
     "copy": Copy(), "transpose": Concat(), "stack": Stack(), "zeros": Zeros(), "concat": Concat(),
-    "fp32": Fp32(), "split": Split(), "transpose2d": Transpose2d(), "squeeze": Squeeze(),
+    "fp32": Fp32(), "split": Split(), "transpose2d": Transpose2d(), "squeeze": Squeeze(), "unpad": Unpad(),
 }  # fmt: skip
 
 

@@ -22,6 +22,11 @@ differ only in names, in the shape of a per-tensor scale and in their ``quantiza
   two per byte, one exponent per 32 columns: ``ScaleKind.FP4``). It shares ``quant_method: fp8`` with the
   vendors' row, so the keys decide between them (``source_format``). Read, and written only by
   ``--quantize keep`` to restore the source's own layout.
+- ``compressed-tensors-mxfp4`` (compressed-tensors' ``mxfp4-pack-quantized``: Kimi K3's routed experts):
+  ``K.weight_packed`` (uint8, two e2m1 codes a byte, low nibble first) beside ``K.weight_scale`` (uint8 e8m0
+  exponents, one per 32 values of a row), the flat FP4 numbers of ``ScaleKind.FP4_U8``. It shares
+  ``quant_method: compressed-tensors`` with the FP8 row; config.json's ``format`` decides between them.
+  Read, and written only by ``--quantize keep`` to restore the source's own layout.
 - ``mxfp4`` (gpt-oss, transformers' ``quant_method: mxfp4``): not FP8 but the same pairing, ``K_blocks``
   (packed e2m1 codes) beside ``K_scales`` (e8m0 exponents), so it is one more row. It is read, and
   written only by ``--quantize keep`` in its own format: ``ScaleKind.MXFP4`` is in no other format's
@@ -91,6 +96,11 @@ def _v4_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
     return kind
 
 
+def _packed_fp4_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
+    mxfp4.check_flat(key, (weight.dtype, weight.shape), (scale.dtype, scale.shape), codes="U8")
+    return ScaleKind.FP4_U8
+
+
 def _mxfp4_classify(key: str, weight: TensorInfo, scale: TensorInfo) -> ScaleKind:
     mxfp4.check(key, (weight.dtype, weight.shape), (scale.dtype, scale.shape))
     return ScaleKind.MXFP4
@@ -129,6 +139,9 @@ class QuantFormat:
     # K + this is the scale of uint8 FP4 codes K where the format's other scales are K + scale_suffix
     # (MiMo-V2.6's experts K.weight_scale beside its FP8 weights' K.weight_scale_inv).
     codes_scale_suffix: str = ""
+    # The config.json ``quantization_config.format`` values this row reads, where rows share a
+    # ``quant_method`` (compressed-tensors' FP8 and MXFP4); None stands for a config without one. Empty: any.
+    config_formats: tuple[str | None, ...] = ()
 
     def scale_key(self, key: str) -> str:
         if self.weight_suffix and key.endswith(self.weight_suffix):
@@ -316,6 +329,69 @@ def _ct_read(qc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _ct_mxfp4_args() -> dict[str, Any]:
+    """compressed-tensors' MXFP4 weights (its MXFP4A16 preset): e2m1 in groups of 32, e8m0 (uint8) scales."""
+    return {
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "strategy": "group",
+        "group_size": mxfp4.BLOCK,
+        "dynamic": False,
+        "scale_dtype": "torch.uint8",
+        "zp_dtype": "torch.uint8",
+    }
+
+
+def _ct_mxfp4_config(s: Scheme) -> dict[str, Any]:
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "mxfp4-pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": _ct_mxfp4_args(), "format": "mxfp4-pack-quantized"}
+        },
+        "ignore": s.skipped,
+        "kv_cache_scheme": None,
+    }
+
+
+def _ct_mxfp4_read(qc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each config group's MXFP4 weights; any other scheme is refused here, naming the group."""
+    if qc.get("kv_cache_scheme"):
+        raise CheckpointError("compressed-tensors kv_cache_scheme (k_scale / v_scale) is not supported")
+    out = []
+    for name, group in (qc.get("config_groups") or {}).items():
+        w, act = group.get("weights") or {}, group.get("input_activations")
+        got = (
+            w.get("num_bits"),
+            w.get("type"),
+            w.get("strategy"),
+            w.get("group_size"),
+            w.get("symmetric", True),
+        )
+        if got != (4, "float", "group", mxfp4.BLOCK, True):
+            raise CheckpointError(
+                f"compressed-tensors group {name!r} (mxfp4-pack-quantized): weights are {got[0]}-bit {got[1]} "
+                f"{got[2]} of {got[3]}{'' if got[4] else ' asymmetric'}; MXFP4 is symmetric 4-bit float in "
+                f"groups of {mxfp4.BLOCK}"
+            )
+        if act is not None and not act.get("dynamic"):
+            raise CheckpointError(
+                f"compressed-tensors group {name!r}: static input activation scales are not supported with MXFP4"
+            )
+        out.append(
+            {
+                "group": name,
+                "targets": group.get("targets", []),
+                "weights": "mxfp4",
+                "block_structure": [1, mxfp4.BLOCK],
+                "input_activations": None if act is None else "dynamic",
+            }
+        )
+    return out
+
+
 def _modelopt_config(s: Scheme) -> dict[str, Any]:
     return {
         "quant_method": "modelopt",
@@ -398,6 +474,24 @@ FORMATS: dict[str, QuantFormat] = {
             False,
             _ct_config,
             _ct_read,
+            config_formats=(None, "float-quantized", "naive-quantized"),
+        ),
+        QuantFormat(
+            "compressed-tensors-mxfp4",
+            "compressed-tensors",
+            "_scale",
+            "",
+            None,
+            (),
+            frozenset({ScaleKind.FP4_U8}),
+            False,
+            _ct_mxfp4_config,
+            _ct_mxfp4_read,
+            weight_suffix="_packed",
+            codes_dtype="U8",
+            classify=_packed_fp4_classify,
+            fresh=False,
+            config_formats=("mxfp4-pack-quantized",),
         ),
         QuantFormat(
             "modelopt",
@@ -457,10 +551,13 @@ def quantization_config_of(config: dict[str, Any] | None) -> dict[str, Any] | No
 
 def source_format(config: dict[str, Any] | None, keys: Collection[str] = ()) -> QuantFormat:
     """The format a checkpoint's config declares (vendor fp8 where it declares none). Where rows share a
-    ``quant_method`` (fp8, fp8-v4), the one whose scale spelling ``keys`` use: a scale beside its weight."""
+    ``quant_method``, the ones that read the config's ``format`` (compressed-tensors' FP8 and MXFP4), and
+    of those (fp8, fp8-v4) the one whose scale spelling ``keys`` use: a scale beside its weight."""
     qc = quantization_config_of(config)
     method = (qc or {}).get("quant_method", "fp8")
     rows = [f for f in FORMATS.values() if f.quant_method == method]
+    declared = [f for f in rows if not f.config_formats or (qc or {}).get("format") in f.config_formats]
+    rows = declared or rows  # none: the first row's read_config refuses the format, saying why
     spelled = [f for f in rows if any(k.endswith(f.scale_suffix) and f.weight_key(k) in keys for k in keys)]
     fmt = (spelled or rows or [None])[0]
     if fmt is None:
