@@ -68,6 +68,13 @@ _MINIMAX = [
          ["layers.1.ffn.experts.0.w1.weight", "layers.1.engram.embed.weight"], "deepseek-v4.1"),
         ({"architectures": ["MiMoV2ForCausalLM"], "model_type": "mimo_v2"},
          ["model.layers.0.self_attn.qkv_proj.weight", *_SPLIT], "mimo-v2"),
+        # Kimi K3 and Kimi Linear share the text model_type (and the expert layout); the architecture decides
+        ({"architectures": ["KimiK3ForConditionalGeneration"], "model_type": "kimi_k3",
+          "text_config": {"model_type": "kimi_linear"}}, [f"language_model.{k}.weight_packed" for k in _MINIMAX[:1]],
+         "kimi-k3"),
+        ({"architectures": ["KimiK3ForCausalLM"], "model_type": "kimi_linear"}, _MINIMAX, "kimi-k3"),
+        ({"architectures": ["KimiLinearForCausalLM"], "model_type": "kimi_linear"}, _MINIMAX, "kimi-linear"),
+        ({"model_type": "kimi_linear"}, _MINIMAX, "kimi-linear"),
         ({"architectures": ["MiMoV25ForCausalLM"], "model_type": "mimo_v2"},
          ["model.layers.0.self_attn.qkv_proj.weight", *_SPLIT], "mimo-v2.5-pro"),
         ({"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",

@@ -247,6 +247,18 @@ def quantized_shards(adapter: Adapter, hf_key: str) -> ExpertRule | None:
     return rule if rule is not None and not rule.shards_unquantized else None
 
 
+def unpacked(plan: KeyPlan, fmt: QuantFormat) -> KeyPlan:
+    """``plan`` with each part stored as codes under a name of their own in ``fmt`` (Kimi K3's
+    ``K.weight_packed``, ``QuantFormat.unpacked_name``) renamed to the weight they hold, its recorded scale
+    dropped: a way back that does not keep the codes writes that weight (bf16, or FP8 with fresh scales)
+    under the weight's own name. Codes laid out as only their format holds them (``restore_only``) keep it."""
+    renamed = {k: n for k, q in plan.quant.items() if not q.kind.restore_only and (n := fmt.unpacked_name(k))}
+    if not renamed:
+        return plan
+    tensors = [replace(t, parts=[renamed.get(p, p) for p in t.parts]) for t in plan.tensors]
+    return KeyPlan(tensors, {k: q for k, q in plan.quant.items() if k not in renamed})
+
+
 def as_unquantized(adapter: Adapter, config: dict[str, Any], t: NativeTensor) -> NativeTensor:
     """Split piece ``t`` with the rows it takes in an unquantized hf tensor: in part order where the family
     saves only quantized ones shard by shard (``quantized_shards``), so the way back writes it so whatever

@@ -152,6 +152,14 @@ class QuantFormat:
         """The quantized tensor a scale named ``scale_key`` belongs to."""
         return scale_key[: -len(self.scale_suffix)] + self.weight_suffix
 
+    def unpacked_name(self, key: str) -> str | None:
+        """The name of the weight that codes stored under a name of their own hold (Kimi K3's
+        ``K.weight_packed`` → ``K.weight``), where ``key`` is so named: the name it goes out under when its
+        codes are not kept."""
+        if self.weight_suffix and key.endswith(".weight" + self.weight_suffix):
+            return key[: -len(self.weight_suffix)]
+        return None
+
     def packed(self, key: str, dtype: str) -> bool:
         """Whether ``key`` (of ``dtype``) is named as quantized codes, which must then have a scale."""
         named = bool(self.weight_suffix) and key.endswith(self.weight_suffix)

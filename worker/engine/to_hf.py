@@ -28,7 +28,15 @@ from .errors import CheckpointError, RecastError
 from .formats import hf_side, is_native, sidecar_tensors
 from .fp8 import decode, encode, expand_scale, value_shape
 from .hostpool import HostPool
-from .keymap import KeyPlan, NativeTensor, as_unquantized, plan_from_native, quantized_shards, source_quant
+from .keymap import (
+    KeyPlan,
+    NativeTensor,
+    as_unquantized,
+    plan_from_native,
+    quantized_shards,
+    source_quant,
+    unpacked,
+)
 from .layout import Layout
 from .operations import ranges, whole
 from .options import DTYPE_ARGS, STEP_BYTES, Options
@@ -64,6 +72,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
     formats = {"fmt": fmt, "source_fmt": source_fmt}
     if native_src:
         plan = plan_from_native(src, adapter)
+        if opts.quantize != "keep":
+            plan = unpacked(plan, source_fmt)
         recorded, source_dtypes = plan.quant, sidecar.get("source", {}).get("dtypes", {})
         joined = _joined(src, plan)
         for t in plan.tensors:
@@ -105,7 +115,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
             shape = value_shape(recorded[k].kind, info.shape) if k in recorded else info.shape
             enc = choose(k, shape, value_dtype, opts.quantize, recorded, source_dtypes, adapter, **formats)
             if k in recorded:
-                _check_kept_shards(src, adapter, k, enc)
+                _check_in_place(src, adapter, k, enc, source_fmt)
             items.append(HfItem(enc, shape, None, value_dtype))
     read_quant = {} if native_src else recorded
     encoders = {it.enc.key: Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev)) for it in items}
@@ -302,10 +312,17 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
     )
 
 
-def _check_kept_shards(src: Checkpoint, adapter: Adapter, key: str, enc: Encoding) -> None:
-    """Refuse re-encoding, other than keeping, a quantized source tensor saved shard by shard whose family reads an
-    unquantized one in part order (MiMo-V2.5-Pro's qkv_proj): written here as it lies, it would be misread;
-    the way through the native layout regroups it."""
+def _check_in_place(src: Checkpoint, adapter: Adapter, key: str, enc: Encoding, fmt: QuantFormat) -> None:
+    """Refuse re-encoding in place, other than keeping, a quantized source tensor that would then be
+    misread: one saved shard by shard whose family reads an unquantized one in part order (MiMo-V2.5-Pro's
+    qkv_proj), or codes stored under a name of their own (Kimi K3's ``K.weight_packed``), which an
+    unquantized weight does not have. The way through the native layout regroups and renames them."""
+    if enc.mode != "keep" and fmt.unpacked_name(key):
+        raise RecastError(
+            f"{key!r} holds {fmt.name} codes under a name of their own; re-encoded in place it would keep that "
+            f"name, where loaders look for an unquantized {fmt.unpacked_name(key)!r}. Keep its scales (--quantize keep), or "
+            "convert --to native and from there --to hf"
+        )
     rule = quantized_shards(adapter, key)
     n = rule.shard_count(src.config, src.index_metadata) if rule is not None else 1
     if n == 1 or enc.mode == "keep":

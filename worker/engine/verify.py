@@ -14,10 +14,11 @@ from .adapters import detect
 from .checkpoint import Checkpoint, open_checkpoint
 from .checks import Acc, same_bits
 from .errors import CheckpointError
-from .formats import is_native, sidecar_tensors
+from .formats import hf_side, is_native, sidecar_tensors
 from .fp8 import BLOCK, ScaleKind, dequantize_rows, expand_scale, quantize_rows, value_shape
-from .keymap import KeyPlan, as_unquantized, plan_from_native, source_quant
+from .keymap import KeyPlan, as_unquantized, plan_from_native, source_quant, unpacked
 from .options import DTYPE_ARGS
+from .qformat import source_format
 from .report import Report, TensorResult
 from .safetensors_io import DTYPES
 from .storage import Source
@@ -119,6 +120,8 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
     if is_native(src):
         sts = TensorSource.of(src, sidecar_tensors(src))
         plan = plan_from_native(src, adapter)
+        if any(p not in dst.tensors for p in plan.quant):  # written unquantized, under the weight's name
+            plan = unpacked(plan, source_format(*hf_side(src)))
         for t in plan.tensors:
             if t.kind == "split" and t.parts[0] not in dquant:
                 t = as_unquantized(adapter, src.config, t)

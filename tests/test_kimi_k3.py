@@ -1,0 +1,190 @@
+"""Kimi K3: its MXFP4 experts in compressed-tensors' mxfp4-pack-quantized spelling and its padded KDA A_log.
+
+tests/test_nemo_oracle.py holds the whole native checkpoint against NeMo's KimiK3StateDictAdapter (both
+ways); here compressed-tensors itself is the oracle of the format: its own MXFP4 decompressor, on the
+scheme the checkpoint's config declares, gives the values Recast writes, and its schema reads that config.
+The fixture is transformers' Kimi Linear re-spelled as a K3 release (tests/checkpoints.py ``_as_kimi_k3``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import load_state_dict
+from helpers import assert_state_dicts_identical, config
+from safetensors.torch import load_file, save_file
+
+from worker.cli import main
+from worker.engine import api
+from worker.engine.checkpoint import SIDECAR
+from worker.engine.errors import UnsupportedModelError
+from worker.engine.header_schema import RecordedTensor
+
+EXPERT = "language_model.model.layers.{layer}.block_sparse_moe.experts.{e}.{part}.weight"
+A_LOG = "language_model.model.layers.0.self_attn.A_log"
+
+
+@pytest.fixture(scope="module")
+def src(checkpoint) -> Path:
+    return checkpoint("kimi-k3", scheme="mxfp4-ct")
+
+
+@pytest.fixture(scope="module")
+def native(src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("kimi-k3") / "native"
+    report = api.convert(src, out, api.Options(to="native"))
+    assert report.passed and report.adapter == "kimi-k3"
+    return out
+
+
+def _ct_dequantized(src: Path) -> dict[str, torch.Tensor]:
+    """Every packed expert weight as compressed-tensors' MXFP4 compressor decompresses it, with the scheme
+    of the config group config.json gives it."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qc = QuantizationConfig.model_validate(config(src)["quantization_config"])
+    compressor = BaseCompressor.get_value_from_registry(qc.format)
+    scheme = qc.config_groups["group_0"]
+    sd = load_state_dict(src)
+    out = {}
+    for key in (k for k in sd if k.endswith(".weight_packed")):
+        base = key.removesuffix("_packed")
+        local = {"weight_packed": sd[key], "weight_scale": sd[base + "_scale"]}
+        out[base] = compressor.decompress(local, scheme)["weight"].to(torch.bfloat16)
+    return out
+
+
+def test_native_experts_are_compressed_tensors_decompression(src: Path, native: Path) -> None:
+    weights, got = _ct_dequantized(src), load_state_dict(native)
+    assert len(weights) == 2 * 4 * 3
+    for layer in (1, 2):
+
+        def w(e: int, part: str, layer: int = layer) -> torch.Tensor:
+            return weights[EXPERT.format(layer=layer, e=e, part=part)]
+
+        want = {
+            "gate_and_up_projs": torch.stack([torch.cat([w(e, "w1").T, w(e, "w3").T], -1) for e in range(4)]),
+            "down_projs": torch.stack([w(e, "w2").T for e in range(4)]),
+        }
+        prefix = f"model.layers.{layer}.mlp.experts."
+        assert_state_dicts_identical({k: got[prefix + k] for k in want}, want)
+    # the fixture's extreme exponents are in there, and signed zeros survive for the way back
+    scale = load_state_dict(src)[EXPERT.format(layer=1, e=1, part="w1") + "_scale"]
+    assert int(scale[0, 0]) == 1 and int(scale[1, 1]) == 252
+
+
+def test_the_config_is_compressed_tensors_own_and_kept_verbatim(
+    src: Path, native: Path, tmp_path: Path
+) -> None:
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qc = QuantizationConfig.model_validate(config(src)["quantization_config"])
+    assert qc.format == "mxfp4-pack-quantized" and qc.config_groups["group_0"].weights.group_size == 32
+    found = api.inspect(src)
+    assert found["adapter"] == "kimi-k3"
+    assert found["quantization"]["format"] == "compressed-tensors-mxfp4"
+    assert found["quantization"]["schemes"] == ["fp4-u8"]
+    assert found["quantization"]["output_formats"]["compressed-tensors-mxfp4"] == {"keep": True, "quantize": []}
+    back = tmp_path / "back"
+    assert api.convert(native, back, api.Options(to="hf")).passed
+    assert config(back)["quantization_config"] == config(src)["quantization_config"]
+    for shard in sorted(src.glob("*.safetensors")):
+        assert (back / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_a_log_padding_is_dropped_and_restored(src: Path, native: Path) -> None:
+    stored, held = load_state_dict(src)[A_LOG], load_state_dict(native)
+    assert stored.shape == (128,) and not stored[4:].any()
+    a_log = held["model.layers.0.self_attn._fp32_params.A_log"]
+    assert a_log.dtype == torch.float32 and torch.equal(a_log, stored[:4])
+    plan = json.loads((native / SIDECAR).read_text())["plan"]["tensors"]
+    entry = next(t for t in plan if t["key"] == "model.layers.0.self_attn._fp32_params.A_log")
+    assert entry == {
+        "key": entry["key"],
+        "kind": "unpad",
+        "parts": [A_LOG],
+        "experts": 0,
+        "names": 1,
+        "rows": [4, 128],
+    }
+
+
+def test_a_log_padding_that_is_not_zero_is_refused(src: Path, tmp_path: Path, capsys) -> None:
+    copy = tmp_path / "src"
+    shutil.copytree(src, copy)
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    shard = copy / index["weight_map"][A_LOG]
+    tensors = load_file(shard)
+    tensors[A_LOG] = tensors[A_LOG].clone()
+    tensors[A_LOG][100] = 0.5
+    save_file(tensors, shard, metadata={"format": "pt"})
+    dst = tmp_path / "native"
+    assert main(["convert", str(copy), str(dst), "--to", "native"]) == 2
+    err = capsys.readouterr().err
+    assert A_LOG in err and "zero padding" in err, err
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize(
+    "rows, ok",
+    [([4, 128], True), ([128, 128], True), ([0, 128], False), ([5, 4], False), ([0, 4, 8, 128], False)],
+)
+def test_recast_json_unpad_rows_are_checked(rows: list[int], ok: bool) -> None:
+    entry = {"key": "k", "kind": "unpad", "parts": ["h"], "rows": rows}
+    if ok:
+        assert RecordedTensor.model_validate(entry).rows == rows
+    else:
+        with pytest.raises(ValueError, match="unpadded tensor"):
+            RecordedTensor.model_validate(entry)
+
+
+def test_the_experts_are_not_re_encoded_in_place(src: Path, tmp_path: Path, capsys) -> None:
+    # Written in place other than kept, a packed expert would keep its weight_packed name: refused, naming
+    # the way that works; keeping rewrites the same bytes.
+    dst = tmp_path / "bf16"
+    assert main(["convert", str(src), str(dst), "--to", "hf", "--quantize", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "weight_packed" in err and "--to native" in err, err
+    assert not dst.exists()
+    kept = tmp_path / "kept"
+    assert api.convert(src, kept, api.Options(to="hf", quantize="keep")).passed
+    assert_state_dicts_identical(load_state_dict(kept), load_state_dict(src))
+
+
+@pytest.mark.parametrize(
+    "quantize, fmt, dtype",
+    [("none", None, torch.bfloat16), ("block", "fp8", torch.float8_e4m3fn)],
+)
+def test_the_way_back_without_the_codes_names_the_weights(
+    quantize: str, fmt: str | None, dtype: torch.dtype, src: Path, native: Path, tmp_path: Path
+) -> None:
+    # Not kept, the experts go back under their weights' own names (bf16, or FP8 with fresh scales), which
+    # Recast (and NeMo's from_hf) read as an unquantized K3 release; verification follows the renaming.
+    out = tmp_path / "hf"
+    assert api.convert(native, out, api.Options(to="hf", quantize=quantize, format=fmt)).passed
+    sd = load_state_dict(out)
+    assert not [k for k in sd if re.search(r"weight_(packed|scale)$", k)]
+    assert sd[EXPERT.format(layer=1, e=0, part="w2")].dtype == dtype
+    assert (
+        "quantization_config" not in config(out)
+        or config(out)["quantization_config"]["quant_method"] == "fp8"
+    )
+    assert api.verify(native, out).passed
+    again = tmp_path / "again"
+    assert api.convert(out, again, api.Options(to="native")).passed
+    if quantize == "none":
+        assert_state_dicts_identical(load_state_dict(again), load_state_dict(native))
+
+
+def test_kimi_linear_forced_on_k3_is_refused_naming_kimi_k3(src: Path, tmp_path: Path) -> None:
+    # The two share the text model_type and the expert layout; Kimi Linear's rules do not map K3's latent MoE.
+    dst = tmp_path / "native"
+    with pytest.raises(UnsupportedModelError, match=r"routed_expert_hidden_size=96.*adapter kimi-k3"):
+        api.convert(src, dst, api.Options(to="native", adapter="kimi-linear"))
+    assert not dst.exists()
