@@ -18,9 +18,11 @@ def _shards(path: Path) -> dict[str, bytes]:
 
 # Back with their own scales: 3-D experts that transformers would not load with fresh ones (Mistral 4's
 # gate_up_proj, Inkling's w13_weight: tests/test_consumers.py), and MXFP8, MXFP4 and DeepSeek-V4's FP4 and
-# e8m0 block scales (V4.1's of 32x32), whose exponents only a restore writes, and MiMo-V2.5-Pro's
-# per-shard block grids.
-_KEPT = ("mistral4-vlm", "minimax-m3", "inkling", "deepseek-v4", "deepseek-v4.1", "gpt-oss", "mimo-v2.5-pro")
+# e8m0 block scales (V4.1's of 32x32), whose exponents only a restore writes, MiMo-V2.5-Pro's
+# per-shard block grids, and Kimi K3's compressed-tensors MXFP4 (whose format takes no fresh scales).
+_KEPT = (
+    "mistral4-vlm", "minimax-m3", "inkling", "deepseek-v4", "deepseek-v4.1", "gpt-oss", "mimo-v2.5-pro", "kimi-k3",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -36,6 +38,7 @@ _KEPT = ("mistral4-vlm", "minimax-m3", "inkling", "deepseek-v4", "deepseek-v4.1"
         ("deepseek-v4.1", "fp8-v41"),
         ("gpt-oss", "mxfp4"),
         ("mimo-v2.5-pro", "block"),
+        ("kimi-k3", "mxfp4-ct"),
     ],
 )
 def test_cuda_writes_the_cpu_bits(family, scheme, checkpoint, tmp_path: Path) -> None:

@@ -319,9 +319,9 @@ def _check_in_place(src: Checkpoint, adapter: Adapter, key: str, enc: Encoding, 
     unquantized weight does not have. The way through the native layout regroups and renames them."""
     if enc.mode != "keep" and fmt.unpacked_name(key):
         raise RecastError(
-            f"{key!r} holds {fmt.name} codes under a name of their own; re-encoded in place it would keep that "
-            f"name, where loaders look for an unquantized {fmt.unpacked_name(key)!r}. Keep its scales (--quantize keep), or "
-            "convert --to native and from there --to hf"
+            f"{key!r} holds {fmt.name} codes under a name of their own; re-encoded in place it would keep "
+            f"that name, where loaders look for an unquantized {fmt.unpacked_name(key)!r}. Keep its scales "
+            "(--quantize keep), or convert --to native and from there --to hf"
         )
     rule = quantized_shards(adapter, key)
     n = rule.shard_count(src.config, src.index_metadata) if rule is not None else 1
