@@ -90,7 +90,10 @@ def test_the_config_is_compressed_tensors_own_and_kept_verbatim(
     assert found["adapter"] == "kimi-k3"
     assert found["quantization"]["format"] == "compressed-tensors-mxfp4"
     assert found["quantization"]["schemes"] == ["fp4-u8"]
-    assert found["quantization"]["output_formats"]["compressed-tensors-mxfp4"] == {"keep": True, "quantize": []}
+    assert found["quantization"]["output_formats"]["compressed-tensors-mxfp4"] == {
+        "keep": True,
+        "quantize": [],
+    }
     back = tmp_path / "back"
     assert api.convert(native, back, api.Options(to="hf")).passed
     assert config(back)["quantization_config"] == config(src)["quantization_config"]
