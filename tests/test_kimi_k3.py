@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import load_state_dict
-from helpers import assert_state_dicts_identical, config
+from helpers import assert_state_dicts_identical, config, flip_bits
 from safetensors.torch import load_file, save_file
 
 from worker.cli import main
 from worker.engine import api
 from worker.engine.checkpoint import SIDECAR
-from worker.engine.errors import UnsupportedModelError
+from worker.engine.errors import UnsupportedModelError, VerificationError
 from worker.engine.header_schema import RecordedTensor
 
 EXPERT = "language_model.model.layers.{layer}.block_sparse_moe.experts.{e}.{part}.weight"
@@ -147,17 +147,27 @@ def test_recast_json_unpad_rows_are_checked(rows: list[int], ok: bool) -> None:
             RecordedTensor.model_validate(entry)
 
 
-def test_the_experts_are_not_re_encoded_in_place(src: Path, tmp_path: Path, capsys) -> None:
-    # Written in place other than kept, a packed expert would keep its weight_packed name: refused, naming
-    # the way that works; keeping rewrites the same bytes.
-    dst = tmp_path / "bf16"
-    assert main(["convert", str(src), str(dst), "--to", "hf", "--quantize", "none"]) == 2
-    err = capsys.readouterr().err
-    assert "weight_packed" in err and "--to native" in err, err
-    assert not dst.exists()
-    kept = tmp_path / "kept"
-    assert api.convert(src, kept, api.Options(to="hf", quantize="keep")).passed
-    assert_state_dicts_identical(load_state_dict(kept), load_state_dict(src))
+@pytest.mark.parametrize("quantize, fmt", [("none", None), ("block", "fp8"), ("keep", None)])
+def test_hf_to_hf_in_place_names_the_weights(
+    quantize: str, fmt: str | None, src: Path, native: Path, tmp_path: Path
+) -> None:
+    # Re-encoded in place other than kept, the packed experts go out under their weights' names, exactly what
+    # the way through the native layout writes; kept, the source comes back byte for byte.
+    out = tmp_path / "hf"
+    report = api.convert(src, out, api.Options(to="hf", quantize=quantize, format=fmt))
+    assert report.passed and not report.accounting["unaccounted"]
+    assert api.verify(src, out).passed
+    if quantize == "keep":
+        assert_state_dicts_identical(load_state_dict(out), load_state_dict(src))
+        return
+    via = tmp_path / "via-native"
+    assert api.convert(native, via, api.Options(to="hf", quantize=quantize, format=fmt)).passed
+    assert_state_dicts_identical(load_state_dict(out), load_state_dict(via))
+    assert config(out) == config(via)
+    # the renamed tensors are held against the source's codes: a flipped sign is caught
+    flip_bits(out, EXPERT.format(layer=2, e=3, part="w2"), 1, 0x80)
+    with pytest.raises(VerificationError, match=r"experts\.3\.w2\.weight_packed"):
+        api.verify(src, out)
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,13 @@ class HfItem:
     value_dtype: str
     # A fused hf tensor's split pieces (operations.Split), in row order; ``native`` is the first.
     pieces: tuple[NativeTensor, ...] = ()
+    # From an hf source: the source tensor, where it is written under another name (packed codes not kept).
+    renamed_from: str | None = None
+
+    @property
+    def source(self) -> str:
+        """The hf source tensor read for this one (an hf source's; ``enc.key`` for a native one's)."""
+        return self.renamed_from or self.enc.key
 
 
 def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -> Direction:
@@ -113,17 +120,22 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                 continue
             value_dtype = DTYPE_ARGS[opts.dtype] if k in recorded else info.dtype
             shape = value_shape(recorded[k].kind, info.shape) if k in recorded else info.shape
-            enc = choose(k, shape, value_dtype, opts.quantize, recorded, source_dtypes, adapter, **formats)
+            # codes stored under a name of their own (Kimi K3's K.weight_packed) not kept go out under their
+            # weight's name, read under the source's (HfItem.renamed_from)
+            out = _unpacked_out(k, recorded, opts, source_fmt)
+            enc = choose(
+                out or k, shape, value_dtype, opts.quantize, recorded, source_dtypes, adapter, **formats
+            )
             if k in recorded:
-                _check_in_place(src, adapter, k, enc, source_fmt)
-            items.append(HfItem(enc, shape, None, value_dtype))
+                _check_kept_shards(src, adapter, k, enc)
+            items.append(HfItem(enc, shape, None, value_dtype, renamed_from=k if out else None))
     read_quant = {} if native_src else recorded
     encoders = {it.enc.key: Encoder(it.enc, it.shape, lambda k: ts.rows(k).to(dev)) for it in items}
     produces = {it.enc.key: encoders[it.enc.key].planned(ts.info) for it in items}
     layout = Layout(raw_headers=(_restorable(sidecar, produces, opts) if native_src else None) or {})
     if not layout.raw_headers:
         anchor = {
-            it.enc.key: src.shards.index(src.tensors[it.native.key if it.native else it.enc.key].file)
+            it.enc.key: src.shards.index(src.tensors[it.native.key if it.native else it.source].file)
             for it in items
         }
         used = sorted(set(anchor.values()))
@@ -159,8 +171,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
         for an hf source, the native rows laid out as this hf tensor for a native one)."""
         key, n = it.enc.key, (x.shape[0] if x.dim() else 1)
         dq = it.enc.mode is not None
-        q = None if native_src else recorded.get(key)
-        target = ref.dtype if native_src else (dtype if q else DTYPES[src.tensors[key].dtype])
+        q = None if native_src else recorded.get(it.source)
+        target = ref.dtype if native_src else (dtype if q else DTYPES[src.tensors[it.source].dtype])
         value, scale = written_value(it, pieces, r0, n, target)
         rebuilt = (
             value
@@ -199,11 +211,11 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
     def chunks(it: HfItem) -> list[tuple[int, int, list]]:
         """Row ranges of an hf tensor (not a stacked expert part) and the source reads each needs."""
         if it.native is None:
-            q = recorded.get(it.enc.key)
-            info = src.tensors[it.enc.key]
+            q = recorded.get(it.source)
+            info = src.tensors[it.source]
             align = max(hf_align(q.kind if q else None, info.shape), hf_align(it.enc.scale_kind, it.shape))
             spans = row_chunks(info.shape, info.torch_dtype.itemsize, budget, align)
-            return [(r0, r1, [(it.enc.key, r0, r1)]) for r0, r1 in spans]
+            return [(r0, r1, [(it.source, r0, r1)]) for r0, r1 in spans]
         if it.pieces:  # hf rows r0:r1 from the pieces they overlap
             itemsize = src.tensors[it.native.key].torch_dtype.itemsize
             spans = row_chunks(it.shape, itemsize, budget, hf_align(it.enc.scale_kind, it.shape))
@@ -222,8 +234,8 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
     def values(it: HfItem, got: Fetched, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The hf rows' value, and the source rows they are checked against."""
         if it.native is None:
-            x = hf_value(ts, recorded, it.enc.key, r0, r1, dtype, dev, got)
-            return x, got[(it.enc.key, r0, r1)]
+            x = hf_value(ts, recorded, it.source, r0, r1, dtype, dev, got)
+            return x, got[(it.source, r0, r1)]
         t = it.native
         if it.pieces:
             x = torch.cat([got[read].to(dev) for read in _piece_reads(it, r0, r1)])
@@ -296,7 +308,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                 else:
                     report.accounting["mapped"].append(t.key)
         else:
-            report.accounting["mapped"].extend(it.enc.key for it in items)
+            report.accounting["mapped"].extend(it.source for it in items)
             report.accounting["scales"].extend(companions)
         account_rest(src, report)
 
@@ -312,17 +324,19 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
     )
 
 
-def _check_in_place(src: Checkpoint, adapter: Adapter, key: str, enc: Encoding, fmt: QuantFormat) -> None:
-    """Refuse re-encoding in place, other than keeping, a quantized source tensor that would then be
-    misread: one saved shard by shard whose family reads an unquantized one in part order (MiMo-V2.5-Pro's
-    qkv_proj), or codes stored under a name of their own (Kimi K3's ``K.weight_packed``), which an
-    unquantized weight does not have. The way through the native layout regroups and renames them."""
-    if enc.mode != "keep" and fmt.unpacked_name(key):
-        raise RecastError(
-            f"{key!r} holds {fmt.name} codes under a name of their own; re-encoded in place it would keep "
-            f"that name, where loaders look for an unquantized {fmt.unpacked_name(key)!r}. Keep its scales "
-            "(--quantize keep), or convert --to native and from there --to hf"
-        )
+def _unpacked_out(key: str, recorded: dict, opts: Options, fmt: QuantFormat) -> str | None:
+    """The name hf tensor ``key`` goes out under where it is codes stored under a name of their own that are
+    not kept (``QuantFormat.unpacked_name``: the weight's); None where it keeps its name."""
+    q = recorded.get(key)
+    if q is None or opts.quantize == "keep" or q.kind.restore_only:
+        return None
+    return fmt.unpacked_name(key)
+
+
+def _check_kept_shards(src: Checkpoint, adapter: Adapter, key: str, enc: Encoding) -> None:
+    """Refuse re-encoding, other than keeping, a quantized source tensor saved shard by shard whose family reads an
+    unquantized one in part order (MiMo-V2.5-Pro's qkv_proj): written here as it lies, it would be misread;
+    the way through the native layout regroups it."""
     rule = quantized_shards(adapter, key)
     n = rule.shard_count(src.config, src.index_metadata) if rule is not None else 1
     if n == 1 or enc.mode == "keep":

@@ -173,14 +173,17 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
         return
     squant, companions = source_quant(src)
     sts = TensorSource.of(src)
+    fmt = source_format(src.config, src.tensors)
     for key, info in src.tensors.items():
         if key in companions:
             continue
-        if key not in dst.tensors:
+        # codes under a name of their own, written unquantized under their weight's (Kimi K3's K.weight_packed)
+        out = key if key in dst.tensors or key not in squant else fmt.unpacked_name(key) or key
+        if out not in dst.tensors:
             report.add(TensorResult(key, "bitwise", False, None, "missing from the output"))
             continue
         acc = Acc()
-        q, dq = squant.get(key), dquant.get(key)
+        q, dq = squant.get(key), dquant.get(out)
         align = max(
             hf_align(q.kind if q else None, info.shape), hf_align(dq.kind if dq else None, info.shape)
         )
@@ -189,7 +192,7 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
         ):
             raw = sts.rows(key, r0, r1).to(dev)
             value_dtype = dtype if q else info.torch_dtype
-            value = hf_value(dts, dquant, key, r0, r1, value_dtype, dev)
+            value = hf_value(dts, dquant, out, r0, r1, value_dtype, dev)
             if q is not None:
                 rows = slice(r0, r1) if info.shape else slice(0, 1)
                 rebuilt = quantize_rows(value, q.kind, sts.rows(q.scale).to(dev), rows, info.shape)
@@ -201,8 +204,8 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
                 acc.passed, acc.detail = False, "not bit-identical after the round trip"
                 continue
             original = hf_value(sts, squant, key, r0, r1, value_dtype, dev)
-            restored = hf_value(dts, dquant, key, r0, r1, torch.float32, dev)
-            scale = _expanded_scale(dts, dquant, key, r0, r1, dev) if dq else None
+            restored = hf_value(dts, dquant, out, r0, r1, torch.float32, dev)
+            scale = _expanded_scale(dts, dquant, out, r0, r1, dev) if dq else None
             acc.bounded(original, restored.reshape(original.shape), scale)
         report.add(acc.result(key))
         report.accounting["mapped"].append(key)
