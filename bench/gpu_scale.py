@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/gpu_scale.py [--workdir DIR] [--keep] [--device auto|cpu|cuda]
         [--layers 6] [--experts 32] [--shards 6] [--inter 2048] [--hidden 7168] [--vocab 4096]
         [--repeat N] [--rows floor,overlap,naive,recast,recast-nv,back,back-nv] [--no-drop-caches]
-        [--family deepseek-v3|deepseek-v4]
+        [--family deepseek-v3|deepseek-v4|kimi-k3]
 
 Why: converting a checkpoint is disk-bound. On the H200 the disk reads the input and writes the bf16 output
 in about 19 s (8.5 GB in, 17 GB out), while recast took 3-5x that (PITFALLS.md, "Where the time goes").
@@ -19,7 +19,10 @@ experts, and a weight and its scale, straddle shard boundaries as in the real ch
 6 layers x 32 experts of 2048 x 7168 in 6 shards, is 8.73 GB of FP8 in and 17.34 GB of bf16 out.
 ``--family deepseek-v4`` writes DeepSeek-V4-Flash's release layout instead (``layers.{i}.ffn.experts.{e}.w1``
 in FP4: int8 ``[out, in/2]`` with an e8m0 ``.scale`` per 32 columns; attention and shared experts e4m3
-with e8m0 128x128 ``.scale``), whose bf16 output is four times its experts' bytes (no naive row). Then each
+with e8m0 128x128 ``.scale``), whose bf16 output is four times its experts' bytes (no naive row).
+``--family kimi-k3`` writes Kimi K3's: the text model under ``language_model.``, its routed experts in
+compressed-tensors' MXFP4 (uint8 ``block_sparse_moe.experts.{e}.w1.weight_packed`` ``[out, in/2]`` beside a
+uint8 ``weight_scale`` per 32 columns) working in a latent width of H/2, the rest bf16 (no naive row). Then each
 row runs in its own fresh child process, with the page cache dropped before it when this process may:
 
     floor      read every input byte, then write as many bytes as the bf16 output has, fsync'ed
@@ -97,7 +100,7 @@ class Shape:
     vocab: int
     shards: int
     model_type: str = "deepseek_v3"  # kimi_k2 for Kimi K2, the same architecture
-    family: str = "deepseek-v3"  # or deepseek-v4: its release names, FP4 experts, e8m0 block scales
+    family: str = "deepseek-v3"  # or deepseek-v4 / kimi-k3: their release names and FP4 experts
 
     @property
     def q_lora(self) -> int:
@@ -107,7 +110,48 @@ class Shape:
     def kv_lora(self) -> int:
         return max(16, self.hidden // 14)  # 512 for H = 7168
 
+    @property
+    def latent(self) -> int:
+        return self.hidden // 2  # Kimi K3's routed_expert_hidden_size (3584 for H = 7168)
+
     def config(self) -> dict:
+        if self.family == "kimi-k3":
+            text = {
+                "architectures": ["KimiK3ForCausalLM"],
+                "model_type": "kimi_linear",
+                "hidden_size": self.hidden,
+                "moe_intermediate_size": self.inter,
+                "routed_expert_hidden_size": self.latent,
+                "num_hidden_layers": self.layers,
+                "num_experts": self.experts,
+                "num_experts_per_token": min(8, self.experts),
+                "num_attention_heads": HEADS,
+                "q_lora_rank": self.q_lora,
+                "kv_lora_rank": self.kv_lora,
+                "qk_nope_head_dim": NOPE,
+                "qk_rope_head_dim": ROPE,
+                "v_head_dim": V_HEAD,
+                "vocab_size": self.vocab,
+                "torch_dtype": "bfloat16",
+            }
+            weights = {
+                "num_bits": 4,
+                "type": "float",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": 32,
+            }
+            return {
+                "architectures": ["KimiK3ForConditionalGeneration"],
+                "model_type": "kimi_k3",
+                "text_config": text,
+                "quantization_config": {
+                    "quant_method": "compressed-tensors",
+                    "format": "mxfp4-pack-quantized",
+                    "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+                    "ignore": ["lm_head"],
+                },
+            }
         if self.family == "deepseek-v4":
             return {
                 "architectures": ["DeepseekV4ForCausalLM"],
@@ -242,9 +286,53 @@ def v4_tensor_specs(s: Shape) -> list[Spec]:
     return specs
 
 
+def k3_tensor_specs(s: Shape) -> list[Spec]:
+    """Kimi K3's release layout in file order (MLA layers, every one with experts): the routed experts MXFP4
+    in compressed-tensors' spelling, uint8 ``weight_packed`` ``[out, in/2]`` beside a uint8 e8m0
+    ``weight_scale`` per 32 columns, in the latent width; the latent projections, attention and shared
+    expert bf16."""
+    h, i, lat = s.hidden, s.inter, s.latent
+    specs: list[Spec] = [("language_model.model.embed_tokens.weight", (s.vocab, h), "bf16")]
+
+    def fp4(key: str, shape: tuple[int, int]) -> None:
+        specs.append((f"{key}.weight_packed", (shape[0], shape[1] // 2), "fp4-u8"))
+        specs.append((f"{key}.weight_scale", (shape[0], shape[1] // 32), "e8m0-u8"))
+
+    for layer in range(s.layers):
+        p = f"language_model.model.layers.{layer}"
+        moe = f"{p}.block_sparse_moe"
+        for e in range(s.experts):
+            fp4(f"{moe}.experts.{e}.w1", (i, lat))
+            fp4(f"{moe}.experts.{e}.w2", (lat, i))
+            fp4(f"{moe}.experts.{e}.w3", (i, lat))
+        specs.append((f"{moe}.gate.e_score_correction_bias", (s.experts,), "f32"))
+        specs.append((f"{moe}.gate.weight", (s.experts, h), "bf16"))
+        specs.append((f"{moe}.routed_expert_down_proj.weight", (lat, h), "bf16"))
+        specs.append((f"{moe}.routed_expert_norm.weight", (lat,), "norm"))
+        specs.append((f"{moe}.routed_expert_up_proj.weight", (h, lat), "bf16"))
+        specs.append((f"{moe}.shared_experts.down_proj.weight", (h, i), "bf16"))
+        specs.append((f"{moe}.shared_experts.gate_proj.weight", (i, h), "bf16"))
+        specs.append((f"{moe}.shared_experts.up_proj.weight", (i, h), "bf16"))
+        specs.append((f"{p}.input_layernorm.weight", (h,), "norm"))
+        specs.append((f"{p}.post_attention_layernorm.weight", (h,), "norm"))
+        specs.append((f"{p}.self_attn.kv_a_layernorm.weight", (s.kv_lora,), "norm"))
+        specs.append((f"{p}.self_attn.kv_a_proj_with_mqa.weight", (s.kv_lora + ROPE, h), "bf16"))
+        specs.append((f"{p}.self_attn.kv_b_proj.weight", (HEADS * (NOPE + V_HEAD), s.kv_lora), "bf16"))
+        specs.append((f"{p}.self_attn.o_proj.weight", (h, HEADS * V_HEAD), "bf16"))
+        specs.append((f"{p}.self_attn.q_a_layernorm.weight", (s.q_lora,), "norm"))
+        specs.append((f"{p}.self_attn.q_a_proj.weight", (s.q_lora, h), "bf16"))
+        specs.append((f"{p}.self_attn.q_b_proj.weight", (HEADS * (NOPE + ROPE), s.q_lora), "bf16"))
+    specs.append(("language_model.model.norm.weight", (h,), "norm"))
+    specs.append(("language_model.lm_head.weight", (s.vocab, h), "bf16"))
+    return specs
+
+
+_SPECS = {"deepseek-v3": tensor_specs, "deepseek-v4": v4_tensor_specs, "kimi-k3": k3_tensor_specs}
+
+
 def generate(src: Path, s: Shape) -> None:
     """Write the checkpoint one shard at a time (``synthetic.write_checkpoint``); runs in a child process."""
-    specs = v4_tensor_specs(s) if s.family == "deepseek-v4" else tensor_specs(s)
+    specs = _SPECS[s.family](s)
     write_checkpoint(src, specs, s.shards, s.config())
 
 
@@ -453,8 +541,8 @@ def st_bytes(d: Path) -> int:
 
 
 def bf16_sizes(src: Path) -> list[int]:
-    """Per input shard, the bytes of its bf16 output: FP8 weights doubled, FP4 (int8, two codes a byte)
-    quadrupled, scales dropped, the rest kept.
+    """Per input shard, the bytes of its bf16 output: FP8 weights doubled, FP4 (int8 or uint8, two codes a
+    byte) quadrupled, scales dropped, the rest kept.
 
     Read from the safetensors headers (8-byte length, then JSON), so the floor can run before recast has.
     """
@@ -466,8 +554,8 @@ def bf16_sizes(src: Path) -> list[int]:
         n = 0
         for key, info in header.items():
             lo, hi = info["data_offsets"]
-            if not key.endswith(("_scale_inv", ".scale")):
-                n += {"F8_E4M3": 2, "I8": 4}.get(info["dtype"], 1) * (hi - lo)
+            if not key.endswith(("_scale_inv", ".scale", ".weight_scale")):
+                n += {"F8_E4M3": 2, "I8": 4, "U8": 4}.get(info["dtype"], 1) * (hi - lo)
         sizes.append(n)
     return sizes
 
@@ -764,12 +852,12 @@ def main() -> int:
     p.add_argument("--rows", type=parse_rows, default=list(DEFAULT_ROWS),
                    help=f"comma-separated, from {','.join(ROWS)} (default: all but back-nv)")  # fmt: skip
     p.add_argument("--no-drop-caches", action="store_true", help="leave the page cache alone (warm figures)")
-    p.add_argument("--family", choices=("deepseek-v3", "deepseek-v4"), default="deepseek-v3",
-                   help="deepseek-v4: the release's names, FP4 routed experts, e8m0 block scales")  # fmt: skip
+    p.add_argument("--family", choices=tuple(_SPECS), default="deepseek-v3",
+                   help="deepseek-v4, kimi-k3: the release's names and FP4 routed experts")  # fmt: skip
     args = p.parse_args()
-    if args.family == "deepseek-v4" and "naive" in args.rows:
+    if args.family != "deepseek-v3" and "naive" in args.rows:
         p.error(
-            "the naive row reads DeepSeek-V3's *_scale_inv layout only: leave it out with --family deepseek-v4"
+            f"the naive row reads DeepSeek-V3's *_scale_inv layout only: leave it out with --family {args.family}"
         )
     shape = Shape(
         args.layers, args.experts, args.inter, args.hidden, args.vocab, args.shards, family=args.family

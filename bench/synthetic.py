@@ -17,7 +17,17 @@ FP8_MAX = 448.0
 
 # key, shape (as stored), kind: fp8 | scale | bf16 | norm | f32 | fp4 (int8, two e2m1 codes a byte) | e8m0
 Spec = tuple[str, tuple[int, ...], str]
-ITEMSIZE = {"fp8": 1, "scale": 4, "bf16": 2, "norm": 2, "f32": 4, "fp4": 1, "e8m0": 1}
+ITEMSIZE = {
+    "fp8": 1,
+    "scale": 4,
+    "bf16": 2,
+    "norm": 2,
+    "f32": 4,
+    "fp4": 1,
+    "e8m0": 1,
+    "fp4-u8": 1,
+    "e8m0-u8": 1,
+}
 
 
 def spec_bytes(spec: Spec) -> int:
@@ -77,13 +87,13 @@ def write_checkpoint(src: Path, specs: list[Spec], shards: int, config: dict) ->
     def make(shape: tuple[int, ...], kind: str) -> torch.Tensor:
         if kind == "fp8":
             return sliced(q_pool, shape)
-        if kind == "fp4":  # any byte is two valid e2m1 codes
-            return torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
-        if kind == "e8m0":  # powers of two around the pool's scale (every code stays a distinct bf16 value)
+        if kind in ("fp4", "fp4-u8"):  # any byte is two valid e2m1 codes (stored int8, or uint8)
+            codes = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+            return codes if kind == "fp4" else codes.view(torch.uint8)
+        if kind in ("e8m0", "e8m0-u8"):  # powers of two around the pool's scale (each a distinct bf16 value)
             centre = 127 + round(math.log2(pool_scale))
-            return torch.randint(centre - 2, centre + 3, shape, dtype=torch.uint8, generator=gen).view(
-                torch.float8_e8m0fnu
-            )
+            exps = torch.randint(centre - 2, centre + 3, shape, dtype=torch.uint8, generator=gen)
+            return exps.view(torch.float8_e8m0fnu) if kind == "e8m0" else exps
         if kind == "scale":
             return torch.empty(shape).uniform_(0.5, 2.0, generator=gen).mul_(pool_scale)
         if kind == "bf16":
