@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from worker.engine import hostpool
 from worker.engine.hostpool import HostPool
 
 MIB = 1 << 20
@@ -26,15 +24,17 @@ def test_a_free_buffer_up_to_twice_the_size_serves_a_request() -> None:
     assert _ptr(small) != _ptr(big)
 
 
-def test_idle_buffers_beyond_the_cap_are_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hostpool, "IDLE", 40 * MIB)
+def test_the_pool_holds_at_most_what_it_ever_lent_at_once() -> None:
     pool = HostPool()
-    lent = [pool.take(24 * MIB) for _ in range(3)]
+    lent = [pool.take(24 * MIB) for _ in range(3)]  # 72 MiB lent at once
     for t in lent:
         pool.give(t)
-    # one 24 MiB buffer kept (a second would pass the 40 MiB cap), the other two let go
-    assert pool._idle == 24 * MIB and [len(free) for free in pool._free.values()] == [1]
-    assert _ptr(pool.take(24 * MIB)) == _ptr(lent[0]) and pool._idle == 0
+    assert pool._idle == 72 * MIB  # all kept: the working set will ask for them again
+    small = pool.take(5 * MIB)  # an 8 MiB class none of them serves: 80 MiB held, more than ever lent
+    pool.give(small)
+    assert pool._idle == 72 * MIB and 8 * MIB not in pool._free  # so it is let go
+    again = [pool.take(24 * MIB) for _ in range(3)]
+    assert {_ptr(t) for t in again} == {_ptr(t) for t in lent} and pool._idle == 0
 
 
 def test_only_its_own_buffers_come_back() -> None:

@@ -19,20 +19,26 @@ GRAIN = 8 << 20  # size classes: buffers are rounded up to this, so similar unit
 # A free buffer up to this many times the size asked for serves the request: with exact classes only,
 # the pool kept each class's high-water mark, and DeepSeek-V4's eight classes held 5.8 GiB of buffers
 # for 3.5 GiB ever lent at once (H200, 4.6 GB V4-Flash-shaped checkpoint); with this, 5.45 GiB. The
-# rest is classes too far apart to share (8-56 MiB against 144-256 MiB), which IDLE bounds.
+# rest is classes too far apart to share (8-56 MiB against 144-256 MiB), which the peak rule bounds.
 FIT = 2
-# Free buffers kept at most, in bytes: one given back beyond it is let go (its pages go back to the
-# system), so the pool holds what is lent at once plus this, not every class's high-water mark. On the
-# H200, V4-shaped: peak RSS 4.73 GiB verified (6.61 without it); V3-shaped: 2.8 against 3.3 GiB, the
-# wall time within the runs' noise (22.8 and 23.5 s against 21.7 s on one machine).
-IDLE = 1 << 30
 
 
 class HostPool:
+    """Buffers lent and kept for reuse, the pool holding at most as many bytes, lent and free together, as
+    it ever lent at once: a buffer given back beyond that is let go (its pages go back to the system).
+
+    So the pool holds the conversion's working set, not every size class's high-water mark (V4-shaped on
+    the H200: peak RSS 4.73 GiB where keeping every buffer reached 6.61), and it never lets go of a
+    buffer the working set will ask for again: a fixed cap of 1 GiB on free buffers did, and Kimi K3's mix
+    of unit sizes then faulted fresh pages in all run long (35.4 s against 27.4 s with 8 GiB, same machine).
+    """
+
     def __init__(self) -> None:
         self._free: dict[int, list[torch.Tensor]] = {}
         self._lent: dict[int, torch.Tensor] = {}
         self._idle = 0  # bytes in self._free
+        self._out = 0  # bytes lent
+        self._peak = 0  # the most bytes lent at once
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> torch.Tensor:
@@ -46,6 +52,8 @@ class HostPool:
             buf = torch.empty(size, dtype=torch.uint8)
         with self._lock:
             self._lent[buf.data_ptr()] = buf
+            self._out += buf.numel()
+            self._peak = max(self._peak, self._out)
         return buf[:nbytes]
 
     def give(self, t: torch.Tensor) -> None:
@@ -54,7 +62,10 @@ class HostPool:
             return
         with self._lock:
             buf = self._lent.pop(t.untyped_storage().data_ptr(), None)
-            if buf is not None and self._idle + buf.numel() <= IDLE:
+            if buf is None:
+                return
+            self._out -= buf.numel()
+            if self._idle + self._out + buf.numel() <= self._peak:
                 self._free.setdefault(buf.numel(), []).append(buf)
                 self._idle += buf.numel()
 
