@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from worker.engine import hostpool
 from worker.engine.hostpool import HostPool
 
 MIB = 1 << 20
@@ -24,7 +26,8 @@ def test_a_free_buffer_up_to_twice_the_size_serves_a_request() -> None:
     assert _ptr(small) != _ptr(big)
 
 
-def test_the_pool_holds_at_most_what_it_ever_lent_at_once() -> None:
+def test_the_pool_holds_at_most_what_it_ever_lent_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hostpool, "IDLE", 0)
     pool = HostPool()
     lent = [pool.take(24 * MIB) for _ in range(3)]  # 72 MiB lent at once
     for t in lent:
@@ -35,6 +38,14 @@ def test_the_pool_holds_at_most_what_it_ever_lent_at_once() -> None:
     assert pool._idle == 72 * MIB and 8 * MIB not in pool._free  # so it is let go
     again = [pool.take(24 * MIB) for _ in range(3)]
     assert {_ptr(t) for t in again} == {_ptr(t) for t in lent} and pool._idle == 0
+
+
+def test_free_buffers_up_to_idle_are_kept_beyond_the_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hostpool, "IDLE", 40 * MIB)
+    pool = HostPool()
+    pool.give(pool.take(24 * MIB))
+    pool.give(pool.take(5 * MIB))  # 8 MiB: 32 MiB held, more than the 24 ever lent, but within IDLE
+    assert pool._idle == 32 * MIB and sorted(pool._free) == [8 * MIB, 24 * MIB]
 
 
 def test_only_its_own_buffers_come_back() -> None:

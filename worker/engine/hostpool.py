@@ -21,11 +21,15 @@ GRAIN = 8 << 20  # size classes: buffers are rounded up to this, so similar unit
 # for 3.5 GiB ever lent at once (H200, 4.6 GB V4-Flash-shaped checkpoint); with this, 5.45 GiB. The
 # rest is classes too far apart to share (8-56 MiB against 144-256 MiB), which the peak rule bounds.
 FIT = 2
+# Free buffers kept whatever the peak rule says (HostPool): the working set's mix of sizes shifts, and a
+# buffer let go is faulted in afresh when its size comes back.
+IDLE = 1 << 30
 
 
 class HostPool:
     """Buffers lent and kept for reuse, the pool holding at most as many bytes, lent and free together, as
-    it ever lent at once: a buffer given back beyond that is let go (its pages go back to the system).
+    it ever lent at once, or ``IDLE`` free ones: a buffer given back beyond both is let go (its pages go
+    back to the system).
 
     So the pool holds the conversion's working set, not every size class's high-water mark (V4-shaped on
     the H200: peak RSS 4.73 GiB where keeping every buffer reached 6.61), and it never lets go of a
@@ -65,7 +69,7 @@ class HostPool:
             if buf is None:
                 return
             self._out -= buf.numel()
-            if self._idle + self._out + buf.numel() <= self._peak:
+            if self._idle + self._out + buf.numel() <= self._peak or self._idle + buf.numel() <= IDLE:
                 self._free.setdefault(buf.numel(), []).append(buf)
                 self._idle += buf.numel()
 
