@@ -34,7 +34,9 @@ class HostPool:
     So the pool holds the conversion's working set, not every size class's high-water mark (V4-shaped on
     the H200: peak RSS 4.73 GiB where keeping every buffer reached 6.61), and it never lets go of a
     buffer the working set will ask for again: a fixed cap of 1 GiB on free buffers did, and Kimi K3's mix
-    of unit sizes then faulted fresh pages in all run long (35.4 s against 27.4 s with 8 GiB, same machine).
+    of unit sizes then faulted fresh pages in all run long. H200, 12-layer K3-shaped checkpoint, serial I/O
+    floor 20.7 s: 35.4 s with the 1 GiB cap alone, 29.7 s with this rule (peak RSS 5.86 GiB), 27.4 s with
+    an 8 GiB cap (5.64 GiB), which would hold 6.6 GiB on the V4-shaped one.
     """
 
     def __init__(self) -> None:
