@@ -36,7 +36,7 @@ class HostPool:
     buffer the working set will ask for again: a fixed cap of 1 GiB on free buffers did, and Kimi K3's mix
     of unit sizes then faulted fresh pages in all run long. H200, 12-layer K3-shaped checkpoint, serial I/O
     floor 20.7 s: 35.4 s with the 1 GiB cap alone, 29.7 s with this rule (peak RSS 5.86 GiB), 27.4 s with
-    an 8 GiB cap (5.64 GiB), which would hold 6.6 GiB on the V4-shaped one.
+    an 8 GiB cap (5.64 GiB; on the V4-shaped one, keeping every buffer reached 6.61 GiB).
     """
 
     def __init__(self) -> None:
