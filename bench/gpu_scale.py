@@ -114,6 +114,20 @@ class Shape:
     def latent(self) -> int:
         return self.hidden // 2  # Kimi K3's routed_expert_hidden_size (3584 for H = 7168)
 
+    @property
+    def mla(self) -> dict:
+        """The MLA attention fields of config.json (DeepSeek-V3's, Kimi K3's)."""
+        return {
+            "num_attention_heads": HEADS,
+            "q_lora_rank": self.q_lora,
+            "kv_lora_rank": self.kv_lora,
+            "qk_nope_head_dim": NOPE,
+            "qk_rope_head_dim": ROPE,
+            "v_head_dim": V_HEAD,
+            "vocab_size": self.vocab,
+            "torch_dtype": "bfloat16",
+        }
+
     def config(self) -> dict:
         if self.family == "kimi-k3":
             text = {
@@ -125,14 +139,7 @@ class Shape:
                 "num_hidden_layers": self.layers,
                 "num_experts": self.experts,
                 "num_experts_per_token": min(8, self.experts),
-                "num_attention_heads": HEADS,
-                "q_lora_rank": self.q_lora,
-                "kv_lora_rank": self.kv_lora,
-                "qk_nope_head_dim": NOPE,
-                "qk_rope_head_dim": ROPE,
-                "v_head_dim": V_HEAD,
-                "vocab_size": self.vocab,
-                "torch_dtype": "bfloat16",
+                **self.mla,
             }
             weights = {
                 "num_bits": 4,
@@ -190,17 +197,10 @@ class Shape:
             "num_experts_per_tok": min(8, self.experts),
             "n_group": 1,
             "topk_group": 1,
-            "num_attention_heads": HEADS,
+            **self.mla,
             "num_key_value_heads": HEADS,
-            "q_lora_rank": self.q_lora,
-            "kv_lora_rank": self.kv_lora,
-            "qk_nope_head_dim": NOPE,
-            "qk_rope_head_dim": ROPE,
-            "v_head_dim": V_HEAD,
-            "vocab_size": self.vocab,
             "rms_norm_eps": 1e-6,
             "tie_word_embeddings": False,
-            "torch_dtype": "bfloat16",
             "quantization_config": {
                 "quant_method": "fp8",
                 "activation_scheme": "dynamic",
@@ -213,6 +213,18 @@ class Shape:
 def blocks(shape: tuple[int, int]) -> tuple[int, int]:
     """The 128x128 scale grid of a 2-D weight."""
     return math.ceil(shape[0] / BLOCK), math.ceil(shape[1] / BLOCK)
+
+
+def mla_specs(s: Shape, p: str, specs: list[Spec], weight) -> None:
+    """One MLA attention block's tensors under ``p``, in file order; ``weight(key, shape)`` adds a matrix."""
+    h = s.hidden
+    specs.append((f"{p}kv_a_layernorm.weight", (s.kv_lora,), "norm"))
+    weight(f"{p}kv_a_proj_with_mqa.weight", (s.kv_lora + ROPE, h))
+    weight(f"{p}kv_b_proj.weight", (HEADS * (NOPE + V_HEAD), s.kv_lora))
+    weight(f"{p}o_proj.weight", (h, HEADS * V_HEAD))
+    specs.append((f"{p}q_a_layernorm.weight", (s.q_lora,), "norm"))
+    weight(f"{p}q_a_proj.weight", (s.q_lora, h))
+    weight(f"{p}q_b_proj.weight", (HEADS * (NOPE + ROPE), s.q_lora))
 
 
 def tensor_specs(s: Shape) -> list[Spec]:
@@ -234,13 +246,7 @@ def tensor_specs(s: Shape) -> list[Spec]:
         specs.append((f"{p}.mlp.gate.e_score_correction_bias", (s.experts,), "f32"))
         specs.append((f"{p}.mlp.gate.weight", (s.experts, h), "bf16"))
         specs.append((f"{p}.post_attention_layernorm.weight", (h,), "norm"))
-        specs.append((f"{p}.self_attn.kv_a_layernorm.weight", (s.kv_lora,), "norm"))
-        fp8(f"{p}.self_attn.kv_a_proj_with_mqa.weight", (s.kv_lora + ROPE, h))
-        fp8(f"{p}.self_attn.kv_b_proj.weight", (HEADS * (NOPE + V_HEAD), s.kv_lora))
-        fp8(f"{p}.self_attn.o_proj.weight", (h, HEADS * V_HEAD))
-        specs.append((f"{p}.self_attn.q_a_layernorm.weight", (s.q_lora,), "norm"))
-        fp8(f"{p}.self_attn.q_a_proj.weight", (s.q_lora, h))
-        fp8(f"{p}.self_attn.q_b_proj.weight", (HEADS * (NOPE + ROPE), s.q_lora))
+        mla_specs(s, f"{p}.self_attn.", specs, fp8)
     specs.append(("model.norm.weight", (h,), "norm"))
     specs.append(("lm_head.weight", (s.vocab, h), "bf16"))
     return specs
@@ -315,13 +321,7 @@ def k3_tensor_specs(s: Shape) -> list[Spec]:
         specs.append((f"{moe}.shared_experts.up_proj.weight", (i, h), "bf16"))
         specs.append((f"{p}.input_layernorm.weight", (h,), "norm"))
         specs.append((f"{p}.post_attention_layernorm.weight", (h,), "norm"))
-        specs.append((f"{p}.self_attn.kv_a_layernorm.weight", (s.kv_lora,), "norm"))
-        specs.append((f"{p}.self_attn.kv_a_proj_with_mqa.weight", (s.kv_lora + ROPE, h), "bf16"))
-        specs.append((f"{p}.self_attn.kv_b_proj.weight", (HEADS * (NOPE + V_HEAD), s.kv_lora), "bf16"))
-        specs.append((f"{p}.self_attn.o_proj.weight", (h, HEADS * V_HEAD), "bf16"))
-        specs.append((f"{p}.self_attn.q_a_layernorm.weight", (s.q_lora,), "norm"))
-        specs.append((f"{p}.self_attn.q_a_proj.weight", (s.q_lora, h), "bf16"))
-        specs.append((f"{p}.self_attn.q_b_proj.weight", (HEADS * (NOPE + ROPE), s.q_lora), "bf16"))
+        mla_specs(s, f"{p}.self_attn.", specs, lambda key, shape: specs.append((key, shape, "bf16")))
     specs.append(("language_model.model.norm.weight", (h,), "norm"))
     specs.append(("language_model.lm_head.weight", (s.vocab, h), "bf16"))
     return specs
