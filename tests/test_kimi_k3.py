@@ -118,19 +118,43 @@ def test_a_log_padding_is_dropped_and_restored(src: Path, native: Path) -> None:
     }
 
 
-def test_a_log_padding_that_is_not_zero_is_refused(src: Path, tmp_path: Path, capsys) -> None:
+def _damaged(src: Path, tmp_path: Path, key: str, index: tuple[int, ...], value: float) -> Path:
+    """A copy of ``src`` with one element of tensor ``key`` set to ``value``."""
     copy = tmp_path / "src"
     shutil.copytree(src, copy)
-    index = json.loads((copy / "model.safetensors.index.json").read_text())
-    shard = copy / index["weight_map"][A_LOG]
+    shard = copy / json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"][key]
     tensors = load_file(shard)
-    tensors[A_LOG] = tensors[A_LOG].clone()
-    tensors[A_LOG][100] = 0.5
+    tensors[key] = tensors[key].clone()
+    tensors[key][index] = value
     save_file(tensors, shard, metadata={"format": "pt"})
+    return copy
+
+
+@pytest.mark.parametrize(
+    "key, index, value, says",
+    [
+        (
+            A_LOG,
+            (100,),
+            0.5,
+            f"{A_LOG!r} holds 128 entries of which its layout uses 4; the other 124 must be zero",
+        ),
+        (
+            EXPERT.format(layer=2, e=3, part="w3") + "_scale",
+            (7, 2),
+            0xFF,
+            "holds the e8m0 code 0xFF (NaN, not a power of two) at [7, 2]",
+        ),
+    ],
+)
+def test_damage_is_named_and_nothing_written(
+    key, index, value, says, src: Path, tmp_path: Path, capsys
+) -> None:
+    copy = _damaged(src, tmp_path, key, index, value)
     dst = tmp_path / "native"
     assert main(["convert", str(copy), str(dst), "--to", "native"]) == 2
     err = capsys.readouterr().err
-    assert A_LOG in err and "zero padding" in err, err
+    assert says in err, err
     assert not dst.exists()
 
 

@@ -210,12 +210,21 @@ def _blocks_of_wrong_size(src: Path) -> str:
     return f"MXFP4 blocks {BLOCKS!r} have shape [4, 192, 4, 8]"
 
 
+def _scales_with_nan(src: Path) -> str:
+    scales = load_state_dict(src)[SCALES].clone()
+    scales[2, 5, 1] = 0xFF  # e8m0's NaN
+    _rewrite(src, SCALES, scales)
+    return f"{SCALES!r} of {BLOCKS!r} holds the e8m0 code 0xFF (NaN, not a power of two) at [2, 5, 1]"
+
+
 def _blocks_without_scales(src: Path) -> str:
     _rewrite(src, SCALES, None)
     return f"{BLOCKS!r}"
 
 
-@pytest.mark.parametrize("damage", [_scales_of_wrong_shape, _blocks_of_wrong_size, _blocks_without_scales])
+@pytest.mark.parametrize(
+    "damage", [_scales_of_wrong_shape, _blocks_of_wrong_size, _scales_with_nan, _blocks_without_scales]
+)
 def test_bad_mxfp4_is_named_and_leaves_nothing(damage, src: Path, tmp_path: Path, capsys) -> None:
     copy = tmp_path / "src"
     shutil.copytree(src, copy)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .checkpoint import Checkpoint
+from .errors import CheckpointError
 from .fp8 import BLOCK, ScaleKind, block_size, decode, value_shape
 from .hostpool import HostPool
 from .keymap import NativeTensor, Quant
@@ -176,10 +177,31 @@ def hf_value(
         x = x.transpose(-1, -2)
     if q is not None:
         scale = fetched.get((q.scale, None, None))
-        scale = (src.rows(q.scale) if scale is None else scale).to(device)
+        scale = src.rows(q.scale) if scale is None else scale
         rows = slice(r0, min(r1, info.shape[0])) if info.shape else slice(0, 1)
-        x = decode(x, q.kind, scale, rows, info.shape, dtype)
+        _check_exponents(key, q.scale, scale, rows, info.shape)  # on the host: no wait on the GPU
+        x = decode(x, q.kind, scale.to(device), rows, info.shape, dtype)
     return x.transpose(-1, -2) if transposed and not early else x
+
+
+def _check_exponents(
+    key: str, scale_key: str, scale: torch.Tensor, rows: slice, shape: tuple[int, ...]
+) -> None:
+    """Refuse e8m0 exponents (stored uint8 or float8_e8m0fnu) of 0xFF, which is NaN, not a power of two:
+    read as 2^128 they would decode to infinities that verification then reports only as bytes that
+    differ. The rows' own exponents where the scale has one row per weight row, else all of them."""
+    if scale.dtype not in (torch.uint8, torch.float8_e8m0fnu):
+        return
+    mine = scale[rows] if scale.dim() and shape and scale.shape[0] == shape[0] else scale
+    nan = mine.view(torch.uint8) == 0xFF
+    if bool(nan.any()):
+        at = [int(i) for i in nan.nonzero()[0]]
+        if mine is not scale:
+            at[0] += rows.start
+        raise CheckpointError(
+            f"scale {scale_key!r} of {key!r} holds the e8m0 code 0xFF (NaN, not a power of two) at {at}: "
+            "the checkpoint is damaged"
+        )
 
 
 def value_infos(tensors: dict[str, TensorInfo], quant: dict[str, Quant]) -> dict[str, TensorInfo]:
