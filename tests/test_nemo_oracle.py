@@ -397,13 +397,15 @@ def test_deepseek_v41_native_without_recast_json_goes_back_as_nemo_to_hf(
     assert_state_dicts_identical(load_state_dict(tmp_path / "hf"), want)
 
 
-def test_gpt_oss_bf16_release_equals_nemo(nemo, plain_checkpoint, tmp_path: Path) -> None:
-    # gpt-oss also ships in bf16 (experts gate_up_proj [E, H, 2I], NeMo's layout already): renamed only.
-    # Without recast.json the way back is NeMo's to_hf, which writes that bf16 layout again.
-    case = next(c for c in CASES if c.adapter == "gpt-oss")
-    src = plain_checkpoint("gpt-oss")
+@pytest.mark.parametrize("family", ["gpt-oss", "kimi-k3"])
+def test_bf16_release_equals_nemo_both_ways(family: str, nemo, plain_checkpoint, tmp_path: Path) -> None:
+    # gpt-oss also ships in bf16 (experts gate_up_proj [E, H, 2I], NeMo's layout already: renamed only), and
+    # Kimi K3 unquantized has its experts K.weight in bf16, as NeMo's to_hf writes them. Both go to NeMo's
+    # from_hf and back byte for byte; without recast.json the way back is NeMo's to_hf.
+    case = next(c for c in CASES if c.adapter == family)
+    src = plain_checkpoint(family)
     native = tmp_path / "native"
-    assert api.convert(src, native, api.Options(to="native")).adapter == "gpt-oss"
+    assert api.convert(src, native, api.Options(to="native")).adapter == family
     source_sd, cfg = load_state_dict(src), config(src)
     assert_state_dicts_identical(load_state_dict(native), _nemo_adapter(case, cfg).from_hf(dict(source_sd)))
     api.convert(native, tmp_path / "back", api.Options(to="hf"))
@@ -412,25 +414,6 @@ def test_gpt_oss_bf16_release_equals_nemo(nemo, plain_checkpoint, tmp_path: Path
     api.convert(native, tmp_path / "hf", api.Options(to="hf", quantize="none"))
     want = _nemo_adapter(case, cfg).to_hf(load_state_dict(native))
     assert_state_dicts_identical(load_state_dict(tmp_path / "hf"), want)
-
-
-def test_kimi_k3_bf16_checkpoint_equals_nemo(nemo, plain_checkpoint, tmp_path: Path) -> None:
-    # Kimi K3 unquantized (experts K.weight in bf16, as NeMo's to_hf writes them): NeMo's from_hf on it, and
-    # back byte for byte; without recast.json the way back is NeMo's to_hf.
-    case = next(c for c in CASES if c.adapter == "kimi-k3")
-    src = plain_checkpoint("kimi-k3")
-    native = tmp_path / "native"
-    assert api.convert(src, native, api.Options(to="native")).adapter == "kimi-k3"
-    source_sd, cfg = load_state_dict(src), config(src)
-    assert "language_model.model.layers.1.block_sparse_moe.experts.0.w1.weight" in source_sd
-    assert_state_dicts_identical(load_state_dict(native), _nemo_adapter(case, cfg).from_hf(dict(source_sd)))
-    api.convert(native, tmp_path / "back", api.Options(to="hf"))
-    assert_state_dicts_identical(load_state_dict(tmp_path / "back"), source_sd)
-    (native / SIDECAR).unlink()
-    api.convert(native, tmp_path / "hf", api.Options(to="hf", quantize="none"))
-    assert_state_dicts_identical(
-        load_state_dict(tmp_path / "hf"), _nemo_adapter(case, cfg).to_hf(load_state_dict(native))
-    )
 
 
 def test_ling_v2_bf16_release_equals_nemo_and_quantizes_afresh(
