@@ -101,6 +101,31 @@ def test_the_config_is_compressed_tensors_own_and_kept_verbatim(
         assert (back / shard.name).read_bytes() == shard.read_bytes()
 
 
+def test_an_unpadded_a_log_is_read_and_restored(src: Path, tmp_path: Path) -> None:
+    # NeMo's from_hf takes any A_log at least num_heads long; one stored without padding round-trips as
+    # stored (its recorded length), while a native checkpoint without recast.json goes back padded, as
+    # NeMo's to_hf writes it.
+    copy, a_log = _rewritten(src, tmp_path, A_LOG, lambda t: t[:4])
+    native = tmp_path / "native"
+    assert api.convert(copy, native, api.Options(to="native")).passed
+    assert torch.equal(load_state_dict(native)["model.layers.0.self_attn._fp32_params.A_log"], a_log)
+    assert api.convert(native, tmp_path / "back", api.Options(to="hf")).passed
+    assert_state_dicts_identical(load_state_dict(tmp_path / "back"), load_state_dict(copy))
+    (native / SIDECAR).unlink()
+    assert api.convert(native, tmp_path / "nemo", api.Options(to="hf", quantize="none")).passed
+    padded = load_state_dict(tmp_path / "nemo")[A_LOG]
+    assert padded.shape == (128,) and torch.equal(padded[:4], a_log) and not padded[4:].any()
+
+
+def test_an_a_log_shorter_than_the_heads_is_refused(src: Path, tmp_path: Path, capsys) -> None:
+    copy, _ = _rewritten(src, tmp_path, A_LOG, lambda t: t[:3])
+    dst = tmp_path / "native"
+    assert main(["convert", str(copy), str(dst), "--to", "native"]) == 2
+    err = capsys.readouterr().err
+    assert f"{A_LOG!r} has shape [3]; its layout holds 4 entries" in err, err
+    assert not dst.exists()
+
+
 def test_a_log_padding_is_dropped_and_restored(src: Path, native: Path) -> None:
     stored, held = load_state_dict(src)[A_LOG], load_state_dict(native)
     assert stored.shape == (128,) and not stored[4:].any()
@@ -118,16 +143,23 @@ def test_a_log_padding_is_dropped_and_restored(src: Path, native: Path) -> None:
     }
 
 
-def _damaged(src: Path, tmp_path: Path, key: str, index: tuple[int, ...], value: float) -> Path:
-    """A copy of ``src`` with one element of tensor ``key`` set to ``value``."""
+def _rewritten(src: Path, tmp_path: Path, key: str, change) -> tuple[Path, torch.Tensor]:
+    """A copy of ``src`` with tensor ``key`` replaced by ``change(key's tensor)``, and that tensor."""
     copy = tmp_path / "src"
     shutil.copytree(src, copy)
     shard = copy / json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"][key]
     tensors = load_file(shard)
-    tensors[key] = tensors[key].clone()
-    tensors[key][index] = value
+    tensors[key] = change(tensors[key].clone()).contiguous()
     save_file(tensors, shard, metadata={"format": "pt"})
-    return copy
+    return copy, tensors[key]
+
+
+def _set(index: tuple[int, ...], value: float):
+    def change(t: torch.Tensor) -> torch.Tensor:
+        t[index] = value
+        return t
+
+    return change
 
 
 @pytest.mark.parametrize(
@@ -150,7 +182,7 @@ def _damaged(src: Path, tmp_path: Path, key: str, index: tuple[int, ...], value:
 def test_damage_is_named_and_nothing_written(
     key, index, value, says, src: Path, tmp_path: Path, capsys
 ) -> None:
-    copy = _damaged(src, tmp_path, key, index, value)
+    copy, _ = _rewritten(src, tmp_path, key, _set(index, value))
     dst = tmp_path / "native"
     assert main(["convert", str(copy), str(dst), "--to", "native"]) == 2
     err = capsys.readouterr().err

@@ -103,10 +103,10 @@ class ExpertRule:
     only (Qwen3-VL-MoE's ``mlp.experts.gate_up_proj`` ``[E, H, 2I]``).
     kind ``squeeze``: ``hf`` ends the key; an hf ``[1, N]`` renamed and held as ``[N]`` (ERNIE 4.5's router
     bias); operations.Squeeze.
-    kind ``unpad``: ``hf`` ends the key; an hf tensor stored zero-padded along its last dim to a multiple
-    of ``pad_to``, held in fp32 with its first ``sizes[0]`` entries only (Kimi K3's KDA ``A_log``: 128
-    entries stored, ``linear_attn_config.num_heads`` used); operations.Unpad, which refuses padding that
-    is not zeros, since dropping it could not be undone.
+    kind ``unpad``: ``hf`` ends the key; an hf tensor stored zero-padded along its last dim (to a multiple
+    of ``pad_to`` as written afresh; a source's own length is kept), held in fp32 with its first
+    ``sizes[0]`` entries only (Kimi K3's KDA ``A_log``: 128 entries stored, ``linear_attn_config.num_heads``
+    used); operations.Unpad, which refuses padding that is not zeros, since dropping it could not be undone.
     kind ``split``: ``hf`` ends the key; its rows split into one native tensor per part, ``prefix + native +
     part``, of ``sizes`` rows each (Ling's fused ``attention.query_key_value.weight`` into
     ``self_attn.{q,k,v}_proj.weight``); operations.Split does the tensor work, the way back concatenates.

@@ -333,10 +333,12 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
             concats.setdefault((m["prefix"], idx), {})[m["part"]] = key
         elif rule.kind == "split":
             out.extend(_split(ckpt, quant, key, m["prefix"], rule))
-        elif rule.kind == "unpad":
-            kept = rule.split_sizes(ckpt.config, key)[0]
+        elif rule.kind == "unpad":  # the stored length is the tensor's own (NeMo reads any at least kept)
+            kept, shape = rule.split_sizes(ckpt.config, key)[0], ckpt.tensors[key].shape
             out.append(
-                NativeTensor(m["prefix"] + rule.native, "unpad", [key], rows=[kept, rule.padded(kept)])
+                NativeTensor(
+                    m["prefix"] + rule.native, "unpad", [key], rows=[kept, shape[-1] if shape else 0]
+                )
             )
         else:  # ONE_PART: one hf tensor, renamed by the rule
             out.append(

@@ -319,8 +319,10 @@ class Squeeze:
 class Unpad(Fp32):
     """An hf tensor stored zero-padded along its last dim, held in fp32 without the padding (Kimi K3's KDA
     ``A_log``: 128 entries stored, one per head used, NeMo's ``from_hf`` keeps those); ``t.rows`` is
-    ``[kept, stored]``. The way back pads with zeros, so only zero padding can be dropped: anything else is
-    refused here, naming the tensor, before it is written. A few bytes: one unit."""
+    ``[kept, stored]``, the stored length the source's own (NeMo's ``to_hf`` pads to the next multiple of
+    128, which a native checkpoint without recast.json goes back to). The way back pads with zeros, so
+    only zero padding can be dropped: anything else is refused here, naming the tensor, before it is
+    written. A few bytes: one unit."""
 
     whole = True
 
@@ -346,10 +348,10 @@ class Unpad(Fp32):
     def native_shape(self, t: NativeTensor, infos: dict[str, TensorInfo]) -> tuple[int, ...]:
         kept, stored = t.rows
         info = infos[t.parts[0]]
-        if not info.shape or info.shape[-1] != stored:
+        if not info.shape or info.shape[-1] != stored or stored < kept:
             raise CheckpointError(
-                f"{info.file}: {t.parts[0]!r} has shape {list(info.shape)}; its layout stores {kept} entries "
-                f"padded to {stored} along the last dimension"
+                f"{info.file}: {t.parts[0]!r} has shape {list(info.shape)}; its layout holds {kept} entries "
+                "along the last dimension, stored with zero padding or without"
             )
         return (*info.shape[:-1], kept)
 
