@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import load_state_dict
+from checkpoints import load_state_dict, mxfp4_quantize
 from helpers import assert_state_dicts_identical, config, flip_bits
 from safetensors.torch import load_file, save_file
 
 from worker.cli import main
 from worker.engine import api
 from worker.engine.checkpoint import SIDECAR
-from worker.engine.errors import UnsupportedModelError, VerificationError
+from worker.engine.errors import CheckpointError, RecastError, UnsupportedModelError, VerificationError
 from worker.engine.header_schema import RecordedTensor
 
 EXPERT = "language_model.model.layers.{layer}.block_sparse_moe.experts.{e}.{part}.weight"
@@ -171,6 +171,7 @@ def _set(index: tuple[int, ...], value: float):
             0.5,
             f"{A_LOG!r} holds 128 entries of which its layout uses 4; the other 124 must be zero",
         ),
+        (A_LOG, (5,), -0.0, f"{A_LOG!r} holds 128 entries of which its layout uses 4"),  # back as +0.0
         (
             EXPERT.format(layer=2, e=3, part="w3") + "_scale",
             (7, 2),
@@ -257,3 +258,45 @@ def test_kimi_linear_forced_on_k3_is_refused_naming_kimi_k3(src: Path, tmp_path:
     with pytest.raises(UnsupportedModelError, match=r"routed_expert_hidden_size=96.*adapter kimi-k3"):
         api.convert(src, dst, api.Options(to="native", adapter="kimi-linear"))
     assert not dst.exists()
+
+
+def test_packed_codes_outside_the_experts_are_named_as_their_weight(src: Path, tmp_path: Path) -> None:
+    # compressed-tensors may pack any Linear: a packed shared expert is held as its weight, bf16, under the
+    # weight's native name, its values compressed-tensors' own decompression; back byte for byte.
+    shared = "language_model.model.layers.1.block_sparse_moe.shared_experts.down_proj.weight"
+    copy = tmp_path / "src"
+    shutil.copytree(src, copy)
+    index_path = copy / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = copy / index["weight_map"].pop(shared)
+    tensors = load_file(shard)
+    plain = tensors.pop(shared)
+    blocks, scales = mxfp4_quantize(plain.T.unsqueeze(0))
+    tensors[shared + "_packed"], tensors[shared + "_scale"] = blocks[0].reshape(plain.shape[0], -1), scales[0]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"] |= dict.fromkeys((shared + "_packed", shared + "_scale"), shard.name)
+    index_path.write_text(json.dumps(index))
+    native = tmp_path / "native"
+    assert api.convert(copy, native, api.Options(to="native")).passed
+    got = load_state_dict(native)["model.layers.1.mlp.shared_experts.down_proj.weight"]
+    assert torch.equal(got, _ct_dequantized(copy)[shared])
+    assert api.convert(native, tmp_path / "back", api.Options(to="hf")).passed
+    assert_state_dicts_identical(load_state_dict(tmp_path / "back"), load_state_dict(copy))
+
+
+def test_a_compressed_tensors_format_recast_does_not_read_is_named(src: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "src"
+    shutil.copytree(src, copy)
+    cfg = config(copy)
+    cfg["quantization_config"]["format"] = "pack-quantized"
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="compressed-tensors format 'pack-quantized' is not supported"):
+        api.convert(copy, tmp_path / "native", api.Options(to="native"))
+    assert not (tmp_path / "native").exists()
+
+
+def test_keeping_the_codes_in_another_format_says_to_leave_it_unset(native: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecastError, match="written only in its own format: leave --format unset"):
+        api.convert(
+            native, tmp_path / "hf", api.Options(to="hf", quantize="keep", format="compressed-tensors")
+        )

@@ -193,7 +193,8 @@ class ExpertRule:
 
     def padded(self, kept: int) -> int:
         """The stored length of an ``unpad`` tensor that holds ``kept`` entries."""
-        return -(-kept // self.pad_to) * self.pad_to
+        step = self.pad_to or 1
+        return -(-kept // step) * step
 
     def _product(self, c: dict[str, Any], expr: str, prefix: str = "") -> int:
         n = 1

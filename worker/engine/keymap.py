@@ -310,6 +310,7 @@ def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
 
 def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     quant, companions = source_quant(ckpt)
+    fmt = source_format(ckpt.config, ckpt.tensors)
     skip = set(companions)
     out: list[NativeTensor] = []
     stacks: dict[tuple[str, int], dict[int, dict[str, str]]] = {}
@@ -317,10 +318,12 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     for key in ckpt.tensors:
         if key in skip:
             continue
+        # codes stored under a name of their own (Kimi K3's K.weight_packed) hold the weight K.weight
+        name = (fmt.unpacked_name(key) if key in quant and not quant[key].kind.restore_only else None) or key
         if adapter.passes(key):
-            out.append(NativeTensor(key, "copy", [key]))
+            out.append(NativeTensor(name, "copy", [key]))
             continue
-        renamed = adapter.to_native(key)
+        renamed = adapter.to_native(name)
         matched = next(((i, m) for i, r in enumerate(adapter.experts) if (m := r.match_hf(renamed))), None)
         if matched is None:
             out.append(NativeTensor(renamed, "copy", [key]))

@@ -332,7 +332,8 @@ class Unpad(Fp32):
     def forward(self, t: NativeTensor, e0: int, e1: int, get: Get) -> torch.Tensor:
         kept, stored = t.rows
         value = get(t.parts[0], None, None)
-        if bool(value[..., kept:].any()):
+        padding = value[..., kept:]
+        if bool(padding.any() or padding.signbit().any()):  # -0.0 too: the way back pads with +0.0
             raise CheckpointError(
                 f"{t.parts[0]!r} holds {stored} entries of which its layout uses {kept}; the other "
                 f"{stored - kept} must be zero padding, and are not: dropping them could not be undone"

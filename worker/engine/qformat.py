@@ -191,7 +191,11 @@ class QuantFormat:
 
     def check_kind(self, key: str, kind: ScaleKind) -> None:
         if kind not in self.kinds:
-            others = [f.name for f in FORMATS.values() if kind in f.kinds and f.name in FORMAT_NAMES]
+            others = [
+                f.name
+                for f in FORMATS.values()
+                if kind in f.kinds and f.name in FORMAT_NAMES and f.unreadable(key, kind, False) is None
+            ]
             instead = (
                 f"choose --format {' or '.join(others)}, or another --quantize scheme"
                 if others
@@ -303,7 +307,8 @@ def _ct_read(qc: dict[str, Any]) -> list[dict[str, Any]]:
     """Each config group's FP8 scheme; anything Recast cannot convert exactly is refused here."""
     if qc.get("format", "float-quantized") not in ("float-quantized", "naive-quantized"):
         raise CheckpointError(
-            f"compressed-tensors format {qc.get('format')!r} is not FP8 (float-quantized); not supported"
+            f"compressed-tensors format {qc.get('format')!r} is not supported (float-quantized, "
+            "naive-quantized and mxfp4-pack-quantized are)"
         )
     if qc.get("kv_cache_scheme"):
         raise CheckpointError("compressed-tensors kv_cache_scheme (k_scale / v_scale) is not supported")
@@ -565,7 +570,7 @@ def source_format(config: dict[str, Any] | None, keys: Collection[str] = ()) -> 
     method = (qc or {}).get("quant_method", "fp8")
     rows = [f for f in FORMATS.values() if f.quant_method == method]
     declared = [f for f in rows if not f.config_formats or (qc or {}).get("format") in f.config_formats]
-    rows = declared or rows  # none: the first row's read_config refuses the format, saying why
+    rows = declared or rows[:1]  # none: the first row's read_config refuses the format, saying why
     spelled = [f for f in rows if any(k.endswith(f.scale_suffix) and f.weight_key(k) in keys for k in keys)]
     fmt = (spelled or rows or [None])[0]
     if fmt is None:

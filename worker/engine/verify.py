@@ -120,8 +120,9 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
     if is_native(src):
         sts = TensorSource.of(src, sidecar_tensors(src))
         plan = plan_from_native(src, adapter)
-        if any(p not in dst.tensors for p in plan.quant):  # written unquantized, under the weight's name
-            plan = unpacked(plan, source_format(*hf_side(src)))
+        fmt = source_format(*hf_side(src))
+        if any(k not in dst.tensors and fmt.unpacked_name(k) in dst.tensors for k in plan.quant):
+            plan = unpacked(plan, fmt)  # the codes were not kept: written under their weight's name
         for t in plan.tensors:
             if t.kind == "split" and t.parts[0] not in dquant:
                 t = as_unquantized(adapter, src.config, t)
