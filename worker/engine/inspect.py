@@ -29,7 +29,7 @@ def inspect(
     recorded = (ckpt.sidecar or {}).get("plan") or {}
     config, source_keys = hf_side(ckpt)
     fmt = source_format(config, source_keys)
-    quant, companions = ({}, []) if native else source_quant(ckpt)
+    quant, companions = ({}, []) if native else source_quant(ckpt, fmt)
     if native:
         plan = plan_from_native(ckpt, chosen)
         hf_keys = list(dict.fromkeys(k for t in plan.tensors for k in hf_shapes(t, ckpt.tensors[t.key])))

@@ -157,22 +157,24 @@ def find_quant(
     return quant, sorted(companions)
 
 
-def source_quant(ckpt: Checkpoint) -> tuple[dict[str, Quant], list[str]]:
-    """``find_quant`` of an hf checkpoint in the format it declares and spells (``qformat.source_format``),
-    with the row shards of the family detection finds (how the checkpoint was saved, whatever the adapter)."""
+def source_quant(ckpt: Checkpoint, fmt: QuantFormat | None = None) -> tuple[dict[str, Quant], list[str]]:
+    """``find_quant`` of an hf checkpoint in the format it declares and spells (``qformat.source_format``, or
+    ``fmt`` where the caller has it already), with the row shards of the family detection finds (how the
+    checkpoint was saved, whatever the adapter)."""
     config, tensors = ckpt.config, ckpt.tensors
+    fmt = fmt or source_format(config, tensors)
     # only families with sharded rules matter here, and detection reads every key: ask those alone
     sharded = [a for a in ADAPTERS.values() if any(r.shards for r in a.experts)]
     family = next((a for a in sharded if fits(a, config, list(tensors))), None) if config else None
     if family is None:
-        return find_quant(tensors, source_format(config, tensors))
+        return find_quant(tensors, fmt)
     metadata = ckpt.index_metadata
 
     def shards(key: str) -> tuple[int, str]:
         rule = family.shard_rule(key)
         return (rule.shard_count(config, metadata), rule.shards_from) if rule else (1, "")
 
-    return find_quant(tensors, source_format(config, tensors), shards)
+    return find_quant(tensors, fmt, shards)
 
 
 def _check_stackable(ckpt: Checkpoint, parts: list[str], names: int) -> None:
@@ -247,12 +249,20 @@ def quantized_shards(adapter: Adapter, hf_key: str) -> ExpertRule | None:
     return rule if rule is not None and not rule.shards_unquantized else None
 
 
+def unpacked_name(key: str, quant: dict[str, Quant], fmt: QuantFormat) -> str | None:
+    """Where quantized ``key`` is codes stored under a name of their own in ``fmt`` (Kimi K3's
+    ``K.weight_packed``, ``QuantFormat.unpacked_name``): the name of the weight it holds, which it goes out
+    under when its codes are not kept. None for any other key, and for codes laid out as only their format
+    holds them (``restore_only``), which keep their name."""
+    q = quant.get(key)
+    return fmt.unpacked_name(key) if q is not None and not q.kind.restore_only else None
+
+
 def unpacked(plan: KeyPlan, fmt: QuantFormat) -> KeyPlan:
-    """``plan`` with each part stored as codes under a name of their own in ``fmt`` (Kimi K3's
-    ``K.weight_packed``, ``QuantFormat.unpacked_name``) renamed to the weight they hold, its recorded scale
-    dropped: a way back that does not keep the codes writes that weight (bf16, or FP8 with fresh scales)
-    under the weight's own name. Codes laid out as only their format holds them (``restore_only``) keep it."""
-    renamed = {k: n for k, q in plan.quant.items() if not q.kind.restore_only and (n := fmt.unpacked_name(k))}
+    """``plan`` with each part that ``unpacked_name`` renames so renamed, its recorded scale dropped: a way
+    back that does not keep the codes writes that weight (bf16, or FP8 with fresh scales) under the weight's
+    own name."""
+    renamed = {k: n for k in plan.quant if (n := unpacked_name(k, plan.quant, fmt))}
     if not renamed:
         return plan
     tensors = [replace(t, parts=[renamed.get(p, p) for p in t.parts]) for t in plan.tensors]
@@ -309,8 +319,8 @@ def plan_from_hf(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
 
 
 def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
-    quant, companions = source_quant(ckpt)
     fmt = source_format(ckpt.config, ckpt.tensors)
+    quant, companions = source_quant(ckpt, fmt)
     skip = set(companions)
     out: list[NativeTensor] = []
     stacks: dict[tuple[str, int], dict[int, dict[str, str]]] = {}
@@ -318,8 +328,7 @@ def _hf_plan(ckpt: Checkpoint, adapter: Adapter) -> KeyPlan:
     for key in ckpt.tensors:
         if key in skip:
             continue
-        # codes stored under a name of their own (Kimi K3's K.weight_packed) hold the weight K.weight
-        name = (fmt.unpacked_name(key) if key in quant and not quant[key].kind.restore_only else None) or key
+        name = unpacked_name(key, quant, fmt) or key  # Kimi K3's K.weight_packed holds the weight K.weight
         if adapter.passes(key):
             out.append(NativeTensor(name, "copy", [key]))
             continue

@@ -36,6 +36,7 @@ from .keymap import (
     quantized_shards,
     source_quant,
     unpacked,
+    unpacked_name,
 )
 from .layout import Layout
 from .operations import ranges, whole
@@ -113,7 +114,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
                     )
                 )
     else:
-        recorded, companions = source_quant(src)
+        recorded, companions = source_quant(src, source_fmt)
         source_dtypes = {k: v.dtype for k, v in src.tensors.items()}
         for k, info in src.tensors.items():
             if k in companions:
@@ -122,7 +123,7 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
             shape = value_shape(recorded[k].kind, info.shape) if k in recorded else info.shape
             # codes stored under a name of their own (Kimi K3's K.weight_packed) not kept go out under their
             # weight's name, read under the source's (HfItem.renamed_from)
-            out = _unpacked_out(k, recorded, opts, source_fmt)
+            out = None if opts.quantize == "keep" else unpacked_name(k, recorded, source_fmt)
             enc = choose(
                 out or k, shape, value_dtype, opts.quantize, recorded, source_dtypes, adapter, **formats
             )
@@ -322,15 +323,6 @@ def to_hf(src: Checkpoint, adapter: Adapter, opts: Options, dev: torch.device) -
         account=account,
         pool=pool,
     )
-
-
-def _unpacked_out(key: str, recorded: dict, opts: Options, fmt: QuantFormat) -> str | None:
-    """The name hf tensor ``key`` goes out under where it is codes stored under a name of their own that are
-    not kept (``QuantFormat.unpacked_name``: the weight's); None where it keeps its name."""
-    q = recorded.get(key)
-    if q is None or opts.quantize == "keep" or q.kind.restore_only:
-        return None
-    return fmt.unpacked_name(key)
 
 
 def _check_kept_shards(src: Checkpoint, adapter: Adapter, key: str, enc: Encoding) -> None:

@@ -16,7 +16,7 @@ from .checks import Acc, same_bits
 from .errors import CheckpointError
 from .formats import hf_side, is_native, sidecar_tensors
 from .fp8 import BLOCK, ScaleKind, dequantize_rows, expand_scale, quantize_rows, value_shape
-from .keymap import KeyPlan, as_unquantized, plan_from_native, source_quant, unpacked
+from .keymap import KeyPlan, as_unquantized, plan_from_native, source_quant, unpacked, unpacked_name
 from .options import DTYPE_ARGS
 from .qformat import source_format
 from .report import Report, TensorResult
@@ -121,7 +121,7 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
         sts = TensorSource.of(src, sidecar_tensors(src))
         plan = plan_from_native(src, adapter)
         fmt = source_format(*hf_side(src))
-        if any(k not in dst.tensors and fmt.unpacked_name(k) in dst.tensors for k in plan.quant):
+        if any(k not in dst.tensors and unpacked_name(k, plan.quant, fmt) in dst.tensors for k in plan.quant):
             plan = unpacked(plan, fmt)  # the codes were not kept: written under their weight's name
         for t in plan.tensors:
             if t.kind == "split" and t.parts[0] not in dquant:
@@ -172,14 +172,14 @@ def _verify_hf_target(src, dst, adapter, options, report: Report, dev: torch.dev
             report.accounting["mapped"].append(t.key)
         _account(src, report)
         return
-    squant, companions = source_quant(src)
-    sts = TensorSource.of(src)
     fmt = source_format(src.config, src.tensors)
+    squant, companions = source_quant(src, fmt)
+    sts = TensorSource.of(src)
     for key, info in src.tensors.items():
         if key in companions:
             continue
         # codes under a name of their own, written unquantized under their weight's (Kimi K3's K.weight_packed)
-        out = key if key in dst.tensors or key not in squant else fmt.unpacked_name(key) or key
+        out = key if key in dst.tensors else unpacked_name(key, squant, fmt) or key
         if out not in dst.tensors:
             report.add(TensorResult(key, "bitwise", False, None, "missing from the output"))
             continue
