@@ -146,6 +146,8 @@ _TINY_MOE: dict[str, Any] = {
     "num_experts_per_tok": 2,
     "norm_topk_prob": True,
 }
+# What Kimi's releases leave in bf16 beyond the norms and routers: the short convolutions, the KDA gates.
+_KIMI_KEEP = ("conv1d.", *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b")))
 # Kimi Linear: layer 0 KDA with a dense MLP, layer 1 MLA with experts, layer 2 KDA with experts.
 _TINY_KIMI_LINEAR: dict[str, Any] = {
     "vocab_size": 256,
@@ -434,6 +436,8 @@ def _as_kimi_linear(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tupl
 _K3_LATENT = 96
 # What Kimi K3 stores padded: the KDA A_log, 128 entries (NeMo's _pad_checkpoint_a_log).
 _K3_A_LOG = 128
+# Kimi's routed expert weights (its release's MXFP4 ones); group 1 is the part.
+_KIMI_EXPERT = re.compile(r"\.block_sparse_moe\.experts\.\d+\.(w[123])\.weight$")
 
 
 def _as_kimi_k3(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict, dict]:
@@ -452,7 +456,7 @@ def _as_kimi_k3(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[di
 
     out: dict[str, torch.Tensor] = {}
     for key, t in sd.items():
-        expert = re.search(r"\.block_sparse_moe\.experts\.\d+\.(w[123])\.weight$", key)
+        expert = _KIMI_EXPERT.search(key)
         if expert:
             out[key] = draw((_K3_LATENT, t.shape[1]) if expert.group(1) == "w2" else (t.shape[0], _K3_LATENT))
         elif key.endswith(".self_attn.A_log"):
@@ -503,14 +507,13 @@ def kimi_k3_state_dict(plain: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     exponents a bf16 value can still hold every code of (1 and 252)."""
     out: dict[str, torch.Tensor] = {}
     for key, t in plain.items():
-        if not re.search(r"\.block_sparse_moe\.experts\.\d+\.w[123]\.weight$", key):
+        if not _KIMI_EXPERT.search(key):
             out[key] = t
             continue
-        blocks, scales = mxfp4_quantize(t.T.unsqueeze(0))
+        codes, scales = flat_mxfp4(t)
         if key.endswith("layers.1.block_sparse_moe.experts.1.w1.weight"):
-            scales[0, 0, 0], scales[0, 1, 1] = 1, 252
-        out[key + "_packed"] = blocks[0].reshape(t.shape[0], -1)
-        out[key + "_scale"] = scales[0]
+            scales[0, 0], scales[1, 1] = 1, 252
+        out[key + "_packed"], out[key + "_scale"] = codes, scales
     return out
 
 
@@ -982,7 +985,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "kimi-linear": TinyFamily(
         "KimiLinearForCausalLM",
         _TINY_KIMI_LINEAR,
-        keep=("conv1d.", *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b"))),
+        keep=_KIMI_KEEP,
         fp32=("self_attn.dt_bias",),
         respell=_as_kimi_linear,
     ),
@@ -990,7 +993,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "kimi-k3": TinyFamily(
         "KimiLinearForCausalLM",
         _TINY_KIMI_LINEAR,
-        keep=("conv1d.", *(f"self_attn.{p}_proj." for p in ("b", "f_a", "f_b", "g_a", "g_b")), "_res_proj."),
+        keep=(*_KIMI_KEEP, "_res_proj."),
         fp32=("self_attn.dt_bias",),
         respell=_as_kimi_k3,
     ),
@@ -1271,6 +1274,14 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks, (exp + 127).to(torch.uint8)
 
 
+def flat_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 2-D weight ``[out, in]`` as MXFP4 spelled flat, as DeepSeek-V4, MiMo-V2.6 and Kimi K3 store their
+    experts: uint8 codes ``[out, in/2]`` (two a byte, low nibble first) and uint8 e8m0 exponents
+    ``[out, in/32]``, by ``mxfp4_quantize``."""
+    blocks, scales = mxfp4_quantize(w.T.unsqueeze(0))
+    return blocks[0].reshape(w.shape[0], -1), scales[0]
+
+
 def mxfp4_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """gpt-oss's release layout: each expert tensor ``K`` becomes ``K_blocks`` and ``K_scales``, the rest
     stays bf16. A few blocks get extreme exponents, so the whole range a bf16 value can hold is read."""
@@ -1313,11 +1324,10 @@ def deepseek_v4_state_dict(sd: dict[str, torch.Tensor], fp4_experts: bool = True
     for key, t in sd.items():
         scale_key = key.removesuffix("weight") + "scale"
         if ".ffn.experts." in key and fp4_experts:
-            blocks, scales = mxfp4_quantize(t.T.unsqueeze(0))
+            codes, scales = flat_mxfp4(t)
             if key.endswith("layers.1.ffn.experts.1.w1.weight"):
-                scales[0, 0, 0], scales[0, 1, 1] = 1, 252
-            out[key] = blocks[0].reshape(t.shape[0], -1).view(torch.int8)
-            out[scale_key] = scales[0].view(torch.float8_e8m0fnu)
+                scales[0, 0], scales[1, 1] = 1, 252
+            out[key], out[scale_key] = codes.view(torch.int8), scales.view(torch.float8_e8m0fnu)
         elif key.endswith(".weight") and t.ndim == 2 and not any(p in key for p in _V4_KEEP):  # e4m3 blocks
             scale = torch.exp2(torch.ceil(torch.log2(_block_scales(t.float()))))
             out[key] = (t.float() / _expand_blocks(scale, t.shape)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -1355,9 +1365,8 @@ def deepseek_v41_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     for key, t in sd.items():
         scale_key = key.removesuffix("weight") + "scale"
         if ".ffn.experts." in key:
-            blocks, scales = mxfp4_quantize(t.T.unsqueeze(0))
-            out[key] = blocks[0].reshape(t.shape[0], -1).view(torch.int8)
-            out[scale_key] = scales[0].view(torch.float8_e8m0fnu)
+            codes, scales = flat_mxfp4(t)
+            out[key], out[scale_key] = codes.view(torch.int8), scales.view(torch.float8_e8m0fnu)
         elif _V41_QUANTIZED.fullmatch(key):
             rows = 1 if ".engram.embed." in key else 32
             scale = _e8m0_blocks(t, rows, 32)
@@ -1380,9 +1389,7 @@ def mimo_v26_state_dict(
         if re.search(r"\.mlp\.experts\.\d+\.\w+\.weight_scale_inv$", key):
             continue
         if re.search(r"\.mlp\.experts\.\d+\.\w+\.weight$", key):
-            blocks, scales = mxfp4_quantize(plain[key].T.unsqueeze(0))
-            out[key] = blocks[0].reshape(plain[key].shape[0], -1)
-            out[key + "_scale"] = scales[0]
+            out[key], out[key + "_scale"] = flat_mxfp4(plain[key])
             continue
         out[key] = t
     return out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from checkpoints import load_state_dict
+from safetensors.torch import load_file, save_file
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -41,3 +42,19 @@ def flip_bits(checkpoint_dir: Path, key: str, byte: int, mask: int) -> None:
     start = 8 + header_len + json.loads(data[8 : 8 + header_len])[key]["data_offsets"][0]
     data[start + byte] ^= mask
     shard.write_bytes(bytes(data))
+
+
+def replace_tensor(checkpoint_dir: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Put ``tensors`` where tensor ``key`` is, in its shard and in the index, in place: ``{key: t}`` changes
+    it, other names stand instead of it (a weight stored as codes and scale), ``{}`` drops it."""
+    index_path = checkpoint_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = index["weight_map"][key]
+    saved = load_file(checkpoint_dir / name)
+    del saved[key]
+    saved.update({k: t.contiguous() for k, t in tensors.items()})
+    save_file(saved, checkpoint_dir / name, metadata={"format": "pt"})
+    index["weight_map"] = {
+        k2: v for k, v in index["weight_map"].items() for k2 in (tensors if k == key else (k,))
+    }
+    index_path.write_text(json.dumps(index))

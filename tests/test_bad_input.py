@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import replace_tensor
 from safetensors.torch import load_file, save_file
 
 from worker.cli import main
@@ -38,14 +39,7 @@ def truncate_shard(src: Path) -> str:
 
 
 def drop_scale(src: Path) -> str:
-    key = "model.layers.1.self_attn.o_proj.weight_scale_inv"
-    shard = _shard_of(src, key)
-    tensors = load_file(shard)
-    del tensors[key]
-    save_file(tensors, shard, metadata={"format": "pt"})
-    index = _index(src)
-    del index["weight_map"][key]
-    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    replace_tensor(src, "model.layers.1.self_attn.o_proj.weight_scale_inv", {})
     return "model.layers.1.self_attn.o_proj.weight"
 
 

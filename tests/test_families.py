@@ -17,7 +17,7 @@ import pytest
 import reference
 import torch
 from checkpoints import load_state_dict
-from helpers import assert_state_dicts_identical, config
+from helpers import assert_state_dicts_identical, config, replace_tensor
 from safetensors.torch import load_file, save_file
 
 from worker.engine import api
@@ -272,18 +272,13 @@ def test_uint8_codes_with_a_scale_their_format_does_not_pair_are_refused(checkpo
     # the codes were weights.
     src = tmp_path / "src"
     shutil.copytree(checkpoint("deepseek-v4", scheme="fp8-v4"), src)
-    shard = next(p for p in sorted(src.glob("*.safetensors")) if "layers.1.attn.wq_a.weight" in load_file(p))
-    sd = load_file(shard)
     key = "layers.1.attn.wq_a.weight"
-    rows, cols = sd[key].shape
-    del sd["layers.1.attn.wq_a.scale"]
-    sd[key] = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8)
-    sd[key + "_scale"] = torch.full((rows, cols // 32), 127, dtype=torch.uint8)
-    save_file(sd, str(shard))
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    index["weight_map"].pop("layers.1.attn.wq_a.scale", None)
-    index["weight_map"][key + "_scale"] = shard.name
-    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    rows, cols = load_state_dict(src)[key].shape
+    replace_tensor(src, "layers.1.attn.wq_a.scale", {})
+    codes = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8)
+    replace_tensor(
+        src, key, {key: codes, key + "_scale": torch.full((rows, cols // 32), 127, dtype=torch.uint8)}
+    )
     with pytest.raises(
         CheckpointError, match=r"wq_a\.weight' in .* is U8 with a scale '.*wq_a\.weight_scale'"
     ):
@@ -373,11 +368,7 @@ def test_a_malformed_mxfp8_scale_is_refused_by_name(
     src = tmp_path / "src"
     shutil.copytree(checkpoint("minimax-m3", scheme="mxfp8"), src)
     scale = "language_model.model.layers.1.self_attn.q_proj.weight_scale_inv"
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    shard = src / index["weight_map"][scale]
-    tensors = load_file(shard)
-    tensors[scale] = torch.full(shape, 127, dtype=torch.uint8).view(dtype)
-    save_file(tensors, str(shard))
+    replace_tensor(src, scale, {scale: torch.full(shape, 127, dtype=torch.uint8).view(dtype)})
     with pytest.raises(CheckpointError, match=message):
         api.convert(src, tmp_path / "native", api.Options(to="native"))
     assert not (tmp_path / "native").exists()

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import load_state_dict, mxfp4_quantize
-from helpers import assert_state_dicts_identical, config, flip_bits
-from safetensors.torch import load_file, save_file
+from checkpoints import flat_mxfp4, load_state_dict
+from helpers import assert_state_dicts_identical, config, flip_bits, replace_tensor
 
 from worker.cli import main
 from worker.engine import api
@@ -147,11 +146,9 @@ def _rewritten(src: Path, tmp_path: Path, key: str, change) -> tuple[Path, torch
     """A copy of ``src`` with tensor ``key`` replaced by ``change(key's tensor)``, and that tensor."""
     copy = tmp_path / "src"
     shutil.copytree(src, copy)
-    shard = copy / json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"][key]
-    tensors = load_file(shard)
-    tensors[key] = change(tensors[key].clone()).contiguous()
-    save_file(tensors, shard, metadata={"format": "pt"})
-    return copy, tensors[key]
+    tensor = change(load_state_dict(copy)[key].clone())
+    replace_tensor(copy, key, {key: tensor})
+    return copy, tensor
 
 
 def _set(index: tuple[int, ...], value: float):
@@ -266,16 +263,8 @@ def test_packed_codes_outside_the_experts_are_named_as_their_weight(src: Path, t
     shared = "language_model.model.layers.1.block_sparse_moe.shared_experts.down_proj.weight"
     copy = tmp_path / "src"
     shutil.copytree(src, copy)
-    index_path = copy / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    shard = copy / index["weight_map"].pop(shared)
-    tensors = load_file(shard)
-    plain = tensors.pop(shared)
-    blocks, scales = mxfp4_quantize(plain.T.unsqueeze(0))
-    tensors[shared + "_packed"], tensors[shared + "_scale"] = blocks[0].reshape(plain.shape[0], -1), scales[0]
-    save_file(tensors, shard, metadata={"format": "pt"})
-    index["weight_map"] |= dict.fromkeys((shared + "_packed", shared + "_scale"), shard.name)
-    index_path.write_text(json.dumps(index))
+    codes, scales = flat_mxfp4(load_state_dict(copy)[shared])
+    replace_tensor(copy, shared, {shared + "_packed": codes, shared + "_scale": scales})
     native = tmp_path / "native"
     assert api.convert(copy, native, api.Options(to="native")).passed
     got = load_state_dict(native)["model.layers.1.mlp.shared_experts.down_proj.weight"]

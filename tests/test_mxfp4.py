@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import E2M1, load_state_dict
-from helpers import assert_state_dicts_identical, flip_bits, same_bits
-from safetensors.torch import load_file, save_file
+from helpers import assert_state_dicts_identical, flip_bits, replace_tensor, same_bits
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from worker.cli import main
@@ -186,39 +185,27 @@ def test_mxfp4_is_written_only_as_kept(native: Path, tmp_path: Path, capsys, opt
     assert not dst.exists()
 
 
-def _rewrite(src: Path, key: str, tensor: torch.Tensor | None) -> None:
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    shard = src / index["weight_map"][key]
-    tensors = load_file(shard)
-    if tensor is None:
-        del tensors[key], index["weight_map"][key]
-        (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    else:
-        tensors[key] = tensor
-    save_file(tensors, shard, metadata={"format": "pt"})
-
-
 def _scales_of_wrong_shape(src: Path) -> str:
     scales = load_state_dict(src)[SCALES]
-    _rewrite(src, SCALES, torch.cat([scales, scales[..., :1]], -1))
+    replace_tensor(src, SCALES, {SCALES: torch.cat([scales, scales[..., :1]], -1)})
     return f"MXFP4 scales of {BLOCKS!r} have shape [4, 192, 3]"
 
 
 def _blocks_of_wrong_size(src: Path) -> str:
     blocks = load_state_dict(src)[BLOCKS]
-    _rewrite(src, BLOCKS, blocks.reshape(4, 192, 4, 8))
+    replace_tensor(src, BLOCKS, {BLOCKS: blocks.reshape(4, 192, 4, 8)})
     return f"MXFP4 blocks {BLOCKS!r} have shape [4, 192, 4, 8]"
 
 
 def _scales_with_nan(src: Path) -> str:
     scales = load_state_dict(src)[SCALES].clone()
     scales[2, 5, 1] = 0xFF  # e8m0's NaN
-    _rewrite(src, SCALES, scales)
+    replace_tensor(src, SCALES, {SCALES: scales})
     return f"{SCALES!r} of {BLOCKS!r} holds the e8m0 code 0xFF (NaN, not a power of two) at [2, 5, 1]"
 
 
 def _blocks_without_scales(src: Path) -> str:
-    _rewrite(src, SCALES, None)
+    replace_tensor(src, SCALES, {})
     return f"{BLOCKS!r}"
 
 
