@@ -116,7 +116,7 @@ class Shape:
 
     @property
     def mla(self) -> dict:
-        """The MLA attention fields of config.json (DeepSeek-V3's, Kimi K3's)."""
+        """The config.json fields DeepSeek-V3's and Kimi K3's share: MLA attention, vocabulary, dtype."""
         return {
             "num_attention_heads": HEADS,
             "q_lora_rank": self.q_lora,
