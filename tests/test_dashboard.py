@@ -335,9 +335,10 @@ def test_workers_page_and_a_running_jobs_throughput(
     """The fleet as the workers report it: the one worker alive, on the CPU, converting a shard of a
     running job at a rate; that job's page shows its throughput, time left and the chart over time; the
     jobs list shows the queue's depth (two jobs of three shards each, one worker: work waits)."""
-    # 2.7 MB at 150 kB/s: about 18 s a job, long enough for every check below to see both running (a
-    # 1 MB Mistral 4 finished first on a loaded machine, and its page showed no rate)
-    src = checkpoint("deepseek-v3", scheme="block")
+    # 2.3 MB of shards at 150 kB/s: each job runs well past the checks below, so both are still running
+    # when they are cancelled (a 1 MB Mistral 4 finished before its page showed a rate on a loaded machine,
+    # and a 0.9 MB DeepSeek-V3 once before the cancel, in the full suite on a 2-core machine)
+    src = checkpoint("gemma4", scheme="block")
     with service.client() as c:
         ids = [
             submit(c, {"source": f"file://{src}", "target": f"file://{tmp_path}/out-{i}", "to": "native"})[
